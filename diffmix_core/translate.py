@@ -1,0 +1,365 @@
+"""The translation engine: jobs (source image, source class, target class,
+strength, seed) in; images and records out.
+
+A strength sweep is one denoising loop (DESIGN.md). For N scheduler steps,
+strength s starts at grid index N - floor(N*s). All jobs share one timestep
+grid, so at each grid index the latents of every job that has started are
+batched through the UNet once (both classifier-free-guidance halves), and
+each job's own scheduler takes its step (multistep solvers keep per-job
+history). Each job's result equals diffusers' StableDiffusionImg2ImgPipeline
+for the same prompt, image, strength, steps, guidance and seed
+(tests/test_translate.py checks this).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import Strategy, TranslateConfig, get_strategy
+from .labels import effective_strength, soft_label, steps_run
+from .models import model_identity, scheduler_name
+
+
+@dataclass
+class Source:
+    """A real image and its class. ``id`` names it in records (file stem, dataset id...)."""
+
+    image: Image.Image
+    source_class: str
+    id: str
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: ``source`` translated toward ``target_class`` at ``strength``.
+
+    ``source`` is None for the text-to-image strategies (diff-gen, real-gen);
+    then ``source_class`` names the class the record is filed under.
+    """
+
+    source: Source | None
+    target_class: str
+    strength: float
+    seed: int
+    source_class: str | None = None
+
+    @property
+    def from_class(self) -> str:
+        return self.source_class or (self.source.source_class if self.source else self.target_class)
+
+
+@dataclass
+class Result:
+    image: Image.Image   # at the source image's size (model resolution for text-to-image)
+    record: dict         # see records.RECORD_KEYS
+
+
+@dataclass
+class _State:
+    """Per-job denoising state."""
+
+    index: int                 # position in the caller's job list
+    job: Job
+    start: int                 # first grid index this job runs
+    prompt: str
+    generator: torch.Generator
+    scheduler: object = None
+    latents: torch.Tensor | None = None   # (1, 4, h, w)
+    steps: int = 0
+    size: tuple[int, int] = (0, 0)        # output (width, height)
+    model_size: tuple[int, int] = (0, 0)  # model input (width, height)
+    extra: dict = field(default_factory=dict)
+
+
+def check_strength(strength: float, num_inference_steps: int) -> int:
+    """Validate a strength for N steps and return the steps it runs.
+
+    s = 0 is allowed (the identity); s that runs no step is refused with the
+    smallest usable strength; s outside [0, 1] is refused.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    n = steps_run(num_inference_steps, strength)
+    if n == 0 and strength > 0:
+        raise ValueError(
+            f"strength {strength} runs no denoising step with {num_inference_steps} steps "
+            f"(floor({num_inference_steps} x {strength}) = 0); the smallest usable strength is "
+            f"1/{num_inference_steps} = {1 / num_inference_steps:.4g}, or use 0 for the unchanged source")
+    return n
+
+
+def model_resolution(pipe, config: TranslateConfig, bundle=None) -> int:
+    """Side of the square model input: config, else the bundle's, else the UNet's native size."""
+    if config.resolution:
+        return config.resolution
+    if bundle is not None and getattr(bundle, "resolution", 0):
+        return int(bundle.resolution)
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def _size_multiple(pipe) -> int:
+    """Pixel sizes must be divisible by this for the VAE and all UNet down-samplings."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def model_input_size(image_size: tuple[int, int], resolution: int, resize: str, multiple: int) -> tuple[int, int]:
+    """(width, height) fed to the model. 'squash' = resolution^2 (the paper);
+    'keep-aspect' = same area, aspect kept, sides rounded to ``multiple``."""
+    if resize == "squash":
+        return resolution, resolution
+    w, h = image_size
+    scale = (resolution * resolution / (w * h)) ** 0.5
+    return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (w, h))
+
+
+def _prompt(strategy: Strategy, class_name: str, bundle, superclass: str) -> str:
+    if bundle is not None:
+        return bundle.prompt(class_name, use_token=strategy.tokens)
+    from .adapters import make_prompt
+
+    return make_prompt(class_name, superclass)
+
+
+class _PromptCache:
+    """Text embeddings computed once per prompt (and once for the empty negative).
+
+    ``cache`` may be a dict the caller keeps across translate() calls (bulk synthesis);
+    it is only valid while the same bundle is applied, so keys carry the bundle hash.
+    """
+
+    def __init__(self, pipe, cfg: bool, cache: dict | None = None):
+        self.pipe, self.cfg = pipe, cfg
+        self.cache = {} if cache is None else cache
+        bundle = getattr(pipe, "diffmix_bundle", None)
+        self.scope = (bundle.hash if bundle is not None else None, str(pipe.device), cfg)
+
+    def __call__(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (*self.scope, prompt)
+        if key not in self.cache:
+            self.cache[key] = self.pipe.encode_prompt(prompt, self.pipe.device, 1, self.cfg, negative_prompt=None)
+        return self.cache[key]
+
+
+def _records_base(pipe, config: TranslateConfig, bundle) -> dict:
+    base = model_identity(pipe)
+    return {
+        "strategy": config.strategy, "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale, "scheduler": scheduler_name(pipe.scheduler),
+        "resize": config.resize, "base_model": base["model"], "base_revision": base["revision"],
+        "bundle": str(bundle.path) if bundle is not None else None,
+        "bundle_hash": bundle.hash if bundle is not None else None,
+        "label_gamma": config.label_gamma, "label_scale": config.label_scale,
+        "diffmix_version": __version__,
+    }
+
+
+def make_record(base: dict, state: _State, resolution: int) -> dict:
+    """The record of DESIGN.md for one finished job; ``id`` hashes what determines the image."""
+    job, n = state.job, base["num_inference_steps"]
+    s_run = 1.0 if job.source is None else effective_strength(n, job.strength)
+    record = dict(base)
+    record.update({
+        "source_id": job.source.id if job.source else None,
+        "source_path": job.source.path if job.source else None,
+        "source_class": job.from_class, "target_class": job.target_class,
+        "strength": 1.0 if job.source is None else job.strength, "strength_run": s_run,
+        "steps_run": state.steps, "seed": job.seed, "resolution": resolution, "prompt": state.prompt,
+        "soft_label": soft_label(job.from_class, job.target_class, s_run, base["label_gamma"], base["label_scale"]),
+        "scores": None, "file_name": None,
+    })
+    key = {k: record[k] for k in ("source_id", "source_class", "target_class", "strategy", "strength", "seed",
+                                  "num_inference_steps", "guidance_scale", "scheduler", "resize", "resolution",
+                                  "base_model", "bundle_hash")}
+    record["id"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return record
+
+
+def validate_jobs(jobs: Sequence[Job], config: TranslateConfig, bundle=None) -> None:
+    """Refuse bad jobs before any work starts, with a message per problem."""
+    strategy = get_strategy(config.strategy)
+    if strategy.tokens and bundle is None:
+        raise ValueError(f"strategy {strategy.name!r} needs an adapter bundle (--bundle); "
+                         "the real-* strategies run on a base model alone")
+    for job in jobs:
+        names = [job.target_class, job.from_class]
+        if bundle is not None:
+            for name in names:
+                bundle.class_index(name)
+        if strategy.pairing == "gen":
+            continue
+        if job.source is None:
+            raise ValueError(f"strategy {strategy.name!r} translates a source image; job for "
+                             f"{job.target_class!r} has none")
+        if strategy.pairing == "intra" and job.target_class != job.from_class:
+            raise ValueError(f"strategy {strategy.name!r} keeps the class (intra-class); got target "
+                             f"{job.target_class!r} for a {job.from_class!r} source: use diff-mix/ti-mix/real-mix")
+        check_strength(job.strength, config.num_inference_steps)
+
+
+def translate(
+    pipe,
+    jobs: Sequence[Job],
+    config: TranslateConfig = TranslateConfig(),
+    *,
+    bundle=None,
+    superclass: str = "",
+    show_progress: bool = True,
+    callback: Callable[[int, int], None] | None = None,
+    prompt_cache: dict | None = None,
+) -> list[Result]:
+    """Run all jobs; results come back in job order.
+
+    Args:
+        pipe: a pipeline from models.load_pipeline (the bundle is applied here if given).
+        jobs: the images to make.
+        config: steps, guidance, strategy, resize policy, soft-label settings, batch size.
+        bundle: an adapters.Bundle; required by diff-* and ti-* strategies.
+        superclass: the super-class word for prompts when there is no bundle.
+        show_progress: tqdm bar over job-steps (gr.Progress(track_tqdm=True) follows it).
+        callback: called with (job-steps done, total) after every UNet call.
+        prompt_cache: a dict to keep text embeddings in across calls (e.g. one per synthesis run).
+    """
+    from .adapters import apply_bundle, set_lora_enabled
+
+    validate_jobs(jobs, config, bundle)
+    strategy = get_strategy(config.strategy)
+    if bundle is not None:
+        apply_bundle(pipe, bundle)
+        set_lora_enabled(pipe, strategy.lora)
+    resolution = model_resolution(pipe, config, bundle)
+    base = _records_base(pipe, config, bundle)
+    n = config.num_inference_steps
+    states = [_State(i, job, start=0, prompt=_prompt(strategy, job.target_class, bundle, superclass),
+                     generator=torch.Generator("cpu").manual_seed(job.seed)) for i, job in enumerate(jobs)]
+    results: list[Result | None] = [None] * len(jobs)
+    running = []
+    for st in states:
+        if st.job.source is not None and st.job.strength == 0:   # s = 0: the source, unchanged
+            results[st.index] = Result(st.job.source.image.convert("RGB").copy(), make_record(base, st, resolution))
+        else:
+            running.append(st)
+    with torch.inference_mode():
+        _prepare(pipe, running, config, resolution)
+        # Jobs of different model-input sizes cannot share a UNet batch.
+        groups: dict[tuple[int, int], list[_State]] = {}
+        for st in running:
+            groups.setdefault(st.model_size, []).append(st)
+        total = sum(st.steps for st in running)
+        bar = tqdm(total=total, desc="translate", unit="step", disable=not show_progress)
+        done = 0
+        embed = _PromptCache(pipe, config.guidance_scale > 1, prompt_cache)
+        for group in groups.values():
+            for k in range(n):
+                active = [st for st in group if st.start <= k]
+                for chunk in _chunks(active, config.batch_size):
+                    _denoise_step(pipe, chunk, k, config.guidance_scale, embed)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+                    if callback:
+                        callback(done, total)
+            for chunk in _chunks(group, config.batch_size):
+                for st, image in zip(chunk, _decode(pipe, chunk)):
+                    results[st.index] = Result(image, make_record(base, st, resolution))
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _prepare(pipe, states: list[_State], config: TranslateConfig, resolution: int) -> None:
+    """Per-job scheduler, start index and initial latents; one VAE encode per source image."""
+    n = config.num_inference_steps
+    template = copy.deepcopy(pipe.scheduler)
+    template.set_timesteps(n, device=pipe.device)
+    order = getattr(template, "order", 1)
+    multiple = _size_multiple(pipe)
+    dtype = pipe.unet.dtype
+    encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for st in states:
+        sched = copy.deepcopy(template)
+        source = st.job.source
+        if source is None:   # text-to-image: pure noise over the whole schedule (StableDiffusionPipeline)
+            st.steps, st.start = n, 0
+            st.model_size = st.size = (resolution, resolution)
+            shape = (1, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor,
+                     resolution // pipe.vae_scale_factor)
+            st.latents = randn_tensor(shape, generator=st.generator, device=pipe.device, dtype=dtype)
+            st.latents = st.latents * sched.init_noise_sigma
+        else:
+            st.steps = steps_run(n, st.job.strength)
+            st.start = n - st.steps
+            st.size = source.image.size
+            st.model_size = model_input_size(st.size, resolution, config.resize, multiple)
+            key = (id(source), st.model_size)
+            if key not in encoded:
+                encoded[key] = _encode(pipe, source.image, st.model_size)
+            mean, std = encoded[key]
+            # Same draws, in the same order, as diffusers' prepare_latents with this job's generator.
+            sample = mean + std * randn_tensor(mean.shape, generator=st.generator, device=mean.device, dtype=mean.dtype)
+            init = pipe.vae.config.scaling_factor * sample
+            noise = randn_tensor(init.shape, generator=st.generator, device=pipe.device, dtype=dtype)
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(st.start * order)
+            t0 = template.timesteps[st.start * order : st.start * order + 1]
+            st.latents = sched.add_noise(init, noise, t0)
+        st.scheduler = sched
+        st.extra = _step_kwargs(sched, st.generator)
+
+
+def _encode(pipe, image: Image.Image, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of an image resized to ``size``; (1, 4, h/f, w/f) each."""
+    image = image.convert("RGB")
+    if image.size != size:
+        image = image.resize(size, Image.LANCZOS)
+    x = pipe.image_processor.preprocess(image).to(device=pipe.device, dtype=pipe.vae.dtype)
+    dist = pipe.vae.encode(x).latent_dist
+    return dist.mean, dist.std
+
+
+def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def _denoise_step(pipe, chunk: list[_State], k: int, guidance_scale: float, embed: _PromptCache) -> None:
+    """One UNet call at grid index k for every job in ``chunk``, then each job's scheduler step."""
+    t = chunk[0].scheduler.timesteps[k * getattr(chunk[0].scheduler, "order", 1)]
+    cfg = guidance_scale > 1
+    latents = torch.cat([st.scheduler.scale_model_input(st.latents, t) for st in chunk])  # (B, 4, h, w)
+    prompts = [embed(st.prompt) for st in chunk]
+    text = torch.cat([p[0] for p in prompts])                                                # (B, 77, D)
+    if cfg:
+        latents = torch.cat([latents, latents])
+        text = torch.cat([torch.cat([p[1] for p in prompts]), text])                        # (2B, 77, D)
+    noise = pipe.unet(latents, t, encoder_hidden_states=text, return_dict=False)[0]
+    if cfg:
+        uncond, cond = noise.chunk(2)
+        noise = uncond + guidance_scale * (cond - uncond)
+    for i, st in enumerate(chunk):
+        st.latents = st.scheduler.step(noise[i : i + 1], t, st.latents, **st.extra, return_dict=False)[0]
+
+
+def _decode(pipe, chunk: list[_State]) -> list[Image.Image]:
+    latents = torch.cat([st.latents for st in chunk]) / pipe.vae.config.scaling_factor
+    images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+    images = pipe.image_processor.postprocess(images, output_type="pil")
+    return [im if im.size == st.size else im.resize(st.size, Image.LANCZOS) for im, st in zip(images, chunk)]

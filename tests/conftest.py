@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny offline models are built once per test session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny SD-architecture pipeline saved with save_pretrained (random weights)."""
+    from diffmix_core.models import tiny_pipeline_dir
+
+    return tiny_pipeline_dir(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture
+def tiny_pipe(tiny_model_dir):
+    """A fresh tiny pipeline loaded through the same loader as a real one."""
+    from diffmix_core.models import load_pipeline
+
+    return load_pipeline(tiny_model_dir, device="cpu", dtype="fp32")

@@ -1,0 +1,112 @@
+"""`diffmix translate` and `diffmix import-diffmix` driven as a user would."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmix_core.cli import main
+from diffmix_core.records import read_jsonl, read_png_record
+
+
+def make_image(path, size=(40, 30), colour=(200, 40, 40)):
+    rng = np.random.default_rng(sum(colour))
+    arr = np.clip(np.array(colour) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_translate_cli_writes_pngs_and_records(tiny_model_dir, tmp_path, capsys):
+    img = make_image(tmp_path / "duck 1.jpg")
+    out = tmp_path / "out"
+    args = ["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--superclass", "bird",
+            "--image", str(img), "--source-class", "duck", "--target", "owl", "crow",
+            "--strength", "0", "0.5", "0.9", "--seed", "1", "2", "--steps", "6", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    records = read_jsonl(out / "records.jsonl")
+    assert len(records) == 2 * 3 * 2
+    for rec in records:
+        png = out / rec["file_name"]
+        assert read_png_record(png) == rec
+        with Image.open(png) as im:
+            assert im.size == (40, 30)
+        assert rec["source_class"] == "duck" and rec["strategy"] == "real-mix"
+        assert rec["prompt"] == f"a photo of a {rec['target_class']} bird"
+        assert sum(rec["soft_label"].values()) == pytest.approx(1.0)
+    # same command again: same bytes (determinism), records not duplicated
+    first = {r["file_name"]: (out / r["file_name"]).read_bytes() for r in records}
+    assert main(args) == 0
+    assert {r["file_name"]: (out / r["file_name"]).read_bytes() for r in read_jsonl(out / "records.jsonl")} == first
+    assert "wrote 12 image(s)" in capsys.readouterr().out
+
+
+def test_translate_cli_errors_are_specific(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    base = ["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--source-class", "duck",
+            "--target", "owl", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--image", str(bad)], "broken.png"),
+        (["--image", str(make_image(tmp_path / "ok.png")), "--strength", "0.01"], "smallest usable strength"),
+        (["--image", str(tmp_path / "ok.png"), "--strength", "1.5"], "between 0 and 1"),
+        (["--image", str(tmp_path / "missing.png")], "does not exist"),
+    ]
+    for extra, message in cases[1:]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + extra)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    # one case through a real process: exit status and a message, no traceback
+    proc = subprocess.run([sys.executable, "-m", "diffmix_core", *base, *cases[0][0]], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert cases[0][1] in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_help_explains_options():
+    proc = subprocess.run([sys.executable, "-m", "diffmix_core", "translate", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for option in ("--bundle", "--strength", "--seed", "--steps", "--guidance", "--strategy", "--resize"):
+        assert option in proc.stdout
+
+
+def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys):
+    from test_adapters import _authors_checkpoint, _to_old_keys
+
+    from diffmix_core.adapters import load_bundle, lora_state_dict_from_unet
+    from diffmix_core.models import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    import torch
+    from peft import LoraConfig
+
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    emb = _authors_checkpoint(tmp_path / "ckpt", _to_old_keys(lora_state_dict_from_unet(pipe.unet)))
+    assert main(["import-diffmix", "--embeddings", str(emb), "--lora", str(tmp_path / "ckpt"), "--base",
+                 str(tiny_model_dir), "--superclass", "bird", "--resolution", "32", "--out", str(tmp_path / "b")]) == 0
+    assert "3 classes" in capsys.readouterr().out
+    bundle = load_bundle(tmp_path / "b")
+    img = make_image(tmp_path / "src.png", size=(32, 32))
+    outs = {}
+    for strategy in ("diff-mix", "ti-mix", "real-mix"):
+        out = tmp_path / strategy
+        assert main(["translate", "--bundle", str(bundle.path), "--strategy", strategy, "--image", str(img),
+                     "--source-class", "Sparrow", "--target", "Tern", "--strength", "0.8", "--steps", "5",
+                     "--out", str(out), "--quiet"]) == 0
+        (rec,) = read_jsonl(out / "records.jsonl")
+        assert rec["bundle_hash"] == bundle.hash and rec["strategy"] == strategy
+        outs[strategy] = (out / rec["file_name"]).read_bytes()
+        expected = "a photo of a <class_10> bird" if strategy != "real-mix" else "a photo of a Tern bird"
+        assert rec["prompt"] == expected
+    assert len(set(outs.values())) == 3   # LoRA and tokens each change the image
+    with pytest.raises(SystemExit):
+        main(["translate", "--bundle", str(bundle.path), "--image", str(img), "--source-class", "Sparrow",
+              "--target", "Penguin", "--out", str(tmp_path / "x"), "--quiet"])
+    assert "unknown class 'Penguin'" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""The engine: equality with diffusers' img2img, batching, edge cases, records."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from diffmix_core.config import TranslateConfig
+from diffmix_core.labels import effective_strength, soft_label
+from diffmix_core.models import set_scheduler
+from diffmix_core.translate import Job, Source, check_strength, translate
+
+
+def photo(seed: int, size=(32, 32)) -> Image.Image:
+    """A smooth random colour image (not flat, not pure noise)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.BICUBIC)
+
+
+def reference(pipe, image, prompt, strength, seed, steps, guidance):
+    """diffusers' own img2img for one job."""
+    out = StableDiffusionImg2ImgPipeline(**pipe.components)(
+        prompt=prompt, image=image, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+        generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np")
+    return out.images[0]
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "ddim"])
+def test_engine_matches_diffusers_img2img(tiny_pipe, scheduler):
+    set_scheduler(tiny_pipe, scheduler)
+    sources = [Source(photo(1), "owl", "a"), Source(photo(2), "duck", "b")]
+    jobs = [Job(sources[0], "duck", 0.3, 11), Job(sources[0], "crow", 0.7, 12),
+            Job(sources[1], "owl", 0.5, 13), Job(sources[1], "duck", 1.0, 14), Job(sources[0], "duck", 0.9, 15)]
+    config = TranslateConfig(strategy="real-mix", num_inference_steps=10, guidance_scale=5.0, batch_size=3)
+    results = translate(tiny_pipe, jobs, config, superclass="bird", show_progress=False)
+    for job, res in zip(jobs, results):
+        want = reference(tiny_pipe, job.source.image, res.record["prompt"], job.strength, job.seed, 10, 5.0)
+        got = np.asarray(res.image, dtype=np.float32) / 255
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 2 / 255, (job, np.abs(got - want).max())
+        assert res.record["scheduler"] == scheduler
+
+
+def test_text_to_image_matches_diffusers(tiny_pipe):
+    jobs = [Job(None, "owl", 1.0, 3), Job(None, "duck", 1.0, 4)]
+    config = TranslateConfig(strategy="real-gen", num_inference_steps=6, guidance_scale=7.5)
+    results = translate(tiny_pipe, jobs, config, superclass="bird", show_progress=False)
+    t2i = StableDiffusionPipeline(**tiny_pipe.components)
+    for job, res in zip(jobs, results):
+        want = t2i(prompt=res.record["prompt"], num_inference_steps=6, guidance_scale=7.5, height=32, width=32,
+                   generator=[torch.Generator("cpu").manual_seed(job.seed)], output_type="np").images[0]
+        assert np.abs(np.asarray(res.image, np.float32) / 255 - want).max() <= 2 / 255
+        assert res.record["strength_run"] == 1.0 and res.record["soft_label"] == {job.target_class: 1.0}
+
+
+def test_deterministic_bytes_and_size_restored(tiny_pipe):
+    src = Source(photo(5, size=(50, 37)), "owl", "odd")
+    jobs = [Job(src, "duck", 0.5, 7), Job(src, "duck", 0.5, 8)]
+    config = TranslateConfig(strategy="real-mix", num_inference_steps=4)
+    a = translate(tiny_pipe, jobs, config, show_progress=False)
+    b = translate(tiny_pipe, jobs, config, show_progress=False)
+    assert a[0].image.size == (50, 37)
+    assert a[0].image.tobytes() == b[0].image.tobytes()
+    assert a[0].image.tobytes() != a[1].image.tobytes()   # different seeds differ
+    assert a[0].record["id"] != a[1].record["id"]
+
+
+def test_keep_aspect_resize(tiny_pipe):
+    src = Source(photo(6, size=(64, 32)), "owl", "wide")
+    config = TranslateConfig(strategy="real-mix", num_inference_steps=4, resize="keep-aspect")
+    res = translate(tiny_pipe, [Job(src, "duck", 0.5, 1)], config, show_progress=False)[0]
+    assert res.image.size == (64, 32)
+    assert res.record["resize"] == "keep-aspect"
+
+
+def test_strength_edge_cases(tiny_pipe):
+    src = Source(photo(7), "owl", "x")
+    config = TranslateConfig(strategy="real-mix", num_inference_steps=25)
+    res = translate(tiny_pipe, [Job(src, "duck", 0.0, 1)], config, show_progress=False)[0]
+    assert res.image.tobytes() == src.image.convert("RGB").tobytes()
+    assert res.record["soft_label"] == {"owl": 1.0, "duck": 0.0}
+    with pytest.raises(ValueError, match=r"smallest usable strength is 1/25 = 0.04"):
+        translate(tiny_pipe, [Job(src, "duck", 0.02, 1)], config, show_progress=False)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            check_strength(bad, 25)
+    assert check_strength(0.7, 25) == 17
+
+
+def test_intra_class_and_bundle_requirements(tiny_pipe):
+    src = Source(photo(8), "owl", "x")
+    with pytest.raises(ValueError, match="intra-class"):
+        translate(tiny_pipe, [Job(src, "duck", 0.5, 1)], TranslateConfig(strategy="real-aug"), show_progress=False)
+    with pytest.raises(ValueError, match="needs an adapter bundle"):
+        translate(tiny_pipe, [Job(src, "duck", 0.5, 1)], TranslateConfig(strategy="diff-mix"), show_progress=False)
+
+
+def test_soft_label_uses_strength_that_ran(tiny_pipe):
+    src = Source(photo(9), "owl", "x")
+    config = TranslateConfig(strategy="real-mix", num_inference_steps=25, label_gamma=0.5, label_scale=0.9)
+    rec = translate(tiny_pipe, [Job(src, "duck", 0.7, 1)], config, show_progress=False)[0].record
+    s = effective_strength(25, 0.7)
+    assert rec["strength_run"] == pytest.approx(0.68) and rec["steps_run"] == 17
+    assert rec["soft_label"] == pytest.approx(soft_label("owl", "duck", s, 0.5, 0.9))
+    assert rec["soft_label"]["duck"] == pytest.approx(0.9 * 0.68 ** 0.5)
