@@ -1,0 +1,557 @@
+"""What the app does, as plain functions (no ``gr.*``): bundles, sweeps, a per-session
+store of generated images, curation, the per-dataset profile and export.
+
+ui.py turns these into Gradio events; tests call them directly. A session is a
+folder ``<sessions root>/<token>/`` holding the images it generated (PNG with
+their records), ``records.jsonl`` and ``state.json`` (curated ids, last sweep);
+the browser keeps only the token, so a page reload finds the session again and
+two sessions never share anything.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapters import Bundle, load_bundle
+from .config import ScoreConfig, TranslateConfig, get_strategy
+from .data import read_dataset
+from .records import read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
+from .translate import Job, Result, Source, translate
+
+ALL_OTHER = "all other classes"            # target choice: one row block per other class (a matrix)
+BUNDLES_ENV = "DIFFMIX_BUNDLES"            # os.pathsep-separated folders searched for bundles
+OUTPUT_ENV = "DIFFMIX_OUTPUT"              # exports go to <root>/exports/
+SESSIONS_ENV = "DIFFMIX_SESSIONS"          # per-session work folders (default: <tmp>/diffmix-sessions)
+CLIP_ENV = ("DIFFMIX_CLIP_MODEL", "DIFFMIX_CLIP_PRETRAINED")   # open_clip model / weights; "none" = off
+EXPORT_FORMATS = ("imagefolder", "authors", "zip")   # the same set `diffmix synthesize --export` writes
+THRESHOLDS = {  # key: (score key, comparison, label)
+    "min_p_target": ("p_target", ">=", "P(target)"),
+    "max_p_source": ("p_source", "<=", "P(source)"),
+    "min_clip_target": ("clip_target", ">=", "CLIP(target)"),
+    "min_distance": ("distance", ">=", "distance"),
+    "max_distance": ("distance", "<=", "distance"),
+    "max_ssim": ("ssim", "<=", "SSIM"),
+}
+TABLE_COLUMNS = ("id", "source", "target", "strength", "ran", "seed", "p_target", "p_source", "top1",
+                 "clip_target", "clip_source", "distance", "ssim", "soft_label", "curated")
+
+
+# --------------------------------------------------------------------------- settings
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each from an environment variable."""
+
+    max_jobs: int = 64          # DIFFMIX_MAX_JOBS: images per sweep
+    max_curated: int = 1000     # DIFFMIX_MAX_CURATED: images in a curated batch
+    max_upload_mb: int = 20     # DIFFMIX_MAX_UPLOAD_MB: size of an uploaded source image
+    queue_size: int = 32        # DIFFMIX_QUEUE_SIZE: requests waiting for the model lane
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(env_int("DIFFMIX_MAX_JOBS", cls.max_jobs), env_int("DIFFMIX_MAX_CURATED", cls.max_curated),
+                   env_int("DIFFMIX_MAX_UPLOAD_MB", cls.max_upload_mb), env_int("DIFFMIX_QUEUE_SIZE", cls.queue_size))
+
+
+def output_root() -> Path:
+    return Path(os.environ.get(OUTPUT_ENV) or "outputs").resolve()
+
+
+def sessions_root() -> Path:
+    return Path(os.environ.get(SESSIONS_ENV) or Path(tempfile.gettempdir()) / "diffmix-sessions").resolve()
+
+
+# --------------------------------------------------------------------------- bundles
+def bundle_roots() -> list[Path]:
+    from .demo import ASSETS
+
+    env = os.environ.get(BUNDLES_ENV)
+    roots = [Path(p) for p in env.split(os.pathsep) if p] if env else []
+    return roots + [ASSETS / "bundles"]
+
+
+def find_bundles() -> dict[str, str]:
+    """{label: folder} of every bundle under the bundle roots; the offline placeholder when none."""
+    found: dict[str, str] = {}
+    for root in bundle_roots():
+        if root.is_dir():
+            for meta in sorted(root.glob("adapter.json")) + sorted(root.glob("*/adapter.json")):
+                found[f"{meta.parent.name} ({meta.parent.parent})"] = str(meta.parent)
+    if not found:
+        from .demo import placeholder_bundle
+
+        found["placeholder: tiny random pipeline"] = str(placeholder_bundle().path)
+    return found
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_bundle(text: str) -> Path:
+    """A local bundle folder, or a Hub repo id (``owner/name``) fetched into the Hub cache."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("give a bundle folder or a Hugging Face Hub repo id (owner/name)")
+    path = Path(text).expanduser()
+    if path.exists():
+        return load_bundle(path).path
+    if not _REPO_ID.match(text):
+        raise FileNotFoundError(f"{text} is neither an existing folder nor a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(text)
+    except Exception as err:   # offline, unknown repo, gated
+        raise FileNotFoundError(f"could not fetch bundle {text} from the Hugging Face Hub "
+                                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                                "download it and give the local folder instead") from None
+    return load_bundle(folder).path
+
+
+def bundle_examples(bundle: Bundle) -> list[tuple[str, str]]:
+    """(image path, class) of the bundle's example images (``examples`` folder, ImageFolder layout)."""
+    rel = bundle.meta.get("examples")
+    if not rel or not (bundle.path / rel).is_dir():
+        return []
+    try:
+        data = read_dataset(bundle.path / rel, show_progress=False)
+    except ValueError:
+        return []
+    items = [it for it in data.items if it.class_name in bundle.classes]
+    items.sort(key=lambda it: (bundle.class_index(it.class_name), it.id))   # the bundle's label order
+    return [(str(it.path), it.class_name) for it in items]
+
+
+def bundle_profile(bundle: Bundle) -> dict:
+    """The saved per-dataset profile (strength, thresholds, sweep settings), {} when none."""
+    return dict(bundle.meta.get("profile") or {})
+
+
+def save_profile(bundle_path: str | os.PathLike, strength: float, thresholds: dict,
+                 settings: dict | None = None) -> Bundle:
+    """Write the chosen strength and score thresholds into the bundle's adapter.json ``profile``
+    (atomically, through reference.update_bundle_meta); the bundle hash changes with it."""
+    from .reference import update_bundle_meta
+
+    if strength is None or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"the profile strength must be in [0, 1], got {strength}")
+    profile = {"strength": float(strength), "thresholds": clean_thresholds(thresholds),
+               **(settings or {}), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        return update_bundle_meta(bundle_path, profile=profile)
+    except PermissionError as err:
+        raise ValueError(f"cannot write the profile into {bundle_path} ({err.strerror}); copy the bundle "
+                         "to a writable folder and load it from there") from None
+
+
+def bundle_status(bundle: Bundle) -> dict:
+    """Plain facts for the bundle panel."""
+    from .demo import PLACEHOLDER_NOTE, is_placeholder
+
+    ref = bundle.meta.get("reference_classifier")
+    return {"classes": list(bundle.classes), "base_model": bundle.base_model, "revision": bundle.base_revision,
+            "steps": bundle.meta.get("steps", 0), "resolution": bundle.resolution,
+            "reference": ref, "recommended_strength": bundle.meta.get("recommended_strength"),
+            "profile": bundle_profile(bundle), "examples": len(bundle_examples(bundle)),
+            "note": PLACEHOLDER_NOTE if is_placeholder(bundle) else ""}
+
+
+def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str) -> str:
+    st = bundle_status(bundle)
+    names = ", ".join(st["classes"][:30]) + (f" … (+{len(st['classes']) - 30})" if len(st["classes"]) > 30 else "")
+    lines = [f"**{len(st['classes'])} classes**: {names}",
+             f"base model `{st['base_model']}`" + (f" @ `{st['revision']}`" if st["revision"] else "")
+             + f" · trained {st['steps']} steps at {st['resolution']} px",
+             f"reference classifier: {reference_status} · {clip_status}",
+             "recommended strength: " + ("none yet (run a sweep with scores)" if st["recommended_strength"] is None
+                                         else f"{st['recommended_strength']}")]
+    if st["profile"]:
+        p = st["profile"]
+        lines.append(f"saved profile: strength {p.get('strength')} · thresholds {p.get('thresholds') or 'none'}")
+    if st["note"]:
+        lines.append(f"⚠️ {st['note']}")
+    return "\n\n".join(lines)
+
+
+# --------------------------------------------------------------------------- models (one cache per process)
+_MODELS: dict[tuple, object] = {}
+_MODEL_LOCK = threading.Lock()   # guards the cache
+_ENGINE_LOCK = threading.Lock()  # one translate() at a time on the shared pipeline
+
+
+def pipeline_for(bundle: Bundle):
+    from .models import load_pipeline
+
+    key = ("pipe", bundle.base_model, bundle.base_revision)
+    with _MODEL_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_pipeline(bundle.base_model, revision=bundle.base_revision)
+        return _MODELS[key]
+
+
+def clip_scorer():
+    """The process-wide CLIP scorer (DIFFMIX_CLIP_MODEL / _PRETRAINED, default ScoreConfig's);
+    an unavailable one says why (offline: no weights)."""
+    from .scoring import load_clip
+
+    model = os.environ.get(CLIP_ENV[0], ScoreConfig.clip_model)
+    pretrained = os.environ.get(CLIP_ENV[1], ScoreConfig.clip_pretrained)
+    key = ("clip", model, pretrained)
+    with _MODEL_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_clip(model, pretrained)
+        return _MODELS[key]
+
+
+def reference_for(bundle: Bundle) -> tuple[object | None, str]:
+    """(the bundle's reference classifier or None, a status line)."""
+    from .reference import bundle_reference_path, load_reference
+
+    path = bundle_reference_path(bundle)
+    if path is None:
+        return None, "no reference classifier attached (`diffmix train-reference --attach BUNDLE`)"
+    key = ("ref", str(path), sha256_file(path / "model.safetensors") if path.is_dir() else str(path))
+    with _MODEL_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_reference(path)
+        clf = _MODELS[key]
+    acc = clf.meta.get("val_accuracy")
+    return clf, f"`{clf.model_name}`" + (f" (val. accuracy {acc:.3f})" if isinstance(acc, float) else "")
+
+
+def generate(bundle: Bundle, jobs: list[Job], config: TranslateConfig) -> list[Result]:
+    """The engine on the cached pipeline (the model lane: ui.py runs one at a time)."""
+    pipe = pipeline_for(bundle)
+    with _ENGINE_LOCK:
+        return translate(pipe, jobs, config, bundle=bundle)
+
+
+# --------------------------------------------------------------------------- sweep settings
+def parse_strengths(text: str) -> list[float]:
+    """'0.3, 0.5 0.7' (a list) or '0.1:0.9:5' (from:to:count, evenly spaced) -> strengths."""
+    text = (text or "").strip()
+    if ":" in text:
+        parts = text.split(":")
+        try:
+            lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
+        except (ValueError, IndexError):
+            raise ValueError(f"strength range {text!r} must read from:to:count, e.g. 0.1:0.9:5") from None
+        if len(parts) != 3 or n < 1:
+            raise ValueError(f"strength range {text!r} must read from:to:count with count >= 1")
+        return [round(lo + (hi - lo) * i / (n - 1), 6) for i in range(n)] if n > 1 else [lo]
+    values = _numbers(text, float, "strength")
+    bad = [s for s in values if not 0.0 <= s <= 1.0]
+    if bad:
+        raise ValueError(f"strengths must be between 0 and 1, got {bad}")
+    return list(dict.fromkeys(values))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0, 1, 7' (a list) or 'n=4' (a count: seeds 0..3) -> seeds."""
+    text = (text or "").strip()
+    if text.lower().startswith("n="):
+        try:
+            n = int(text[2:])
+        except ValueError:
+            raise ValueError(f"seed count {text!r} must read n=<count>, e.g. n=4") from None
+        if n < 1:
+            raise ValueError(f"seed count must be >= 1, got {n}")
+        return list(range(n))
+    return list(dict.fromkeys(_numbers(text, int, "seed")))
+
+
+def _numbers(text: str, kind, what: str) -> list:
+    parts = [p for p in text.replace(",", " ").split() if p]
+    if not parts:
+        raise ValueError(f"give at least one {what}")
+    try:
+        return [kind(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"could not read {what}s from {text!r}: use numbers separated by commas") from None
+
+
+def check_upload(path: str | os.PathLike, limits: Limits) -> None:
+    size = Path(path).stat().st_size
+    if size > limits.max_upload_mb * 2**20:
+        raise ValueError(f"the uploaded image is {size / 2**20:.1f} MB; the limit is {limits.max_upload_mb} MB "
+                         "(set DIFFMIX_MAX_UPLOAD_MB to raise it)")
+
+
+def make_jobs(bundle: Bundle, source: Source | None, source_class: str, target: str, strengths: Sequence[float],
+              seeds: Sequence[int], strategy: str) -> list[Job]:
+    """Jobs ordered target, strength, seed: the grid's rows are strengths, its columns seeds."""
+    kind = get_strategy(strategy).pairing
+    bundle.class_index(source_class)
+    if kind == "intra":
+        targets = [source_class]
+    elif target == ALL_OTHER:
+        targets = [c for c in bundle.classes if c != source_class]
+    else:
+        bundle.class_index(target)
+        targets = [target]
+    if kind == "gen":
+        return [Job(None, t, 1.0, seed, source_class=source_class) for t in targets for seed in seeds]
+    if source is None:
+        raise ValueError("pick an example image or upload a source image first")
+    return [Job(source, t, s, seed, source_class=source_class) for t in targets for s in strengths for seed in seeds]
+
+
+def caption(record: dict) -> str:
+    sc = record.get("scores") or {}
+    head = f"→ {record['target_class']} · s={record['strength']:.2f} (ran {record['strength_run']:.2f}) · seed {record['seed']}"
+    parts = [f"{label} {sc[key]:.2f}" for key, label in (("p_target", "P(target)"), ("p_source", "P(source)"),
+                                                        ("clip_target", "CLIP"), ("distance", "dist"))
+             if sc.get(key) is not None]
+    label = ", ".join(f"{k} {v:.2f}" for k, v in record["soft_label"].items())
+    return "\n".join([head, " · ".join(parts) or "no scores", f"label: {label}"])
+
+
+# --------------------------------------------------------------------------- the session store
+_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+_SESSION_LOCKS: dict[str, threading.Lock] = {}
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+@dataclass
+class Store:
+    """One session's folder. ``open_store(token)`` makes or finds it; all writes are atomic."""
+
+    token: str
+    root: Path
+    lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    def state(self) -> dict:
+        file = self.root / "state.json"
+        state = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        return {"curated": [], "last_sweep": [], "sweeps": 0, "summary": None, **state}
+
+    def save_state(self, state: dict) -> None:
+        write_text_atomic(self.root / "state.json", json.dumps(state, ensure_ascii=False))
+
+    def records(self) -> dict[str, dict]:
+        file = self.root / "records.jsonl"
+        return {r["id"]: r for r in read_jsonl(file)} if file.is_file() else {}
+
+    def add(self, results: list[Result]) -> list[str]:
+        """Save images (PNG + record) and their records; returns their ids in order."""
+        records = self.records()
+        ids = []
+        for res in results:
+            rec = res.record
+            rec["file_name"] = f"{rec['id']}.png"   # relative to images/
+            save_png(res.image, self.images / rec["file_name"], rec)
+            records[rec["id"]] = rec
+            ids.append(rec["id"])
+        write_jsonl_atomic(self.root / "records.jsonl", records.values())
+        return ids
+
+    def image_path(self, record: dict) -> str:
+        return str(self.images / record["file_name"])
+
+    def save_source(self, image, name: str) -> str:
+        """A private copy of an uploaded source (so scores and a reload still find it)."""
+        import hashlib
+
+        digest = hashlib.sha256(image.tobytes()).hexdigest()[:16]
+        path = self.root / "sources" / f"{safe_name(Path(name).stem)}-{digest}.png"
+        if not path.exists():
+            save_png(image, path)
+        return str(path)
+
+
+def open_store(token: str | None) -> Store:
+    """The session of ``token``; a new one when the token is empty or unknown-format."""
+    token = token if token and _TOKEN.match(token) else new_token()
+    root = sessions_root() / token
+    root.mkdir(parents=True, exist_ok=True)
+    lock = _SESSION_LOCKS.setdefault(token, threading.Lock())
+    return Store(token, root, lock)
+
+
+# --------------------------------------------------------------------------- sweep
+@dataclass
+class SweepOutcome:
+    ids: list[str]
+    records: list[dict]
+    summary: dict | None       # scoring.summarize, None when scoring is unavailable
+    figure: object | None      # matplotlib Figure
+    columns: int               # seeds per row
+    notes: list[str]
+
+
+def run_sweep(store: Store, bundle: Bundle, source: Source | None, source_class: str, target: str,
+              strengths: str, seeds: str, steps: int, guidance: float, strategy: str, *,
+              limits: Limits = Limits(), generate_fn: Callable = generate) -> SweepOutcome:
+    """Make, score and store one sweep; rows = strength, columns = seed."""
+    s_list, seed_list = parse_strengths(strengths), parse_seeds(seeds)
+    config = TranslateConfig(strategy=strategy, num_inference_steps=int(steps), guidance_scale=float(guidance))
+    jobs = make_jobs(bundle, source, source_class, target, s_list, seed_list, strategy)
+    if len(jobs) > limits.max_jobs:
+        raise ValueError(f"this sweep makes {len(jobs)} images; the limit is {limits.max_jobs} per sweep "
+                         "(fewer strengths, seeds or targets, or set DIFFMIX_MAX_JOBS to raise it)")
+    results = generate_fn(bundle, jobs, config)
+    summary, figure, notes = score_results(results, bundle)
+    with store.lock:
+        ids = store.add(results)
+        state = store.state()
+        state.update(last_sweep=ids, sweeps=state["sweeps"] + 1, summary=summary, bundle=str(bundle.path))
+        store.save_state(state)
+    return SweepOutcome(ids, [r.record for r in results], summary, figure, len(seed_list), notes)
+
+
+def score_results(results: list[Result], bundle: Bundle) -> tuple[dict | None, object | None, list[str]]:
+    """Fill each record's ``scores`` (reference classifier, CLIP, distance, SSIM); summary and plot."""
+    try:
+        from .scoring import class_prompt, plot_sweep, score_images, summarize
+    except ImportError as err:
+        return None, None, [f"scores unavailable ({err})"]
+    reference, ref_status = reference_for(bundle)
+    clip = clip_scorer()
+    records = [r.record for r in results]
+    scores, embeddings = score_images([r.image for r in results], records, reference=reference, clip=clip,
+                                      prompt=lambda c: class_prompt(c, bundle))
+    for rec, s in zip(records, scores):
+        rec["scores"] = s
+    summary = summarize(records, embeddings, clip=clip.status, reference=None if reference is None else ref_status)
+    figure = plot_sweep(summary)
+    notes = [clip.status] + ([] if reference is not None else [ref_status])
+    return summary, figure, notes
+
+
+def table(records: Sequence[dict], curated: set[str]) -> list[list]:
+    rows = []
+    for r in records:
+        sc = r.get("scores") or {}
+        label = ", ".join(f"{k} {v:.3f}" for k, v in r["soft_label"].items())
+        values = [sc.get(k) for k in ("p_target", "p_source", "top1", "clip_target", "clip_source", "distance", "ssim")]
+        values = [round(v, 4) if isinstance(v, float) else v for v in values]
+        rows.append([r["id"], r["source_class"], r["target_class"], r["strength"], r["strength_run"], r["seed"],
+                     *values, label, r["id"] in curated])
+    return rows
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Sequence]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(TABLE_COLUMNS)
+    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    return write_text_atomic(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- curation
+def clean_thresholds(thresholds: dict | None) -> dict:
+    """Known keys with a number; empty / None entries dropped."""
+    out = {}
+    for key, value in (thresholds or {}).items():
+        if key not in THRESHOLDS:
+            raise ValueError(f"unknown threshold {key!r}; use {', '.join(THRESHOLDS)}")
+        if value is not None and value != "":
+            out[key] = float(value)
+    return out
+
+
+def passing(records: Sequence[dict], thresholds: dict) -> tuple[list[str], list[str]]:
+    """Ids of records meeting every threshold, and notes on thresholds that could not apply."""
+    thresholds, notes = clean_thresholds(thresholds), []
+    active = {}
+    for key, limit in thresholds.items():
+        score, op, label = THRESHOLDS[key]
+        if all((r.get("scores") or {}).get(score) is None for r in records):
+            notes.append(f"{label} {op} {limit} ignored: no image has a {label} score")
+        else:
+            active[key] = limit
+    ids = []
+    for r in records:
+        sc = r.get("scores") or {}
+        ok = all(sc.get(THRESHOLDS[k][0]) is not None and
+                 (sc[THRESHOLDS[k][0]] >= v if THRESHOLDS[k][1] == ">=" else sc[THRESHOLDS[k][0]] <= v)
+                 for k, v in active.items())
+        if ok:
+            ids.append(r["id"])
+    return ids, notes
+
+
+def update_curated(store: Store, ids: Sequence[str], mode: str, limits: Limits = Limits()) -> list[str]:
+    """Change the curated batch: ``add``, ``remove``, ``toggle`` the ids, or ``set`` the ids of
+    the last sweep to exactly ``ids`` (the sweep's checkboxes). Unknown ids are refused."""
+    with store.lock:
+        state, known = store.state(), store.records()
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise ValueError(f"unknown image id(s) {unknown[:5]} in this session")
+        cur = list(state["curated"])
+        if mode == "add":
+            cur += [i for i in ids if i not in cur]
+        elif mode == "remove":
+            cur = [i for i in cur if i not in set(ids)]
+        elif mode == "toggle":
+            for i in ids:
+                cur.remove(i) if i in cur else cur.append(i)
+        elif mode == "set":
+            sweep = set(state["last_sweep"])
+            cur = [i for i in cur if i not in sweep or i in set(ids)] + [i for i in ids if i not in cur]
+        else:
+            raise ValueError(f"mode must be add, remove, toggle or set, got {mode!r}")
+        if len(cur) > limits.max_curated:
+            raise ValueError(f"the curated batch would hold {len(cur)} images; the limit is {limits.max_curated} "
+                             "(export and clear it, or set DIFFMIX_MAX_CURATED to raise it)")
+        state["curated"] = cur
+        store.save_state(state)
+        return cur
+
+
+# --------------------------------------------------------------------------- export
+_EXPORT_LOCK = threading.Lock()
+
+
+def export_curated(store: Store, root: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Export the curated batch with export.py's writers into a NEW folder under
+    ``<root>/exports/`` (never over an earlier export). Returns (folder, zip)."""
+    from .export import export_records
+
+    state, records = store.state(), store.records()
+    items = [(store.image_path(records[i]), records[i]) for i in state["curated"] if i in records]
+    if not items:
+        raise ValueError("the curated batch is empty: select images first")
+    bundles = {r.get("bundle") for _, r in items}
+    classes = None
+    if len(bundles) == 1 and next(iter(bundles)):
+        try:
+            classes = load_bundle(next(iter(bundles))).classes
+        except (ValueError, FileNotFoundError):
+            classes = None
+    base = Path(root or output_root()) / "exports"
+    with _EXPORT_LOCK:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        n = 0
+        while True:
+            out = base / f"{stamp}-{store.token[:8]}-{n}"
+            if not out.exists() and not out.with_name(out.name + ".zip").exists():
+                break
+            n += 1
+        folder = export_records(items, out, EXPORT_FORMATS, classes=classes, show_progress=False)
+    return folder, folder.with_name(folder.name + ".zip")

@@ -1,0 +1,300 @@
+"""The app: handlers as plain functions (session.py), then the launched app driven
+through gradio_client as a remote user drives it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ENV = ("DIFFMIX_BUNDLES", "DIFFMIX_OUTPUT", "DIFFMIX_SESSIONS", "DIFFMIX_CLIP_MODEL", "DIFFMIX_MAX_JOBS",
+       "DIFFMIX_MAX_CURATED", "DIFFMIX_MAX_UPLOAD_MB")
+
+
+def make_world(root: Path, cache: Path) -> Path:
+    """A bundles root holding a copy of the placeholder bundle with a tiny reference classifier
+    attached (timm test_resnet, random weights: it exercises the P(target) captions)."""
+    import timm
+
+    from diffmix_core.demo import placeholder_bundle
+    from diffmix_core.reference import ReferenceClassifier, attach_reference, save_reference
+
+    shared = placeholder_bundle(cache / "ui-placeholder")   # built once per test session
+    bundle_dir = root / "bundles" / "birds"
+    shutil.copytree(shared.path, bundle_dir)
+    model = timm.create_model("test_resnet", num_classes=len(shared.classes))
+    clf = ReferenceClassifier(model.eval(), "test_resnet", shared.classes, 32, (0.5,) * 3, (0.5,) * 3)
+    ref = save_reference(clf, root / "ref", {"model_name": "test_resnet", "classes": list(shared.classes),
+                                             "val_accuracy": 0.5, "preprocessing": {"input_size": 32}})
+    attach_reference(bundle_dir, ref)
+    return bundle_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui")
+    old = {k: os.environ.get(k) for k in ENV}
+    os.environ.update({"DIFFMIX_BUNDLES": str(root / "bundles"), "DIFFMIX_OUTPUT": str(root / "out"),
+                       "DIFFMIX_SESSIONS": str(root / "sessions"), "DIFFMIX_CLIP_MODEL": "none"})
+    bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
+    yield {"root": root, "bundle": str(bundle_dir),
+           "example": str(bundle_dir / "examples" / "owl" / "0.png")}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+# --------------------------------------------------------------------------- plain handlers
+def test_parse_strengths_and_seeds():
+    from diffmix_core.session import parse_seeds, parse_strengths
+
+    assert parse_strengths("0.3, 0.5 0.7") == [0.3, 0.5, 0.7]
+    assert parse_strengths("0.1:0.9:5") == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert parse_seeds("0, 1, 7") == [0, 1, 7] and parse_seeds("n=3") == [0, 1, 2]
+    for bad, match in (("", "at least one"), ("1.5", "between 0 and 1"), ("0.1:0.9", "from:to:count"),
+                       ("a, b", "could not read")):
+        with pytest.raises(ValueError, match=match):
+            parse_strengths(bad)
+    with pytest.raises(ValueError, match="n=<count>"):
+        parse_seeds("n=x")
+
+
+def test_jobs_matrix_intra_and_gen(world):
+    from diffmix_core.adapters import load_bundle
+    from diffmix_core.session import ALL_OTHER, make_jobs
+    from diffmix_core.translate import Source
+
+    bundle = load_bundle(world["bundle"])
+    src = Source(Image.new("RGB", (8, 8)), "owl", "x")
+    jobs = make_jobs(bundle, src, "owl", ALL_OTHER, [0.5, 0.9], [0, 1], "diff-mix")
+    assert len(jobs) == (len(bundle.classes) - 1) * 4 and "owl" not in {j.target_class for j in jobs}
+    assert [(j.strength, j.seed) for j in jobs[:4]] == [(0.5, 0), (0.5, 1), (0.9, 0), (0.9, 1)]
+    assert {j.target_class for j in make_jobs(bundle, src, "owl", "duck", [0.5], [0], "diff-aug")} == {"owl"}
+    gen = make_jobs(bundle, None, "owl", "duck", [0.3, 0.5], [0, 1], "diff-gen")
+    assert len(gen) == 2 and all(j.source is None and j.strength == 1.0 for j in gen)
+    with pytest.raises(ValueError, match="example image or upload"):
+        make_jobs(bundle, None, "owl", "duck", [0.5], [0], "diff-mix")
+    with pytest.raises(ValueError, match="unknown class 'emu'"):
+        make_jobs(bundle, src, "owl", "emu", [0.5], [0], "diff-mix")
+
+
+def test_thresholds_select_and_say_what_they_ignore():
+    from diffmix_core.session import passing
+
+    recs = [{"id": "a", "scores": {"p_target": 0.9, "ssim": 0.2}}, {"id": "b", "scores": {"p_target": 0.1, "ssim": 0.1}},
+            {"id": "c", "scores": {"p_target": 0.8, "ssim": 0.9}}]
+    assert passing(recs, {"min_p_target": 0.5, "max_ssim": 0.5}) == (["a"], [])
+    ids, notes = passing(recs, {"min_clip_target": 0.2, "max_ssim": None})
+    assert ids == ["a", "b", "c"] and "CLIP(target) >= 0.2 ignored" in notes[0]
+    with pytest.raises(ValueError, match="unknown threshold"):
+        passing(recs, {"p_min": 1})
+
+
+def test_curate_modes_limits_and_isolation(world, monkeypatch):
+    from diffmix_core.session import Limits, open_store, update_curated
+    from diffmix_core.translate import Result
+
+    a, b = open_store(""), open_store(None)
+    assert a.token != b.token and open_store(a.token).root == a.root
+    assert open_store("../../etc").root.parent == a.root.parent   # a bad token is a new session, not a path
+    rec = {"id": "i1", "soft_label": {"owl": 1.0}}
+    ids = a.add([Result(Image.new("RGB", (4, 4)), dict(rec, id=f"i{n}")) for n in range(3)])
+    a.save_state(dict(a.state(), last_sweep=ids))
+    assert update_curated(a, ["i0", "i1"], "add") == ["i0", "i1"]
+    assert update_curated(a, ["i1", "i2"], "toggle") == ["i0", "i2"]
+    assert update_curated(a, ["i1"], "set") == ["i1"]
+    assert update_curated(a, ["i1"], "remove") == []
+    with pytest.raises(ValueError, match="unknown image id"):
+        update_curated(b, ["i0"], "add")                            # b cannot touch a's images
+    with pytest.raises(ValueError, match="limit is 2 .*DIFFMIX_MAX_CURATED"):
+        update_curated(a, ids, "add", Limits(max_curated=2))
+    assert b.state()["curated"] == [] and a.state()["curated"] == []
+
+
+def test_sweep_scores_profile_and_export(world, monkeypatch):
+    """The engine, the scores (reference classifier attached, CLIP off), the profile and two exports."""
+    from diffmix_core.adapters import load_bundle
+    from diffmix_core.data import load_image
+    from diffmix_core.export import verify_manifest
+    from diffmix_core.records import read_jsonl, read_png_record
+    from diffmix_core.session import (Limits, bundle_markdown, caption, clip_scorer, export_curated, open_store,
+                                      reference_for, run_sweep, save_profile, update_curated)
+    from diffmix_core.translate import Source
+
+    bundle = load_bundle(world["bundle"])
+    store = open_store("")
+    src = Source(load_image(world["example"]), "owl", "owl0", world["example"])
+    with pytest.raises(ValueError, match="limit is 3 per sweep .*DIFFMIX_MAX_JOBS"):
+        run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "n=2", 2, 5.0, "diff-mix", limits=Limits(max_jobs=3))
+    out = run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "0, 1", 2, 5.0, "diff-mix")
+    assert out.columns == 2 and [(r["strength"], r["seed"]) for r in out.records] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
+    sc = out.records[0]["scores"]
+    assert 0 <= sc["p_target"] <= 1 and sc["clip_target"] is None and sc["ssim"] is not None
+    assert "P(target)" in caption(out.records[0]) and "label: owl 0.29, duck 0.71" in caption(out.records[0])
+    assert out.figure is not None and out.summary["recommended_strength"] in (0.5, 1.0)
+    assert any("CLIP unavailable: no CLIP model given" in n for n in out.notes)
+    _, ref_status = reference_for(bundle)
+    assert "test_resnet" in bundle_markdown(bundle, clip_scorer().status, ref_status)
+    saved = read_png_record(store.image_path(out.records[0]))
+    assert saved["id"] == out.ids[0] and saved["scores"]["p_target"] == sc["p_target"]
+    # tune per dataset: the profile is in adapter.json and the bundle still loads (its hash changes)
+    tuned = save_profile(bundle.path, 0.5, {"min_p_target": 0.2, "max_ssim": ""}, {"strategy": "diff-mix"})
+    assert tuned.meta["profile"]["strength"] == 0.5 and tuned.meta["profile"]["thresholds"] == {"min_p_target": 0.2}
+    assert tuned.hash != bundle.hash and load_bundle(bundle.path).meta["profile"]["strategy"] == "diff-mix"
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        save_profile(bundle.path, 1.5, {})
+    # export: twice, never over the first; files reload and match the records
+    update_curated(store, out.ids[:3], "add")
+    first, zip1 = export_curated(store)
+    second, zip2 = export_curated(store)
+    assert first != second and zip1.is_file() and zip2.is_file()
+    rows = read_jsonl(first / "imagefolder" / "metadata.jsonl")
+    assert [r["id"] for r in rows] == out.ids[:3] and verify_manifest(first) == []
+    for row, rec in zip(rows, out.records):
+        assert row["soft_label"] == rec["soft_label"] and row["seed"] == rec["seed"]
+        assert row["soft_label_vector"][bundle.classes.index("duck")] == pytest.approx(rec["soft_label"]["duck"])
+        exported = load_image(first / "imagefolder" / row["file_name"])
+        assert np.array_equal(np.asarray(exported), np.asarray(load_image(store.image_path(rec))))
+    assert (first / "authors" / "meta.csv").read_text().splitlines()[0] == \
+        "First Directory,Second Directory,Number,Strength,Path"
+
+
+def test_bundle_panel_and_bundle_field(world):
+    from diffmix_core.session import find_bundles, resolve_bundle
+    from diffmix_core.ui import on_bundle
+
+    assert world["bundle"] in find_bundles().values()
+    info, examples, src, tgt, strength, *th = on_bundle(world["bundle"])
+    assert "10 classes" in info and "CLIP unavailable" in info and "test_resnet" in info
+    assert len(examples) == 8 and examples[0][1] == "owl"
+    assert resolve_bundle(world["bundle"]) == Path(world["bundle"]).resolve()
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
+        resolve_bundle("/no/such/bundle")
+    with pytest.raises(FileNotFoundError, match="could not fetch bundle nobody/nothing"):
+        resolve_bundle("nobody/nothing")   # HF_HUB_OFFLINE=1 in tests
+
+
+def test_upload_limit_message(world, tmp_path):
+    from diffmix_core.session import Limits, check_upload
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"x" * (2 * 2**20))
+    with pytest.raises(ValueError, match="limit is 1 MB .*DIFFMIX_MAX_UPLOAD_MB"):
+        check_upload(big, Limits(max_upload_mb=1))
+
+
+def test_cli_app_launches_the_same_blocks(monkeypatch):
+    import gradio as gr
+
+    from diffmix_core.cli import main
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.update(kw, blocks=self))
+    monkeypatch.setattr("diffmix_core.ui.build_demo", lambda: gr.Blocks())
+    assert main(["app", "--host", "127.0.0.1", "--port", "7999"]) == 0
+    assert seen["server_name"] == "127.0.0.1" and seen["server_port"] == 7999
+
+
+# --------------------------------------------------------------------------- the running app
+@pytest.fixture(scope="module")
+def app_url(world):
+    from diffmix_core.ui import build_demo
+
+    demo = build_demo()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield demo.local_url
+    demo.close()
+
+
+def _sweep(client, world, seeds="0, 1", upload=None, example=None, strengths="0.5, 1.0"):
+    return client.predict(world["bundle"], upload, world["example"] if example is None else example, "owl", "duck",
+                          strengths, seeds, 2, 5.0, "diff-mix", api_name="/sweep")
+
+
+def test_client_sweep_select_export_reload(app_url, world, tmp_path):
+    from gradio_client import Client
+
+    from diffmix_core.data import load_image
+    from diffmix_core.export import verify_manifest
+    from diffmix_core.records import read_jsonl
+
+    client = Client(app_url, verbose=False)
+    assert {"/sweep", "/select", "/auto_select", "/export", "/save_profile"} <= set(
+        client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    gallery, box, table, plot, csv, status, tune, count, cur_gallery, cur_box = _sweep(client, world)
+    assert len(gallery["value"]) == 4 and gallery["columns"] == 2 and plot is not None
+    assert "P(target)" in gallery["value"][0]["caption"] and "recommended strength" in status
+    rows = table["data"]
+    assert [(r[3], r[5]) for r in rows] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
+    assert Path(csv).read_text().splitlines()[0].startswith("id,source,target,strength")
+    ids = [r[0] for r in rows]
+    count, cur_gallery, cur_box, sweep_box = client.predict(f"{ids[1]},{ids[3]}", "add", api_name="/select")
+    assert "2 image(s)" in count and cur_box["value"] == [ids[1], ids[3]]
+    msg, folder, zip_path = client.predict(api_name="/export")
+    folder = Path(folder)
+    assert "exported 2 image(s)" in msg and verify_manifest(folder) == []
+    exported = read_jsonl(folder / "imagefolder" / "metadata.jsonl")
+    assert [r["id"] for r in exported] == [ids[1], ids[3]]
+    for r, shown, expected in zip(exported, (gallery["value"][1], gallery["value"][3]), ((0.5, 1), (1.0, 1))):
+        assert (r["strength"], r["seed"], r["target_class"]) == (*expected, "duck")
+        assert np.array_equal(np.asarray(load_image(folder / "imagefolder" / r["file_name"])),
+                              np.asarray(load_image(shown["image"])))
+    with zipfile.ZipFile(zip_path) as zf:
+        assert f"{folder.name}/imagefolder/metadata.jsonl" in zf.namelist()
+    msg2, folder2, _ = client.predict(api_name="/export")
+    assert folder2 != str(folder) and folder.is_dir()   # never over an earlier export
+
+
+def test_two_clients_never_see_each_others_selections(app_url, world):
+    from gradio_client import Client
+
+    a, b = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    out = {}
+
+    def work(name, client, seeds):
+        table = _sweep(client, world, seeds=seeds, strengths="0.5")[2]
+        ids = [r[0] for r in table["data"]]
+        out[name] = (ids, client.predict(",".join(ids), "add", api_name="/select"))
+
+    threads = [threading.Thread(target=work, args=("a", a, "3")), threading.Thread(target=work, args=("b", b, "4"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    (ids_a, sel_a), (ids_b, sel_b) = out["a"], out["b"]
+    assert set(ids_a).isdisjoint(ids_b)
+    assert sel_a[2]["value"] == ids_a and sel_b[2]["value"] == ids_b
+    with pytest.raises(Exception, match="unknown image id"):
+        a.predict(ids_b[0], "add", api_name="/select")
+    _, folder, _ = b.predict(api_name="/export")
+    assert [json.loads(line)["id"] for line in (Path(folder) / "imagefolder" / "metadata.jsonl").open()] == ids_b
+
+
+def test_bad_input_is_a_clear_error_and_app_keeps_serving(app_url, world, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(Exception, match="not an image"):
+        _sweep(client, world, upload=handle_file(str(bad)), example="")
+    with pytest.raises(Exception, match="smallest usable strength"):
+        client.predict(world["bundle"], None, world["example"], "owl", "duck", "0.01", "0", 25, 5.0, "diff-mix",
+                       api_name="/sweep")
+    with pytest.raises(Exception, match="not one of the bundle's example images"):
+        _sweep(client, world, example=str(bad))
+    with pytest.raises(Exception, match="curated batch is empty"):
+        client.predict(api_name="/export")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(good)
+    gallery = _sweep(client, world, seeds="0", strengths="0.5", upload=handle_file(str(good)), example="")[0]
+    with Image.open(gallery["value"][0]["image"]) as im:
+        assert im.size == (40, 30)
