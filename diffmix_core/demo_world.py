@@ -1,0 +1,389 @@
+"""The embedded demo world, built end to end from offline packages (issue 5).
+
+:func:`build_world` runs, each stage skipped when its output is complete, so a killed
+build continues where it stopped when run again with the same ``out``:
+
+1. ``data/``: the demo birds ImageFolder + the broader pre-training set (demo_data);
+2. ``base/``: the tiny SD-architecture pipeline trained from scratch (pretrain);
+3. splits: ``data/birds/diffmix_split.json`` (the full split) and
+   ``data/fewshot_split.json`` (same seed, ``shots`` per class; val/test identical);
+4. ``bundle/``: ``finetune.finetune`` over the base on the few-shot split;
+5. ``reference-data/`` + ``reference/``: the reference classifier, trained on the train
+   split plus a VAE round trip and a blurred copy of every train image (and round trips
+   in validation), so it judges species rather than sharpness; attached to the bundle;
+6. the recommended strength: validation images translated to every other class at
+   0.3 ... 0.9, scored by the reference (scoring.recommend_strength);
+7. ``assets/demo/``: what ships: ``base/`` (fp16 safetensors), ``bundle/`` (its reference
+   in fp16, example images) and ``demo.json`` (sampler settings, figures).
+
+:func:`evaluate_world` prints the per-strength table of ``diffmix demo evaluate``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from .config import DemoWorldConfig, FinetuneConfig, ReferenceConfig, SplitConfig, TranslateConfig
+from .records import safe_name, save_png, write_text_atomic
+
+FEWSHOT_SPLIT = "fewshot_split.json"
+ASSETS = "assets/demo"
+DEMO_JSON = "demo.json"
+EVAL_STRENGTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def quick_config() -> DemoWorldConfig:
+    """Tiny settings: every stage runs for real in about a minute (tests, `demo build --quick`)."""
+    from .config import DemoDataConfig, PretrainConfig
+
+    return DemoWorldConfig(
+        data=DemoDataConfig(image_size=32, birds_per_class=6, pretrain_per_class=3, pretrain_per_other=0),
+        pretrain=PretrainConfig(resolution=32, vae_channels=(8, 16), vae_steps=2, vae_crop=16, vae_batch_size=4,
+                                decoder_steps=1, unet_channels=(16, 32), text_width=32, text_layers=1,
+                                attention_heads=2, unet_steps=2, unet_batch_size=4, warmup_steps=1,
+                                checkpoint_every=2),
+        shots=2, finetune_steps=2, finetune_batch_size=2, lora_rank=2, reference_model="test_resnet",
+        recommend_targets=2, reference_pretrained="none", reference_epochs=1, reference_image_size=32, num_inference_steps=4)
+
+
+# --------------------------------------------------------------------------- splits and bundle
+def make_splits(birds: Path, out: Path, settings: DemoWorldConfig) -> tuple[Path, Path]:
+    """(full split file, few-shot split file) of the birds, one seed."""
+    from .data import default_split_path, read_dataset, resolve_splits
+
+    dataset = read_dataset(birds, show_progress=False)
+    full = default_split_path(dataset)
+    resolve_splits(dataset, full, SplitConfig(seed=settings.split_seed))
+    fewshot = out / FEWSHOT_SPLIT
+    resolve_splits(dataset, fewshot, SplitConfig(seed=settings.split_seed, shots=settings.shots))
+    return full, fewshot
+
+
+def finetune_config(settings: DemoWorldConfig) -> FinetuneConfig:
+    return FinetuneConfig(
+        superclass="bird", token_init="class-name", max_steps=settings.finetune_steps,
+        batch_size=settings.finetune_batch_size, resolution=settings.data.image_size, rank=settings.lora_rank,
+        lora_alpha=float(settings.lora_rank), lr=settings.finetune_lr, ti_lr=settings.finetune_ti_lr,
+        checkpoint_every=min(250, settings.finetune_steps), sample_steps=0, mixed_precision="no", num_workers=0)
+
+
+def make_bundle(birds: Path, base: Path, fewshot: Path, out: Path, settings: DemoWorldConfig,
+                show_progress: bool = True):
+    """``finetune.finetune`` over the base on the few-shot split (resumed when a run is there)."""
+    from .adapters import load_bundle
+    from .finetune import RUN_FILE, finetune
+
+    if (out / "adapter.json").is_file():
+        bundle = load_bundle(out)
+        if bundle.meta["steps"] == settings.finetune_steps:
+            return bundle
+    return finetune(birds, base, out, finetune_config(settings), split_file=fewshot,
+                    resume=(out / RUN_FILE).is_file(), show_progress=show_progress)
+
+
+# --------------------------------------------------------------------------- the reference classifier
+def _round_trip(vae, images: list[Image.Image], size: int) -> list[Image.Image]:
+    """VAE encode (posterior mean) + decode, as the generator renders."""
+    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC),
+                                                 np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images])
+    with torch.inference_mode():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)   # (B, 3, size, size)
+    arr = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def _blur(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Gaussian blur, or a down-and-up resize: the softness of generated images."""
+    if rng.random() < 0.5:
+        return im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.3))))
+    small = max(8, int(im.width * rng.uniform(0.45, 0.7)))
+    return im.resize((small, small), Image.BILINEAR).resize(im.size, Image.BICUBIC)
+
+
+def augmented_reference_data(birds: Path, base: Path, out: Path, settings: DemoWorldConfig) -> Path:
+    """An ImageFolder of the birds plus generator-like copies, with its own split file: train =
+    train originals + their VAE round trips + blurred copies; val = val originals + round trips;
+    test = test originals (never used here)."""
+    from .data import load_image, read_dataset, resolve_splits, split_subset, write_split_file
+    from .models import load_pipeline
+
+    if (out / "diffmix_split.json").is_file():
+        return out
+    dataset = read_dataset(birds, show_progress=False)
+    splits = resolve_splits(dataset)
+    vae = load_pipeline(base, device="cpu", dtype="fp32", scheduler="native").vae
+    ids = {s: [] for s in ("train", "val", "test")}
+    for name in ids:
+        items = split_subset(dataset, splits, name).items
+        for i in range(0, len(items), 32):
+            chunk = items[i:i + 32]
+            originals = [load_image(it.path) for it in chunk]
+            trips = _round_trip(vae, originals, settings.data.image_size) if name != "test" else [None] * len(chunk)
+            for it, im, trip in zip(chunk, originals, trips):
+                rng = np.random.default_rng([settings.split_seed, zlib.crc32(it.id.encode())])
+                variants = {"": im, "-vae": trip, "-blur": _blur(im, rng) if name == "train" else None}
+                for suffix, v in variants.items():
+                    if v is not None:
+                        rel = f"{Path(it.id).parent}/{Path(it.id).stem}{suffix}.png"
+                        save_png(v, out / rel)
+                        ids[name].append(rel)
+    ref_data = read_dataset(out, show_progress=False)
+    write_split_file(out / "diffmix_split.json", ref_data, ids, SplitConfig(seed=settings.split_seed))
+    return out
+
+
+def make_reference(birds: Path, base: Path, out: Path, settings: DemoWorldConfig, show_progress: bool = True) -> Path:
+    """Train (once) the reference classifier on the augmented copy of the birds."""
+    from .reference import META_FILE, train_reference
+
+    if (out / "reference" / META_FILE).is_file():
+        return out / "reference"
+    data = augmented_reference_data(birds, base, out / "reference-data", settings)
+    config = ReferenceConfig(model_name=settings.reference_model, pretrained=settings.reference_pretrained,
+                             image_size=settings.reference_image_size, epochs=settings.reference_epochs)
+    return train_reference(data, out / "reference", config, show_progress=show_progress)
+
+
+# --------------------------------------------------------------------------- translations
+def sources_of(data: str | os.PathLike, split: str, per_class: int):
+    """``per_class`` images of each class from a split of the demo birds, as translate Sources."""
+    from .data import load_image, read_dataset, resolve_splits, split_subset
+    from .translate import Source
+
+    dataset = read_dataset(data, show_progress=False)
+    subset = split_subset(dataset, resolve_splits(dataset), split)
+    out = []
+    for items in subset.by_class().values():
+        out += [Source(load_image(it.path), it.class_name, it.id, str(it.path)) for it in items[:per_class]]
+    if not out:
+        raise ValueError(f"the {split} split of {data} is empty")
+    return out
+
+
+def _targets(classes: tuple[str, ...], source_class: str, k: int | None) -> list[str]:
+    """The other classes, starting after the source's in label order; the first ``k`` (None: all)."""
+    i = classes.index(source_class)
+    others = [c for c in classes[i + 1:] + classes[:i]]
+    return others[:k] if k else others
+
+
+def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int = 0, show_progress: bool = True,
+          targets_per_source: int | None = None) -> tuple[list[dict], list]:
+    """Translate every source to every OTHER class (or the next ``targets_per_source``) at every
+    strength; score with the bundle's reference classifier. Returns (records with scores,
+    reference-feature embeddings)."""
+    from .reference import bundle_reference_path, load_reference
+    from .scoring import score_images
+    from .translate import Job, translate
+
+    ref_path = bundle_reference_path(bundle)
+    if ref_path is None:
+        raise ValueError(f"bundle {bundle.path} has no reference classifier; attach one first")
+    reference = load_reference(ref_path, device="cpu")
+    jobs = [Job(src, t, s, seed) for src in sources
+            for t in _targets(bundle.classes, src.source_class, targets_per_source) for s in strengths]
+    results = translate(pipe, jobs, config, bundle=bundle, show_progress=show_progress)
+    records, embeddings = [], []
+    for i in range(0, len(results), 64):
+        chunk = results[i:i + 64]
+        recs = [r.record for r in chunk]
+        scores, embs = score_images([r.image for r in chunk], recs, reference=reference)
+        for rec, s in zip(recs, scores):
+            rec["scores"] = s
+        records += recs
+        embeddings += embs
+    return records, embeddings
+
+
+def strength_table(records: list[dict]) -> list[dict]:
+    """Per strength: n, target-hit (top-1 = target), source-keep (top-1 = source), mean P(target),
+    mean distance to the source (reference features, 1 - cos) and mean SSIM."""
+    rows = []
+    for s in sorted({float(r["strength"]) for r in records}):
+        sc = [r["scores"] for r in records if float(r["strength"]) == s]
+        recs = [r for r in records if float(r["strength"]) == s]
+        mean = lambda k: float(np.mean([x[k] for x in sc if x.get(k) is not None])) if sc else float("nan")  # noqa
+        rows.append({"strength": s, "n": len(sc),
+                     "target_hit": float(np.mean([x["top1"] == r["target_class"] for x, r in zip(sc, recs)])),
+                     "source_keep": float(np.mean([x["top1"] == r["source_class"] for x, r in zip(sc, recs)])),
+                     "p_target": mean("p_target"), "distance": mean("distance"), "ssim": mean("ssim")})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The table of ``diffmix demo evaluate``; the last line is machine-readable."""
+    cols = ("strength", "n", "target_hit", "source_keep", "p_target", "distance", "ssim")
+    lines = ["  ".join(f"{c:>11}" for c in cols)]
+    lines += ["  ".join(f"{r[c]:>11.3f}" if isinstance(r[c], float) else f"{r[c]:>11}" for c in cols) for r in rows]
+    at = {r["strength"]: r for r in rows}
+    hit = at.get(0.9, {}).get("target_hit")
+    keep = at.get(0.3, {}).get("source_keep")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines.append(f"target_hit_at_0.9={fmt(hit)} source_keep_at_0.3={fmt(keep)}")
+    return "\n".join(lines)
+
+
+def _pipeline_for(bundle, base: str | os.PathLike | None = None):
+    """The bundle's base pipeline (or ``base``: e.g. the shipped copy) with the bundle applied."""
+    from .adapters import apply_bundle
+    from .models import load_pipeline
+
+    pipe = load_pipeline(base or bundle.base_model, device="cpu", dtype="fp32", scheduler="dpm++")
+    apply_bundle(pipe, bundle, allow_base_mismatch=base is not None)
+    return pipe
+
+
+def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS, per_class: int = 2,
+                   guidance_scale: float = 2.5, num_inference_steps: int = 25, seed: int = 0,
+                   base: str | os.PathLike | None = None, show_progress: bool = True) -> dict:
+    """Translate ``per_class`` held-out TEST images of each class to every other class at each
+    strength; print and return the per-strength table ({'rows': [...], 'text': str}).
+
+    Args:
+        bundle: a bundle folder or adapters.Bundle with a reference classifier attached.
+        data: the demo birds ImageFolder (its split file decides what is held out).
+        base: the base pipeline folder (default: the one the bundle names).
+    """
+    from .adapters import Bundle, load_bundle
+
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    pipe = _pipeline_for(bundle, base)
+    config = TranslateConfig(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             resolution=bundle.resolution)
+    records, _ = sweep(pipe, bundle, sources_of(data, "test", per_class), strengths, config, seed, show_progress)
+    rows = strength_table(records)
+    text = format_table(rows)
+    print(text)
+    return {"rows": rows, "text": text, "records": records}
+
+
+def recommend(bundle, data: Path, settings: DemoWorldConfig, show_progress: bool = True) -> tuple[float, dict]:
+    """Recommended strength from a sweep of validation images (scoring.recommend_strength);
+    written into the bundle. Returns (strength, {'rows': ..., 'reason': ...})."""
+    from .config import ScoreConfig
+    from .reference import update_bundle_meta
+    from .scoring import summarize
+
+    pipe = _pipeline_for(bundle)
+    config = TranslateConfig(num_inference_steps=settings.num_inference_steps,
+                             guidance_scale=settings.guidance_scale, resolution=bundle.resolution)
+    records, embeddings = sweep(pipe, bundle, sources_of(data, "val", settings.recommend_per_class),
+                                (0.3, 0.5, 0.7, 0.9), config, show_progress=show_progress,
+                                targets_per_source=settings.recommend_targets)
+    summary = summarize(records, embeddings, ScoreConfig(clip_model=""))
+    strength = summary["recommended_strength"]
+    update_bundle_meta(bundle.path, recommended_strength=strength)
+    return strength, {"rows": strength_table(records), "reason": summary["recommendation"]}
+
+
+# --------------------------------------------------------------------------- assets
+def _fp16_file(src: Path, dest: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from .records import atomic_path
+
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(src)).items()}
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, base: Path):
+    """The bundle's shipped files (no checkpoints or logs), its reference weights in fp16, example
+    images from the TEST split, pointing at the shipped ``base``. Returns the loaded copy."""
+    from .adapters import ADAPTER_JSON, load_bundle
+    from .records import sha256_file
+    from .reference import BUNDLE_REFERENCE_DIR, META_FILE, WEIGHTS_FILE
+
+    skip = shutil.ignore_patterns("checkpoints", "finetune_run.json", "train_log.jsonl", ".*")
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, ignore=skip)
+    meta = json.loads((dest / ADAPTER_JSON).read_text(encoding="utf-8"))
+    ref = dest / BUNDLE_REFERENCE_DIR
+    if (ref / WEIGHTS_FILE).is_file():
+        _fp16_file(src / BUNDLE_REFERENCE_DIR / WEIGHTS_FILE, ref / WEIGHTS_FILE)
+        ref_meta = json.loads((ref / META_FILE).read_text(encoding="utf-8"))
+        ref_meta.update(sha256={WEIGHTS_FILE: sha256_file(ref / WEIGHTS_FILE)}, stored_dtype="float16")
+        write_text_atomic(ref / META_FILE, json.dumps(ref_meta, indent=2, ensure_ascii=False) + "\n")
+        for rel in (f"{BUNDLE_REFERENCE_DIR}/{WEIGHTS_FILE}", f"{BUNDLE_REFERENCE_DIR}/{META_FILE}"):
+            meta["files"][rel] = sha256_file(dest / rel)
+    for source in sources_of(examples_from, "test", per_class):
+        save_png(source.image, dest / "examples" / safe_name(source.source_class) / Path(source.id).name)
+    meta.update(examples="examples", base_model={"model": str(base.resolve()), "revision": None})
+    write_text_atomic(dest / ADAPTER_JSON, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return load_bundle(dest)   # verifies every file again
+
+
+def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict, per_class: int = 2) -> Path:
+    """``out/base`` (the pipeline in fp16 safetensors; it loads as fp32 with the same output),
+    ``out/bundle`` (pointing at it) and ``out/demo.json``. Returns ``out``."""
+    from .models import load_pipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "base", ignore_errors=True)
+    pipe = load_pipeline(base, device="cpu", dtype="fp32", scheduler="native")
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.half()
+    pipe.save_pretrained(out / "base", safe_serialization=True)
+    bundle = _copy_bundle(bundle_dir, out / "bundle", data, per_class, out / "base")
+    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    info = dict(info, total_bytes=sum(sizes.values()), bundle_hash=bundle.hash)
+    write_text_atomic(out / DEMO_JSON, json.dumps(info, indent=1) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- the whole world
+def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldConfig(), *,
+                assets: str | os.PathLike | None = None, show_progress: bool = True):
+    """Build (or continue building) the demo world in ``out``; see the module docstring.
+
+    Args:
+        out: work folder (every stage's output; rerun to resume).
+        settings: every stage's settings (:func:`quick_config` for a smoke run).
+        assets: where the shipped copy goes (default ``<out>/assets/demo``).
+    Returns:
+        The shipped bundle (adapters.Bundle), reference attached.
+    """
+    from .adapters import load_bundle
+    from .demo_data import build_dataset
+    from .pretrain import pretrain
+    from .reference import attach_reference
+
+    out = Path(out)
+    say = print if show_progress else (lambda *a, **k: None)
+    say(f"[1/7] dataset -> {out / 'data'}")
+    build_dataset(out / "data", settings.data, show_progress=show_progress)
+    birds = out / "data" / "birds"
+    say(f"[2/7] base model -> {out / 'base'}")
+    base = pretrain(out / "data" / "pretrain", out / "base", settings.pretrain, show_progress=show_progress)
+    say("[3/7] splits")
+    _, fewshot = make_splits(birds, out / "data", settings)
+    say(f"[4/7] bundle (few-shot fine-tune, k={settings.shots}) -> {out / 'bundle'}")
+    bundle = make_bundle(birds, base, fewshot, out / "bundle", settings, show_progress)
+    say(f"[5/7] reference classifier -> {out / 'reference'}")
+    if not bundle.meta.get("reference_classifier"):
+        bundle = attach_reference(bundle.path, make_reference(birds, base, out, settings, show_progress))
+    say("[6/7] recommended strength")
+    state = out / "recommend.json"
+    if not state.is_file():
+        strength, rec = recommend(bundle, birds, settings, show_progress)
+        write_text_atomic(state, json.dumps({"recommended_strength": strength, **rec}, indent=1) + "\n")
+    rec = json.loads(state.read_text(encoding="utf-8"))
+    target = Path(assets) if assets is not None else out / ASSETS
+    say(f"[7/7] assets -> {target}")
+    pre = json.loads((base / "pretrain.json").read_text(encoding="utf-8"))
+    info = {"guidance_scale": settings.guidance_scale, "num_inference_steps": settings.num_inference_steps,
+            "recommended_strength": rec["recommended_strength"], "recommendation": rec["reason"],
+            "validation_sweep": rec["rows"], "classes": list(bundle.classes),
+            "base": {k: pre[k] for k in ("scaling_factor", "vae_psnr_db", "vae_psnr_after_decoder_db", "parameters")},
+            "reference_val_accuracy": json.loads((bundle.path / "reference" / "reference.json").read_text())
+            .get("val_accuracy"), "settings": json.loads(json.dumps(dataclasses.asdict(settings)))}
+    write_assets(target, base, load_bundle(out / "bundle").path, birds, info)
+    return load_bundle(target / "bundle")
