@@ -432,21 +432,39 @@ def _synth_scorer(args: argparse.Namespace, fconfig, bundle, device):
     return scorer
 
 
+# Bundle profile keys (saved by the app's "tune per dataset") -> synthesize options.
+PROFILE_OPTIONS = {"strength": "strength", "strategy": "strategy", "num_inference_steps": "num_inference_steps",
+                   "guidance_scale": "guidance_scale"}
+
+
+def _apply_profile(args: argparse.Namespace, bundle) -> None:
+    """Start from the bundle's saved profile for every option not written on the command line."""
+    profile = bundle.meta.get("profile") or {}
+    used = []
+    for key, dest in PROFILE_OPTIONS.items():
+        if profile.get(key) is not None and hasattr(args, dest) and dest not in getattr(args, "given", set()):
+            setattr(args, dest, profile[key])
+            used.append(f"{dest}={profile[key]}")
+    if used:
+        print(f"from the bundle's profile: {', '.join(used)} (override on the command line)")
+
+
 def run_synthesize(args: argparse.Namespace) -> None:
     from .config import FilterConfig, TranslateConfig, get_strategy
     from .export import parse_formats
     from .synthesize import finished_record, merge, missing_jobs, parse_shard, shard_jobs, synthesize
 
-    tconfig = config_from_args(TranslateConfig, args)
-    formats = parse_formats(args.export)
     bundle = None
     if args.bundle:
         from .adapters import load_bundle
 
         bundle = load_bundle(args.bundle)
-    elif get_strategy(tconfig.strategy).tokens:
+        _apply_profile(args, bundle)
+    tconfig = config_from_args(TranslateConfig, args)
+    formats = parse_formats(args.export)
+    if bundle is None and get_strategy(tconfig.strategy).tokens:
         fail(f"strategy {tconfig.strategy} needs --bundle; real-* strategies run on --base alone")
-    elif not args.base and not args.merge:
+    if bundle is None and not args.base and not args.merge:
         fail("give --bundle or --base")
     state = None
     if args.shard:
@@ -826,8 +844,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options written on the command line (not left at their default),
+    so a stage can fill the others from a saved profile."""
+    sentinel = object()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((t for t in argv if t in sub.choices), None)
+    if command is None:
+        return set()
+    subparser = sub.choices[command]
+    defaults = {a.dest: a.default for a in subparser._actions}
+    for action in subparser._actions:
+        action.default = sentinel
+    try:
+        seen, _ = subparser.parse_known_args(argv[argv.index(command) + 1:], argparse.Namespace())
+    finally:
+        for action in subparser._actions:
+            action.default = defaults[action.dest]
+    return {k for k, v in vars(seen).items() if v is not sentinel and k not in subparser._defaults}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = given_options(parser, argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -110,3 +110,33 @@ def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys)
         main(["translate", "--bundle", str(bundle.path), "--image", str(img), "--source-class", "Sparrow",
               "--target", "Penguin", "--out", str(tmp_path / "x"), "--quiet"])
     assert "unknown class 'Penguin'" in capsys.readouterr().err
+
+
+def test_given_options_tells_written_from_default():
+    from diffmix_core.cli import build_parser, given_options
+
+    parser = build_parser()
+    argv = ["synthesize", "--bundle", "b", "--data", "d", "--out", "o", "--steps", "25", "--strength=0.5"]
+    assert {"bundle", "data", "out", "num_inference_steps", "strength"} <= given_options(parser, argv)
+    assert "guidance_scale" not in given_options(parser, argv)
+    assert parser.parse_args(argv).guidance_scale == 7.5   # defaults restored after probing
+
+
+def test_synthesize_starts_from_the_bundle_profile(tmp_path, capsys):
+    from diffmix_core.demo import placeholder_bundle
+    from diffmix_core.records import read_jsonl
+    from diffmix_core.reference import update_bundle_meta
+
+    bundle = placeholder_bundle(tmp_path / "ph")
+    update_bundle_meta(bundle.path, profile={"strength": 0.8, "num_inference_steps": 5, "guidance_scale": 3.0})
+    for cls, colour in (("owl", (200, 30, 30)), ("duck", (30, 30, 200))):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(3):
+            make_image(tmp_path / "data" / cls / f"{i}.png", size=(32, 32), colour=colour)
+    out = tmp_path / "synth"
+    assert main(["synthesize", "--bundle", str(bundle.path), "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--multiplier", "0.5", "--guidance", "2.0", "--quiet"]) == 0
+    assert "from the bundle's profile: strength=0.8, num_inference_steps=5" in capsys.readouterr().out
+    records = read_jsonl(out / "records.jsonl")
+    assert records and {r["strength"] for r in records} == {0.8}
+    assert {(r["num_inference_steps"], r["guidance_scale"]) for r in records} == {(5, 2.0)}   # written wins
