@@ -410,12 +410,12 @@ class PretrainConfig:
 
     resolution: int = 64              # image side in px (the VAE trains at full size: GroupNorm statistics)
     vae_channels: tuple[int, ...] = (32, 64, 128)  # AutoencoderKL block widths; f = 2**(len-1) = 4
-    vae_steps: int = 1000             # VAE steps (L1 + kl_weight * KL) on vae_crop crops
+    vae_steps: int = 3000             # VAE steps (L1 + kl_weight * KL) on vae_crop crops
     vae_crop: int = 32                # VAE stage-1 crop side in px (cheap); the decoder stage runs at full size
     vae_batch_size: int = 32          # images per VAE step (the decoder stage uses half, at 4x the pixels)
     vae_lr: float = 1e-3              # AdamW lr of the VAE
     kl_weight: float = 1e-6           # weight of the KL term (a small one, as SD's VAE)
-    decoder_steps: int = 600          # decoder-only steps at full size (GroupNorm statistics; DEMO-NOTES: the largest gain)
+    decoder_steps: int = 1500         # decoder-only steps at full size (GroupNorm statistics; DEMO-NOTES: the largest gain)
     decoder_lr: float = 3e-4          # AdamW lr of the decoder fine-tune
     unet_channels: tuple[int, ...] = (64, 128, 128)  # UNet block widths (attention on the two smaller levels)
     layers_per_block: int = 1         # UNet resnet layers per block
@@ -435,7 +435,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
             raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
-        if self.vae_crop < 8 or self.vae_crop > self.resolution or self.vae_crop % 2 ** (len(self.vae_channels) - 1):
+        factor = 2 ** (len(self.vae_channels) - 1)
+        if self.vae_crop < 8 or self.vae_crop > self.resolution or self.vae_crop % factor:
             raise ValueError(f"vae_crop must be <= resolution and divisible by the VAE factor, got {self.vae_crop}")
         if len(self.vae_channels) < 2 or len(self.unet_channels) < 2:
             raise ValueError("vae_channels and unet_channels need at least 2 levels")
@@ -472,11 +473,12 @@ class DemoWorldConfig:
     guidance_scale: float = 2.5       # demo default CFG (DEMO-NOTES: smooth strength progression at 2.5)
     num_inference_steps: int = 25     # sampler steps N for s = 1
     recommend_per_class: int = 1      # val images per class translated to choose the recommended strength
+    recommend_targets: int = 9        # target classes per such image (the next ones in label order; 9 = all others)
     split_seed: int = 0               # the one split seed (full split for the reference, few-shot for the bundle)
 
     def __post_init__(self) -> None:
         for name in ("shots", "finetune_steps", "finetune_batch_size", "lora_rank", "reference_epochs",
-                     "num_inference_steps", "recommend_per_class"):
+                     "num_inference_steps", "recommend_per_class", "recommend_targets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.finetune_lr <= 0 or self.finetune_ti_lr <= 0 or self.guidance_scale < 0:
