@@ -25,10 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import timm
 import torch
-from PIL import Image
 
 from diffmix_core.config import ScoreConfig, TranslateConfig
 from diffmix_core.models import default_device, load_pipeline, tiny_pipeline_dir
@@ -37,13 +35,12 @@ from diffmix_core.reference import ReferenceClassifier, model_mean_std
 from diffmix_core.scoring import (load_clip, plot_sweep, save_figure, score_records, summarize, tiny_clip_dir)
 from diffmix_core.translate import Job, Source, translate
 
+from benchmarks.sweep import source_image  # the same source image as the sweep benchmark
+
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 SEEDS = (0, 1, 2, 3)
 
 
-def source_image(size: int) -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
 
 
 def generate(pipe, folder: Path, config: TranslateConfig, size: int) -> float:

@@ -20,14 +20,7 @@ CLASSES = {"snowy owl": (200, 40, 40), "duck": (40, 170, 60), "peacock": (40, 60
 FAST = ["--model", "test_resnet", "--resolution", "32", "--batch-size", "8", "--lr", "0.05", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, busy CPU
-    (2 threads on 2 contended cores measured 1.8 s per test_resnet step vs 14 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def draw(colour, i: int, size: int = 32) -> Image.Image:

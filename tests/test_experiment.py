@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from diffmix_core import classify
@@ -19,14 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"owl": (200, 40, 40), "duck": (40, 170, 60), "peacock": (40, 60, 210)}   # demo.DEMO_CLASSES names
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, busy CPU
-    (2 threads on 2 contended cores measured 1.8 s per test_resnet step vs 14 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_shipped_config_and_its_quick_variant():
