@@ -206,18 +206,37 @@ def pipeline_for(bundle: Bundle):
         return _MODELS[key]
 
 
-def clip_scorer():
-    """The process-wide CLIP scorer (DIFFMIX_CLIP_MODEL / _PRETRAINED, default ScoreConfig's);
-    an unavailable one says why (offline: no weights)."""
-    from .scoring import load_clip
+def clip_scorer(wait: bool = False):
+    """The process-wide CLIP scorer (DIFFMIX_CLIP_MODEL / _PRETRAINED, default ScoreConfig's).
+
+    CLIP loads on a background thread: a first download (or, offline, a Hub look-up that
+    has to time out) never holds up the page or a sweep. Until it is ready this returns an
+    unavailable scorer whose status says so; ``wait=True`` blocks until it is loaded.
+    An unavailable one says why (offline: no weights).
+    """
+    from .scoring import ClipScorer, load_clip
 
     model = os.environ.get(CLIP_ENV[0], ScoreConfig.clip_model)
     pretrained = os.environ.get(CLIP_ENV[1], ScoreConfig.clip_pretrained)
     key = ("clip", model, pretrained)
     with _MODEL_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_clip(model, pretrained)
-        return _MODELS[key]
+        loader = _MODELS.get(("clip-thread", *key[1:]))
+        if key not in _MODELS and loader is None:
+            def load() -> None:
+                scorer = load_clip(model, pretrained)
+                with _MODEL_LOCK:
+                    _MODELS[key] = scorer
+
+            loader = threading.Thread(target=load, name="clip-loader", daemon=True)
+            _MODELS[("clip-thread", *key[1:])] = loader
+            loader.start()
+    if loader is not None:
+        loader.join(None if wait else 2.0)   # quick answers (no model, a cached file) come back at once
+    with _MODEL_LOCK:
+        if key in _MODELS:
+            return _MODELS[key]
+    return ClipScorer(f"{model}/{pretrained}", reason=f"{model}/{pretrained} is still loading; scores of later "
+                      "sweeps will include CLIP if its weights can be had")
 
 
 def reference_for(bundle: Bundle) -> tuple[object | None, str]:

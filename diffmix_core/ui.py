@@ -251,6 +251,7 @@ INTRO = ("# diffmix — Diff-Mix inter-class translation\n"
 
 
 def build_demo() -> gr.Blocks:
+    S.clip_scorer()   # start loading CLIP in the background now, not on the first sweep
     bundles = S.find_bundles()
     first = next(iter(bundles.values()))
     classes = list(load_bundle(first).classes)

@@ -298,3 +298,24 @@ def test_bad_input_is_a_clear_error_and_app_keeps_serving(app_url, world, tmp_pa
     gallery = _sweep(client, world, seeds="0", strengths="0.5", upload=handle_file(str(good)), example="")[0]
     with Image.open(gallery["value"][0]["image"]) as im:
         assert im.size == (40, 30)
+
+
+def test_clip_loads_in_the_background(monkeypatch):
+    """A slow CLIP load (a first download, or offline Hub look-ups timing out) holds up neither
+    the page nor a sweep: the scorer says it is still loading, then becomes what loaded."""
+    import threading
+
+    from diffmix_core import scoring, session
+
+    release = threading.Event()
+
+    def slow_load(model, pretrained):
+        release.wait(30)
+        return scoring.ClipScorer(f"{model}/{pretrained}", reason="weights not found (test)")
+
+    monkeypatch.setattr(scoring, "load_clip", slow_load)
+    monkeypatch.setenv("DIFFMIX_CLIP_MODEL", "slow-test-model")
+    first = session.clip_scorer()
+    assert not first.available and "still loading" in first.status
+    release.set()
+    assert "weights not found (test)" in session.clip_scorer(wait=True).status
