@@ -320,12 +320,19 @@ class _Trainer:
         if acc.is_main_process:
             tmp = final.with_name(f".{final.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.export(tmp / "bundle", step)
-            save_file(self._optimizer_tensors(), tmp / "optimizer.safetensors")
-            scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
-            write_text_atomic(tmp / "trainer_state.json", json.dumps(
-                {"step": step, "seed": self.config.seed, "num_processes": acc.num_processes, "scaler": scaler},
-                indent=1) + "\n")
+            try:
+                self.export(tmp / "bundle", step)
+                save_file(self._optimizer_tensors(), tmp / "optimizer.safetensors")
+                scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
+                write_text_atomic(tmp / "trainer_state.json", json.dumps(
+                    {"step": step, "seed": self.config.seed, "num_processes": acc.num_processes, "scaler": scaler},
+                    indent=1) + "\n")
+            except OSError as err:   # e.g. a full disk: drop the partial folder, keep the earlier ones
+                shutil.rmtree(tmp, ignore_errors=True)
+                last = latest_checkpoint(out)
+                raise OSError(err.errno, f"could not write checkpoint {final} ({err.strerror or err}); "
+                              f"earlier checkpoints are intact (latest: {last.name if last else 'none'}); "
+                              "free some space and rerun with --resume") from err
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             if self.config.sample_steps:
