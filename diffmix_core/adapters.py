@@ -33,6 +33,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save
 
 from .models import model_identity, normalise_model_id
+from .records import atomic_path, sha256_file
 
 FORMAT_VERSION = 1
 DEFAULT_TEMPLATE = "a photo of a {word} {superclass}"  # the paper's prompt
@@ -238,20 +239,29 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _read_weights(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file (or its bytes) as {name: tensor}; a truncated or corrupted file and
+    NaN/Inf values raise ValueError saying so (never a crash inside the reader)."""
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(path) if data is None else load_safetensors_bytes(data)
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file: truncated or corrupted ({err}); "
+                         "re-export the bundle or restore the file") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite values in {bad[:5]}; the training diverged or the file "
+                         "is corrupted: use an earlier checkpoint or retrain")
+    return tensors
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp name in the same folder + os.replace (no half-written files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write bytes via a temp name in the same folder + rename (no half-written files)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _safe_relpath(rel: str, what: str) -> str:
@@ -299,6 +309,9 @@ def _check_vectors(tokens: tuple[str, ...], embeddings: dict[str, torch.Tensor])
             v = v[0]
         if v.dim() != 1:
             raise ValueError(f"embedding of {t} has shape {tuple(v.shape)}; one vector per token, shape (D,)")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"embedding of {t} holds NaN or infinite values; the training diverged or the "
+                             "source file is corrupted")
         vectors[t] = v.contiguous()
     widths = {t: v.shape[0] for t, v in vectors.items()}
     if len(set(widths.values())) > 1:
@@ -349,7 +362,7 @@ def save_bundle(
         rel = _safe_relpath(extra["reference_classifier"], "reference_classifier")
         if not (out / rel).is_file():
             raise FileNotFoundError(f"reference classifier {out / rel} does not exist; copy it into the bundle first")
-        files[rel] = _sha256_file(out / rel)
+        files[rel] = sha256_file(out / rel)
     meta = {
         "format_version": FORMAT_VERSION,
         "base_model": {"model": normalise_model_id(base_model), "revision": base_revision},
@@ -463,7 +476,7 @@ def _verify_files(folder: Path, files: dict) -> None:
         path = folder / _safe_relpath(rel, "listed file")
         if not path.is_file():
             raise FileNotFoundError(f"bundle file {path} listed in {ADAPTER_JSON} is missing")
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise ValueError(f"bundle file {path} was changed or corrupted: sha256 expected {expected}, "
                              f"actual {actual}. Re-export the bundle or restore the file.")
@@ -476,7 +489,7 @@ def _check_embedding_files(folder: Path, tokens: tuple[str, ...], files: dict) -
         rel = embedding_relpath(token)
         if rel not in files:
             raise ValueError(f"token {token} has no embedding: {rel} is not listed in {ADAPTER_JSON}")
-        tensors = load_file(folder / rel)
+        tensors = _read_weights(folder / rel)
         if list(tensors) != [token]:
             raise ValueError(f"{folder / rel} must hold exactly the token {token!r}, holds {list(tensors)[:5]}")
         if tensors[token].dim() != 1:
@@ -506,7 +519,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     _verify_files(folder, meta["files"])
     _check_embedding_files(folder, tokens, meta["files"])
     if meta["lora"] is not None:
-        _, rank = _to_bundle_lora(load_file(folder / LORA_FILE))
+        _, rank = _to_bundle_lora(_read_weights(folder / LORA_FILE))
         if rank != meta["lora"]["rank"]:
             raise ValueError(f"{file}: lora.rank is {meta['lora']['rank']} but {LORA_FILE} has rank {rank}")
     return Bundle(path=folder.resolve(), classes=classes, tokens=tokens, superclass=meta["superclass"],
@@ -547,7 +560,7 @@ def _read_bundle_weights(bundle: Bundle) -> tuple[list[torch.Tensor], dict[str, 
         data = (bundle.path / rel).read_bytes()
         if _sha256_bytes(data) != files[rel]:
             raise ValueError(f"bundle file {bundle.path / rel} changed since the bundle was loaded; load it again")
-        return load_safetensors_bytes(data)
+        return _read_weights(bundle.path / rel, data)
 
     vectors = [read(embedding_relpath(t))[t] for t in bundle.tokens]
     return vectors, (read(LORA_FILE) if bundle.lora_file else None)
@@ -677,7 +690,7 @@ def _read_lora_file(lora: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors LoRA files are read (pickled .bin files are refused)")
-    return load_file(path)
+    return _read_weights(path)
 
 
 def import_diffmix(

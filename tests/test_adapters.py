@@ -205,7 +205,7 @@ def test_embedding_file_missing_its_token(bundle_dir):
     rel = "embeddings/class_1.safetensors"
     save_file({"<other>": torch.zeros(WIDTH)}, bundle_dir / rel)
     meta = json.loads((bundle_dir / "adapter.json").read_text())
-    meta["files"][rel] = adapters._sha256_file(bundle_dir / rel)
+    meta["files"][rel] = adapters.sha256_file(bundle_dir / rel)
     _rewrite_meta(bundle_dir, files=meta["files"])
     with pytest.raises(ValueError, match="exactly the token '<class_1>'"):
         load_bundle(bundle_dir)
