@@ -344,7 +344,8 @@ def save_bundle(
         embeddings: {token: (D,) vector}.
         lora_state_dict: UNet LoRA in peft, diffusers or old attention-processor keys
             (see :func:`lora_state_dict_from_unet`), or None for an embeddings-only bundle.
-        base_model / base_revision: what it was trained on (local folders are stored resolved).
+        base_model / base_revision: what it was trained on (local folders are stored resolved;
+            a path starting with './' or '../' is kept relative to the bundle folder).
         lora_rank / lora_alpha: default: the rank read from the shapes, alpha = rank (scale 1).
         extra: optional keys: reference_classifier, recommended_strength, examples, profile.
     """
@@ -365,7 +366,7 @@ def save_bundle(
         files[rel] = sha256_file(out / rel)
     meta = {
         "format_version": FORMAT_VERSION,
-        "base_model": {"model": normalise_model_id(base_model), "revision": base_revision},
+        "base_model": {"model": _stored_base(base_model), "revision": base_revision},
         "classes": list(classes), "tokens": list(tokens), "superclass": superclass, "template": template,
         "resolution": int(resolution), "lora": lora, "training": dict(training or {}), "steps": int(steps),
         "files": files, **extra,
@@ -381,6 +382,19 @@ def save_bundle(
     if lora is None and (out / LORA_FILE).exists():  # a stale LoRA from an earlier save
         (out / LORA_FILE).unlink()
     return load_bundle(out)
+
+
+def _stored_base(base_model: str | os.PathLike) -> str:
+    """How adapter.json records the base model: a path written relative to the bundle
+    ('../base', './base') stays relative so a shipped bundle and its base can move together;
+    any other local folder is stored resolved; a Hub id as written."""
+    text = os.fspath(base_model)
+    return text if text.startswith(("./", "../")) else normalise_model_id(text)
+
+
+def _resolve_base(folder: Path, model: str) -> str:
+    """The base model a loaded bundle names: bundle-relative paths resolved against its folder."""
+    return str((folder / model).resolve()) if model.startswith(("./", "../")) else model
 
 
 def _json_path(obj):
@@ -523,7 +537,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if rank != meta["lora"]["rank"]:
             raise ValueError(f"{file}: lora.rank is {meta['lora']['rank']} but {LORA_FILE} has rank {rank}")
     return Bundle(path=folder.resolve(), classes=classes, tokens=tokens, superclass=meta["superclass"],
-                  template=meta["template"], base_model=meta["base_model"]["model"],
+                  template=meta["template"], base_model=_resolve_base(folder, meta["base_model"]["model"]),
                   base_revision=meta["base_model"]["revision"], resolution=meta["resolution"], meta=meta,
                   adapter_sha256=digest)
 

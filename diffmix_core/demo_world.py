@@ -316,7 +316,10 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
             meta["files"][rel] = sha256_file(dest / rel)
     for source in sources_of(examples_from, "test", per_class):
         save_png(source.image, dest / "examples" / safe_name(source.source_class) / Path(source.id).name)
-    meta.update(examples="examples", base_model={"model": str(base.resolve()), "revision": None})
+    # The base is named relative to the bundle ('../base'), so assets/demo can be moved or cloned anywhere.
+    rel = Path(os.path.relpath(base.resolve(), dest.resolve())).as_posix()
+    meta.update(examples="examples", base_model={"model": rel if rel.startswith("../") else f"./{rel}",
+                                                 "revision": None})
     write_text_atomic(dest / ADAPTER_JSON, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return load_bundle(dest)   # verifies every file again
 

@@ -429,3 +429,21 @@ def test_importer_refuses_pickled_code(tmp_path):
     # The payload is real: an unsafe load would have run it.
     torch.load(evil, weights_only=False)
     assert marker.exists()
+
+
+def test_base_model_relative_to_the_bundle_moves_with_it(tmp_path, tiny_model_dir, lora_case):
+    """A shipped world (assets/demo/{base,bundle}) names its base as '../base' and can be moved."""
+    import shutil
+
+    from diffmix_core.models import load_pipeline
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_model_dir, world / "base")
+    save_bundle(world / "bundle", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(),
+                lora_state_dict=lora_case.lora, base_model="../base", resolution=32)
+    assert json.loads((world / "bundle" / "adapter.json").read_text())["base_model"]["model"] == "../base"
+    moved = tmp_path / "elsewhere"
+    shutil.move(world, moved)
+    bundle = load_bundle(moved / "bundle")
+    assert bundle.base_model == str((moved / "base").resolve())
+    apply_bundle(load_pipeline(bundle.base_model, device="cpu"), bundle)   # no base-mismatch error

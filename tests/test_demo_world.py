@@ -136,6 +136,7 @@ def test_build_world_quick_ships_a_bundle_with_a_reference(quick_world):
     assert bundle_reference_path(bundle) is not None and load_reference(bundle_reference_path(bundle)).classes
     assert 0 <= bundle.meta["recommended_strength"] <= 1
     assert bundle.base_model == str((assets / "base").resolve())
+    assert bundle.meta["base_model"]["model"] == "../base"   # moves with assets/demo
     assert sorted(p.name for p in (assets / "bundle" / "examples").iterdir()) == sorted(map(safe_name, DEMO_CLASSES))
     pipe = load_pipeline(bundle.base_model, device="cpu", dtype="fp32")   # fp16 files load as fp32
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
