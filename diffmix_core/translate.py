@@ -237,6 +237,8 @@ def translate(
     if bundle is not None:
         apply_bundle(pipe, bundle)
         set_lora_enabled(pipe, strategy.lora)
+    elif getattr(pipe, "diffmix_bundle", None) is not None:
+        set_lora_enabled(pipe, False)   # real-* on a pipe that carries a bundle: the untuned base
     resolution = model_resolution(pipe, config, bundle)
     base = _records_base(pipe, config, bundle)
     n = config.num_inference_steps

@@ -140,3 +140,22 @@ def test_synthesize_starts_from_the_bundle_profile(tmp_path, capsys):
     records = read_jsonl(out / "records.jsonl")
     assert records and {r["strength"] for r in records} == {0.8}
     assert {(r["num_inference_steps"], r["guidance_scale"]) for r in records} == {(5, 2.0)}   # written wins
+
+
+def test_real_strategies_ignore_a_bundle_left_on_the_pipe(tiny_model_dir, tmp_path):
+    """A library user who applied a bundle, then asks for real-mix without one, gets the untuned base."""
+    from diffmix_core.config import TranslateConfig
+    from diffmix_core.demo import placeholder_bundle
+    from diffmix_core.models import load_pipeline
+    from diffmix_core.translate import Job, Source, translate
+
+    bundle = placeholder_bundle(tmp_path / "ph")
+    src = Source(Image.open(make_image(tmp_path / "s.png", size=(32, 32))).convert("RGB"), "owl", "s")
+    config = TranslateConfig(strategy="real-mix", num_inference_steps=3)
+    plain = translate(load_pipeline(bundle.base_model, device="cpu"), [Job(src, "duck", 0.9, 1)], config,
+                      superclass="bird", show_progress=False)[0]
+    pipe = load_pipeline(bundle.base_model, device="cpu")
+    translate(pipe, [Job(src, "duck", 0.9, 1)], TranslateConfig(strategy="diff-mix", num_inference_steps=3),
+              bundle=bundle, show_progress=False)
+    again = translate(pipe, [Job(src, "duck", 0.9, 1)], config, superclass="bird", show_progress=False)[0]
+    assert np.abs(np.asarray(again.image, np.int16) - np.asarray(plain.image, np.int16)).max() <= 2
