@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save
 
-from .models import model_identity, normalise_model_id
+from .models import load_weights_only, model_identity, normalise_model_id
 from .records import atomic_path, sha256_file
 
 FORMAT_VERSION = 1
@@ -648,15 +648,10 @@ def set_lora_enabled(pipe, enabled: bool) -> None:
 
 # --------------------------------------------------------------------------- importer
 def _load_plain_torch(path: Path) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers, never code."""
+    """The authors' learned_embeds file, read weights-only (never code)."""
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for code, others for junk
-        raise ValueError(f"{path} is not a plain weights file: torch.load(weights_only=True) refused it "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                         "diffmix never runs pickled code; re-save it with plain tensors and dicts.") from None
+    data = load_weights_only(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, expected the authors' dict with learned_embeds_dict")
     return data

@@ -32,6 +32,24 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}") from None
 
 
+def load_weights_only(path: str | os.PathLike):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code.
+
+    The one place the package reads a torch pickle (authors' checkpoints, timm .pth files).
+    Anything else — a pickle that would run code, or junk — is a ValueError saying so.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for code, others for junk
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{path} is not a plain weights file: torch.load(weights_only=True) refused it "
+                         f"({type(err).__name__}: {first}). diffmix never runs pickled code; re-save it with "
+                         "plain tensors and dicts, or as .safetensors.") from None
+
+
 def default_device() -> str:
     """'cuda' when a GPU is visible, else 'cpu'."""
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import ReferenceConfig
+from .models import load_weights_only
 from .records import sha256_file, write_text_atomic
 
 WEIGHTS_FILE = "model.safetensors"
@@ -109,11 +110,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({type(err).__name__}); "
-                         "diffmix never runs pickled code: save the state dict as .safetensors") from None
+    data = load_weights_only(path)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
