@@ -781,6 +781,9 @@ def add_demo_parser(sub) -> None:
     b.add_argument("--out", type=Path, required=True, help="work folder (every stage's output)")
     b.add_argument("--assets", type=Path, default=None, help="where the shipped copy goes (default: OUT/assets/demo)")
     b.add_argument("--quick", action="store_true", help="tiny settings: every stage runs for real in about a minute")
+    b.add_argument("--data-only", action="store_true",
+                   help="stop after the dataset and its split files (minutes): OUT/data/birds is what "
+                   "configs/experiment_demo.yaml reads")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(run=run_demo_build)
     e = demo_sub.add_parser("evaluate", help="translate held-out demo images to every other class and tabulate",
@@ -806,7 +809,10 @@ def run_demo_build(args: argparse.Namespace) -> None:
     from .demo_world import build_world, quick_config
 
     bundle = build_world(args.out, quick_config() if args.quick else DemoWorldConfig(), assets=args.assets,
-                         show_progress=not args.quiet)
+                         show_progress=not args.quiet, data_only=args.data_only)
+    if bundle is None:
+        print(f"demo dataset ready: {args.out / 'data' / 'birds'}")
+        return
     print(f"demo world ready: bundle {bundle.path} on base {bundle.base_model}; "
           f"recommended strength {bundle.meta.get('recommended_strength')}")
 

@@ -295,9 +295,10 @@ def _fp16_file(src: Path, dest: Path) -> None:
         save_file(tensors, str(tmp))
 
 
-def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, base: Path):
+def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, base: Path, profile: dict):
     """The bundle's shipped files (no checkpoints or logs), its reference weights in fp16, example
-    images from the TEST split, pointing at the shipped ``base``. Returns the loaded copy."""
+    images from the TEST split, pointing at the shipped ``base``, with ``profile`` (the app's sweep
+    settings for it). Returns the loaded copy."""
     from .adapters import ADAPTER_JSON, load_bundle
     from .records import sha256_file
     from .reference import BUNDLE_REFERENCE_DIR, META_FILE, WEIGHTS_FILE
@@ -319,7 +320,7 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
     # The base is named relative to the bundle ('../base'), so assets/demo can be moved or cloned anywhere.
     rel = Path(os.path.relpath(base.resolve(), dest.resolve())).as_posix()
     meta.update(examples="examples", base_model={"model": rel if rel.startswith("../") else f"./{rel}",
-                                                 "revision": None})
+                                                 "revision": None}, profile=profile)
     write_text_atomic(dest / ADAPTER_JSON, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return load_bundle(dest)   # verifies every file again
 
@@ -335,7 +336,9 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.half()
     pipe.save_pretrained(out / "base", safe_serialization=True)
-    bundle = _copy_bundle(bundle_dir, out / "bundle", data, per_class, out / "base")
+    profile = {"strength": info["recommended_strength"], "thresholds": {}, "strategy": "diff-mix",
+               "num_inference_steps": info["num_inference_steps"], "guidance_scale": info["guidance_scale"]}
+    bundle = _copy_bundle(bundle_dir, out / "bundle", data, per_class, out / "base", profile)
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     info = dict(info, total_bytes=sum(sizes.values()), bundle_hash=bundle.hash)
     write_text_atomic(out / DEMO_JSON, json.dumps(info, indent=1) + "\n")
@@ -344,15 +347,16 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
 
 # --------------------------------------------------------------------------- the whole world
 def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldConfig(), *,
-                assets: str | os.PathLike | None = None, show_progress: bool = True):
+                assets: str | os.PathLike | None = None, show_progress: bool = True, data_only: bool = False):
     """Build (or continue building) the demo world in ``out``; see the module docstring.
 
     Args:
         out: work folder (every stage's output; rerun to resume).
         settings: every stage's settings (:func:`quick_config` for a smoke run).
         assets: where the shipped copy goes (default ``<out>/assets/demo``).
+        data_only: stop after the dataset and its split files (``<out>/data``).
     Returns:
-        The shipped bundle (adapters.Bundle), reference attached.
+        The shipped bundle (adapters.Bundle), reference attached; None with ``data_only``.
     """
     from .adapters import load_bundle
     from .demo_data import build_dataset
@@ -364,6 +368,9 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
     say(f"[1/7] dataset -> {out / 'data'}")
     build_dataset(out / "data", settings.data, show_progress=show_progress)
     birds = out / "data" / "birds"
+    if data_only:
+        make_splits(birds, out / "data", settings)
+        return None
     say(f"[2/7] base model -> {out / 'base'}")
     base = pretrain(out / "data" / "pretrain", out / "base", settings.pretrain, show_progress=show_progress)
     say("[3/7] splits")

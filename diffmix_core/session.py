@@ -80,11 +80,12 @@ def sessions_root() -> Path:
 
 # --------------------------------------------------------------------------- bundles
 def bundle_roots() -> list[Path]:
+    """DIFFMIX_BUNDLES folders first, then the shipped demo world and ``assets/bundles``."""
     from .demo import ASSETS
 
     env = os.environ.get(BUNDLES_ENV)
     roots = [Path(p) for p in env.split(os.pathsep) if p] if env else []
-    return roots + [ASSETS / "bundles"]
+    return roots + [ASSETS / "demo", ASSETS / "bundles"]
 
 
 def find_bundles() -> dict[str, str]:

@@ -96,9 +96,12 @@ def on_bundle(path: str):
     profile = S.bundle_profile(bundle)
     th = profile.get("thresholds") or {}
     strength = profile.get("strength", bundle.meta.get("recommended_strength"))
+    defaults = TranslateConfig()
     return (info, [(p, c) for p, c in examples], gr.Dropdown(choices=classes, value=classes[0]),
             gr.Dropdown(choices=[S.ALL_OTHER] + classes, value=classes[min(1, len(classes) - 1)]),
-            strength, *[th.get(k) for k in TH_KEYS])
+            strength, *[th.get(k) for k in TH_KEYS],
+            profile.get("strategy", "diff-mix"), profile.get("num_inference_steps", defaults.num_inference_steps),
+            profile.get("guidance_scale", defaults.guidance_scale))
 
 
 @_errors
@@ -326,7 +329,7 @@ def build_demo() -> gr.Blocks:
 
         curated = [count, cur_gallery, cur_box, sweep_box]
         private = {"api_visibility": "private"}
-        bundle_outputs = [info, examples, source_class, target, tune, *th]
+        bundle_outputs = [info, examples, source_class, target, tune, *th, strategy, steps, guidance]
         demo.load(on_restore, [saved_token, token], [token, saved_token, results, sweep_box, table, plot, csv,
                                                      status, count, cur_gallery, cur_box], **private)
         demo.load(on_bundle, bundle, bundle_outputs, **private)

@@ -137,6 +137,9 @@ def test_build_world_quick_ships_a_bundle_with_a_reference(quick_world):
     assert 0 <= bundle.meta["recommended_strength"] <= 1
     assert bundle.base_model == str((assets / "base").resolve())
     assert bundle.meta["base_model"]["model"] == "../base"   # moves with assets/demo
+    profile = bundle.meta["profile"]   # the app's sweep controls for the demo
+    assert (profile["strategy"], profile["guidance_scale"]) == ("diff-mix", 2.5)
+    assert profile["strength"] == bundle.meta["recommended_strength"] and profile["num_inference_steps"] == 4
     assert sorted(p.name for p in (assets / "bundle" / "examples").iterdir()) == sorted(map(safe_name, DEMO_CLASSES))
     pipe = load_pipeline(bundle.base_model, device="cpu", dtype="fp32")   # fp16 files load as fp32
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
@@ -145,6 +148,18 @@ def test_build_world_quick_ships_a_bundle_with_a_reference(quick_world):
     few = json.loads((quick_world / "data" / "fewshot_split.json").read_text())
     full = json.loads((quick_world / "data" / "birds" / "diffmix_split.json").read_text())
     assert few["splits"]["test"] == full["splits"]["test"] and len(few["splits"]["train"]) == 2 * len(DEMO_CLASSES)
+
+
+def test_build_data_only_stops_after_the_dataset(tmp_path, capsys):
+    """`demo build --data-only`: the birds and their split files (what the experiment config reads), no model."""
+    if MISSING:
+        pytest.skip(f"offline demo sources missing: {MISSING}")
+    from diffmix_core.cli import main
+
+    assert main(["demo", "build", "--out", str(tmp_path), "--quick", "--data-only", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"demo dataset ready: {tmp_path / 'data' / 'birds'}")
+    assert (tmp_path / "data" / "birds" / "diffmix_split.json").is_file()
+    assert (tmp_path / "data" / "fewshot_split.json").is_file() and not (tmp_path / "base").exists()
 
 
 @pytest.mark.slow

@@ -172,7 +172,8 @@ def test_bundle_panel_and_bundle_field(world):
     from diffmix_core.ui import on_bundle
 
     assert world["bundle"] in find_bundles().values()
-    info, examples, src, tgt, strength, *th = on_bundle(world["bundle"])
+    info, examples, src, tgt, strength, *th, strategy, steps, guidance = on_bundle(world["bundle"])
+    assert len(th) == 6 and (steps, guidance) == (25, 7.5)   # no sampler settings in the profile: the defaults
     assert "10 classes" in info and "CLIP unavailable" in info and "test_resnet" in info
     assert len(examples) == 8 and examples[0][1] == "owl"
     assert resolve_bundle(world["bundle"]) == Path(world["bundle"]).resolve()
@@ -180,6 +181,20 @@ def test_bundle_panel_and_bundle_field(world):
         resolve_bundle("/no/such/bundle")
     with pytest.raises(FileNotFoundError, match="could not fetch bundle nobody/nothing"):
         resolve_bundle("nobody/nothing")   # HF_HUB_OFFLINE=1 in tests
+
+
+def test_profile_sets_the_sweep_controls(world, tmp_path):
+    """A bundle's saved profile (as the shipped demo world carries) sets strength, strategy, steps and
+    guidance when the bundle is picked."""
+    from diffmix_core.session import save_profile
+    from diffmix_core.ui import on_bundle
+
+    copy = tmp_path / "tuned"
+    shutil.copytree(world["bundle"], copy)
+    save_profile(copy, 0.7, {"min_p_target": 0.3},
+                 {"strategy": "ti-mix", "num_inference_steps": 12, "guidance_scale": 2.5})
+    _, _, _, _, strength, *th, strategy, steps, guidance = on_bundle(str(copy))
+    assert (strength, th[0], strategy, steps, guidance) == (0.7, 0.3, "ti-mix", 12, 2.5)
 
 
 def test_upload_limit_message(world, tmp_path):
