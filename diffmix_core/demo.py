@@ -1,9 +1,11 @@
-"""The offline world the app starts on.
+"""The offline worlds the app can start on.
 
-Until the trained demo world ships in assets/ (issue 5), the app starts on a
-*placeholder*: a tiny SD-architecture pipeline with random weights and a
-bundle of random class tokens + LoRA for ten bird classes. Every code path of
-the real thing runs; the images are noise, and the app says so.
+The app starts on the trained demo world shipped in ``assets/demo`` (demo_world.py builds
+it). Only when no bundle is found at all (``assets/demo`` removed and nothing under
+DIFFMIX_BUNDLES) does it fall back to a *placeholder*: a tiny SD-architecture pipeline with
+random weights and a bundle of random class tokens + LoRA for ten bird classes, built on
+first use. Every code path of the real thing runs on it; the images are noise, and the app
+says so. Tests use it as a fast stand-in.
 """
 from __future__ import annotations
 
