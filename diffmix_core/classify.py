@@ -426,6 +426,7 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     long_tail = split.imbalance is not None
     smoothing = config.label_smoothing if config.label_smoothing is not None else (0.0 if long_tail else 0.1)
     device = device or default_device()
+    torch.manual_seed(config.seed)   # a from-scratch model's initial weights come from the run's seed too
     model, source = create_model(config, C)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
