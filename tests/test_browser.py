@@ -56,9 +56,15 @@ def test_sweep_curate_export_in_chromium(app):
             expect(page.get_by_text("tf_efficientnet_lite0")).to_be_visible()   # the shipped reference
             expect(page.get_by_label("number input for Steps")).to_have_value("25")   # from the bundle's profile
             expect(page.get_by_label("number input for Guidance")).to_have_value("2.5")
-            page.locator("#examples button.thumbnail-item").first.click()   # an example source
-            first = DEMO_BUNDLE / "examples" / "crow"
-            expect(page.get_by_label("Example chosen")).to_have_value(str(sorted(first.glob("*.png"))[0]))
+            page.locator("#examples button.thumbnail-item").nth(8).click()   # an example source: the first owl
+            owl = DEMO_BUNDLE / "examples" / "owl"
+            expect(page.get_by_label("Example chosen")).to_have_value(str(sorted(owl.glob("*.png"))[0]))
+            expect(page.get_by_label("Source class")).to_have_value("owl")
+            target = page.get_by_label("Target class")
+            target.click()
+            target.fill("parrot")
+            page.get_by_role("option", name="parrot").click()
+            expect(target).to_have_value("parrot")
             page.get_by_label("Strengths").fill("0.3, 0.5, 0.7, 0.9")
             page.get_by_label("Seeds").fill("0, 1")
             page.get_by_role("button", name="Run sweep").click()
