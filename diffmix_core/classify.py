@@ -87,6 +87,7 @@ def _read_imagefolder_set(folder: Path) -> list[SyntheticItem]:
 
 def _read_authors_set(folder: Path) -> list[SyntheticItem]:
     from .export import META_CSV_COLUMNS
+    from .records import csv_cell_value
 
     with open(folder / "meta.csv", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -94,8 +95,9 @@ def _read_authors_set(folder: Path) -> list[SyntheticItem]:
         if missing:
             raise ValueError(f"{folder / 'meta.csv'} lacks column(s) {missing}; the authors' layout has "
                              f"{META_CSV_COLUMNS}")
-        return [SyntheticItem(folder / "data" / row["Path"], row["First Directory"].strip(),
-                              row["Second Directory"].strip(), float(row["Strength"])) for row in reader]
+        return [SyntheticItem(folder / "data" / csv_cell_value(row["Path"]),
+                              csv_cell_value(row["First Directory"].strip()),
+                              csv_cell_value(row["Second Directory"].strip()), float(row["Strength"])) for row in reader]
 
 
 def read_synthetic(path: str | os.PathLike, classes: tuple[str, ...] | list[str] | None = None

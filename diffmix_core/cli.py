@@ -521,6 +521,8 @@ def add_export_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="export folder (default: <from>/export)")
     p.add_argument("--format", default="imagefolder,authors", help="comma-separated: imagefolder, authors, zip "
                    "(default: imagefolder,authors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not an earlier "
+                   "diffmix export (never the working directory, --from or a folder containing it; never a file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_export)
 
@@ -532,12 +534,13 @@ def run_export(args: argparse.Namespace) -> None:
     formats = parse_formats(args.format)
     planned = (args.source / PLAN_FILE).is_file()
     if planned and args.out is None:
-        m = merge(args.source, export=formats, show_progress=not args.quiet)
+        m = merge(args.source, export=formats, show_progress=not args.quiet, overwrite=args.overwrite)
         print(f"exported {m['kept']} image(s) ({', '.join(formats)}) to {args.source / 'export'}")
         return
     classes = read_plan(args.source).classes if planned else None
     out = export_records(read_generated_folder(args.source), args.out or args.source / "export", formats,
-                         classes=classes, show_progress=not args.quiet)
+                         classes=classes, show_progress=not args.quiet, overwrite=args.overwrite,
+                         protect=(args.source,))
     print(f"exported ({', '.join(formats)}) to {out}")
 
 

@@ -11,14 +11,24 @@ An export folder holds any of::
 Everything is built in a staging folder beside ``<out>`` and moved into place
 only when complete, so a failed export (disk full, a bad image) leaves the
 previous export exactly as it was and raises an error saying what happened.
+
+An export never destroys data: ``<out>`` may replace only an earlier diffmix
+export (its ``manifest.json`` says ``"format": "diffmix-export"`` and the folder
+holds nothing the manifest does not list) or an empty folder; anything else needs
+``overwrite=True``, and even then the working directory, the folders the images
+come from and any folder containing them are refused (:func:`check_target`).
+Images are always copied (never hard-linked) from their source, which must be a
+regular file, not a symlink.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -27,12 +37,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .records import atomic_path, read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
+from .records import (atomic_path, csv_cell, read_jsonl, safe_name, save_png, sha256_file, user_mode,
+                      write_jsonl_atomic, write_text_atomic)
 
 FORMATS = ("imagefolder", "authors", "zip")
 META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength", "Path")  # REFERENCE.md §2
 MANIFEST_JSON = "manifest.json"
 MANIFEST_SHA = "MANIFEST.sha256"
+EXPORT_FORMAT = "diffmix-export"   # manifest.json's "format": marks a folder as a diffmix export
 
 
 def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -70,13 +82,98 @@ def imagefolder_row(record: dict, file_name: str, classes: Sequence[str] | None 
     return row
 
 
+def _copy_regular(src: Path, dst: Path) -> None:
+    """Copy the bytes of ``src`` to ``dst``; ``src`` must be a regular file and not a symlink
+    (opened with O_NOFOLLOW and checked on the open descriptor, so it cannot be swapped)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"{src} is a symlink; an export copies only regular files") from None
+        raise
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise ValueError(f"{src} is not a regular file; an export copies only regular files")
+        with open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
 def _place(src: Path, dst: Path) -> None:
-    """Put a copy of ``src`` at ``dst`` (a hard link when possible: files are never edited in place)."""
+    """Put ``src``, a file of the staging folder, at ``dst`` too (a hard link when possible:
+    both are the export's own files, never edited in place)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        _copy_regular(src, dst)
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` is an earlier diffmix export that holds only its own files: its
+    manifest.json is one diffmix wrote (format marker, or the older unmarked layout) and
+    every file in it is listed there (so replacing it loses nothing of anyone else's)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(manifest, dict) and manifest.get("algorithm") == "sha256"
+            and isinstance(manifest.get("files"), dict)
+            and manifest.get("format", EXPORT_FORMAT) == EXPORT_FORMAT):
+        return False
+    own = set(manifest["files"]) | {MANIFEST_JSON, MANIFEST_SHA}
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink() or (not path.is_dir() and rel not in own):
+            return False
+    return True
+
+
+def _is_export_zip(path: Path, name: str) -> bool:
+    """True when ``path`` is a zip diffmix wrote for the export folder ``name``."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return f"{name}/{MANIFEST_JSON}" in names and all(n.startswith(f"{name}/") for n in names)
+
+
+def check_target(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                 protect: Sequence[str | os.PathLike] = (), zip_too: bool = False) -> Path:
+    """Where an export may go, resolved; ValueError when writing there could destroy data.
+
+    Refused always: a file (or anything not a folder) at ``out_dir``; the working directory,
+    a folder in ``protect`` (the sources) or any folder that contains one of them. Refused
+    unless ``overwrite``: an existing folder that is neither empty nor an earlier diffmix
+    export (:func:`is_export`), and (with ``zip_too``) an existing ``<out>.zip`` that is not
+    the zip of such an export.
+    """
+    out = Path(out_dir).resolve()
+    if Path(out_dir).is_symlink() or out.exists() and not out.is_dir():
+        raise ValueError(f"export target {out} exists and is not a folder; choose another --out "
+                         "(a file is never replaced by an export)")
+    guarded = [Path.cwd().resolve(), Path.home().resolve()] + [Path(p).resolve() for p in protect]
+    for g in guarded:
+        if g == out or g.is_relative_to(out):
+            what = "the working directory" if g == guarded[0] else ("your home folder" if g == guarded[1]
+                                                                      else f"the source folder {g}")
+            raise ValueError(f"export target {out} is or contains {what}; an export would replace it. "
+                             "Choose a new folder for --out (even --overwrite never replaces it)")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out) and not overwrite:
+        raise ValueError(f"export target {out} exists and is not an earlier diffmix export (it has files a "
+                         "diffmix manifest does not list); choose a new or empty --out, or pass --overwrite "
+                         "to replace it")
+    zip_path = out.with_name(out.name + ".zip")
+    if zip_too and (zip_path.exists() or zip_path.is_symlink()):
+        if zip_path.is_dir() or zip_path.is_symlink():
+            raise ValueError(f"{zip_path} exists and is not a file; the export's zip would replace it. "
+                             "Choose another --out")
+        if not overwrite and not _is_export_zip(zip_path, out.name):
+            raise ValueError(f"{zip_path} exists and is not the zip of an earlier diffmix export; choose "
+                             "another --out, or pass --overwrite to replace it")
+    return out
 
 
 class ExportWriter:
@@ -91,11 +188,13 @@ class ExportWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, formats: Sequence[str] = ("imagefolder", "authors"),
-                 *, classes: Sequence[str] | None = None):
-        self.out_dir = Path(out_dir).resolve()
+                 *, classes: Sequence[str] | None = None, overwrite: bool = False,
+                 protect: Sequence[str | os.PathLike] = ()):
         self.formats = parse_formats(formats)
         if not self.formats:
             raise ValueError("no export format given")
+        self.overwrite, self.protect = overwrite, tuple(protect)
+        self.out_dir = check_target(out_dir, overwrite=overwrite, protect=protect, zip_too="zip" in self.formats)
         self.classes = list(classes) if classes is not None else None
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.staging-", dir=self.out_dir.parent))
@@ -132,16 +231,19 @@ class ExportWriter:
                 elif isinstance(image, Image.Image):
                     save_png(image, dst, record)
                 else:
-                    _place(Path(image), dst)
+                    _copy_regular(Path(image), dst)
+            except ValueError:
+                self.abort()
+                raise
             except OSError as err:
                 self._fail(err, f"writing {rel}")
             first = first or dst
             if fmt == "imagefolder":
                 self.rows.append(imagefolder_row(record, Path(rel).name, self.classes))
             else:
-                self.meta.append({"First Directory": record["source_class"],
-                                  "Second Directory": record["target_class"], "Number": number,
-                                  "Strength": record["strength"], "Path": rel.split("/", 2)[2]})
+                self.meta.append({"First Directory": csv_cell(record["source_class"]),
+                                  "Second Directory": csv_cell(record["target_class"]), "Number": number,
+                                  "Strength": float(record["strength"]), "Path": csv_cell(rel.split("/", 2)[2])})
         self.count += 1
 
     def _targets(self, record: dict, number: int) -> list[tuple[str, str]]:
@@ -161,6 +263,10 @@ class ExportWriter:
             if "authors" in self.formats:
                 write_text_atomic(self.stage / "authors" / "meta.csv", meta_csv_text(self.meta))
             write_manifest(self.stage)
+            for folder in (self.stage, *(p for p in self.stage.rglob("*") if p.is_dir())):
+                user_mode(folder)   # mkdtemp made the stage 0700
+            check_target(self.out_dir, overwrite=self.overwrite, protect=self.protect,
+                         zip_too="zip" in self.formats)   # nothing appeared there meanwhile
             if "zip" in self.formats:   # the zip lands right after the folder, or neither does
                 with atomic_path(self.out_dir.with_name(self.out_dir.name + ".zip")) as tmp:
                     write_zip(self.stage, tmp, arc_root=self.out_dir.name)
@@ -184,9 +290,11 @@ class ExportWriter:
 
 
 def meta_csv_text(rows: Iterable[dict]) -> str:
-    """The authors' meta.csv: exactly :data:`META_CSV_COLUMNS`, sorted by Number."""
+    """The authors' meta.csv: exactly :data:`META_CSV_COLUMNS`, sorted by Number. Rows end in
+    CRLF (RFC 4180), so a CR or LF inside a class name is quoted, never a row break; text cells
+    come through :func:`records.csv_cell` (see :meth:`ExportWriter.add`)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=META_CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=META_CSV_COLUMNS, lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["Number"]))
     return buf.getvalue()
@@ -223,8 +331,8 @@ def write_manifest(root: str | os.PathLike) -> Path:
     """``manifest.json`` ({path: sha256}) and ``MANIFEST.sha256`` (``sha256sum -c`` format) in ``root``."""
     root = Path(root)
     files = {rel: sha256_file(root / rel) for rel in _walk(root, skip=(MANIFEST_JSON, MANIFEST_SHA))}
-    write_text_atomic(root / MANIFEST_JSON, json.dumps({"algorithm": "sha256", "count": len(files),
-                                                       "files": files}, indent=1) + "\n")
+    write_text_atomic(root / MANIFEST_JSON, json.dumps({"format": EXPORT_FORMAT, "algorithm": "sha256",
+                                                       "count": len(files), "files": files}, indent=1) + "\n")
     write_text_atomic(root / MANIFEST_SHA, "".join(f"{h}  {rel}\n" for rel, h in files.items()))
     return root / MANIFEST_JSON
 
@@ -252,26 +360,56 @@ def write_zip(root: str | os.PathLike, zip_path: str | os.PathLike, arc_root: st
 
 def export_records(items: Iterable[tuple[object, dict]], out_dir: str | os.PathLike,
                    formats: Sequence[str] = ("imagefolder", "authors"), *, classes: Sequence[str] | None = None,
-                   show_progress: bool = True) -> Path:
-    """Export (image, record) pairs; see the module docstring for the layout."""
+                   show_progress: bool = True, overwrite: bool = False,
+                   protect: Sequence[str | os.PathLike] = ()) -> Path:
+    """Export (image, record) pairs; see the module docstring for the layout, and
+    :func:`check_target` for ``overwrite`` and ``protect`` (the source folders)."""
     items = list(items)
-    with ExportWriter(out_dir, formats, classes=classes) as writer:
+    with ExportWriter(out_dir, formats, classes=classes, overwrite=overwrite, protect=protect) as writer:
         for image, record in tqdm(items, desc="export", unit="img", disable=not show_progress):
             writer.add(image, record)
     return writer.out_dir
 
 
+def owned_image(folder: Path, name: object, where: str) -> Path:
+    """The image ``name`` (a path from a records file) inside ``folder``, checked: a relative
+    path that resolves inside ``folder`` with no symlink on the way, a regular file that
+    decodes as an image. Anything else is a ValueError (FileNotFoundError when absent)."""
+    from .data import ImageError, load_image
+
+    root = folder.resolve()
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{where}: file_name {name!r} is not a file name")
+    path = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(root):
+        raise ValueError(f"{where}: image {name!r} is outside {folder}; an export reads only the folder's own files")
+    if not path.exists() and not path.is_symlink():
+        raise FileNotFoundError(f"{where}: image {name!r} is missing from {folder}")
+    part = root
+    for piece in Path(name).parts:   # no symlink anywhere below the folder
+        part = part / piece
+        if part.is_symlink():
+            raise ValueError(f"{where}: {part} is a symlink; an export copies only the folder's regular files")
+    if not path.is_file():
+        raise ValueError(f"{where}: {path} is not a regular file")
+    try:
+        load_image(path).close()
+    except (ImageError, OSError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    return path
+
+
 def read_generated_folder(folder: str | os.PathLike) -> list[tuple[Path, dict]]:
     """(image path, record) pairs of a folder of generated images with ``records.jsonl``
-    (as ``diffmix translate`` / ``diffmix synthesize`` write it)."""
+    (as ``diffmix translate`` / ``diffmix synthesize`` write it). Every listed image is
+    checked by :func:`owned_image`: the folder's own regular image files, nothing else."""
     folder = Path(folder)
     index = folder / "records.jsonl"
     if not index.is_file():
         raise FileNotFoundError(f"{index} does not exist: give a folder written by diffmix translate/synthesize")
     items = []
     for n, rec in enumerate(read_jsonl(index), 1):
-        name = rec.get("file_name")
-        if not name or not (folder / name).is_file():
-            raise FileNotFoundError(f"{index}:{n}: image {name!r} is missing from {folder}")
-        items.append((folder / name, rec))
+        if not isinstance(rec, dict):
+            raise ValueError(f"{index}:{n}: not a record (a JSON object)")
+        items.append((owned_image(folder, rec.get("file_name"), f"{index}:{n}"), rec))
     return items

@@ -3,6 +3,7 @@ names, and atomic writers shared by every stage that writes files."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -25,12 +26,35 @@ RECORD_KEYS = (
 )
 
 
+@functools.cache
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by
+    setting and restoring it (once, then cached)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def user_mode(path: str | os.PathLike) -> None:
+    """Give a file 0666 & ~umask (a folder 0777 & ~umask), as a plain ``open``/``mkdir``
+    would: tempfile's private 0600/0700 must not leak into the outputs it is renamed to."""
+    mode = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     A crash or error leaves ``path`` as it was (old content or absent) and removes
-    the temporary file, so readers never see a partial file.
+    the temporary file, so readers never see a partial file. The file ends with the
+    user's usual permissions (0666 & ~umask), not tempfile's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +62,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.isfile(tmp):
+            user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -109,3 +135,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# Cells a spreadsheet would read as a formula (OWASP "CSV injection"); "'" is listed so that
+# a name that really starts with "'" survives the round trip through csv_cell / csv_cell_value.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(text: object) -> str:
+    """A TEXT cell (class name, path, id) safe to open in a spreadsheet: one starting with
+    ``= + - @``, tab, CR (or ``'``) gets a leading ``'``. Numbers are written as numbers,
+    never through this (a negative number is not a formula)."""
+    text = "" if text is None else str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_cell_value(cell: str) -> str:
+    """The text :func:`csv_cell` wrote: its added ``'`` removed (other cells as they are)."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_START) else cell

@@ -203,7 +203,7 @@ def finished_record(out_dir: Path, job: PlanJob) -> dict | None:
             continue
         if rec and rec.get("plan_idx") == job.idx and rec.get("seed") == job.seed \
                 and rec.get("target_class") == job.target_class and rec.get("source_id") == job.source_id:
-            return rec
+            return dict(rec, file_name=image_name(job, rejected))   # where it is, whatever the chunk says
     return None
 
 
@@ -365,8 +365,9 @@ def missing_jobs(out_dir: str | os.PathLike, plan: Plan) -> list[int]:
 
 
 def merge(out_dir: str | os.PathLike, plan: Plan | None = None, *, export: Sequence[str] = (),
-          show_progress: bool = True) -> dict:
-    """Check every planned image, write ``records.jsonl`` (+ ``rejected.jsonl``) and the exports.
+          show_progress: bool = True, overwrite: bool = False) -> dict:
+    """Check every planned image, write ``records.jsonl`` (+ ``rejected.jsonl``) and the exports
+    (``<out>/export``: an earlier export there is replaced, anything else only with ``overwrite``).
 
     Raises ValueError when planned images are missing or broken (run the missing shards,
     or rerun: broken ones are made again).
@@ -390,7 +391,7 @@ def merge(out_dir: str | os.PathLike, plan: Plan | None = None, *, export: Seque
     write_jsonl_atomic(out_dir / "rejected.jsonl", rejected)
     if formats:
         export_records(((out_dir / r["file_name"], r) for r in kept), out_dir / "export", formats,
-                       classes=plan.classes, show_progress=show_progress)
+                       classes=plan.classes, show_progress=show_progress, overwrite=overwrite, protect=(out_dir,))
     summary = {"planned": len(plan.jobs), "kept": len(kept), "rejected": len(rejected), "export": list(formats)}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

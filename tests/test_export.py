@@ -112,7 +112,7 @@ def test_pil_images_get_their_record(tmp_path):
 def _disk_full_after(monkeypatch, calls: int):
     """Make the calls'th and later file copies fail with ENOSPC (links too, so copies are forced)."""
     count = {"n": 0}
-    real_copy = shutil.copyfile
+    real_copy = shutil.copyfileobj
 
     def copy(src, dst, *a, **k):
         count["n"] += 1
@@ -123,7 +123,7 @@ def _disk_full_after(monkeypatch, calls: int):
     def no_link(*a, **k):
         raise OSError(errno.EXDEV, "cross-device link")
 
-    monkeypatch.setattr(ex.shutil, "copyfile", copy)
+    monkeypatch.setattr(ex.shutil, "copyfileobj", copy)
     monkeypatch.setattr(ex.os, "link", no_link)
 
 
