@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -32,6 +33,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save
 
+from .config import STRATEGIES
 from .models import load_weights_only, model_identity, normalise_model_id
 from .records import atomic_path, sha256_file
 
@@ -45,20 +47,30 @@ _REQUIRED_KEYS = ("format_version", "base_model", "classes", "tokens", "supercla
                   "resolution", "lora", "training", "steps", "files")
 _OPTIONAL_KEYS = ("reference_classifier", "recommended_strength", "examples", "profile")
 _TEMPLATE_FIELDS = {"word", "superclass"}
+MAX_RESOLUTION = 2048   # a bundle's training resolution: SD 1.x/2.x train at 512/768 (a 10^6 px side is an attack)
 
 
 # --------------------------------------------------------------------------- prompts
+MAX_TEMPLATE_CHARS = 1000   # a prompt template longer than this is not a prompt
+
+
 def check_template(template: str) -> None:
-    """Raise ValueError unless ``template`` uses ``{word}`` and optionally ``{superclass}``."""
+    """Raise ValueError unless ``template`` uses ``{word}`` and optionally ``{superclass}``,
+    each plain: no format spec (``{word:>99999}``), conversion (``{word!r}``), attribute or
+    index (``{word.__class__}``, ``{word[0]}``) -- a bundle's template is untrusted text."""
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"prompt template must be a string of at most {MAX_TEMPLATE_CHARS} characters")
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
-        raise ValueError(f"prompt template {template!r} is malformed ({err}); "
+        raise ValueError(f"prompt template {template[:100]!r} is malformed ({err}); "
                          "write it like 'a photo of a {word} {superclass}'") from None
-    bad = [n for n in names if n not in _TEMPLATE_FIELDS]
+    names = [f for f, _, _ in parts]
+    bad = [n for n in names if n not in _TEMPLATE_FIELDS] + [f"{f}:{spec}" for f, spec, _ in parts if spec] \
+        + [f"{f}!{conv}" for f, _, conv in parts if conv]
     if bad or "word" not in names:
-        raise ValueError(f"prompt template {template!r} must contain {{word}} and may contain "
-                         f"{{superclass}}, nothing else in braces (found {names})")
+        raise ValueError(f"prompt template {template[:100]!r} must contain {{word}} and may contain "
+                         f"{{superclass}}, plain, nothing else in braces (found {(bad or names)[:5]})")
 
 
 def make_prompt(word: str, superclass: str = "", template: str = DEFAULT_TEMPLATE) -> str:
@@ -266,10 +278,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _safe_relpath(rel: str, what: str) -> str:
     """A relative POSIX path that stays inside the bundle, else ValueError."""
-    p = PurePosixPath(rel)
-    if not isinstance(rel, str) or not rel or p.is_absolute() or ".." in p.parts or "\\" in rel:
+    if not isinstance(rel, str) or not rel or PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts \
+            or "\\" in rel or "\x00" in rel:
         raise ValueError(f"{what} {rel!r} must be a relative path inside the bundle (no '..', not absolute)")
     return rel
+
+
+def bundle_path(folder: Path, rel: str, what: str) -> Path:
+    """``folder / rel`` for a path a bundle names, checked to stay inside the bundle once
+    symlinks are resolved (a link to ``/etc`` or to another bundle is refused)."""
+    path = folder / _safe_relpath(rel, what)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{what} {rel!r} leaves the bundle {folder} through a symlink; a bundle's files "
+                         "must be inside its folder")
+    return path
 
 
 # --------------------------------------------------------------------------- save
@@ -463,31 +485,70 @@ def _check_fields(meta: dict, file: Path) -> None:
                       ("training", dict), ("files", dict)):
         if not isinstance(meta[key], kind):
             raise ValueError(f"{file}: {key} must be a {kind.__name__}, got {type(meta[key]).__name__}")
-    for key, low in (("resolution", 1), ("steps", 0)):
-        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < low:
-            raise ValueError(f"{file}: {key} must be an integer >= {low}, got {meta[key]!r}")
+    for key, low, high in (("resolution", 8, MAX_RESOLUTION), ("steps", 0, 10**9)):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or not low <= meta[key] <= high:
+            raise ValueError(f"{file}: {key} must be an integer from {low} to {high:,}, got {meta[key]!r}")
+    if meta["resolution"] % 8:
+        raise ValueError(f"{file}: resolution must be a multiple of 8, got {meta['resolution']}")
     lora = meta["lora"]
     if lora is not None and not (isinstance(lora, dict) and set(lora) == {"rank", "alpha"}
-                                 and isinstance(lora["rank"], int) and lora["rank"] > 0
-                                 and isinstance(lora["alpha"], (int, float))):
+                                 and isinstance(lora["rank"], int) and 0 < lora["rank"] <= 4096
+                                 and _finite(lora["alpha"])):
         raise ValueError(f"{file}: lora must be null or {{'rank': int > 0, 'alpha': number}}, got {lora!r}")
     if (lora is None) == (LORA_FILE in meta["files"]):
         raise ValueError(f"{file}: lora settings and the listed files disagree about {LORA_FILE}")
     s = meta.get("recommended_strength")
-    if s is not None and not (isinstance(s, (int, float)) and 0 <= s <= 1):
+    if s is not None and not (_finite(s) and 0 <= s <= 1):
         raise ValueError(f"{file}: recommended_strength must be null or in [0, 1], got {s!r}")
-    if meta.get("profile") is not None and not isinstance(meta["profile"], dict):
-        raise ValueError(f"{file}: profile must be null or an object")
+    if meta.get("profile") is not None:
+        _check_profile(meta["profile"], file)
     for key in ("reference_classifier", "examples"):
         if meta.get(key) is not None:
-            _safe_relpath(meta[key], key)
-    check_template(meta["template"])
+            try:
+                bundle_path(file.parent, meta[key], key)
+            except ValueError as err:
+                raise ValueError(f"{file}: {err}") from None
+    if meta.get("reference_classifier") is not None and meta["reference_classifier"] not in meta["files"]:
+        raise ValueError(f"{file}: reference_classifier {meta['reference_classifier']!r} is not listed in files "
+                         "(its sha256 is what makes it part of the bundle); attach it with diffmix train-reference")
+    try:
+        check_template(meta["template"])
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+
+
+def _finite(value: object) -> bool:
+    """A JSON number that is finite (json.loads accepts NaN and Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Profile keys a bundle may set, with the range each must be in (the app and `diffmix synthesize`
+# start from them); other profile keys are kept as written.
+_PROFILE_RANGES = {"strength": (0.0, 1.0), "num_inference_steps": (1, 1000), "guidance_scale": (0.0, 100.0)}
+
+
+def _check_profile(profile: object, file: Path) -> None:
+    """A profile's numbers are finite and in range, its thresholds numbers or null."""
+    if not isinstance(profile, dict):
+        raise ValueError(f"{file}: profile must be null or an object")
+    for key, (low, high) in _PROFILE_RANGES.items():
+        v = profile.get(key)
+        if v is not None and not (_finite(v) and low <= v <= high):
+            raise ValueError(f"{file}: profile {key} must be a number from {low} to {high}, got {v!r}")
+    if profile.get("num_inference_steps") is not None and not isinstance(profile["num_inference_steps"], int):
+        raise ValueError(f"{file}: profile num_inference_steps must be an integer")
+    if profile.get("strategy") is not None and profile["strategy"] not in STRATEGIES:
+        raise ValueError(f"{file}: profile strategy {profile['strategy']!r} is not one of {list(STRATEGIES)}")
+    thresholds = profile.get("thresholds")
+    if thresholds is not None and not (isinstance(thresholds, dict) and len(thresholds) <= 64 and all(
+            isinstance(k, str) and (v is None or _finite(v)) for k, v in thresholds.items())):
+        raise ValueError(f"{file}: profile thresholds must map names to finite numbers or null")
 
 
 def _verify_files(folder: Path, files: dict) -> None:
-    """Every listed file exists and has the recorded sha256."""
+    """Every listed file exists inside the bundle and has the recorded sha256."""
     for rel, expected in files.items():
-        path = folder / _safe_relpath(rel, "listed file")
+        path = bundle_path(folder, rel, "listed file")
         if not path.is_file():
             raise FileNotFoundError(f"bundle file {path} listed in {ADAPTER_JSON} is missing")
         actual = sha256_file(path)

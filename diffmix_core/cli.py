@@ -90,6 +90,9 @@ TRANSLATE_HELP = {
 }
 
 
+TRANSLATE_MAX_JOBS = 4096   # one `diffmix translate` call holds all its images in memory
+
+
 def add_translate_parser(sub) -> None:
     from .config import TranslateConfig
 
@@ -120,6 +123,9 @@ def add_translate_parser(sub) -> None:
     p.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse source images with more pixels (default: DIFFMIX_MAX_PIXELS or 40,000,000)")
+    p.add_argument("--max-jobs", type=int, default=TRANSLATE_MAX_JOBS,
+                   help="refuse a request of more images than this (images x targets x strengths x seeds), "
+                   f"before any work; use diffmix synthesize for bulk sets (default: {TRANSLATE_MAX_JOBS})")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_translate)
@@ -127,19 +133,28 @@ def add_translate_parser(sub) -> None:
 
 def run_translate(args: argparse.Namespace) -> None:
     from .adapters import load_bundle
-    from .config import TranslateConfig, get_strategy
+    from .config import TranslateConfig, check_seed, get_strategy
     from .data import load_image
     from .models import load_pipeline
-    from .translate import Job, Source, translate
+    from .translate import Job, Source, check_strength, count_jobs, translate
     from .records import read_jsonl, save_png, safe_name, write_jsonl_atomic
 
     config = config_from_args(TranslateConfig, args)
     strategy = get_strategy(config.strategy)
-    bundle = load_bundle(args.bundle) if args.bundle else None
     if strategy.pairing != "gen" and not args.image:
         fail(f"strategy {strategy.name} needs --image")
     if strategy.pairing != "gen" and not args.source_class:
         fail("give --source-class (the class of the source images)")
+    # 1. the request's size and numbers, before anything is read or loaded
+    gen = strategy.pairing == "gen"
+    factors = {"images": len(args.image), "targets": len(args.target), "strengths": len(args.strength),
+               "seeds": len(args.seed)} if not gen else {"targets": len(args.target), "seeds": len(args.seed)}
+    count_jobs(factors, args.max_jobs, "--max-jobs")
+    for s in [] if gen else args.strength:
+        check_strength(s, config.num_inference_steps)
+    for seed in args.seed:
+        check_seed(seed, "--seed")
+    bundle = load_bundle(args.bundle) if args.bundle else None
     sources = [Source(load_image(p, max_pixels=args.max_pixels), args.source_class, p.stem, str(p.resolve()))
                for p in args.image or []]
     if strategy.pairing == "gen":

@@ -5,7 +5,32 @@ default lives here and only here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+
+SEED_MAX = 2**64 - 1   # torch.Generator.manual_seed takes 0 .. 2**64 - 1; numpy's default_rng needs >= 0
+SEED_FIELDS = ("seed", "seeds", "split_seed")
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` as an int in [0, 2**64 - 1] (every generator the stages use accepts it), else ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{what} must be an integer from 0 to 2**64 - 1 = {SEED_MAX}, got {seed!r}")
+    return seed
+
+
+def check_numbers(config) -> None:
+    """The checks every config shares, run first in each ``__post_init__``: every number is
+    finite (NaN passes every ``<``/``>`` test, so each range check below would let it in), and
+    every seed is in the generators' range (:func:`check_seed`)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
+            if f.name in SEED_FIELDS:
+                check_seed(v, f.name)
 
 
 @dataclass(frozen=True)
@@ -54,9 +79,11 @@ class TranslateConfig:
     batch_size: int = 8               # jobs per UNet call (each job is 2 rows with CFG)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         get_strategy(self.strategy)
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if not 1 <= self.num_inference_steps <= 1000:
+            raise ValueError(f"num_inference_steps must be from 1 to 1000 (the schedulers' training timesteps), "
+                             f"got {self.num_inference_steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.resize not in RESIZE_POLICIES:
@@ -89,6 +116,7 @@ class SplitConfig:
     imbalance: float | None = None    # IF: long-tail train split, n_i = n_max * IF**(i/(C-1)) (paper: 0.1, 0.02, 0.01)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -121,6 +149,7 @@ class ReferenceConfig:
     seed: int = 42                    # init of the new head, shuffling, augmentation
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.pretrained not in REFERENCE_PRETRAINED:
             raise ValueError(f"pretrained must be one of {REFERENCE_PRETRAINED}, got {self.pretrained!r}")
         if self.image_size < 8:
@@ -142,6 +171,7 @@ class ScoreConfig:
     min_p_target: float = 0.5         # recommendation: mean P(target) a strength must reach
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.ssim_size < 7:
@@ -165,6 +195,7 @@ class SynthesizeConfig:
     seed: int = 0                     # plan seed: pairs, source images, strengths and per-job seeds
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not self.multiplier > 0:
             raise ValueError(f"multiplier M must be > 0, got {self.multiplier}")
         if self.strength_strategy not in STRENGTH_STRATEGIES:
@@ -210,6 +241,7 @@ class FinetuneConfig:
     num_workers: int = 2              # image-loading worker processes per training process
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         for name, allowed in (("mode", FINETUNE_MODES), ("mixed_precision", MIXED_PRECISION),
                               ("token_init", TOKEN_INITS)):
             if getattr(self, name) not in allowed:
@@ -269,6 +301,7 @@ class ClassifyConfig:
     few_threshold: int = 5            # long-tail report: 'few' classes have < this many train images (CUB: 5)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8 px, got {self.resolution}")
         for name in ("epochs", "batch_size"):
@@ -303,6 +336,7 @@ class ExperimentArm:
     cutmix: float = 0.0               # cutmix alpha for this arm (timm Mixup)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not self.name.strip():
             raise ValueError("every arm needs a name")
         if self.strategy is None:
@@ -329,6 +363,7 @@ class ExperimentSetting:
     replace_prob: float | None = None  # p for this regime (paper: 0.3 few-shot, 0.1 full); None = train's
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         SplitConfig(shots=self.shots, imbalance=self.imbalance)
         if self.replace_prob is not None and not 0 <= self.replace_prob <= 1:
             raise ValueError(f"setting {self.name!r}: replace_prob must be in [0, 1]")
@@ -364,6 +399,7 @@ class ExperimentConfig:
     dtype: str = ""                   # pipeline dtype: fp16, bf16, fp32 ('' = fp16 on CUDA, fp32 on CPU)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not str(self.data).strip():
             raise ValueError("experiment needs data: a dataset folder or CSV")
         if not self.seeds or not self.settings or not self.arms:
@@ -393,6 +429,7 @@ class DemoDataConfig:
     seed: int = 0                     # every draw (style, cut-out, jitter, background, place) derives from it
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.image_size < 16 or self.image_size % 16:
             raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if self.birds_per_class < 4 or self.pretrain_per_class < 1 or self.pretrain_per_other < 0:
@@ -433,6 +470,7 @@ class PretrainConfig:
     seed: int = 0                     # initialisation, batches, noise
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.resolution < 16 or self.resolution % 16:
             raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
         factor = 2 ** (len(self.vae_channels) - 1)
@@ -477,6 +515,7 @@ class DemoWorldConfig:
     split_seed: int = 0               # the one split seed (full split for the reference, few-shot for the bundle)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         for name in ("shots", "finetune_steps", "finetune_batch_size", "lora_rank", "reference_epochs",
                      "num_inference_steps", "recommend_per_class", "recommend_targets"):
             if getattr(self, name) < 1:
@@ -499,6 +538,7 @@ class FilterConfig:
     max_ssim: float | None = None      # reject when SSIM to the source is above this (a near copy)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         for name in ("min_p_target", "min_distance", "max_ssim"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:

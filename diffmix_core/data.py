@@ -50,6 +50,8 @@ from .config import SplitConfig
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = int(os.environ.get("DIFFMIX_MAX_PIXELS", 40_000_000))
+MAX_SIDE = int(os.environ.get("DIFFMIX_MAX_SIDE", 16_384))     # ... and above this many pixels on a side
+MAX_ASPECT = float(os.environ.get("DIFFMIX_MAX_ASPECT", 500))  # ... and longer than this many times their width
 BACKGROUND = (255, 255, 255)   # transparent pixels are composited on white
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -63,8 +65,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ima
 
     Handles EXIF orientation, transparency (composited on white), palette, CMYK,
     grayscale, 16-bit and float images, and animated files (first frame). Images
-    with more than ``max_pixels`` pixels (default ``DIFFMIX_MAX_PIXELS`` or 40 M)
-    are refused from their header, before decoding.
+    with more than ``max_pixels`` pixels (default ``DIFFMIX_MAX_PIXELS`` or 40 M), or
+    whose shape :func:`check_shape` refuses, are refused from their header, before decoding.
     """
     path = Path(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
@@ -80,6 +82,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ima
                 if w * h > limit:
                     raise ImageError(f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
                                      "(raise it with DIFFMIX_MAX_PIXELS or --max-pixels)")
+                check_shape(w, h, path)
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)   # animated GIF/WebP/TIFF: the first frame
                 im.load()
@@ -93,6 +96,17 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ima
         raise ImageError(f"{path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path}: broken or truncated image ({err})") from None
+
+
+def check_shape(width: int, height: int, path: str | os.PathLike = "image") -> None:
+    """Refuse a shape no stage should work on, from the header: a side over ``MAX_SIDE``
+    (``DIFFMIX_MAX_SIDE``, 16,384) or an aspect ratio over ``MAX_ASPECT`` (``DIFFMIX_MAX_ASPECT``, 500:1)."""
+    if max(width, height) > MAX_SIDE:
+        raise ImageError(f"{path}: {width}x{height} has a side over the limit of {MAX_SIDE:,} px "
+                         "(raise it with DIFFMIX_MAX_SIDE)")
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise ImageError(f"{path}: {width}x{height} is longer than {MAX_ASPECT:g} times its width "
+                         "(raise the limit with DIFFMIX_MAX_ASPECT)")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -112,11 +112,13 @@ def load_pipeline(
         local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     if is_dir and not (Path(model) / "model_index.json").exists():
         raise FileNotFoundError(f"{model} has no model_index.json: not a diffusers pipeline folder")
+    if is_dir:
+        refuse_pickled_weights(Path(model))
     try:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
             str(model), revision=None if is_dir else revision, dtype=dtype,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            local_files_only=local_files_only,
+            local_files_only=local_files_only, use_safetensors=True,   # never a pickled .bin fallback
         )
     except OSError as err:
         raise FileNotFoundError(
@@ -132,6 +134,20 @@ def load_pipeline(
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     return pipe
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """ValueError when a component folder of a diffusers pipeline holds weights only as
+    pickles (.bin, .pt, .ckpt ...): loading them could run code, so only .safetensors load."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pickles = sorted(f.name for f in sub.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles and not any(f.suffix == ".safetensors" for f in sub.iterdir()):
+            raise ValueError(f"base model {folder}: {sub.name}/ holds only pickled weights ({', '.join(pickles[:3])}); "
+                             "diffmix loads .safetensors only (a pickle can run code). Convert them, e.g. "
+                             "save_pretrained(..., safe_serialization=True) on a machine you trust")
 
 
 def set_scheduler(pipe, name: str) -> None:

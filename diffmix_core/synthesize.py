@@ -39,6 +39,7 @@ PLAN_FILE = "plan.jsonl"
 PLAN_VERSION = 1
 IMAGES, REJECTED = "images", "rejected"
 BETA = (5.0, 5.0, 0.1, 0.9)   # the older variant: s ~ Beta(5, 5) clipped to [0.1, 0.9]
+MAX_PLAN_JOBS = 10_000_000    # a plan larger than this is refused before it is drawn (split the data instead)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ def make_plan(train, config: SynthesizeConfig, strategy: str) -> list[PlanJob]:
     if not sources:
         raise ValueError("the train split has no images; check the dataset and the split file")
     n = int(round(config.multiplier * len(train)))
+    if n > MAX_PLAN_JOBS:
+        raise ValueError(f"multiplier {config.multiplier:g} x {len(train):,} train images = {n:,} planned images "
+                         f"exceeds the limit of {MAX_PLAN_JOBS:,} per plan; use a smaller --multiplier")
     rng = np.random.default_rng(config.seed)
     src = np.asarray(sources)[rng.integers(len(sources), size=n)]
     tgt = rng.choice(len(classes), size=n, p=target_weights(counts, config.long_tail))

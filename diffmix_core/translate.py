@@ -16,6 +16,8 @@ import copy
 import hashlib
 import inspect
 import json
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,19 +27,30 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import Strategy, TranslateConfig, get_strategy
+from .config import Strategy, TranslateConfig, check_seed, get_strategy
 from .labels import effective_strength, soft_label, steps_run
 from .models import model_identity, scheduler_name
 
 
 @dataclass
 class Source:
-    """A real image and its class. ``id`` names it in records (file stem, dataset id...)."""
+    """A real image and its class. ``id`` names it in records (file stem, dataset id...);
+    records are keyed by the image's pixels too (:meth:`pixel_hash`), so two sources that
+    share a name never share a record id."""
 
     image: Image.Image
     source_class: str
     id: str
     path: str | None = None
+    _pixel_hash: str = field(default="", init=False, repr=False, compare=False)
+
+    def pixel_hash(self) -> str:
+        """sha256 (hex) of the decoded pixels: mode, size and bytes (computed once)."""
+        if not self._pixel_hash:
+            h = hashlib.sha256(f"{self.image.mode}:{self.image.size[0]}x{self.image.size[1]}:".encode())
+            h.update(self.image.tobytes())
+            self._pixel_hash = h.hexdigest()
+        return self._pixel_hash
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,37 @@ class _State:
     extra: dict = field(default_factory=dict)
 
 
+# Outputs are resized back to their source's size, but to at most this many pixels (aspect kept):
+# a 40 MP source would otherwise make every job of a sweep allocate and resample 40 MP.
+MAX_OUTPUT_PIXELS = int(os.environ.get("DIFFMIX_MAX_OUTPUT_PIXELS", 16_777_216))
+
+
+def count_jobs(factors: dict[str, int], limit: int, how_to_raise: str) -> int:
+    """The number of jobs a request makes, the product of ``factors`` ({what: count}),
+    computed before any job list is built; ValueError above ``limit`` naming every factor.
+
+    >>> count_jobs({"images": 2, "targets": 3, "strengths": 4, "seeds": 5}, 200, "--max-jobs")
+    120
+    """
+    total = math.prod(int(v) for v in factors.values())
+    if total > limit:
+        shown = " x ".join(f"{v:,} {k}" for k, v in factors.items())
+        raise ValueError(f"{shown} = {total:,} images exceeds the limit of {limit:,} per request; "
+                         f"ask for fewer, or raise it with {how_to_raise}")
+    return total
+
+
+def output_size(source_size: tuple[int, int], max_pixels: int | None = None) -> tuple[int, int]:
+    """The size an output is resized back to: the source's, scaled down (aspect kept) to at
+    most ``max_pixels`` pixels (default ``MAX_OUTPUT_PIXELS``: ``DIFFMIX_MAX_OUTPUT_PIXELS`` or 16 M)."""
+    max_pixels = MAX_OUTPUT_PIXELS if max_pixels is None else max_pixels
+    w, h = source_size
+    if w * h <= max_pixels:
+        return w, h
+    scale = (max_pixels / (w * h)) ** 0.5
+    return max(1, int(w * scale)), max(1, int(h * scale))
+
+
 def check_strength(strength: float, num_inference_steps: int) -> int:
     """Validate a strength for N steps and return the steps it runs.
 
@@ -120,7 +164,13 @@ def model_input_size(image_size: tuple[int, int], resolution: int, resize: str, 
         return resolution, resolution
     w, h = image_size
     scale = (resolution * resolution / (w * h)) ** 0.5
-    return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (w, h))
+    sides = [round(v * scale / multiple) * multiple for v in (w, h)]
+    if min(sides) < multiple:
+        # A very thin image: its short side stops at `multiple`; cap the long side so the
+        # model input (the UNet's work) stays within resolution^2 however extreme the aspect.
+        longest = max(multiple, resolution * resolution // multiple // multiple * multiple)
+        sides = [min(max(v, multiple), longest) for v in sides]
+    return tuple(sides)
 
 
 def _prompt(strategy: Strategy, class_name: str, bundle, superclass: str) -> str:
@@ -165,20 +215,23 @@ def _records_base(pipe, config: TranslateConfig, bundle) -> dict:
 
 
 def make_record(base: dict, state: _State, resolution: int) -> dict:
-    """The record of DESIGN.md for one finished job; ``id`` hashes what determines the image."""
+    """The record of DESIGN.md for one finished job; ``id`` hashes what determines the image,
+    the source's pixels included (two different ``photo.png`` never collide)."""
     job, n = state.job, base["num_inference_steps"]
     s_run = 1.0 if job.source is None else effective_strength(n, job.strength)
     record = dict(base)
     record.update({
         "source_id": job.source.id if job.source else None,
         "source_path": job.source.path if job.source else None,
+        "source_sha256": job.source.pixel_hash() if job.source else None,
         "source_class": job.from_class, "target_class": job.target_class,
         "strength": 1.0 if job.source is None else job.strength, "strength_run": s_run,
         "steps_run": state.steps, "seed": job.seed, "resolution": resolution, "prompt": state.prompt,
         "soft_label": soft_label(job.from_class, job.target_class, s_run, base["label_gamma"], base["label_scale"]),
         "scores": None, "file_name": None,
     })
-    key = {k: record[k] for k in ("source_id", "source_class", "target_class", "strategy", "strength", "seed",
+    key = {k: record[k] for k in ("source_id", "source_sha256", "source_class", "target_class", "strategy",
+                                  "strength", "seed",
                                   "num_inference_steps", "guidance_scale", "scheduler", "resize", "resolution",
                                   "base_model", "bundle_hash")}
     record["id"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -192,6 +245,7 @@ def validate_jobs(jobs: Sequence[Job], config: TranslateConfig, bundle=None) -> 
         raise ValueError(f"strategy {strategy.name!r} needs an adapter bundle (--bundle); "
                          "the real-* strategies run on a base model alone")
     for job in jobs:
+        check_seed(job.seed, "seed")
         names = [job.target_class, job.from_class]
         if bundle is not None:
             for name in names:
@@ -248,7 +302,10 @@ def translate(
     running = []
     for st in states:
         if st.job.source is not None and st.job.strength == 0:   # s = 0: the source, unchanged
-            results[st.index] = Result(st.job.source.image.convert("RGB").copy(), make_record(base, st, resolution))
+            image = st.job.source.image.convert("RGB")
+            size = output_size(image.size)
+            image = image.resize(size, Image.LANCZOS) if size != image.size else image.copy()
+            results[st.index] = Result(image, make_record(base, st, resolution))
         else:
             running.append(st)
     with torch.inference_mode():
@@ -304,8 +361,8 @@ def _prepare(pipe, states: list[_State], config: TranslateConfig, resolution: in
         else:
             st.steps = steps_run(n, st.job.strength)
             st.start = n - st.steps
-            st.size = source.image.size
-            st.model_size = model_input_size(st.size, resolution, config.resize, multiple)
+            st.size = output_size(source.image.size)
+            st.model_size = model_input_size(source.image.size, resolution, config.resize, multiple)
             key = (id(source), st.model_size)
             if key not in encoded:
                 encoded[key] = _encode(pipe, source.image, st.model_size)

@@ -218,3 +218,266 @@ def _current_umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+# =========================================================================== 4. content-addressed ids
+def test_translate_two_sources_with_one_file_name_never_collide(tiny_model_dir, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "a" / "photo.png")
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(tmp_path / "b" / "photo.png")
+    out = tmp_path / "out"
+    assert main(["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--source-class", "owl",
+                 "--target", "duck", "--strength", "0.5", "--steps", "2", "--quiet", "--out", str(out),
+                 "--image", str(tmp_path / "a" / "photo.png"), str(tmp_path / "b" / "photo.png")]) == 0
+    from diffmix_core.records import read_jsonl, read_png_record
+
+    records = read_jsonl(out / "records.jsonl")
+    assert len(records) == 2 and len({r["id"] for r in records}) == 2
+    assert len({r["file_name"] for r in records}) == 2 and len(list(out.glob("*.png"))) == 2
+    assert len({r["source_sha256"] for r in records}) == 2
+    for r in records:   # each image is its own source's, and its PNG says so
+        assert read_png_record(out / r["file_name"])["source_sha256"] == r["source_sha256"]
+    # the same pixels under another name are the same source: same id (a rerun replaces, never duplicates)
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "c" / "photo.png")
+    assert main(["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--source-class", "owl",
+                 "--target", "duck", "--strength", "0.5", "--steps", "2", "--quiet", "--out", str(out),
+                 "--image", str(tmp_path / "c" / "photo.png")]) == 0
+    assert len(read_jsonl(out / "records.jsonl")) == 2 and len(list(out.glob("*.png"))) == 2
+
+
+# =========================================================================== 5. bounded before any work
+def _png_header(path: Path, width: int, height: int) -> Path:
+    from test_images import _png_header_only
+
+    _png_header_only(path, width, height)
+    return path
+
+
+def test_cli_requests_are_bounded_before_any_work(tiny_model_dir, tmp_path, capsys):
+    import time
+
+    img = tmp_path / "x.png"
+    Image.new("RGB", (16, 16)).save(img)
+    base = ["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--source-class", "owl",
+            "--steps", "2", "--quiet", "--out", str(tmp_path / "out")]
+    t0 = time.perf_counter()
+    err = refused(capsys, *base, "--image", *[str(img)] * 8, "--target", *[f"t{i}" for i in range(16)],
+                  "--strength", *[f"0.{i}" for i in range(2, 10)], "--seed", *[str(i) for i in range(8)])
+    assert "8 images x 16 targets x 8 strengths x 8 seeds = 8,192 images exceeds the limit of 4,096" in err
+    err = refused(capsys, *base, "--image", str(img), "--target", "a", "b", "--strength", "0.5", "0.7",
+                  "--seed", "0", "1", "--max-jobs", "4")
+    assert "= 8 images exceeds the limit of 4" in err and "--max-jobs" in err
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "out").exists()   # refused before loading anything
+    # image shapes, from the header: a side, an aspect ratio
+    for path, why in ((_png_header(tmp_path / "wide.png", 20_000, 10), "side over the limit of 16,384"),
+                      (_png_header(tmp_path / "thin.png", 3_000, 2), "longer than 500 times")):
+        err = refused(capsys, *base, "--image", str(path), "--target", "duck")
+        assert why in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bulk_plan_bounded_before_it_is_drawn(tiny_model_dir, tmp_path, capsys):
+    import time
+
+    from test_data import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "ds", per_class=3)
+    t0 = time.perf_counter()
+    err = refused(capsys, "synthesize", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--data", str(data),
+                  "--out", str(tmp_path / "syn"), "--multiplier", "1e12", "--quiet", "--shard", "0/1")
+    assert "exceeds the limit of 10,000,000 per plan" in err and time.perf_counter() - t0 < 30
+    assert not (tmp_path / "syn" / "plan.jsonl").exists()
+
+
+def test_output_work_is_bounded_for_huge_and_thin_sources(tiny_model_dir, tmp_path, monkeypatch):
+    from diffmix_core import translate as tr
+
+    assert tr.model_input_size((16, 24), 512, "keep-aspect", 64) == (448, 640)        # ordinary: unchanged
+    for shape in ((300, 1), (16_000, 40), (1, 499)):                                   # thin: within res^2
+        w, h = tr.model_input_size(shape, 512, "keep-aspect", 64)
+        assert w * h <= 512 * 512 and min(w, h) >= 64
+    monkeypatch.setattr(tr, "MAX_OUTPUT_PIXELS", 4096)
+    Image.new("RGB", (200, 100), (9, 99, 9)).save(tmp_path / "big.png")
+    out = tmp_path / "out"
+    assert main(["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--source-class", "owl",
+                 "--target", "duck", "--strength", "0", "0.5", "--steps", "2", "--quiet", "--out", str(out),
+                 "--image", str(tmp_path / "big.png")]) == 0
+    sizes = {Image.open(p).size for p in out.glob("*.png")}
+    assert sizes == {(90, 45)}   # 200x100 scaled to <= 4096 px, aspect kept, for s = 0 and s > 0 alike
+
+
+# =========================================================================== 6. hostile bundles are bounded
+def _edit(bundle: Path, **changes) -> None:
+    meta = json.loads((bundle / "adapter.json").read_text())
+    meta.update(changes)
+    (bundle / "adapter.json").write_text(json.dumps(meta))   # NaN is written as NaN, as json.loads reads it
+
+
+TEMPLATES = ["a {word:>100000000} bird", "a {word!r}", "a {word.__class__.__mro__}", "a {word[0]}",
+             "{word} {superclass.__init__.__globals__}", "{word} {0}", "{word} {}", "{word}" + "x" * 2000]
+
+
+def test_hostile_bundle_fields_are_refused(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from diffmix_core.adapters import load_bundle, make_prompt
+    from test_reliability import _bundle
+
+    good = _bundle(tmp_path, tiny_model_dir, lora=False)
+    cases = {f"template {t[:30]!r}": dict(template=t) for t in TEMPLATES}
+    cases.update({
+        "resolution 10**6": dict(resolution=1_000_000), "resolution 0": dict(resolution=0),
+        "resolution 33": dict(resolution=33),
+        "profile NaN strength": dict(profile={"strength": float("nan")}),
+        "profile inf guidance": dict(profile={"guidance_scale": float("inf")}),
+        "profile 10**9 steps": dict(profile={"num_inference_steps": 10**9}),
+        "profile strategy": dict(profile={"strategy": "rm -rf"}),
+        "profile NaN threshold": dict(profile={"thresholds": {"min_p_target": float("nan")}}),
+        "recommended NaN": dict(recommended_strength=float("nan")),
+        "examples outside": dict(examples="../"),
+        "reference unlisted": dict(reference_classifier="adapter.json"),
+    })
+    for k, (name, change) in enumerate(cases.items()):
+        bundle = tmp_path / f"b{k}"
+        shutil.copytree(good, bundle)
+        _edit(bundle, **change)
+        with pytest.raises(ValueError):
+            load_bundle(bundle)
+        err = refused(capsys, "translate", "--bundle", str(bundle), "--image", str(bundle / "adapter.json"),
+                      "--source-class", "a", "--target", "b", "--out", str(tmp_path / f"o{k}"), "--quiet")
+        assert "adapter.json" in err and "Traceback" not in err, (name, err)
+    for t in TEMPLATES:
+        with pytest.raises(ValueError):
+            make_prompt("x", "bird", t)
+    assert make_prompt("<c>", "bird", "a photo of a {word} {superclass}") == "a photo of a <c> bird"
+
+
+def test_bundle_paths_stay_inside_after_resolving_symlinks(tiny_model_dir, tmp_path):
+    import shutil
+
+    from diffmix_core.adapters import load_bundle
+    from test_reliability import _bundle
+
+    good = _bundle(tmp_path, tiny_model_dir, lora=False)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # an examples folder that is a symlink to somewhere else
+    b = tmp_path / "b-examples"
+    shutil.copytree(good, b)
+    (b / "ex").symlink_to(outside)
+    _edit(b, examples="ex")
+    with pytest.raises(ValueError, match="leaves the bundle"):
+        load_bundle(b)
+    # a listed weight file that is a symlink to an identical file outside (same sha256)
+    b = tmp_path / "b-weights"
+    shutil.copytree(good, b)
+    rel = "embeddings/class_1.safetensors"
+    shutil.copyfile(b / rel, outside / "class_1.safetensors")
+    (b / rel).unlink()
+    (b / rel).symlink_to(outside / "class_1.safetensors")
+    with pytest.raises(ValueError, match="leaves the bundle"):
+        load_bundle(b)
+    assert load_bundle(good).num_classes == 3
+
+
+def test_reference_classifier_sizes_and_paths_are_bounded(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from diffmix_core.reference import load_reference
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    save_file(timm.create_model("test_resnet", num_classes=2).state_dict(), folder / "model.safetensors")
+    for pre, weights, why in (({"input_size": 100_000}, "model.safetensors", "input_size"),
+                              ({"input_size": [3, 10**6, 10**6]}, "model.safetensors", "input_size"),
+                              ({}, "../ref/../outside.safetensors", "outside")):
+        (folder / "reference.json").write_text(json.dumps({"model_name": "test_resnet", "classes": ["a", "b"],
+                                                           "weights": weights, "preprocessing": pre}))
+        with pytest.raises(ValueError, match=why):
+            load_reference(folder, device="cpu")
+
+
+# =========================================================================== 9. numbers are checked
+def test_nan_inf_and_out_of_range_numbers_are_refused_by_the_cli(tiny_model_dir, tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (16, 16)).save(img)
+    base = ["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--source-class", "owl",
+            "--target", "duck", "--quiet", "--image", str(img), "--out", str(tmp_path / "out")]
+    cases = {("--guidance", "nan"): "guidance_scale must be a finite number",
+             ("--guidance", "inf"): "guidance_scale must be a finite number",
+             ("--label-gamma", "nan"): "label_gamma must be a finite number",
+             ("--strength", "nan"): "strength must be between 0 and 1",
+             ("--strength", "inf"): "strength must be between 0 and 1",
+             ("--seed", "-1"): "--seed must be an integer from 0 to 2**64 - 1",
+             ("--seed", str(2**64)): "--seed must be an integer from 0 to 2**64 - 1",
+             ("--steps", "1000000000"): "num_inference_steps must be from 1 to 1000"}
+    for args, why in cases.items():
+        err = refused(capsys, *base, *args)
+        assert why in err and "Traceback" not in err, (args, err)
+    from test_data import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "ds", per_class=3)
+    for args, why in ((("--seed", "-5"), "seed must be an integer from 0"),
+                      (("--multiplier", "nan"), "multiplier must be a finite number"),
+                      (("--strength", "nan"), "strength must be a finite number")):
+        err = refused(capsys, "synthesize", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--data",
+                      str(data), "--out", str(tmp_path / "syn"), "--quiet", "--shard", "0/1", *args)
+        assert why in err, (args, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "syn" / "plan.jsonl").exists()
+
+
+def test_every_config_refuses_nan_and_bad_seeds():
+    import dataclasses
+
+    from diffmix_core import config as C
+
+    checked = 0
+    for cls in (C.TranslateConfig, C.SplitConfig, C.ReferenceConfig, C.ScoreConfig, C.SynthesizeConfig,
+                C.FinetuneConfig, C.ClassifyConfig, C.FilterConfig, C.DemoDataConfig, C.PretrainConfig,
+                C.DemoWorldConfig):
+        kwargs = {"superclass": "bird"} if cls is C.FinetuneConfig else {}
+        for f in dataclasses.fields(cls):
+            if f.type in ("float", "float | None"):
+                for bad in (float("nan"), float("inf")):
+                    with pytest.raises(ValueError, match="finite"):
+                        cls(**kwargs, **{f.name: bad})
+                    checked += 1
+            if f.name in C.SEED_FIELDS:
+                for bad in (-1, 2**64):
+                    with pytest.raises(ValueError, match="2\\*\\*64"):
+                        cls(**kwargs, **{f.name: bad})
+                    checked += 1
+    assert checked > 60
+
+
+class _Payload:
+    """Unpickling this creates a file: code a weight file must never run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_weights_in_a_base_folder_are_refused_in_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    marker = tmp_path / "pwned"
+    for f in (base / "unet").glob("*.safetensors"):
+        f.unlink()
+    torch.save({"weight": _Payload(marker)}, base / "unet" / "diffusion_pytorch_model.bin")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (16, 16)).save(img)
+    proc = cli("translate", "--base", str(base), "--strategy", "real-mix", "--source-class", "owl", "--target",
+               "duck", "--steps", "2", "--quiet", "--image", str(img), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "unet/ holds only pickled weights" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
