@@ -501,7 +501,7 @@ def _check_fields(meta: dict, file: Path) -> None:
     if s is not None and not (_finite(s) and 0 <= s <= 1):
         raise ValueError(f"{file}: recommended_strength must be null or in [0, 1], got {s!r}")
     if meta.get("profile") is not None:
-        _check_profile(meta["profile"], file)
+        check_profile(meta["profile"], file)
     for key in ("reference_classifier", "examples"):
         if meta.get(key) is not None:
             try:
@@ -527,8 +527,9 @@ def _finite(value: object) -> bool:
 _PROFILE_RANGES = {"strength": (0.0, 1.0), "num_inference_steps": (1, 1000), "guidance_scale": (0.0, 100.0)}
 
 
-def _check_profile(profile: object, file: Path) -> None:
-    """A profile's numbers are finite and in range, its thresholds numbers or null."""
+def check_profile(profile: object, file: str | os.PathLike) -> None:
+    """A profile's numbers are finite and in range, its thresholds numbers or null (ValueError
+    naming ``file`` otherwise): a bundle's own profile and a saved overlay alike."""
     if not isinstance(profile, dict):
         raise ValueError(f"{file}: profile must be null or an object")
     for key, (low, high) in _PROFILE_RANGES.items():
