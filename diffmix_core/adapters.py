@@ -45,7 +45,7 @@ EMBEDDINGS_DIR = "embeddings"
 
 _REQUIRED_KEYS = ("format_version", "base_model", "classes", "tokens", "superclass", "template",
                   "resolution", "lora", "training", "steps", "files")
-_OPTIONAL_KEYS = ("reference_classifier", "recommended_strength", "examples", "profile")
+_OPTIONAL_KEYS = ("reference_classifier", "recommended_strength", "examples", "profile", "clip")
 _TEMPLATE_FIELDS = {"word", "superclass"}
 MAX_RESOLUTION = 2048   # a bundle's training resolution: SD 1.x/2.x train at 512/768 (a 10^6 px side is an attack)
 
@@ -369,7 +369,7 @@ def save_bundle(
         base_model / base_revision: what it was trained on (local folders are stored resolved;
             a path starting with './' or '../' is kept relative to the bundle folder).
         lora_rank / lora_alpha: default: the rank read from the shapes, alpha = rank (scale 1).
-        extra: optional keys: reference_classifier, recommended_strength, examples, profile.
+        extra: optional keys: reference_classifier, recommended_strength, examples, profile, clip.
     """
     classes, tokens = _check_names(classes, tokens)
     check_template(template)
@@ -502,12 +502,16 @@ def _check_fields(meta: dict, file: Path) -> None:
         raise ValueError(f"{file}: recommended_strength must be null or in [0, 1], got {s!r}")
     if meta.get("profile") is not None:
         check_profile(meta["profile"], file)
-    for key in ("reference_classifier", "examples"):
+    for key in ("reference_classifier", "examples", "clip"):   # clip: an open_clip folder (the demo CLIP)
         if meta.get(key) is not None:
             try:
                 bundle_path(file.parent, meta[key], key)
             except ValueError as err:
                 raise ValueError(f"{file}: {err}") from None
+    clip = meta.get("clip")
+    if clip is not None and not any(rel.startswith(clip.rstrip("/") + "/") for rel in meta["files"]):
+        raise ValueError(f"{file}: clip {clip!r} has no file listed in files (their sha256 is what makes it part "
+                         "of the bundle); attach it with demo_clip.attach_clip")
     if meta.get("reference_classifier") is not None and meta["reference_classifier"] not in meta["files"]:
         raise ValueError(f"{file}: reference_classifier {meta['reference_classifier']!r} is not listed in files "
                          "(its sha256 is what makes it part of the bundle); attach it with diffmix train-reference")

@@ -127,15 +127,18 @@ def synthetic_targets(items: list[SyntheticItem], classes, gamma: float, scale: 
 
 
 # --------------------------------------------------------------------------- epochs with replacement
-def replacement_plan(n_real: int, n_synth: int, p: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def replacement_plan(n_real: int, n_synth: int, p: float, rng: np.random.Generator,
+                     swap_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One epoch: (order, synth) of length ``n_real``. ``order`` is a permutation of the real
-    items; ``synth[j]`` is the synthetic item replacing position j (drawn uniformly, with
-    replacement) with probability ``p``, else -1."""
+    items (from ``rng``); ``synth[j]`` is the synthetic item replacing position j (drawn
+    uniformly, with replacement) with probability ``p``, else -1 (from ``swap_rng``, default
+    ``rng``: with its own generator the order does not depend on whether anything is replaced)."""
     order = rng.permutation(n_real)
+    swap_rng = rng if swap_rng is None else swap_rng
     synth = np.full(n_real, -1, dtype=np.int64)
     if n_synth and p > 0:
-        hit = rng.random(n_real) < p
-        synth[hit] = rng.integers(0, n_synth, size=int(hit.sum()))
+        hit = swap_rng.random(n_real) < p
+        synth[hit] = swap_rng.integers(0, n_synth, size=int(hit.sum()))
     return order, synth
 
 
@@ -291,7 +294,10 @@ def fit(model: torch.nn.Module, data: TrainData, val: ImageBank, val_labels: lis
     into ``model`` at the end). Returns {history, best_epoch, val_accuracy}. Never sees test."""
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)            # timm's Mixup draws from numpy's global generator
-    rng, gen = np.random.default_rng(config.seed), torch.Generator().manual_seed(config.seed)
+    # Separate generators for the data order and the replacement draws: every arm of one seed
+    # (baseline, mixup, synthetic) sees the real images in the same order with the same augmentation.
+    rng, swap_rng = np.random.default_rng([config.seed, 0]), np.random.default_rng([config.seed, 1])
+    gen = torch.Generator().manual_seed(config.seed)
     mix = _mixup(config, data.real_targets.shape[1], smoothing)
     cached = data.real.cache is not None
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -301,7 +307,7 @@ def fit(model: torch.nn.Module, data: TrainData, val: ImageBank, val_labels: lis
     best, history = (-1.0, 0, None), []
     bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not show_progress)
     for epoch in bar:
-        order, choice = replacement_plan(len(data.real), data.num_synthetic, config.replace_prob, rng)
+        order, choice = replacement_plan(len(data.real), data.num_synthetic, config.replace_prob, rng, swap_rng)
         loader = torch.utils.data.DataLoader(
             EpochSet(data.real, data.real_targets, data.synth, data.synth_targets, order, choice),
             batch_size=config.batch_size, num_workers=0 if cached else config.num_workers)
@@ -451,8 +457,11 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     # The test split is decoded only now, after model selection.
     test_bank = ImageBank([it.path for it in test.items], config.resolution, cache, show_progress, "test images")
     preds = predict(model, test_bank, mean, std, device)
-    report = accuracy_report(preds, [it.label for it in test.items], classes, train.counts(), config, long_tail)
-    report.update(val_accuracy=result["val_accuracy"], best_epoch=result["best_epoch"], history=result["history"],
+    test_labels = [it.label for it in test.items]
+    report = accuracy_report(preds, test_labels, classes, train.counts(), config, long_tail)
+    report.update(test_ids=[it.id for it in test.items],   # per test image: paired statistics across runs
+                  test_correct=[int(p == y) for p, y in zip(preds.tolist(), test_labels)],
+                  val_accuracy=result["val_accuracy"], best_epoch=result["best_epoch"], history=result["history"],
                   counts={"train": len(train), "val": len(val), "test": len(test), "synthetic": len(synth_items)},
                   label_smoothing=smoothing, pretrained_from=source, model_name=config.model_name,
                   config=dataclasses.asdict(config), dataset=str(dataset.root), split_file=str(split_path),

@@ -569,7 +569,8 @@ REFERENCE_HELP = {
     "label_smoothing": "label smoothing of the cross-entropy",
 }
 SCORE_HELP = {
-    "clip_model": "open_clip architecture, local-dir:DIR or hf-hub:ORG/REPO; 'none' = no CLIP",
+    "clip_model": "open_clip architecture, local-dir:DIR or hf-hub:ORG/REPO; 'none' = no CLIP. Unset: "
+                  "DIFFMIX_CLIP_MODEL, else the CLIP the bundle names (the demo world's demo CLIP), else",
     "clip_pretrained": "open_clip weights tag (e.g. openai) or a local checkpoint file",
     "batch_size": "images per classifier / CLIP call",
     "ssim_size": "SSIM on grayscale images squashed to this side in px",
@@ -624,6 +625,7 @@ def add_score_parser(sub) -> None:
     add_config_args(p, ScoreConfig, help=SCORE_HELP)
     p.add_argument("--clip-checkpoint", type=Path, help="local open_clip checkpoint file for --clip-model "
                    "(instead of --clip-pretrained)")
+    p.set_defaults(clip_model=None, clip_pretrained=None)   # unset: scoring.default_clip (env, the bundle's)
     p.add_argument("--superclass", default="", help="super-class word of the CLIP prompts without a bundle")
     p.add_argument("--set-recommended", action="store_true", help="write the recommended strength into the bundle")
     p.add_argument("--out", type=Path, help="where the summary and the plot go (default: --input)")
@@ -636,15 +638,20 @@ def run_score(args: argparse.Namespace) -> None:
     from .adapters import load_bundle
     from .config import ScoreConfig
     from .reference import bundle_reference_path, load_reference, update_bundle_meta
-    from .scoring import format_summary, load_clip, score_folder
+    from .scoring import default_clip, format_summary, load_clip, score_folder
 
     if args.clip_checkpoint is not None and not args.clip_checkpoint.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {args.clip_checkpoint} does not exist")
-    config = config_from_args(ScoreConfig, args, **({"clip_pretrained": str(args.clip_checkpoint)}
-                                                    if args.clip_checkpoint else {}))
     if args.set_recommended and not args.bundle:
         fail("--set-recommended needs --bundle")
     bundle = load_bundle(args.bundle) if args.bundle else None
+    model, pretrained = default_clip(bundle)
+    if args.clip_model is not None:   # given: its weights are --clip-pretrained's (default ScoreConfig's)
+        model, pretrained = args.clip_model, ScoreConfig.clip_pretrained
+    args.clip_model = model
+    args.clip_pretrained = pretrained if args.clip_pretrained is None else args.clip_pretrained
+    config = config_from_args(ScoreConfig, args, **({"clip_pretrained": str(args.clip_checkpoint)}
+                                                    if args.clip_checkpoint else {}))
     ref_path = args.reference or (bundle_reference_path(bundle) if bundle else None)
     reference = load_reference(ref_path, device=args.device) if ref_path else None
     clip = load_clip(config.clip_model, config.clip_pretrained, device=args.device)
@@ -759,8 +766,9 @@ def add_experiment_parser(sub) -> None:
     p = sub.add_parser("experiment", help="compare baseline, mixup/cutmix and synthetic arms over seeds",
                        description="Run the design a YAML config names (settings x arms x strengths x seeds): "
                        "synthesize what each arm needs, train a classifier per run (selection on validation), "
-                       "and write a results table (markdown + JSON, mean ± std over seeds) and a plot of test "
-                       "accuracy against strength. Resumable: finished runs and synthetic sets are reused.")
+                       "and write a results table (markdown + JSON, mean ± std over seeds, each arm's paired "
+                       "difference to the baseline with a 95 % bootstrap interval) and a plot of test accuracy "
+                       "against strength. Resumable: finished runs and synthetic sets are reused.")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML (see configs/)")
     p.add_argument("--quick", action="store_true", help="the quick variant: the file's quick: section, else "
                    "2 seeds, 1 epoch, multiplier 1, 4 scheduler steps")
@@ -769,6 +777,8 @@ def add_experiment_parser(sub) -> None:
     p.add_argument("--base", help="override the config's base model (real-* arms)")
     p.add_argument("--out", help="override the config's work folder")
     p.add_argument("--report-dir", help="override where the table and plot go")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds (each arm runs every seed; "
+                   "the paired differences use the seeds an arm shares with the baseline)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_experiment_command)
@@ -778,7 +788,7 @@ def run_experiment_command(args: argparse.Namespace) -> None:
     from .experiment import load_experiment, run_experiment
 
     config = load_experiment(args.config, quick=args.quick, data=args.data, bundle=args.bundle, base=args.base,
-                             out=args.out, report_dir=args.report_dir)
+                             out=args.out, report_dir=args.report_dir, seeds=args.seeds)
     result = run_experiment(config, device=args.device, show_progress=not args.quiet)
     print(result["files"]["markdown"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(f) for f in result["files"].values()))
@@ -808,8 +818,13 @@ def add_demo_parser(sub) -> None:
                             description="Translate TEST-split images of each class to every other class at each "
                             "strength; print target-hit, source-keep and distance to the source per strength. The "
                             "last line reads target_hit_at_0.9=... source_keep_at_0.3=...")
-    e.add_argument("--bundle", type=Path, required=True, help="demo bundle (with its reference classifier)")
-    e.add_argument("--data", type=Path, required=True, help="the demo birds ImageFolder (OUT/data/birds)")
+    e.add_argument("--bundle", type=Path, default=None, help="demo bundle with its reference classifier "
+                   "(default: the shipped assets/demo/bundle)")
+    e.add_argument("--data", type=Path, default=None, help="the demo birds ImageFolder and its split file (default: "
+                   "the shipped assets/demo/birds: 1,000 held-out test images; or a build's OUT/data/birds)")
+    e.add_argument("--clip-model", default=None, help="open_clip model to score with as well (default: "
+                   "DIFFMIX_CLIP_MODEL, else the CLIP the bundle names; 'none' = no CLIP)")
+    e.add_argument("--clip-pretrained", default=None, help="its weights tag or checkpoint file")
     e.add_argument("--base", type=Path, default=None, help="base pipeline folder (default: the bundle's)")
     e.add_argument("--strength", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                    help="strengths (default: 0.1 0.3 0.5 0.7 0.9)")
@@ -848,17 +863,26 @@ def run_demo_build(args: argparse.Namespace) -> None:
 
 
 def run_demo_evaluate(args: argparse.Namespace) -> None:
-    from .demo_world import evaluate_world
+    from .adapters import load_bundle
+    from .demo import ASSETS
+    from .demo_world import SHIPPED_BIRDS, evaluate_world
     from .records import write_text_atomic
+    from .scoring import default_clip, load_clip
 
     if args.per_class < 1:
         fail("--per-class must be >= 1")
-    result = evaluate_world(args.bundle, args.data, strengths=tuple(args.strength), per_class=args.per_class,
-                            guidance_scale=args.guidance, num_inference_steps=args.steps, seed=args.seed,
-                            base=args.base, show_progress=not args.quiet)
+    bundle = load_bundle(args.bundle or ASSETS / "demo" / "bundle")
+    model, pretrained = default_clip(bundle)
+    clip = load_clip(args.clip_model if args.clip_model is not None else model,
+                     args.clip_pretrained if args.clip_pretrained is not None else pretrained)
+    if not clip.available and clip.name:
+        print(clip.status)
+    result = evaluate_world(bundle, args.data or ASSETS / "demo" / SHIPPED_BIRDS, strengths=tuple(args.strength),
+                            per_class=args.per_class, guidance_scale=args.guidance, num_inference_steps=args.steps,
+                            seed=args.seed, base=args.base, clip=clip, show_progress=not args.quiet)
     if args.json:
-        write_text_atomic(args.json, json.dumps({"rows": result["rows"], "records": result["records"]},
-                                                indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps({"rows": result["rows"], "records": result["records"],
+                                                 "clip": result["clip"]}, indent=1) + "\n")
 
 
 def run_demo_grid(args: argparse.Namespace) -> None:

@@ -361,6 +361,7 @@ class ExperimentSetting:
     shots: int | None = None          # k training images per class (n_max for long-tail); None = all
     imbalance: float | None = None    # IF of the long-tail split; None = balanced
     replace_prob: float | None = None  # p for this regime (paper: 0.3 few-shot, 0.1 full); None = train's
+    split_file: str = ""              # use this split file as it is (e.g. the shipped demo birds'); '' = make one
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -493,11 +494,46 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class DemoClipConfig:
+    """The demo CLIP (issue 19): a small open_clip CLIP trained contrastively on the demo birds; see demo_clip.py."""
+
+    embed_dim: int = 64               # joint image-text embedding width
+    image_size: int = 64              # vision tower input side in px (the demo images' size)
+    patch_size: int = 8               # ViT patch side in px (64 px: 8 x 8 patches)
+    vision_width: int = 128           # ViT width
+    vision_layers: int = 4            # ViT blocks
+    text_width: int = 32              # text transformer width (its 49,408-token embedding dominates the file)
+    text_layers: int = 3              # text transformer blocks
+    text_heads: int = 2               # text attention heads
+    steps: int = 1000                 # contrastive steps
+    batch_size: int = 64              # images per step (captions: their class names in random templates)
+    lr: float = 1e-3                  # AdamW peak lr (linear warm-up, then cosine to 0)
+    warmup_steps: int = 100           # linear lr warm-up
+    weight_decay: float = 0.1         # AdamW weight decay (matrices only)
+    pretrain_birds: bool = True       # also train on the pre-training set's bird images (never val/test images)
+    checkpoint_every: int = 200       # steps between resumable checkpoints
+    seed: int = 0                     # initialisation, batches, augmentation
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        if self.vision_width % 32 or self.text_width % self.text_heads:
+            raise ValueError("vision_width must be a multiple of 32 (head width 32) and text_width divisible "
+                             "by text_heads")
+        for name in ("embed_dim", "vision_layers", "text_layers", "steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0, warmup_steps and weight_decay >= 0")
+
+
+@dataclass(frozen=True)
 class DemoWorldConfig:
     """`diffmix demo build`: dataset -> base model -> few-shot bundle -> reference -> assets (issue 5)."""
 
     data: DemoDataConfig = DemoDataConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    clip: DemoClipConfig = DemoClipConfig()  # the demo CLIP (image + text towers) trained on the birds
     shots: int = 10                   # k: few-shot training images per class for the bundle
     finetune_steps: int = 1500        # textual inversion + LoRA steps over the base
     finetune_batch_size: int = 8      # images per fine-tuning step

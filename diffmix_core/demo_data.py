@@ -325,6 +325,27 @@ def build_dataset(out: str | os.PathLike, config: DemoDataConfig = DemoDataConfi
     return out
 
 
+def build_heldout(out: str | os.PathLike, per_class: int, config: DemoDataConfig = DemoDataConfig(), *,
+                  sources: Sources = Sources(), show_progress: bool = True) -> Path:
+    """``per_class`` NEW images of each bird class in ``<out>/<class>/<class>-NNNN.png``: the birds
+    build continued past its ``birds_per_class`` (indices ``birds_per_class`` ...), the same draws
+    and sources, so images nothing was trained or selected on (a held-out test set). Skips images
+    already written. Returns ``out``."""
+    out = Path(out)
+    todo = [(label, c, i) for label, c in enumerate(DEMO_CLASSES)
+            for i in range(config.birds_per_class, config.birds_per_class + per_class)
+            if not (out / safe_name(c) / f"{safe_name(c)}-{i:04d}.png").is_file()]
+    if not todo:
+        return out
+    birds, _ = load_foregrounds(sources)
+    backgrounds = load_backgrounds()
+    for label, c, i in tqdm(todo, desc="held-out birds", disable=not show_progress):
+        rng = _rng(config.seed, 1, label, i)
+        image, _ = make_image(birds[c], backgrounds, rng, config, soften=rng.random() < 0.2)
+        save_png(image, out / safe_name(c) / f"{safe_name(c)}-{i:04d}.png")
+    return out
+
+
 def _pretrain_set(folder: Path, birds: dict, others: dict, backgrounds: dict, config: DemoDataConfig,
                   show_progress: bool) -> list[dict]:
     """The broader pre-training images + caption rows (birds first, then the other names)."""

@@ -7,6 +7,7 @@ build continues where it stopped when run again with the same ``out``:
 2. ``base/``: the tiny SD-architecture pipeline trained from scratch (pretrain);
 3. splits: ``data/birds/diffmix_split.json`` (the full split) and
    ``data/fewshot_split.json`` (same seed, ``shots`` per class; val/test identical);
+   ``clip/``: the demo CLIP, an open_clip model trained on the train split (demo_clip);
 4. ``bundle/``: ``finetune.finetune`` over the base on the few-shot split;
 5. ``reference-data/`` + ``reference/``: the reference classifier, trained on the train
    split plus a VAE round trip and a blurred copy of every train image (and round trips
@@ -14,7 +15,8 @@ build continues where it stopped when run again with the same ``out``:
 6. the recommended strength: validation images translated to every other class at
    0.3 ... 0.9, scored by the reference (scoring.recommend_strength);
 7. ``assets/demo/``: what ships: ``base/`` (fp16 safetensors), ``bundle/`` (its reference
-   in fp16, example images) and ``demo.json`` (sampler settings, figures).
+   in fp16, the demo CLIP in fp16 under ``bundle/clip``, example images) and ``demo.json``
+   (sampler settings, figures).
 
 :func:`evaluate_world` prints the per-strength table of ``diffmix demo evaluate``.
 """
@@ -42,7 +44,7 @@ EVAL_STRENGTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 def quick_config() -> DemoWorldConfig:
     """Tiny settings: every stage runs for real in about a minute (tests, `demo build --quick`)."""
-    from .config import DemoDataConfig, PretrainConfig
+    from .config import DemoClipConfig, DemoDataConfig, PretrainConfig
 
     return DemoWorldConfig(
         data=DemoDataConfig(image_size=32, birds_per_class=6, pretrain_per_class=3, pretrain_per_other=0),
@@ -50,6 +52,8 @@ def quick_config() -> DemoWorldConfig:
                                 decoder_steps=1, unet_channels=(16, 32), text_width=32, text_layers=1,
                                 attention_heads=2, unet_steps=2, unet_batch_size=4, warmup_steps=1,
                                 checkpoint_every=2),
+        clip=DemoClipConfig(embed_dim=16, image_size=32, vision_width=32, vision_layers=1, text_width=32,
+                            text_layers=1, steps=2, batch_size=8, warmup_steps=1, checkpoint_every=1),
         shots=2, finetune_steps=2, finetune_batch_size=2, lora_rank=2, reference_model="test_resnet",
         recommend_targets=2, reference_pretrained="none", reference_epochs=1, reference_image_size=32, num_inference_steps=4)
 
@@ -176,9 +180,10 @@ def _targets(classes: tuple[str, ...], source_class: str, k: int | None) -> list
 
 
 def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int = 0, show_progress: bool = True,
-          targets_per_source: int | None = None) -> tuple[list[dict], list]:
+          targets_per_source: int | None = None, clip=None) -> tuple[list[dict], list]:
     """Translate every source to every OTHER class (or the next ``targets_per_source``) at every
-    strength; score with the bundle's reference classifier. Returns (records with scores,
+    strength; score with the bundle's reference classifier (and, with an available ``clip``
+    scorer, its ``clip_target`` / ``clip_source``). Returns (records with scores,
     reference-feature embeddings)."""
     from .reference import bundle_reference_path, load_reference
     from .scoring import score_images
@@ -192,10 +197,20 @@ def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int =
             for t in _targets(bundle.classes, src.source_class, targets_per_source) for s in strengths]
     results = translate(pipe, jobs, config, bundle=bundle, show_progress=show_progress)
     records, embeddings = [], []
+    texts = None
+    if clip is not None and clip.available:
+        from .scoring import class_prompt
+
+        texts = dict(zip(bundle.classes, clip.encode_texts([class_prompt(c, bundle) for c in bundle.classes])))
     for i in range(0, len(results), 64):
         chunk = results[i:i + 64]
         recs = [r.record for r in chunk]
         scores, embs = score_images([r.image for r in chunk], recs, reference=reference)
+        if texts is not None:   # CLIP scores beside the reference's; distances stay on the reference features
+            emb = clip.encode_images([r.image for r in chunk])
+            for s, e, rec in zip(scores, emb, recs):
+                s["clip_target"] = round(float(e @ texts[rec["target_class"]]), 5)
+                s["clip_source"] = round(float(e @ texts[rec["source_class"]]), 5)
         for rec, s in zip(recs, scores):
             rec["scores"] = s
         records += recs
@@ -215,12 +230,15 @@ def strength_table(records: list[dict]) -> list[dict]:
                      "target_hit": float(np.mean([x["top1"] == r["target_class"] for x, r in zip(sc, recs)])),
                      "source_keep": float(np.mean([x["top1"] == r["source_class"] for x, r in zip(sc, recs)])),
                      "p_target": mean("p_target"), "distance": mean("distance"), "ssim": mean("ssim")})
+        if any(x.get("clip_target") is not None for x in sc):
+            rows[-1]["clip_target"] = mean("clip_target")
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """The table of ``diffmix demo evaluate``; the last line is machine-readable."""
     cols = ("strength", "n", "target_hit", "source_keep", "p_target", "distance", "ssim")
+    cols += ("clip_target",) if rows and "clip_target" in rows[0] else ()
     lines = ["  ".join(f"{c:>11}" for c in cols)]
     lines += ["  ".join(f"{r[c]:>11.3f}" if isinstance(r[c], float) else f"{r[c]:>11}" for c in cols) for r in rows]
     at = {r["strength"]: r for r in rows}
@@ -241,16 +259,44 @@ def _pipeline_for(bundle, base: str | os.PathLike | None = None):
     return pipe
 
 
+def clip_agreement(records: list[dict]) -> dict:
+    """Spearman rank correlation of the CLIP target score with the reference's P(target) over
+    the translations that have both: {'spearman', 'n'} (spearman None when fewer than 3)."""
+    from .demo_clip import spearman
+
+    pairs = [(r["scores"]["clip_target"], r["scores"]["p_target"]) for r in records
+             if r["scores"].get("clip_target") is not None and r["scores"].get("p_target") is not None]
+    rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else None
+    return {"spearman": rho, "n": len(pairs)}
+
+
+def clip_zero_shot(clip, bundle, data: str | os.PathLike, split: str = "test") -> dict:
+    """The CLIP's zero-shot top-1 over the bundle's class prompts on every image of a split of
+    ``data`` (demo_clip.zero_shot_accuracy)."""
+    from .data import load_image, read_dataset, resolve_splits, split_subset
+    from .demo_clip import zero_shot_accuracy
+    from .scoring import class_prompt
+
+    dataset = read_dataset(data, show_progress=False)
+    items = split_subset(dataset, resolve_splits(dataset), split).items
+    prompts = {c: class_prompt(c, bundle) for c in bundle.classes}
+    return zero_shot_accuracy(clip, [load_image(it.path) for it in items], [it.class_name for it in items], prompts)
+
+
 def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS, per_class: int = 2,
                    guidance_scale: float = 2.5, num_inference_steps: int = 25, seed: int = 0,
-                   base: str | os.PathLike | None = None, show_progress: bool = True) -> dict:
+                   base: str | os.PathLike | None = None, clip=None, show_progress: bool = True) -> dict:
     """Translate ``per_class`` held-out TEST images of each class to every other class at each
-    strength; print and return the per-strength table ({'rows': [...], 'text': str}).
+    strength; print and return the per-strength table ({'rows': [...], 'text': str, 'records',
+    'clip'}).
 
     Args:
         bundle: a bundle folder or adapters.Bundle with a reference classifier attached.
         data: the demo birds ImageFolder (its split file decides what is held out).
         base: the base pipeline folder (default: the one the bundle names).
+        clip: an available scoring.ClipScorer: the table gains the mean CLIP target score, and a
+            line gives its zero-shot accuracy on every test image of ``data`` and the Spearman
+            correlation of its target score with the reference's P(target) over the sweep.
     """
     from .adapters import Bundle, load_bundle
 
@@ -258,11 +304,25 @@ def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS,
     pipe = _pipeline_for(bundle, base)
     config = TranslateConfig(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              resolution=bundle.resolution)
-    records, _ = sweep(pipe, bundle, sources_of(data, "test", per_class), strengths, config, seed, show_progress)
+    clip = clip if clip is not None and clip.available else None
+    records, _ = sweep(pipe, bundle, sources_of(data, "test", per_class), strengths, config, seed, show_progress,
+                       clip=clip)
     rows = strength_table(records)
     text = format_table(rows)
+    result = {"rows": rows, "records": records, "clip": None}
+    if clip is not None:
+        zero_shot = clip_zero_shot(clip, bundle, data)
+        agreement = clip_agreement(records)
+        result["clip"] = {"name": clip.name, "zero_shot": zero_shot, "agreement": agreement}
+        rho = "n/a" if agreement["spearman"] is None else f"{agreement['spearman']:.3f}"
+        line = (f"{clip.name}: zero-shot accuracy {zero_shot['accuracy']:.3f} on {zero_shot['n']} test images "
+                f"(class prompts); Spearman(CLIP target score, reference P(target)) {rho} over "
+                f"{agreement['n']} translations")
+        head, last = text.rsplit("\n", 1)
+        text = f"{head}\n{line}\n{last}"
     print(text)
-    return {"rows": rows, "text": text, "records": records}
+    result["text"] = text
+    return result
 
 
 def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
@@ -387,9 +447,12 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
     return load_bundle(dest)   # verifies every file again
 
 
-def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict, per_class: int = 2) -> Path:
+def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict, per_class: int = 2,
+                 clip: Path | None = None) -> Path:
     """``out/base`` (the pipeline in fp16 safetensors; it loads as fp32 with the same output),
-    ``out/bundle`` (pointing at it) and ``out/demo.json``. Returns ``out``."""
+    ``out/bundle`` (pointing at it; with ``clip``, the demo CLIP attached) and ``out/demo.json``.
+    Returns ``out``."""
+    from .demo_clip import attach_clip
     from .models import load_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
@@ -402,10 +465,80 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
     profile = {"strength": info["recommended_strength"], "thresholds": {}, "strategy": "diff-mix",
                "num_inference_steps": info["num_inference_steps"], "guidance_scale": info["guidance_scale"]}
     bundle = _copy_bundle(bundle_dir, out / "bundle", data, per_class, out / "base", profile)
+    if clip is not None:
+        bundle = attach_clip(bundle.path, clip)
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     info = dict(info, total_bytes=sum(sizes.values()), bundle_hash=bundle.hash)
     write_text_atomic(out / DEMO_JSON, json.dumps(info, indent=1) + "\n")
     return out
+
+
+# --------------------------------------------------------------------------- the shipped birds + held-out set
+SHIPPED_BIRDS = "birds"              # assets/demo/birds: what `demo evaluate` and the experiment read
+LONGTAIL_SPLIT = "longtail_split.json"
+LONGTAIL_IMBALANCE = 0.1             # the long-tail setting of configs/experiment_demo.yaml (n_i = 10 ... 1)
+HELDOUT_PER_CLASS = 80               # new images per class added to the 20 of the test split: 100 per class
+TEST_JPEG_QUALITY = 95               # held-out images are stored as JPEG (a third of PNG; train/val stay PNG)
+
+
+def _split_json(dataset_name: str, classes, splits: dict, config: SplitConfig) -> str:
+    from .data import SPLIT_FORMAT_VERSION, SPLITS
+
+    return json.dumps({"format_version": SPLIT_FORMAT_VERSION, "dataset": dataset_name, "classes": list(classes),
+                       "config": dataclasses.asdict(config), "splits": {k: list(splits[k]) for k in SPLITS}},
+                      indent=1) + "\n"
+
+
+def ship_birds(dest: str | os.PathLike, data: str | os.PathLike, settings: DemoWorldConfig,
+               heldout_per_class: int = HELDOUT_PER_CLASS, show_progress: bool = True) -> Path:
+    """The demo birds the repository ships (``dest``, e.g. ``assets/demo/birds``), so the demo
+    experiment and ``demo evaluate`` need no data build:
+
+    * train + val: the few-shot split's images (exactly what the bundle was fine-tuned on, and
+      its validation images), PNG as built;
+    * test: the test split's images plus ``heldout_per_class`` NEW images per class
+      (demo_data.build_heldout: never trained, fine-tuned or selected on), JPEG q95;
+    * ``diffmix_split.json`` (the 10-shot split; its test = all held-out images) and
+      ``longtail_split.json`` (IF :data:`LONGTAIL_IMBALANCE` over the same pool, same val/test).
+
+    Written to a temporary folder and renamed into place. Returns ``dest``."""
+    from PIL import Image
+
+    from .data import SPLIT_FILE, read_dataset, resolve_splits, split_subset
+    from .demo_data import build_heldout
+
+    data, dest = Path(data), Path(dest)
+    birds = read_dataset(data / "birds", show_progress=False)
+    few_config = SplitConfig(seed=settings.split_seed, shots=settings.shots)
+    few = resolve_splits(birds, data / FEWSHOT_SPLIT, few_config)
+    lt_config = SplitConfig(seed=settings.split_seed, shots=settings.shots, imbalance=LONGTAIL_IMBALANCE)
+    from .data import make_splits as split_ids
+
+    long_tail = split_ids(birds, lt_config)
+    assert long_tail["val"] == few["val"] and long_tail["test"] == few["test"]
+    heldout = read_dataset(build_heldout(data / "heldout", heldout_per_class, settings.data,
+                                         show_progress=show_progress), show_progress=False)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in few["train"] + few["val"]:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(birds.root / rel, tmp / rel)
+    test = []
+    for item in list(split_subset(birds, few, "test").items) + list(heldout.items):
+        rel = f"{Path(item.id).parent.as_posix()}/{Path(item.id).stem}.jpg"
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(item.path) as im:
+            im.convert("RGB").save(tmp / rel, format="JPEG", quality=TEST_JPEG_QUALITY)
+        test.append(rel)
+    test = sorted(test)
+    for name, splits, config in ((SPLIT_FILE, few, few_config), (LONGTAIL_SPLIT, long_tail, lt_config)):
+        write_text_atomic(tmp / name, _split_json(dest.name, birds.classes, dict(splits, test=test), config))
+    shipped = read_dataset(tmp, show_progress=False)     # every listed file is there and reads
+    for name, config in ((SPLIT_FILE, few_config), (LONGTAIL_SPLIT, lt_config)):
+        resolve_splits(shipped, tmp / name, config)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 # --------------------------------------------------------------------------- the whole world
@@ -422,35 +555,38 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
         The shipped bundle (adapters.Bundle), reference attached; None with ``data_only``.
     """
     from .adapters import load_bundle
+    from .demo_clip import train_clip
     from .demo_data import build_dataset
     from .pretrain import pretrain
     from .reference import attach_reference
 
     out = Path(out)
     say = print if show_progress else (lambda *a, **k: None)
-    say(f"[1/7] dataset -> {out / 'data'}")
+    say(f"[1/8] dataset -> {out / 'data'}")
     build_dataset(out / "data", settings.data, show_progress=show_progress)
     birds = out / "data" / "birds"
     if data_only:
         make_splits(birds, out / "data", settings)
         return None
-    say(f"[2/7] base model -> {out / 'base'}")
+    say(f"[2/8] base model -> {out / 'base'}")
     base = pretrain(out / "data" / "pretrain", out / "base", settings.pretrain, show_progress=show_progress)
-    say("[3/7] splits")
+    say("[3/8] splits")
     _, fewshot = make_splits(birds, out / "data", settings)
-    say(f"[4/7] bundle (few-shot fine-tune, k={settings.shots}) -> {out / 'bundle'}")
+    say(f"[4/8] demo CLIP -> {out / 'clip'}")
+    clip = train_clip(out / "data", out / "clip", settings.clip, show_progress=show_progress)
+    say(f"[5/8] bundle (few-shot fine-tune, k={settings.shots}) -> {out / 'bundle'}")
     bundle = make_bundle(birds, base, fewshot, out / "bundle", settings, show_progress)
-    say(f"[5/7] reference classifier -> {out / 'reference'}")
+    say(f"[6/8] reference classifier -> {out / 'reference'}")
     if not bundle.meta.get("reference_classifier"):
         bundle = attach_reference(bundle.path, make_reference(birds, base, out, settings, show_progress))
-    say("[6/7] recommended strength")
+    say("[7/8] recommended strength")
     state = out / "recommend.json"
     if not state.is_file():
         strength, rec = recommend(bundle, birds, settings, show_progress)
         write_text_atomic(state, json.dumps({"recommended_strength": strength, **rec}, indent=1) + "\n")
     rec = json.loads(state.read_text(encoding="utf-8"))
     target = Path(assets) if assets is not None else out / ASSETS
-    say(f"[7/7] assets -> {target}")
+    say(f"[8/8] assets -> {target}")
     pre = json.loads((base / "pretrain.json").read_text(encoding="utf-8"))
     info = {"guidance_scale": settings.guidance_scale, "num_inference_steps": settings.num_inference_steps,
             "recommended_strength": rec["recommended_strength"], "recommendation": rec["reason"],
@@ -458,5 +594,5 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
             "base": {k: pre[k] for k in ("scaling_factor", "vae_psnr_db", "vae_psnr_after_decoder_db", "parameters")},
             "reference_val_accuracy": json.loads((bundle.path / "reference" / "reference.json").read_text())
             .get("val_accuracy"), "settings": json.loads(json.dumps(dataclasses.asdict(settings)))}
-    write_assets(target, base, load_bundle(out / "bundle").path, birds, info)
+    write_assets(target, base, load_bundle(out / "bundle").path, birds, info, clip=clip)
     return load_bundle(target / "bundle")

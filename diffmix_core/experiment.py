@@ -179,7 +179,9 @@ def run_one(config: ExperimentConfig, run: Run, dataset, pipes: Pipelines, *, de
     from .data import resolve_splits, split_subset
 
     root = Path(config.out) / slug(run.setting.name)
-    split_file = root / "split.json"
+    split_file = Path(run.setting.split_file) if run.setting.split_file else root / "split.json"
+    if run.setting.split_file and not split_file.is_file():
+        raise FileNotFoundError(f"setting {run.setting.name!r}: split file {split_file} does not exist")
     split = dataclasses.replace(config.split, shots=run.setting.shots, imbalance=run.setting.imbalance)
     splits = resolve_splits(dataset, split_file, split)
     out = root / "runs" / slug(run.label) / f"seed{run.seed}"
@@ -211,8 +213,10 @@ def run_one(config: ExperimentConfig, run: Run, dataset, pipes: Pipelines, *, de
 METRICS = ("test_accuracy", "mean_class_accuracy", "many", "medium", "few")
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and sample std (n - 1; None for one seed) over seeds of each (setting, arm, strength)."""
+def summarize(rows: list[dict], config: ExperimentConfig | None = None, n_boot: int = 2000) -> list[dict]:
+    """Mean and sample std (n - 1; None for one seed) over seeds of each (setting, arm, strength);
+    with ``config``, each arm's ``paired`` difference to the setting's baseline arm
+    (:func:`paired_difference` over the seeds both have, on the same test images)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["setting"], r["arm"], r["strength"]), []).append(r)
@@ -226,7 +230,82 @@ def summarize(rows: list[dict]) -> list[dict]:
                 entry[m] = {"mean": float(np.mean(vals)),
                             "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
         out.append(entry)
+    if config is not None:
+        base = baseline_arm(config)
+        for entry in out:
+            if base is None or entry["arm"] == base:
+                continue
+            mine = groups[(entry["setting"], entry["arm"], entry["strength"])]
+            theirs = groups.get((entry["setting"], base, None), [])
+            entry["paired"] = _paired(mine, theirs, n_boot)
     return out
+
+
+def baseline_arm(config: ExperimentConfig) -> str | None:
+    """The arm every other is compared with: the one named 'baseline', else the first arm with no
+    synthetic data, mixup or cutmix; None when there is none."""
+    plain = [a.name for a in config.arms if a.strategy is None and not a.mixup and not a.cutmix]
+    return "baseline" if "baseline" in plain else (plain[0] if plain else None)
+
+
+def _per_image(row: dict) -> tuple[list[str], np.ndarray] | None:
+    """(test ids, 0/1 correctness) of a finished run from its report.json; None when the report
+    predates per-image results."""
+    from .classify import REPORT_FILE
+
+    file = Path(row["run"]) / REPORT_FILE
+    report = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    if "test_correct" not in report:
+        return None
+    return report["test_ids"], np.asarray(report["test_correct"], dtype=np.float64)
+
+
+def _paired(mine: list[dict], theirs: list[dict], n_boot: int) -> dict | None:
+    """paired_difference of two arms' runs over their common seeds (None when it cannot be had)."""
+    base = {r["seed"]: r for r in theirs}
+    seeds = sorted(r["seed"] for r in mine if r["seed"] in base)
+    arm = {r["seed"]: r for r in mine}
+    a, b, ids = [], [], None
+    for seed in seeds:
+        pa, pb = _per_image(arm[seed]), _per_image(base[seed])
+        if pa is None or pb is None or pa[0] != pb[0] or (ids is not None and pa[0] != ids):
+            return None
+        ids = pa[0]
+        a.append(pa[1])
+        b.append(pb[1])
+    if not seeds:
+        return None
+    return dict(paired_difference(np.stack(a), np.stack(b), n_boot), seed_list=seeds)
+
+
+def paired_difference(arm: np.ndarray, base: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The paired difference in accuracy between an arm and the baseline and its 95 % interval.
+
+    Args:
+        arm, base: (seeds, test images) 0/1 correctness; row i of both comes from the same seed
+            (same data order and initial weights), column j from the same test image.
+        n_boot: bootstrap replicates. Each resamples the seeds and, independently, the test
+            images (with replacement), keeping every (seed, image) pair together, and takes the
+            mean difference: the interval covers both seed-to-seed and test-set noise.
+    Returns:
+        {"diff": mean of arm - base, "ci": [2.5 %, 97.5 %] percentiles, "seeds", "images",
+        "significant": the interval excludes 0}.
+    """
+    d = np.asarray(arm, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError(f"need (seeds, images) arrays of equal shape, got {np.shape(arm)} and {np.shape(base)}")
+    n_seeds, n_images = d.shape
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for lo in range(0, n_boot, 500):
+        k = min(500, n_boot - lo)
+        weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=k)   # (k, images)
+        per_seed = d @ weights.T / n_images                                               # (seeds, k)
+        pick = rng.integers(0, n_seeds, size=(k, n_seeds))
+        reps[lo:lo + k] = per_seed[pick, np.arange(k)[:, None]].mean(axis=1)
+    ci = [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))]
+    return {"diff": float(d.mean()), "ci": ci, "seeds": n_seeds, "images": n_images,
+            "significant": bool(ci[0] > 0 or ci[1] < 0)}
 
 
 def _cell(stat: dict | None) -> str:
@@ -236,29 +315,47 @@ def _cell(stat: dict | None) -> str:
     return f"{100 * stat['mean']:.1f}{std}"
 
 
+def _diff_cell(paired: dict | None) -> str:
+    if not paired:
+        return "-"
+    d, (lo, hi) = 100 * paired["diff"], (100 * v for v in paired["ci"])
+    return f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if paired["significant"] else "")
+
+
 def markdown_table(summary: list[dict], config: ExperimentConfig) -> str:
-    """One table per setting: arm, strength, test accuracy (+ long-tail groups), % mean ± std over seeds."""
+    """One table per setting: arm, strength, test accuracy (% mean ± std over seeds), the paired
+    difference to the baseline with its 95 % bootstrap interval, mean class accuracy (+ long-tail groups)."""
+    base = baseline_arm(config)
     lines = [f"# {config.name}", "",
              f"Data `{config.data}`; {len(config.seeds)} seed(s) {list(config.seeds)}; classifier "
              f"{config.train.model_name} at {config.train.resolution} px, {config.train.epochs} epoch(s); "
              f"synthetic budget {config.synthesize.multiplier:g} x train images per arm and strength. "
              "Accuracy on the TEST split in %, mean ± sample std over seeds; selection on validation.", ""]
+    if base is not None:
+        lines += [f"Δ: the paired difference to `{base}` in points (same seeds, so the same data order, "
+                  "augmentation and initial weights; the same test images), with a 95 % interval from a "
+                  "bootstrap over seeds and test images; * = the interval excludes 0.", ""]
     for setting in config.settings:
         entries = [e for e in summary if e["setting"] == setting.name]
         cols = list(METRICS if setting.imbalance is not None else METRICS[:2])   # many/medium/few: long-tail
-        header = " | ".join(c.replace("_", " ") for c in cols)
-        lines += [f"## {setting.name}", "", f"| arm | strength | {header} |",
-                  "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
+        header = " | ".join(c.replace("_", " ") for c in cols[1:])
+        n_test = next((e["paired"]["images"] for e in entries if e.get("paired")), None)
+        lines += [f"## {setting.name}" + (f" ({n_test} test images)" if n_test else ""), "",
+                  f"| arm | strength | test accuracy | Δ vs {base} [95 % CI] | {header} |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in cols[1:]) + " |"]
         for e in entries:
             s = "-" if e["strength"] is None else f"{e['strength']:g}"
-            lines.append(f"| {e['arm']} | {s} | " + " | ".join(_cell(e.get(c)) for c in cols) + " |")
+            lines.append(f"| {e['arm']} | {s} | {_cell(e.get(cols[0]))} | {_diff_cell(e.get('paired'))} | "
+                         + " | ".join(_cell(e.get(c)) for c in cols[1:]) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> Path:
-    """Test accuracy against strength (one panel per setting): a line per synthetic arm with
-    its seed std as a band, a dashed level per arm without synthetic data. Matplotlib Agg PNG."""
+    """Top row: test accuracy against strength (one panel per setting), a line per synthetic arm
+    with its seed std as a band, a dashed level per arm without synthetic data. Bottom row: each
+    arm's paired difference to the baseline with its 95 % interval (zero: no difference).
+    Matplotlib Agg PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +363,11 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
 
     from .records import atomic_path
 
-    fig, axes = plt.subplots(1, len(config.settings), figsize=(5.5 * len(config.settings), 4), squeeze=False)
+    n = len(config.settings)
+    rows_per = max(1, max((sum(1 for e in summary if e["setting"] == st.name and e.get("paired"))
+                           for st in config.settings), default=1))
+    fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 4 + 0.28 * rows_per + 1.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [4, 0.28 * rows_per + 1.2]})
     for ax, setting in zip(axes[0], config.settings):
         entries = [e for e in summary if e["setting"] == setting.name]
         for arm in config.arms:
@@ -283,9 +384,24 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
             color = f"C{config.arms.index(arm)}"
             ax.plot(x, y, marker="o", label=arm.name, color=color)
             ax.fill_between(x, y - sd, y + sd, alpha=0.15, color=color)
-        ax.set(title=setting.name, xlabel="translation strength s", ylabel="test accuracy (%)")
+        ax.set(title=setting.name, xlabel="translation strength s", ylabel="test accuracy (%, mean ± std)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    base = baseline_arm(config)
+    for ax, setting in zip(axes[1], config.settings):
+        entries = [e for e in summary if e["setting"] == setting.name and e.get("paired")]
+        for i, e in enumerate(entries):
+            p = e["paired"]
+            d, lo, hi = (100 * v for v in (p["diff"], *p["ci"]))
+            color = f"C{[a.name for a in config.arms].index(e['arm'])}"
+            ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3,
+                        mfc=color if p["significant"] else "white")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(entries)), [e["arm"] + ("" if e["strength"] is None else f" s={e['strength']:g}")
+                                             for e in entries], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"Δ test accuracy vs {base} (points, 95 % CI; filled: excludes 0)")
+        ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -309,7 +425,7 @@ def run_experiment(config: ExperimentConfig, *, device: str | None = None, show_
     rows = []
     for run in tqdm(runs, desc="experiment", unit="run", disable=not show_progress):
         rows.append(run_one(config, run, dataset, pipes, device=device, show_progress=False))
-    summary = summarize(rows)
+    summary = summarize(rows, config)
     report_dir = Path(config.report_dir or config.out)
     files = {"markdown": report_dir / f"{config.name}.md", "json": report_dir / f"{config.name}.json",
              "plot": report_dir / f"{config.name}.png"}

@@ -82,13 +82,19 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
+CLIP_ENV = ("DIFFMIX_CLIP_MODEL", "DIFFMIX_CLIP_PRETRAINED")   # open_clip model / weights; "none" = off
+LOCAL_DIR = "local-dir:"
+CLIP_CONFIG_FILE = "open_clip_config.json"   # open_clip's folder config; its optional "label" names the model
+
+
 def load_clip(model_name: str, pretrained: str = "", device: str | None = None) -> ClipScorer:
     """An open_clip scorer, or an unavailable one with the reason. Never random weights:
     open_clip's ``create_model_from_pretrained`` refuses a model whose weights did not load.
 
     Args:
         model_name: open_clip architecture (``ViT-B-32``), ``local-dir:DIR`` (open_clip_config.json
-            + weights) or ``hf-hub:ORG/REPO``; "" or "none" = no CLIP.
+            + weights) or ``hf-hub:ORG/REPO``; "" or "none" = no CLIP. A local folder whose config
+            has a ``label`` (the demo CLIP's) is named by it.
         pretrained: weights tag (``openai``) or a local checkpoint file (architectures only).
     """
     from .models import default_device
@@ -96,12 +102,16 @@ def load_clip(model_name: str, pretrained: str = "", device: str | None = None) 
     if not model_name or model_name.lower() == "none":
         return ClipScorer("", reason="no CLIP model given (--clip-model NAME --clip-pretrained TAG, or "
                                      "--clip-checkpoint FILE)")
-    schema = model_name.split(":", 1)[0] if model_name.startswith(("local-dir:", "hf-hub:")) else None
+    schema = model_name.split(":", 1)[0] if model_name.startswith((LOCAL_DIR, "hf-hub:")) else None
     if schema is None and not pretrained:
         return ClipScorer(model_name, reason=f"no weights named for {model_name} (give a pretrained tag or a "
                                              "checkpoint file; diffmix never scores with random weights)")
     name = model_name if schema else f"{model_name}/{pretrained}"
     try:
+        if schema == LOCAL_DIR[:-1]:
+            label = json.loads((Path(model_name[len(LOCAL_DIR):]) / CLIP_CONFIG_FILE).read_text(encoding="utf-8")
+                               ).get("label")
+            name = label if isinstance(label, str) and label else name
         import open_clip
 
         model, preprocess = open_clip.create_model_from_pretrained(
@@ -110,6 +120,25 @@ def load_clip(model_name: str, pretrained: str = "", device: str | None = None) 
     except Exception as err:  # offline, unknown tag, missing/broken file, no cache
         return ClipScorer(name, reason=f"{name} could not be loaded ({_first_line(err)})")
     return ClipScorer(name, model=model.eval(), preprocess=preprocess, tokenizer=tokenizer)
+
+
+def bundle_clip_path(bundle) -> Path | None:
+    """The open_clip folder a bundle names in adapter.json's optional ``clip`` (relative to the
+    bundle: the demo world's ``../clip``), or None when it names none."""
+    rel = bundle.meta.get("clip") if bundle is not None else None
+    return (Path(bundle.path) / rel).resolve() if rel else None
+
+
+def default_clip(bundle=None) -> tuple[str, str]:
+    """(model, pretrained) for :func:`load_clip`: ``DIFFMIX_CLIP_MODEL`` / ``_PRETRAINED`` when set;
+    else the CLIP the bundle names (the demo world's demo CLIP, as ``local-dir:``); else
+    ScoreConfig's default (OpenAI's ViT-B-32)."""
+    if os.environ.get(CLIP_ENV[0]) is not None:
+        return os.environ[CLIP_ENV[0]], os.environ.get(CLIP_ENV[1], ScoreConfig.clip_pretrained)
+    path = bundle_clip_path(bundle)
+    if path is not None:
+        return f"{LOCAL_DIR}{path}", ""
+    return ScoreConfig.clip_model, os.environ.get(CLIP_ENV[1], ScoreConfig.clip_pretrained)
 
 
 TINY_CLIP_CONFIG = {  # a ~0.2 M-parameter open_clip CLIP for tests (random weights: code paths only)

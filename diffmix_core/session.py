@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import Bundle, load_bundle
-from .config import ScoreConfig, TranslateConfig, get_strategy
+from .config import TranslateConfig, get_strategy
 from .data import read_dataset
 from .records import read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
 from .translate import Job, Result, Source, translate
@@ -32,7 +32,6 @@ ALL_OTHER = "all other classes"            # target choice: one row block per ot
 BUNDLES_ENV = "DIFFMIX_BUNDLES"            # os.pathsep-separated folders searched for bundles
 OUTPUT_ENV = "DIFFMIX_OUTPUT"              # exports go to <root>/exports/
 SESSIONS_ENV = "DIFFMIX_SESSIONS"          # per-session work folders (default: <tmp>/diffmix-sessions)
-CLIP_ENV = ("DIFFMIX_CLIP_MODEL", "DIFFMIX_CLIP_PRETRAINED")   # open_clip model / weights; "none" = off
 EXPORT_FORMATS = ("imagefolder", "authors", "zip")   # the same set `diffmix synthesize --export` writes
 THRESHOLDS = {  # key: (score key, comparison, label)
     "min_p_target": ("p_target", ">=", "P(target)"),
@@ -207,18 +206,18 @@ def pipeline_for(bundle: Bundle):
         return _MODELS[key]
 
 
-def clip_scorer(wait: bool = False):
-    """The process-wide CLIP scorer (DIFFMIX_CLIP_MODEL / _PRETRAINED, default ScoreConfig's).
+def clip_scorer(bundle: Bundle | None = None, wait: bool = False):
+    """The process-wide CLIP scorer for ``bundle`` (scoring.default_clip: DIFFMIX_CLIP_MODEL /
+    _PRETRAINED when set, else the CLIP the bundle names, e.g. the demo world's, else ScoreConfig's).
 
     CLIP loads on a background thread: a first download (or, offline, a Hub look-up that
     has to time out) never holds up the page or a sweep. Until it is ready this returns an
     unavailable scorer whose status says so; ``wait=True`` blocks until it is loaded.
     An unavailable one says why (offline: no weights).
     """
-    from .scoring import ClipScorer, load_clip
+    from .scoring import ClipScorer, default_clip, load_clip
 
-    model = os.environ.get(CLIP_ENV[0], ScoreConfig.clip_model)
-    pretrained = os.environ.get(CLIP_ENV[1], ScoreConfig.clip_pretrained)
+    model, pretrained = default_clip(bundle)
     key = ("clip", model, pretrained)
     with _MODEL_LOCK:
         loader = _MODELS.get(("clip-thread", *key[1:]))
@@ -450,7 +449,7 @@ def score_results(results: list[Result], bundle: Bundle) -> tuple[dict | None, o
     except ImportError as err:
         return None, None, [f"scores unavailable ({err})"]
     reference, ref_status = reference_for(bundle)
-    clip = clip_scorer()
+    clip = clip_scorer(bundle)
     records = [r.record for r in results]
     scores, embeddings = score_images([r.image for r in results], records, reference=reference, clip=clip,
                                       prompt=lambda c: class_prompt(c, bundle))

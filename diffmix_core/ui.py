@@ -90,7 +90,7 @@ def on_bundle(path: str):
     """Bundle panel, example gallery, class dropdowns and the profile's strength / thresholds."""
     bundle = load_bundle(path)
     _, ref_status = S.reference_for(bundle)
-    info = S.bundle_markdown(bundle, S.clip_scorer().status, ref_status)
+    info = S.bundle_markdown(bundle, S.clip_scorer(bundle).status, ref_status)
     classes = list(bundle.classes)
     examples = S.bundle_examples(bundle)
     profile = S.bundle_profile(bundle)
@@ -254,9 +254,9 @@ INTRO = ("# diffmix — Diff-Mix inter-class translation\n"
 
 
 def build_demo() -> gr.Blocks:
-    S.clip_scorer()   # start loading CLIP in the background now, not on the first sweep
     bundles = S.find_bundles()
     first = next(iter(bundles.values()))
+    S.clip_scorer(load_bundle(first))   # start loading its CLIP in the background now, not on the first sweep
     classes = list(load_bundle(first).classes)
     limits = S.Limits.from_env()
     with gr.Blocks(title="diffmix") as demo:

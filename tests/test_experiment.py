@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from diffmix_core import classify
 from diffmix_core.cli import main
-from diffmix_core.experiment import experiment_from_dict, load_experiment, plan_runs, summarize
+from diffmix_core.experiment import experiment_from_dict, load_experiment, paired_difference, plan_runs, summarize
 from diffmix_core.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +24,58 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_shipped_config_and_its_quick_variant():
     full = load_experiment(ROOT / "configs" / "experiment_demo.yaml")
     assert [a.name for a in full.arms] == ["baseline", "mixup", "cutmix", "real-mix", "diff-aug", "diff-mix"]
-    assert full.seeds == (0, 1, 2) and len(full.settings) == 2 and full.settings[1].imbalance == 0.1
+    assert full.seeds == (0, 1, 2, 3, 4) and len(full.settings) == 2 and full.settings[1].imbalance == 0.1
     assert full.settings[0].shots == 10   # the split the shipped bundle was fine-tuned on
-    # 2 settings x (3 plain arms + 3 synthetic arms x 3 strengths) x 3 seeds
-    assert len(plan_runs(full)) == 2 * (3 + 3 * 3) * 3
+    # 2 settings x (3 plain arms + 3 synthetic arms x 3 strengths) x 5 seeds
+    assert len(plan_runs(full)) == 2 * (3 + 3 * 3) * 5
     quick = load_experiment(ROOT / "configs" / "experiment_demo.yaml", quick=True, out="elsewhere")
     assert quick.seeds == (0, 1) and quick.train.epochs == 1 and quick.translate.num_inference_steps == 4
     assert quick.train.model_name == full.train.model_name and quick.out == "elsewhere"
+    assert load_experiment(ROOT / "configs" / "experiment_demo.yaml", seeds=[7, 8]).seeds == (7, 8)   # --seeds
+
+
+def test_shipped_config_runs_on_the_shipped_birds_without_a_data_build():
+    """Its data and split files are in the repository: every setting's split resolves (read only)."""
+    from diffmix_core.data import SplitConfig, read_dataset, resolve_splits
+
+    full = load_experiment(ROOT / "configs" / "experiment_demo.yaml")
+    dataset = read_dataset(ROOT / full.data, show_progress=False)
+    splits = {}
+    for setting in full.settings:
+        split = SplitConfig(seed=full.split.seed, val_fraction=full.split.val_fraction,
+                            test_fraction=full.split.test_fraction, shots=setting.shots, imbalance=setting.imbalance)
+        splits[setting.name] = resolve_splits(dataset, ROOT / setting.split_file, split)
+    few, lt = splits["10-shot"], splits["long-tail IF 0.1"]
+    assert len(few["train"]) == 100 and len(few["val"]) == 100 and len(few["test"]) == 1000
+    assert few["test"] == lt["test"] and few["val"] == lt["val"] and set(lt["train"]) < set(few["train"])
+    assert len(lt["train"]) == sum((10, 7, 5, 4, 3, 2, 1, 1, 1, 1))
+
+
+def test_paired_difference_and_its_interval():
+    rng = np.random.default_rng(0)
+    base = (rng.random((5, 1000)) < 0.6).astype(float)
+    same = paired_difference(base, base)
+    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and not same["significant"]
+    better = base.copy()
+    better[:, :100] = 1.0                      # the arm gets 100 more images right... where base was wrong
+    gain = float((better - base).mean())
+    res = paired_difference(better, base)
+    assert res["diff"] == pytest.approx(gain) and res["significant"] and res["ci"][0] > 0 < gain <= res["ci"][1]
+    assert (res["seeds"], res["images"]) == (5, 1000)
+    noise = (rng.random((5, 1000)) < 0.6).astype(float)   # an unrelated arm of equal accuracy: no significance
+    res = paired_difference(noise, base)
+    assert res["ci"][0] < 0 < res["ci"][1] and not res["significant"]
+    with pytest.raises(ValueError, match="seeds, images"):
+        paired_difference(np.zeros(3), np.zeros(3))
+
+
+def test_replacement_does_not_change_the_data_order():
+    """Every arm of a seed sees the real images in the same order (paired runs)."""
+    orders = []
+    for n_synth, p in ((0, 0.0), (50, 0.3), (50, 1.0)):
+        rng, swap = np.random.default_rng([3, 0]), np.random.default_rng([3, 1])
+        orders.append([classify.replacement_plan(40, n_synth, p, rng, swap)[0].tolist() for _ in range(3)])
+    assert orders[0] == orders[1] == orders[2]
 
 
 def test_config_errors_are_actionable():
@@ -106,15 +151,30 @@ def test_quick_experiment_writes_table_json_and_plot(demo_like, tmp_path, capsys
     cfg.write_text(QUICK_YAML)
     out, docs = tmp_path / "work", tmp_path / "docs"
     args = ["experiment", "--config", str(cfg), "--quick", "--data", str(data), "--bundle", str(bundle),
-            "--out", str(out), "--report-dir", str(docs), "--quiet"]
+            "--out", str(out), "--report-dir", str(docs), "--seeds", "0", "1", "--quiet"]
     assert main(args) == 0
     table = (docs / "quick_table.md").read_text()
     assert "## 3-shot" in table and "## long-tail IF 0.5" in table and "| diff-mix | 0.5 |" in table
     assert table.count("±") >= 2 * 4 * 2      # 2 seeds -> a std in every cell (4 rows per setting)
-    assert table.count("| test accuracy | mean class accuracy |") == 2
+    assert table.count("| test accuracy | Δ vs baseline [95 % CI] | mean class accuracy |") == 2
     assert table.count("| many | medium | few |") == 1          # long-tail groups only where there is a tail
     result = json.loads((docs / "quick_table.json").read_text())
     assert len(result["rows"]) == 2 * (2 + 2 + 2 * 2) and {r["seed"] for r in result["rows"]} == {0, 1}
+    # paired statistics: every arm against the baseline on the same seeds and test images
+    for e in result["summary"]:
+        if e["arm"] == "baseline":
+            assert "paired" not in e
+            continue
+        p = e["paired"]
+        assert p["seeds"] == 2 and p["seed_list"] == [0, 1] and p["images"] == 6
+        assert p["ci"][0] <= p["diff"] <= p["ci"][1]
+        acc = e["test_accuracy"]["mean"]
+        base = next(b for b in result["summary"] if b["arm"] == "baseline" and b["setting"] == e["setting"])
+        assert p["diff"] == pytest.approx(acc - base["test_accuracy"]["mean"])   # the same images, paired
+    runs = {(r["arm"], r["strength"], r["seed"]): r for r in result["rows"] if r["setting"] == "3-shot"}
+    base0 = json.loads((Path(runs[("baseline", None, 0)]["run"]) / "report.json").read_text())
+    mix0 = json.loads((Path(runs[("diff-mix", 0.5, 0)]["run"]) / "report.json").read_text())
+    assert base0["test_ids"] == mix0["test_ids"] and len(base0["test_correct"]) == 6
     with Image.open(docs / "quick_table.png") as im:
         assert im.format == "PNG" and im.size[0] > 600
     assert "quick_table.md" in capsys.readouterr().out

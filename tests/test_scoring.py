@@ -243,3 +243,32 @@ def test_score_cli_with_a_bundle_reference_and_set_recommended(translated, tiny_
     assert summary["reference"]["path"].endswith("reference") and summary["recommended_strength"] in (0.5, 1.0)
     assert load_bundle(tmp_path / "b").meta["recommended_strength"] == summary["recommended_strength"]
     assert all(r["scores"]["p_target"] is not None for r in read_jsonl(out / "records.jsonl"))
+
+
+def test_score_cli_defaults_to_the_clip_the_bundle_names(translated, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A bundle naming its CLIP (the demo world's) is scored with it when --clip-model is not given;
+    DIFFMIX_CLIP_MODEL and --clip-model still choose another."""
+    from diffmix_core.adapters import save_bundle
+    from diffmix_core.config import DemoClipConfig
+    from diffmix_core.demo_clip import CLIP_LABEL, attach_clip, build_model, save_clip
+    from diffmix_core.reference import attach_reference
+
+    out, ref_dir = translated
+    tokens = [f"<c{i}>" for i in range(len(CLASSES))]
+    save_bundle(tmp_path / "b", classes=list(CLASSES), tokens=tokens, embeddings={t: torch.randn(32) for t in tokens},
+                lora_state_dict=None, base_model=str(tiny_model_dir), superclass="bird", resolution=32)
+    attach_reference(tmp_path / "b", ref_dir)
+    config = DemoClipConfig(embed_dim=16, image_size=32, vision_width=32, vision_layers=1, text_width=32,
+                            text_layers=1)
+    attach_clip(tmp_path / "b", save_clip(build_model(config), tmp_path / "clip", config, {}))
+    monkeypatch.delenv("DIFFMIX_CLIP_MODEL", raising=False)
+    args = ["score", "--input", str(out), "--bundle", str(tmp_path / "b"), "--out", str(tmp_path / "r"), "--quiet"]
+    assert cli.main(args) == 0
+    assert f"CLIP: {CLIP_LABEL}" in capsys.readouterr().out
+    assert all(r["scores"]["clip_target"] is not None for r in read_jsonl(out / "records.jsonl"))
+    assert json.loads((tmp_path / "r" / "sweep_summary.json").read_text())["clip"] == f"CLIP: {CLIP_LABEL}"
+    assert cli.main(args + ["--clip-model", "none"]) == 0
+    assert "CLIP unavailable: no CLIP model given" in capsys.readouterr().out
+    monkeypatch.setenv("DIFFMIX_CLIP_MODEL", "none")
+    assert cli.main(args) == 0
+    assert "CLIP unavailable: no CLIP model given" in capsys.readouterr().out
