@@ -549,6 +549,7 @@ class DemoWorldConfig:
     recommend_per_class: int = 1      # val images per class translated to choose the recommended strength
     recommend_targets: int = 9        # target classes per such image (the next ones in label order; 9 = all others)
     split_seed: int = 0               # the one split seed (full split for the reference, few-shot for the bundle)
+    heldout_per_class: int = 80       # new test images per class shipped beside the test split's (20 + 80 = 100)
 
     def __post_init__(self) -> None:
         check_numbers(self)

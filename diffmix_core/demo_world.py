@@ -55,7 +55,8 @@ def quick_config() -> DemoWorldConfig:
         clip=DemoClipConfig(embed_dim=16, image_size=32, vision_width=32, vision_layers=1, text_width=32,
                             text_layers=1, steps=2, batch_size=8, warmup_steps=1, checkpoint_every=1),
         shots=2, finetune_steps=2, finetune_batch_size=2, lora_rank=2, reference_model="test_resnet",
-        recommend_targets=2, reference_pretrained="none", reference_epochs=1, reference_image_size=32, num_inference_steps=4)
+        recommend_targets=2, reference_pretrained="none", reference_epochs=1, reference_image_size=32, num_inference_steps=4,
+        heldout_per_class=2)
 
 
 # --------------------------------------------------------------------------- splits and bundle
@@ -448,11 +449,10 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
 
 
 def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict, per_class: int = 2,
-                 clip: Path | None = None) -> Path:
+                 clip: Path | None = None, settings: DemoWorldConfig | None = None) -> Path:
     """``out/base`` (the pipeline in fp16 safetensors; it loads as fp32 with the same output),
-    ``out/bundle`` (pointing at it; with ``clip``, the demo CLIP attached) and ``out/demo.json``.
-    Returns ``out``."""
-    from .demo_clip import attach_clip
+    ``out/bundle`` (pointing at it; with ``clip`` and ``settings``, the demo CLIP attached and
+    the shipped birds: :func:`ship_extras`) and ``out/demo.json``. Returns ``out``."""
     from .models import load_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
@@ -465,19 +465,47 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
     profile = {"strength": info["recommended_strength"], "thresholds": {}, "strategy": "diff-mix",
                "num_inference_steps": info["num_inference_steps"], "guidance_scale": info["guidance_scale"]}
     bundle = _copy_bundle(bundle_dir, out / "bundle", data, per_class, out / "base", profile)
-    if clip is not None:
-        bundle = attach_clip(bundle.path, clip)
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     info = dict(info, total_bytes=sum(sizes.values()), bundle_hash=bundle.hash)
     write_text_atomic(out / DEMO_JSON, json.dumps(info, indent=1) + "\n")
+    if clip is not None and settings is not None:
+        ship_extras(out, data.parent, clip, settings)
     return out
+
+
+def ship_extras(assets: str | os.PathLike, data: str | os.PathLike, clip: str | os.PathLike,
+                settings: DemoWorldConfig, show_progress: bool = False) -> dict:
+    """Add to a shipped demo world (``assets``: base/, bundle/, demo.json) the demo CLIP (attached
+    to the bundle: demo_clip.attach_clip) and the shipped birds with the held-out test set
+    (:func:`ship_birds` from the build's ``data`` folder); refresh demo.json (sizes, bundle hash,
+    the CLIP's and the birds' figures). Returns demo.json's content."""
+    from .adapters import load_bundle
+    from .data import SPLIT_FILE, read_split_file
+    from .demo_clip import CONFIG_FILE, attach_clip
+
+    assets = Path(assets)
+    bundle = attach_clip(assets / "bundle", clip)
+    birds = ship_birds(assets / SHIPPED_BIRDS, data, settings, settings.heldout_per_class, show_progress)
+    splits = read_split_file(birds / SPLIT_FILE)["splits"]
+    info = json.loads((assets / DEMO_JSON).read_text(encoding="utf-8"))
+    clip_meta = json.loads((bundle.path / "clip" / CONFIG_FILE).read_text(encoding="utf-8"))
+    info["settings"] = json.loads(json.dumps(dataclasses.asdict(settings)))
+    info["clip"] = {"label": clip_meta["label"], "folder": "bundle/clip", **{k: clip_meta["diffmix"][k] for k in
+                                                                            ("train_images", "parameters", "seconds")}}
+    info["birds"] = {"folder": SHIPPED_BIRDS, **{k: len(v) for k, v in splits.items()},
+                     "test_sources": f"the test split + {settings.heldout_per_class} new images per class"}
+    bundle = load_bundle(assets / "bundle")
+    for _ in range(2):   # demo.json counts itself
+        total = sum(p.stat().st_size for p in assets.rglob("*") if p.is_file())
+        info.update(total_bytes=total, bundle_hash=bundle.hash)
+        write_text_atomic(assets / DEMO_JSON, json.dumps(info, indent=1) + "\n")
+    return info
 
 
 # --------------------------------------------------------------------------- the shipped birds + held-out set
 SHIPPED_BIRDS = "birds"              # assets/demo/birds: what `demo evaluate` and the experiment read
 LONGTAIL_SPLIT = "longtail_split.json"
 LONGTAIL_IMBALANCE = 0.1             # the long-tail setting of configs/experiment_demo.yaml (n_i = 10 ... 1)
-HELDOUT_PER_CLASS = 80               # new images per class added to the 20 of the test split: 100 per class
 TEST_JPEG_QUALITY = 95               # held-out images are stored as JPEG (a third of PNG; train/val stay PNG)
 
 
@@ -490,7 +518,7 @@ def _split_json(dataset_name: str, classes, splits: dict, config: SplitConfig) -
 
 
 def ship_birds(dest: str | os.PathLike, data: str | os.PathLike, settings: DemoWorldConfig,
-               heldout_per_class: int = HELDOUT_PER_CLASS, show_progress: bool = True) -> Path:
+               heldout_per_class: int = 80, show_progress: bool = True) -> Path:
     """The demo birds the repository ships (``dest``, e.g. ``assets/demo/birds``), so the demo
     experiment and ``demo evaluate`` need no data build:
 
@@ -594,5 +622,5 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
             "base": {k: pre[k] for k in ("scaling_factor", "vae_psnr_db", "vae_psnr_after_decoder_db", "parameters")},
             "reference_val_accuracy": json.loads((bundle.path / "reference" / "reference.json").read_text())
             .get("val_accuracy"), "settings": json.loads(json.dumps(dataclasses.asdict(settings)))}
-    write_assets(target, base, load_bundle(out / "bundle").path, birds, info, clip=clip)
+    write_assets(target, base, load_bundle(out / "bundle").path, birds, info, clip=clip, settings=settings)
     return load_bundle(target / "bundle")

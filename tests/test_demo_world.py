@@ -143,9 +143,20 @@ def test_build_world_quick_ships_a_bundle_with_a_reference(quick_world):
     assert sorted(p.name for p in (assets / "bundle" / "examples").iterdir()) == sorted(map(safe_name, DEMO_CLASSES))
     pipe = load_pipeline(bundle.base_model, device="cpu", dtype="fp32")   # fp16 files load as fp32
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
-    info = json.loads((assets / "demo.json").read_text())
-    assert info["guidance_scale"] == 2.5 and info["total_bytes"] < 40e6
     few = json.loads((quick_world / "data" / "fewshot_split.json").read_text())
+    info = json.loads((assets / "demo.json").read_text())
+    assert info["guidance_scale"] == 2.5 and info["total_bytes"] < 50e6
+    # the demo CLIP, trained by the build, attached to the bundle, loaded through open_clip
+    from diffmix_core.demo_clip import CLIP_LABEL
+    from diffmix_core.scoring import default_clip, load_clip
+
+    assert bundle.meta["clip"] == "clip" and info["clip"]["label"] == CLIP_LABEL
+    clip = load_clip(*default_clip(bundle), device="cpu")
+    assert clip.available and clip.name == CLIP_LABEL
+    # the shipped birds: few-shot train + val, test split + the held-out images (2 per class in --quick)
+    shipped = json.loads((assets / "birds" / "diffmix_split.json").read_text())["splits"]
+    assert shipped["train"] == few["splits"]["train"] and shipped["val"] == few["splits"]["val"]
+    assert info["birds"]["test"] == len(shipped["test"]) == len(few["splits"]["test"]) + 2 * len(DEMO_CLASSES)
     full = json.loads((quick_world / "data" / "birds" / "diffmix_split.json").read_text())
     assert few["splits"]["test"] == full["splits"]["test"] and len(few["splits"]["train"]) == 2 * len(DEMO_CLASSES)
 
@@ -172,7 +183,9 @@ def test_evaluate_prints_the_table_and_last_line(quick_world, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"target_hit_at_0\.9=\d\.\d{3} source_keep_at_0\.3=\d\.\d{3}", lines[-1])
     assert lines[0].split()[:4] == ["strength", "n", "target_hit", "source_keep"]
-    assert len(lines) == 4 and lines[1].split()[1] == str(len(DEMO_CLASSES) * (len(DEMO_CLASSES) - 1))
+    assert lines[0].split()[-1] == "clip_target"   # the bundle's demo CLIP scores too (its line before the last)
+    assert len(lines) == 5 and lines[1].split()[1] == str(len(DEMO_CLASSES) * (len(DEMO_CLASSES) - 1))
+    assert lines[-2].startswith("demo CLIP (trained on the demo world), not OpenAI's: zero-shot accuracy")
 
 
 def test_format_table_last_line_without_those_strengths():
