@@ -36,7 +36,7 @@ def test_shipped_config_and_its_quick_variant():
 
 def test_shipped_config_runs_on_the_shipped_birds_without_a_data_build():
     """Its data and split files are in the repository: every setting's split resolves (read only)."""
-    from diffmix_core.data import SplitConfig, read_dataset, resolve_splits
+    from diffmix_core.data import SplitConfig, long_tail_counts, read_dataset, resolve_splits
 
     full = load_experiment(ROOT / "configs" / "experiment_demo.yaml")
     dataset = read_dataset(ROOT / full.data, show_progress=False)
@@ -48,7 +48,7 @@ def test_shipped_config_runs_on_the_shipped_birds_without_a_data_build():
     few, lt = splits["10-shot"], splits["long-tail IF 0.1"]
     assert len(few["train"]) == 100 and len(few["val"]) == 100 and len(few["test"]) == 1000
     assert few["test"] == lt["test"] and few["val"] == lt["val"] and set(lt["train"]) < set(few["train"])
-    assert len(lt["train"]) == sum((10, 7, 5, 4, 3, 2, 1, 1, 1, 1))
+    assert len(lt["train"]) == sum(long_tail_counts(10, 10, 0.1)) == 36     # n_i = 10, 7, 5, 4, 3, 2, 2, 1, 1, 1
 
 
 def test_paired_difference_and_its_interval():
