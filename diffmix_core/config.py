@@ -515,6 +515,7 @@ class DemoClipConfig:
     seed: int = 0                     # initialisation, batches, augmentation
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
         if self.vision_width % 32 or self.text_width % self.text_heads:
