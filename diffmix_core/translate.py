@@ -318,25 +318,81 @@ def translate(
         bar = tqdm(total=total, desc="translate", unit="step", disable=not show_progress)
         done = 0
         embed = _PromptCache(pipe, config.guidance_scale > 1, prompt_cache)
-        for group in groups.values():
+        for size, group in groups.items():
+            unet_limit = _batch_limit(pipe, ("unet", size, embed.cfg), config.batch_size)
             for k in range(n):
                 active = [st for st in group if st.start <= k]
-                for chunk in _chunks(active, config.batch_size):
-                    _denoise_step(pipe, chunk, k, config.guidance_scale, embed)
+                for chunk, _ in fit_batches(active, unet_limit, lambda c: _denoise_step(pipe, c, k, config.guidance_scale, embed)):
                     done += len(chunk)
                     bar.update(len(chunk))
                     if callback:
                         callback(done, total)
-            for chunk in _chunks(group, config.batch_size):
-                for st, image in zip(chunk, _decode(pipe, chunk)):
+            vae_limit = _batch_limit(pipe, ("vae", size), config.batch_size)
+            for chunk, images in fit_batches(group, vae_limit, lambda c: _decode(pipe, c)):
+                for st, image in zip(chunk, images):
                     results[st.index] = Result(image, make_record(base, st, resolution))
         bar.close()
     return results  # type: ignore[return-value]
 
 
-def _chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+# --------------------------------------------------------------------------- batches that fit the device
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for an accelerator out-of-memory error (CUDA's OutOfMemoryError, MPS/XPU's RuntimeError)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+@dataclass
+class BatchLimit:
+    """The most jobs one model call may take; halved each time the device runs out of memory."""
+
+    size: int      # current limit (>= 1)
+    splits: int = 0  # how many times an out-of-memory error halved it
+
+
+def _batch_limit(pipe, key: tuple, requested: int) -> BatchLimit:
+    """The limit for one kind of call at one input size, kept on the pipeline so that later calls
+    (the next synthesis batch) start from what fitted instead of running out of memory again."""
+    limits = pipe.__dict__.setdefault("diffmix_batch_limits", {})
+    key = (*key, str(pipe.device), str(pipe.unet.dtype))
+    known = limits.get(key)
+    if known is None or known.size > requested:
+        known = limits[key] = BatchLimit(requested, known.splits if known else 0)
+    return known
+
+
+def fit_batches(items: list, limit: BatchLimit, run: Callable[[list], object]):
+    """Run ``run`` over ``items`` in chunks of at most ``limit.size``, yielding (chunk, output).
+
+    A chunk that raises out-of-memory is halved (and the limit with it) and retried; nothing
+    has changed by then, because ``run`` fails inside the model call, before any state update,
+    and each job draws its noise from its own generator, so the images are those of the unsplit
+    run. One job that does not fit re-raises the error with what to do about it.
+    """
+    i = 0
+    while i < len(items):
+        chunk = items[i : i + limit.size]
+        try:
+            out = run(chunk)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            if len(chunk) == 1:
+                err.add_note("diffmix: one job per model call does not fit this device's memory; "
+                             "lower --resolution, use --dtype fp16, or free the device")
+                raise
+            limit.size = max(1, len(chunk) // 2)
+            limit.splits += 1
+            _release_cached_memory()
+            continue
+        yield chunk, out
+        i += len(chunk)
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _prepare(pipe, states: list[_State], config: TranslateConfig, resolution: int) -> None:

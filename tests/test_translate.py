@@ -106,3 +106,52 @@ def test_soft_label_uses_strength_that_ran(tiny_pipe):
     assert rec["strength_run"] == pytest.approx(0.68) and rec["steps_run"] == 17
     assert rec["soft_label"] == pytest.approx(soft_label("owl", "duck", s, 0.5, 0.9))
     assert rec["soft_label"]["duck"] == pytest.approx(0.9 * 0.68 ** 0.5)
+
+
+def _fits_only(module, method: str, max_rows: int, seen: list[int]) -> None:
+    """Make ``module.method`` raise CUDA's out-of-memory error above ``max_rows`` batch rows."""
+    original = getattr(module, method)
+
+    def limited(sample, *args, **kwargs):
+        seen.append(sample.shape[0])
+        if sample.shape[0] > max_rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {sample.shape[0]} rows > {max_rows})")
+        return original(sample, *args, **kwargs)
+
+    setattr(module, method, limited)
+
+
+def test_out_of_memory_batches_are_split_with_identical_images(tiny_pipe, tiny_model_dir):
+    from diffmix_core.models import load_pipeline
+
+    sources = [Source(photo(20), "owl", "a"), Source(photo(21), "duck", "b")]
+    jobs = [Job(src, "crow", s, seed) for src in sources for s in (0.3, 0.5, 0.7, 0.9) for seed in (1, 2)]
+    config = TranslateConfig(strategy="real-mix", num_inference_steps=8, guidance_scale=7.5, batch_size=16)
+    unsplit = translate(tiny_pipe, jobs, config, superclass="bird", show_progress=False)
+
+    small = load_pipeline(tiny_model_dir, device="cpu", dtype="fp32")   # a device that takes 3 jobs (6 CFG rows)
+    unet_rows, vae_rows = [], []
+    _fits_only(small.unet, "forward", 6, unet_rows)
+    _fits_only(small.vae, "decode", 5, vae_rows)
+    steps = []
+    split = translate(small, jobs, config, superclass="bird", show_progress=False,
+                      callback=lambda done, total: steps.append((done, total)))
+    assert max(unet_rows) > 6 and unet_rows[-1] <= 6           # ran out of memory, then fitted
+    assert vae_rows == [16, 8, 4, 4, 4, 4]                      # 16 -> 8 -> 4 images per decode
+    assert steps[-1][0] == steps[-1][1] == sum(j.strength * 8 // 1 for j in jobs)   # every job-step counted once
+    for a, b in zip(unsplit, split):
+        assert a.record == b.record
+        assert a.image.tobytes() == b.image.tobytes()
+
+    # The pipeline remembers what fitted: the next call does not run out of memory again.
+    unet_rows.clear()
+    again = translate(small, jobs[:4], config, superclass="bird", show_progress=False)
+    assert max(unet_rows) <= 6
+    assert [r.image.tobytes() for r in again] == [r.image.tobytes() for r in split[:4]]
+
+    # One job that does not fit: the device's own error, with what to do.
+    tight = load_pipeline(tiny_model_dir, device="cpu", dtype="fp32")
+    _fits_only(tight.unet, "forward", 1, [])
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        translate(tight, jobs[:2], config, superclass="bird", show_progress=False)
+    assert "lower --resolution" in "".join(getattr(info.value, "__notes__", []))
