@@ -1,5 +1,7 @@
 """Loading base pipelines (Hub id or local folder), the offline CLIP tokenizer,
-and tiny SD-architecture pipelines for tests and offline use.
+tiny SD-architecture pipelines for tests and offline use, and random-weight
+pipelines of the real architectures (SD 1.5, 2.1, 2.1-base; configs as data in
+``archs/``) for checking a machine without downloading weights.
 
 Every stage gets its pipeline from :func:`load_pipeline`; nothing else in the
 library constructs one from a name.
@@ -127,6 +129,8 @@ def load_pipeline(
         ) from err
     # What the bundle check compares against (see adapters.check_base).
     pipe.diffmix_base = {"model": normalise_model_id(model), "revision": None if is_dir else revision}
+    # A folder of random weights (random_pipeline_dir) says so; the CLI and the app show it.
+    pipe.diffmix_random = random_weights_info(model) if is_dir else None
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
@@ -202,15 +206,17 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def clip_tokenizer(cache_dir: str | os.PathLike | None = None):
-    """The real CLIP BPE tokenizer (as Stable Diffusion 1.x uses), built offline."""
+def clip_tokenizer(cache_dir: str | os.PathLike | None = None, *, pad_token: str = "<|endoftext|>",
+                   model_max_length: int = 77):
+    """The real CLIP BPE tokenizer, built offline. SD 1.x pads with '<|endoftext|>';
+    SD 2.x (OpenCLIP's text tower, same BPE) pads with '!'."""
     from transformers import CLIPTokenizer
 
     folder = Path(cache_dir or CACHE_DIR / "clip-tokenizer")
     if not (folder / "merges.txt").exists():
         write_clip_tokenizer_files(folder)
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                         model_max_length=77, pad_token="<|endoftext|>")
+                         model_max_length=model_max_length, pad_token=pad_token)
 
 
 # --------------------------------------------------------------------------- tiny pipelines
@@ -266,3 +272,99 @@ def tiny_pipeline_dir(root: str | os.PathLike | None = None, seed: int = 0) -> P
                 shutil.rmtree(folder)
             tmp.rename(folder)
     return folder
+
+
+# --------------------------------------------------------------------------- real architectures, random weights
+ARCHS_DIR = Path(__file__).parent / "archs"
+# Written into every random-weight pipeline folder; load_pipeline reads it and labels the pipeline.
+RANDOM_MARKER = "diffmix_random.json"
+
+
+def arch_names() -> list[str]:
+    """The shipped architectures: ['sd15', 'sd21', 'sd21-base']."""
+    return sorted(p.stem for p in ARCHS_DIR.glob("*.json"))
+
+
+def load_arch(arch: str | os.PathLike) -> dict:
+    """An architecture as data: a shipped name ('sd15', 'sd21', 'sd21-base') or a JSON file of the
+    same form (keys unet, vae, text_encoder, tokenizer, scheduler: each component's config)."""
+    path = ARCHS_DIR / f"{arch}.json" if str(arch) in arch_names() else Path(arch)
+    if not path.is_file():
+        raise ValueError(f"unknown architecture {str(arch)!r}; use one of {arch_names()} or a JSON file "
+                         "with the keys unet, vae, text_encoder, tokenizer, scheduler")
+    spec = json.loads(path.read_text())
+    missing = [k for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if k not in spec]
+    if missing:
+        raise ValueError(f"architecture file {path} lacks {missing}")
+    spec.setdefault("name", path.stem)
+    return spec
+
+
+def build_random_pipeline(arch: str | os.PathLike | dict, seed: int = 0, dtype: str | torch.dtype | None = None):
+    """A pipeline of a real architecture with RANDOM weights (``torch.manual_seed(seed)`` init).
+
+    Shapes, parameter names, memory and speed are the real model's; its images are noise.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = arch if isinstance(arch, dict) else load_arch(arch)
+    torch.manual_seed(seed)
+    tok = spec["tokenizer"]
+    tokenizer = clip_tokenizer(pad_token=tok["pad_token"], model_max_length=tok["model_max_length"])
+    text_cfg = {k: v for k, v in spec["text_encoder"].items() if k not in ("architectures", "model_type")}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    vae = AutoencoderKL.from_config(spec["vae"])
+    unet = UNet2DConditionModel.from_config(spec["unet"])
+    scheduler = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(spec["scheduler"])
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    # .half()/.bfloat16() rather than .to(dtype): diffusers' ModelMixin.to warns on every cast.
+    cast = {torch.float16: "half", torch.bfloat16: "bfloat16", torch.float32: "float"}[resolve_dtype(dtype)]
+    for module in (text_encoder, vae, unet):
+        getattr(module, cast)()
+    return pipe
+
+
+def random_pipeline_dir(arch: str | os.PathLike, root: str | os.PathLike | None = None, *, seed: int = 0,
+                        dtype: str | torch.dtype = "fp16") -> Path:
+    """Build (once) and save a random-weight pipeline of ``arch``; returns the folder.
+
+    The folder is named ``random-<arch>-<dtype>`` by default and carries a README and
+    ``diffmix_random.json`` that say the weights are random; load it with :func:`load_pipeline`.
+    """
+    spec = load_arch(arch)
+    dtype = resolve_dtype(dtype)
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    folder = Path(root or CACHE_DIR / f"random-{spec['name']}-{short}")
+    if (folder / RANDOM_MARKER).exists():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    pipe = build_random_pipeline(spec, seed, dtype)
+    pipe.save_pretrained(tmp)
+    del pipe
+    info = {"random_weights": True, "arch": spec["name"], "seed": seed, "dtype": short,
+            "architecture_of": spec.get("reference"), "description": spec.get("description"),
+            "note": "RANDOM weights: the real architecture for checking shapes, memory and speed; images are noise."}
+    (tmp / "README.md").write_text(
+        f"# random-{spec['name']}: RANDOM WEIGHTS\n\nThe architecture of {spec.get('reference')} "
+        f"({spec.get('description')}) with randomly initialised weights (seed {seed}, {short}), written by "
+        "diffmix for `diffmix selftest` and `benchmarks/gpu.py`. Shapes, parameter names, memory and speed are "
+        "the real model's; its images are noise. Not a model: never train or publish from it.\n")
+    (tmp / RANDOM_MARKER).write_text(json.dumps(info, indent=1) + "\n")
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def random_weights_info(model: str | os.PathLike) -> dict | None:
+    """The random-weights marker of a pipeline folder (None for a real model or a Hub id)."""
+    marker = Path(model) / RANDOM_MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
