@@ -900,11 +900,51 @@ def run_demo_grid(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({grid.width} x {grid.height})")
 
 
+# --------------------------------------------------------------------------- selftest
+SELFTEST_HELP = {
+    "arch": "sd15, sd21 (v-prediction, 768 px), sd21-base, or an architecture JSON file",
+    "resolution": "image side in px; 0 = the architecture's own",
+    "device": "cuda, cpu, ... (default: CUDA when present)",
+    "dtype": "fp16 / bf16 / fp32 (default: fp16 on CUDA, fp32 on CPU)",
+    "num_inference_steps": "sampler steps N",
+    "strengths": "translate stage: strengths of the batch checked against diffusers' img2img",
+    "finetune_steps": "optimiser steps of the fine-tuning stage",
+    "rank": "LoRA rank r (paper: 10)",
+    "images_per_class": "dataset stage: images per class (2 classes)",
+    "synth_images": "synthesis stage: planned images",
+}
+
+
+def add_selftest_parser(sub) -> None:
+    from .config import SelftestConfig
+
+    p = sub.add_parser("selftest", help="the whole chain on a real SD architecture with random weights "
+                       "(no download): check a machine before spending GPU hours",
+                       description="Builds (once, cached) a RANDOM-weight pipeline of the real architecture, "
+                       "then: a small dataset -> finetune (TI + LoRA) -> bundle -> translate (checked against "
+                       "diffusers' img2img) -> import an authors'-format checkpoint -> synthesize + export. "
+                       "Prints each stage's time and peak memory; the last line is 'selftest ARCH: ok' or "
+                       "the failing stage (exit status 1).")
+    add_config_args(p, SelftestConfig, help=SELFTEST_HELP)
+    p.add_argument("--work", type=Path, default=None, help="folder for the run's files (default: a temporary one, "
+                   "removed afterwards); selftest.json there records the stage times")
+    p.set_defaults(run=run_selftest)
+
+
+def run_selftest(args: argparse.Namespace) -> None:
+    from .config import SelftestConfig
+    from .selftest import selftest
+
+    ok, _ = selftest(config_from_args(SelftestConfig, args), work=args.work)
+    if not ok:
+        raise SystemExit(1)
+
+
 # --------------------------------------------------------------------------- main
 PARSERS: list[Callable] = [add_translate_parser, add_import_parser, add_split_parser, add_synthesize_parser,
                            add_export_parser, add_train_reference_parser, add_score_parser,
                            add_finetune_parser, add_train_parser, add_experiment_parser, add_app_parser,
-                           add_demo_parser]
+                           add_demo_parser, add_selftest_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -595,3 +595,31 @@ class FilterConfig:
         why = [f"{key} {s[key]:.3f} {op} {t}" for key, t, bad, op in tests
                if t is not None and s.get(key) is not None and bad(s[key], t)]
         return "; ".join(why) or None
+
+
+@dataclass(frozen=True)
+class SelftestConfig:
+    """`diffmix selftest`: the whole chain on a real architecture with random weights."""
+
+    arch: str = "sd15"                # sd15, sd21 (v-prediction, 768 px), sd21-base, or an architecture JSON file
+    resolution: int = 0               # px; 0 = the architecture's own (512; 768 for sd21)
+    device: str | None = None         # default: CUDA when present, else CPU
+    dtype: str | None = None          # default: fp16 on CUDA, fp32 on CPU
+    num_inference_steps: int = 25     # sampler steps N (paper: 25)
+    strengths: tuple[float, ...] = (0.5, 0.9)  # translate stage: one job per strength per source image
+    finetune_steps: int = 2           # optimiser steps of the fine-tuning stage
+    rank: int = 10                    # LoRA rank r (paper: 10)
+    images_per_class: int = 2         # dataset stage: images per class (2 classes)
+    synth_images: int = 4             # synthesis stage: planned images
+
+    def __post_init__(self) -> None:
+        if self.resolution < 0 or self.resolution % 8:
+            raise ValueError(f"resolution must be 0 (the architecture's) or a positive multiple of 8, "
+                             f"got {self.resolution}")
+        for name in ("num_inference_steps", "finetune_steps", "rank", "images_per_class", "synth_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bad = [s for s in self.strengths if not 0.0 < s <= 1.0 or int(self.num_inference_steps * s) == 0]
+        if bad or not self.strengths:
+            raise ValueError(f"strengths must be in (0, 1] and run at least one of {self.num_inference_steps} "
+                             f"steps, got {bad or 'none'}")

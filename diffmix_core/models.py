@@ -9,6 +9,7 @@ library constructs one from a name.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -329,21 +330,33 @@ def build_random_pipeline(arch: str | os.PathLike | dict, seed: int = 0, dtype: 
     return pipe
 
 
-def random_pipeline_dir(arch: str | os.PathLike, root: str | os.PathLike | None = None, *, seed: int = 0,
+def random_pipeline_name(arch: str | os.PathLike, seed: int = 0, dtype: str | torch.dtype = "fp16") -> str:
+    """'random-sd15-fp16-<hash>': the folder name of a random-weight pipeline; the hash covers the
+    architecture data and the seed, so a changed architecture file never reuses a stale folder."""
+    spec = load_arch(arch)
+    digest = hashlib.sha256(json.dumps([spec, seed], sort_keys=True).encode()).hexdigest()[:8]
+    return f"random-{spec['name']}-{_dtype_name(dtype)}-{digest}"
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtype(dtype)]
+
+
+def random_pipeline_dir(arch: str | os.PathLike, folder: str | os.PathLike | None = None, *, seed: int = 0,
                         dtype: str | torch.dtype = "fp16") -> Path:
     """Build (once) and save a random-weight pipeline of ``arch``; returns the folder.
 
-    The folder is named ``random-<arch>-<dtype>`` by default and carries a README and
+    The folder (default: the cache's :func:`random_pipeline_name`) carries a README and
     ``diffmix_random.json`` that say the weights are random; load it with :func:`load_pipeline`.
+    Weights are stored in ``dtype`` (fp16 halves the disk: 2 GB for SD 1.5) and load in any dtype.
     """
     spec = load_arch(arch)
-    dtype = resolve_dtype(dtype)
-    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    folder = Path(root or CACHE_DIR / f"random-{spec['name']}-{short}")
+    short = _dtype_name(dtype)
+    folder = Path(folder or CACHE_DIR / random_pipeline_name(arch, seed, dtype))
     if (folder / RANDOM_MARKER).exists():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    pipe = build_random_pipeline(spec, seed, dtype)
+    pipe = build_random_pipeline(spec, seed, short)
     pipe.save_pretrained(tmp)
     del pipe
     info = {"random_weights": True, "arch": spec["name"], "seed": seed, "dtype": short,
