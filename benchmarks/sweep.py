@@ -5,8 +5,13 @@ engine:  diffmix's translate(): all 16 jobs (4 strengths x 4 seeds) share one
 loop:    the straightforward way (a hand-written loop or an X/Y/Z grid): one
          diffusers StableDiffusionImg2ImgPipeline call per strength, seeds batched.
 
-Prints both wall times (best of --repeats) and, last, `speedup: X.XX`.
-Tiny offline pipeline by default; --model for a real one (Hub id or folder).
+Prints both wall times (best of --repeats), the engine's efficiency, and, last,
+`speedup: X.XX`. Tiny offline pipeline by default; --model for a real one (Hub id or folder).
+
+efficiency = (UNet rows of the sweep x the best time per UNet row measured at any batch
+size) / engine time. Where one batch already fills the device (a CPU), the engine and the
+loop run the same rows at the same cost, so the speedup over the loop is near 1 by
+construction; the efficiency says how close the engine comes to pure UNet time (target >= 0.9).
 
     python benchmarks/sweep.py [--model stable-diffusion-v1-5/stable-diffusion-v1-5 --dtype fp16]
 """
@@ -26,6 +31,7 @@ from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from diffmix_core.config import TranslateConfig
+from diffmix_core.labels import steps_run
 from diffmix_core.models import load_pipeline, tiny_pipeline_dir
 from diffmix_core.translate import Job, Source, model_resolution, translate
 
@@ -57,6 +63,36 @@ def run_loop(pipe, image, config: TranslateConfig, prompt: str) -> float:
     return time.perf_counter() - t
 
 
+def sweep_unet_rows(num_inference_steps: int, guidance_scale: float) -> int:
+    """UNet rows (batch entries) of one sweep: each job runs floor(N*s) steps, 2 rows with CFG."""
+    per_job = sum(steps_run(num_inference_steps, s) for s in STRENGTHS) * len(SEEDS)
+    return per_job * (2 if guidance_scale > 1 else 1)
+
+
+def best_row_time(pipe, resolution: int, batch_sizes=(2, 4, 8, 16, 32), repeats: int = 3) -> tuple[float, dict]:
+    """The least seconds per UNet row over ``batch_sizes`` (rows per call), and the per-size figures."""
+    unet, f = pipe.unet, pipe.vae_scale_factor
+    text_dim = unet.config.cross_attention_dim
+    per_row = {}
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for b in batch_sizes:
+            x = torch.randn(b, unet.config.in_channels, resolution // f, resolution // f, device=pipe.device,
+                            dtype=unet.dtype)
+            text = torch.randn(b, 77, text_dim, device=pipe.device, dtype=unet.dtype)
+            t = torch.tensor(500, device=pipe.device)
+            unet(x, t, encoder_hidden_states=text)   # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                unet(x, t, encoder_hidden_states=text)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            per_row[b] = best / b
+    return min(per_row.values()), per_row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hub id or diffusers folder (default: the tiny offline pipeline)")
@@ -77,12 +113,18 @@ def main() -> None:
     run_loop(pipe, image, config, prompt)
     engine = min(run_engine(pipe, image, config) for _ in range(args.repeats))
     loop = min(run_loop(pipe, image, config, prompt) for _ in range(args.repeats))
+    rows = sweep_unet_rows(args.steps, config.guidance_scale)
+    row_time, per_row = best_row_time(pipe, model_resolution(pipe, config), repeats=args.repeats)
     device = pipe.device
     print(f"model: {args.model or 'tiny offline pipeline (random weights)'} on {device}, "
-          f"dtype {pipe.unet.dtype}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus")
+          f"dtype {pipe.unet.dtype}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus "
+          f"(load average {os.getloadavg()[0]:.1f}: a shared machine slows both paths alike)")
     print(f"sweep: strengths {STRENGTHS} x seeds {SEEDS}, {args.steps} steps, guidance {config.guidance_scale}")
     print(f"engine (one batched loop): {engine:.3f} s")
     print(f"loop (one img2img call per strength): {loop:.3f} s")
+    print("UNet time per row by rows per call: " + ", ".join(f"{b}: {t * 1e3:.2f} ms" for b, t in per_row.items()))
+    print(f"efficiency: {rows} UNet rows x {row_time * 1e3:.2f} ms best per row / {engine:.3f} s engine = "
+          f"{rows * row_time / engine:.2f}")
     print(f"speedup: {loop / engine:.2f}")
 
 
