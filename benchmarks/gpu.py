@@ -271,8 +271,8 @@ def main(argv=None) -> int:
 
     # (a) the sweep
     try:
-        result["sweep"] = part_sweep(pipe, resolution, repeats, steps) if clock.left() > 60 or args.smoke else \
-            {"skipped": "time guard"}
+        result["sweep"] = part_sweep(pipe, resolution, repeats, steps) \
+            if clock.left() > (5 if args.smoke else 60) else {"skipped": "time guard"}
     except Exception as err:
         traceback.print_exc()
         result["sweep"] = {"error": f"{type(err).__name__}: {err}"[:300]}
