@@ -175,8 +175,10 @@ def _stage_bundle(run: _Run) -> str:
     if len(lora) != want or bundle.meta["lora"]["rank"] != run.config.rank:
         raise ValueError(f"bundle LoRA has {len(lora)} tensors of rank {bundle.meta['lora']['rank']}; "
                          f"the UNet's attention needs {want} of rank {run.config.rank}")
-    width = {tuple(v.shape) for v in (load_file(bundle.embedding_file(t)) for t in bundle.tokens) for v in v.values()}
-    return f"{len(bundle.tokens)} tokens {width}, {len(lora)} LoRA tensors (rank {run.config.rank}), hash {bundle.hash[:12]}"
+    width = {tuple(vector.shape) for token in bundle.tokens
+             for vector in load_file(bundle.embedding_file(token)).values()}
+    return (f"{len(bundle.tokens)} tokens {width}, {len(lora)} LoRA tensors (rank {run.config.rank}), "
+            f"hash {bundle.hash[:12]}")
 
 
 def _attention_projections(unet) -> dict[str, tuple[int, int]]:
@@ -224,7 +226,8 @@ def _stage_translate(run: _Run) -> str:
         raise ValueError(f"engine and diffusers' img2img differ by {worst}/255 (> {limit}/255 for {run.dtype})")
     if len({r.image.tobytes() for r in results}) != len(results):
         raise ValueError("different jobs gave identical images")
-    return (f"{len(jobs)} jobs (strengths {run.config.strengths}, {run.config.num_inference_steps} steps) in one batch; "
+    return (f"{len(jobs)} jobs (strengths {run.config.strengths}, {run.config.num_inference_steps} steps) "
+            "in one batch; "
             f"max |engine - img2img| = {worst}/255 (limit {limit})")
 
 
@@ -264,7 +267,8 @@ def _stage_import(run: _Run) -> str:
     if diff == 0:
         raise ValueError("the imported LoRA does not change the output")
     keys = 2 * len(_attention_projections(run.pipe.unet))
-    return f"{keys} attention-processor LoRA keys + {len(CLASSES)} embeddings imported; LoRA changes pixels by {diff:.1f}/255 on average"
+    return (f"{keys} attention-processor LoRA keys + {len(CLASSES)} embeddings imported; "
+            f"LoRA changes pixels by {diff:.1f}/255 on average")
 
 
 def _stage_synthesize(run: _Run) -> str:
@@ -287,7 +291,7 @@ def _stage_synthesize(run: _Run) -> str:
     made = synthesize(run.pipe, plan, out, tconfig, bundle=run.bundle, show_progress=False)
     merged = merge(out, plan, export=("imagefolder", "authors"), show_progress=False)
     pngs = sorted((out / "export").rglob("*.png"))
-    if merged["kept"] != len(jobs) or not pngs or not (out / "export").rglob("meta.csv"):
+    if merged["kept"] != len(jobs) or not pngs or not any((out / "export").rglob("meta.csv")):
         raise ValueError(f"synthesis kept {merged['kept']} of {len(jobs)}; export holds {len(pngs)} PNGs")
     problems = verify_manifest(out / "export") if (out / "export" / "manifest.json").exists() else []
     if problems:
@@ -352,7 +356,8 @@ def selftest(config: SelftestConfig, *, work: str | Path | None = None, keep: bo
     total = sum(r.seconds for r in results)
     summary = {"arch": name, "device": device, "dtype": str(dtype).removeprefix("torch."), "resolution": run.resolution,
                "ok": failed is None, "failed": failed, "seconds": round(total, 1),
-               "stages": [{"stage": r.name, "seconds": round(r.seconds, 2), "peak_bytes": r.peak_bytes} for r in results]}
+               "stages": [{"stage": r.name, "seconds": round(r.seconds, 2), "peak_bytes": r.peak_bytes}
+                          for r in results]}
     if not tmp or keep:
         (root / "selftest.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(f"  total      {total:8.1f} s")

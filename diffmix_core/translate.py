@@ -322,7 +322,8 @@ def translate(
             unet_limit = _batch_limit(pipe, ("unet", size, embed.cfg), config.batch_size)
             for k in range(n):
                 active = [st for st in group if st.start <= k]
-                for chunk, _ in fit_batches(active, unet_limit, lambda c: _denoise_step(pipe, c, k, config.guidance_scale, embed)):
+                step = lambda chunk: _denoise_step(pipe, chunk, k, config.guidance_scale, embed)  # noqa: E731
+                for chunk, _ in fit_batches(active, unet_limit, step):
                     done += len(chunk)
                     bar.update(len(chunk))
                     if callback:
