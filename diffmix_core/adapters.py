@@ -580,13 +580,20 @@ def _check_embedding_files(folder: Path, tokens: tuple[str, ...], files: dict) -
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Load and verify a bundle folder (or its adapter.json). Never unpickles.
+    """Load and verify a bundle folder (or its adapter.json), or a Hub repo id ``owner/name``
+    that is not a local path (fetched through the Hub cache by ``hub.pull_bundle``, then
+    verified the same way). Never unpickles.
 
     Raises:
         FileNotFoundError: the folder, adapter.json or a listed file is missing.
         ValueError: anything else wrong (JSON, keys, tokens, embeddings, LoRA, sha256).
     """
     folder = Path(path)
+    if not folder.exists():
+        from .hub import HUB_REPO_ID, pull_bundle
+
+        if HUB_REPO_ID.match(str(path)):
+            return pull_bundle(str(path))
     if folder.name == ADAPTER_JSON and folder.is_file():
         folder = folder.parent
     meta, digest = _read_meta(folder)

@@ -16,7 +16,9 @@ split is decoded only after training, for the final report. Output folder::
     <out>/report.json         test / per-class / many-medium-few accuracy, history, settings
 
 Synthetic sets are read from either export layout (export.py): the Hugging Face
-imagefolder (``metadata.jsonl``) or the authors' ``meta.csv`` + ``data/``.
+imagefolder (``metadata.jsonl``) or the authors' ``meta.csv`` + ``data/``. Both give
+the same soft labels: they use the strength that ran (``strength_run``; in the authors'
+layout from each PNG's record, since meta.csv's ``Strength`` is the one asked for).
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ class SyntheticItem:
     path: Path
     source_class: str
     target_class: str
-    strength: float     # the strength that ran when known (imagefolder's strength_run), else as written
+    strength: float     # the strength that ran when known (imagefolder's strength_run, or the PNG's
+    #                     record in the authors' layout), else as written
 
 
 def synthetic_layout(path: str | os.PathLike) -> tuple[str, Path]:
@@ -95,9 +98,28 @@ def _read_authors_set(folder: Path) -> list[SyntheticItem]:
         if missing:
             raise ValueError(f"{folder / 'meta.csv'} lacks column(s) {missing}; the authors' layout has "
                              f"{META_CSV_COLUMNS}")
-        return [SyntheticItem(folder / "data" / csv_cell_value(row["Path"]),
-                              csv_cell_value(row["First Directory"].strip()),
-                              csv_cell_value(row["Second Directory"].strip()), float(row["Strength"])) for row in reader]
+        rows = [(folder / "data" / csv_cell_value(row["Path"]), csv_cell_value(row["First Directory"].strip()),
+                 csv_cell_value(row["Second Directory"].strip()), float(row["Strength"])) for row in reader]
+        return [SyntheticItem(path, src, tgt, _strength_that_ran(path, s, folder / "data")) for path, src, tgt, s in rows]
+
+
+def _strength_that_ran(image: Path, asked: float, data: Path) -> float:
+    """meta.csv's Strength is the strength asked for (what the authors' loader reads); the
+    soft label uses the strength that ran, from the image's own record (PNG text chunk) when
+    it has one, so both layouts give the same labels. Images without a record (or outside
+    ``data``, whose records are not read): as written."""
+    from .records import read_png_record
+
+    if not image.resolve().is_relative_to(data.resolve()):
+        return asked
+    try:
+        record = read_png_record(image)
+    except (OSError, ValueError):   # missing or not a PNG: read_synthetic reports missing files
+        return asked
+    if record and record.get("strength_run") is not None and record.get("strength") is not None \
+            and abs(float(record["strength"]) - asked) < 1e-6:
+        return float(record["strength_run"])
+    return asked
 
 
 def read_synthetic(path: str | os.PathLike, classes: tuple[str, ...] | list[str] | None = None

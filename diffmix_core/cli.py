@@ -538,6 +538,9 @@ def add_export_parser(sub) -> None:
                    "(default: imagefolder,authors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not an earlier "
                    "diffmix export (never the working directory, --from or a folder containing it; never a file)")
+    p.add_argument("--bundle", default=None, help="the bundle that made the images: its class order gives the "
+                   "imagefolder rows label / soft_label_vector and the dataset card's ClassLabel (a synthesize "
+                   "folder has it in its plan)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_export)
 
@@ -553,6 +556,10 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"exported {m['kept']} image(s) ({', '.join(formats)}) to {args.source / 'export'}")
         return
     classes = read_plan(args.source).classes if planned else None
+    if args.bundle:
+        from .adapters import load_bundle
+
+        classes = load_bundle(args.bundle).classes
     out = export_records(read_generated_folder(args.source), args.out or args.source / "export", formats,
                          classes=classes, show_progress=not args.quiet, overwrite=args.overwrite,
                          protect=(args.source,))
@@ -940,11 +947,92 @@ def run_selftest(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+# --------------------------------------------------------------------------- space, push, pull (hub.py)
+def add_hub_parsers(sub) -> None:
+    p = sub.add_parser("space", help="write a ready-to-push Hugging Face Space folder (app + bundles)",
+                       description="Write a Hugging Face Space folder: README front matter, app.py, requirements.txt, "
+                       "the diffmix_core package, .gitattributes (weights and images in LFS) and the bundles. "
+                       "Its README gives the two commands that push it.")
+    p.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the Space")
+    p.add_argument("--bundle", nargs="+", default=[], metavar="B",
+                   help="bundle folders (copied in, with a base stored beside them as ../base) or Hub repo ids "
+                   "(the Space fetches them at start-up); default: the shipped demo world")
+    p.add_argument("--title", default="diffmix", help="the Space's title")
+    p.add_argument("--hardware", default=None, help="suggested_hardware (default: cpu-basic for the demo world "
+                   "alone, else t4-small)")
+    p.set_defaults(run=run_space)
+
+    p = sub.add_parser("push", help="publish a bundle as a Hugging Face Hub model repo, with a model card",
+                       description="Build the upload folder (the bundle, its base when stored beside it as "
+                       "../base, README.md model card, samples.png) and upload it with huggingface_hub "
+                       "(create_repo + upload_folder). Log in first: `hf auth login` (or HF_TOKEN).")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder")
+    p.add_argument("--repo", required=True, help="USER/NAME of the model repo (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--license", default="other", help="Hub licence id for the card (e.g. apache-2.0, gpl-2.0, "
+                   "openrail; default: other)")
+    p.add_argument("--license-name", default=None, help="licence name when --license other")
+    p.add_argument("--license-link", default=None, help="licence file or URL when --license other")
+    p.add_argument("--samples", type=Path, default=None, help="sample grid PNG for the card (default: made now "
+                   "with `diffmix demo grid` settings from the bundle's example images)")
+    p.add_argument("--no-samples", action="store_true", help="no sample grid")
+    p.add_argument("--folder", type=Path, default=None, help="build the upload folder here and keep it")
+    p.add_argument("--dry-run", action="store_true", help="build and check the folder (needs --folder); upload nothing")
+    p.set_defaults(run=run_push)
+
+    p = sub.add_parser("pull", help="download a bundle from the Hub and check every file's sha256",
+                       description="Download a bundle repo into the Hugging Face cache (HF_HUB_CACHE) and load it, "
+                       "which checks each weight file against the sha256 in adapter.json. Offline, the cache is "
+                       "used (HF_HUB_OFFLINE=1).")
+    p.add_argument("repo", help="USER/NAME of the bundle's model repo")
+    p.add_argument("--revision", default=None, help="branch, tag or commit")
+    p.set_defaults(run=run_pull)
+
+
+def run_space(args: argparse.Namespace) -> None:
+    from .hub import write_space
+
+    out = write_space(args.out, args.bundle, title=args.title, hardware=args.hardware)
+    print(f"wrote the Space folder {out}; push it with the two commands in {out / 'README.md'}")
+
+
+def run_push(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from .adapters import load_bundle
+    from .hub import build_push_folder, push_bundle
+
+    if args.dry_run and args.folder is None:
+        fail("--dry-run needs --folder (where the upload folder is built for you to inspect)")
+    bundle = load_bundle(args.bundle)
+    with tempfile.TemporaryDirectory(prefix="diffmix-push-") as tmp:
+        samples = None if args.no_samples else args.samples
+        if samples is None and not args.no_samples:
+            from .demo_world import translation_grid
+            from .records import save_png
+
+            samples = save_png(translation_grid(bundle, show_progress=True), Path(tmp) / "samples.png")
+        folder = build_push_folder(bundle, args.folder or Path(tmp) / "upload", args.repo, license=args.license,
+                                   license_name=args.license_name, license_link=args.license_link, samples=samples)
+        if args.dry_run:
+            print(f"built {folder} (model card {folder / 'README.md'}); nothing uploaded (--dry-run)")
+            return
+        push_bundle(folder, args.repo, private=args.private)
+    print(f"pushed {args.bundle} to https://huggingface.co/{args.repo}")
+
+
+def run_pull(args: argparse.Namespace) -> None:
+    from .hub import pull_bundle
+
+    bundle = pull_bundle(args.repo, revision=args.revision)
+    print(f"{args.repo}: {bundle.num_classes} classes, every file matches its sha256; bundle folder {bundle.path}")
+
+
 # --------------------------------------------------------------------------- main
 PARSERS: list[Callable] = [add_translate_parser, add_import_parser, add_split_parser, add_synthesize_parser,
                            add_export_parser, add_train_reference_parser, add_score_parser,
                            add_finetune_parser, add_train_parser, add_experiment_parser, add_app_parser,
-                           add_demo_parser, add_selftest_parser]
+                           add_demo_parser, add_selftest_parser, add_hub_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

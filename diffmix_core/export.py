@@ -4,6 +4,8 @@ shared by ``diffmix synthesize``, ``diffmix export`` and the app.
 An export folder holds any of::
 
     <out>/imagefolder/metadata.jsonl + <number:06d>.png   Hugging Face imagefolder
+    <out>/imagefolder/README.md                          its dataset card (with the class list): ``label`` loads
+                                                         as a ClassLabel in the bundle's class order
     <out>/authors/meta.csv + data/<Source>/<Target>-<number:06d>-<s>.png   the authors' layout
     <out>/manifest.json, <out>/MANIFEST.sha256           sha256 of every file above
     <out>.zip                                            the folder, zipped ('zip' format)
@@ -45,6 +47,7 @@ META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength",
 MANIFEST_JSON = "manifest.json"
 MANIFEST_SHA = "MANIFEST.sha256"
 EXPORT_FORMAT = "diffmix-export"   # manifest.json's "format": marks a folder as a diffmix export
+DATASET_CARD = "README.md"   # in imagefolder/: the Hugging Face dataset card
 
 
 def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -70,14 +73,15 @@ def authors_relpath(record: dict, number: int) -> str:
 
 def imagefolder_row(record: dict, file_name: str, classes: Sequence[str] | None = None) -> dict:
     """One metadata.jsonl row: ``file_name`` first, then the record (its own file_name
-    kept as ``source_file``); with ``classes``, label indices and the soft-label vector."""
+    kept as ``source_file``); with ``classes``: ``label`` (the hard target class's index,
+    also ``target_label``), ``source_label`` and ``soft_label_vector`` (weights in class order)."""
     row = {"file_name": file_name}
     row.update({k: v for k, v in record.items() if k != "file_name"})
     row["source_file"] = record.get("file_name")
     if classes is not None:
         index = {c: i for i, c in enumerate(classes)}
+        row["label"] = row["target_label"] = index.get(record.get("target_class"))
         row["source_label"] = index.get(record.get("source_class"))
-        row["target_label"] = index.get(record.get("target_class"))
         row["soft_label_vector"] = [float((record.get("soft_label") or {}).get(c, 0.0)) for c in classes]
     return row
 
@@ -97,6 +101,58 @@ def _copy_regular(src: Path, dst: Path) -> None:
             raise ValueError(f"{src} is not a regular file; an export copies only regular files")
         with open(dst, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def dataset_features(metadata_jsonl: str | os.PathLike, classes: Sequence[str]):
+    """The ``datasets.Features`` of an imagefolder export: every metadata column as the
+    ``datasets`` library infers it from the JSON lines, ``file_name`` as the image, and
+    ``label`` as a ``ClassLabel`` with ``classes`` in order."""
+    import datasets
+    import pyarrow.json as paj
+
+    size = os.path.getsize(metadata_jsonl)   # one block: the schema is inferred from every row
+    table = paj.read_json(metadata_jsonl, read_options=paj.ReadOptions(block_size=max(size + 1, 1 << 20)))
+    inferred = datasets.Features.from_arrow_schema(table.schema)
+    features = {"image": datasets.Image()}
+    for name, feature in inferred.items():
+        if name == "label":
+            feature = datasets.ClassLabel(names=list(classes))
+        if name != "file_name":
+            features[name] = feature
+    return datasets.Features(features)
+
+
+def dataset_card_text(metadata_jsonl: str | os.PathLike, classes: Sequence[str]) -> str:
+    """README.md of an imagefolder export: the Hub's dataset-card metadata (one config whose
+    ``features`` make ``label`` a ClassLabel) and what each column means."""
+    import yaml
+
+    config = {"config_name": "default", "data_files": [{"split": "train", "path": ["*.png", "metadata.jsonl"]}]}
+    note = ""
+    try:
+        config["features"] = dataset_features(metadata_jsonl, classes)._to_yaml_list()
+    except (ValueError, TypeError) as err:   # columns datasets cannot type: the card still lists the classes
+        note = f"\n(`label` loads as an integer here: the columns could not be typed: {str(err)[:200]})\n"
+    meta = {"configs": [config], "tags": ["synthetic", "diffmix", "image-classification"],
+            "task_categories": ["image-classification"]}
+    cell = [" ".join(str(c).split()).replace("|", "\\|") for c in classes]   # one line, no column breaks
+    order = "\n".join(f"| {i} | {c} |" for i, c in enumerate(cell))
+    return (f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n"
+            "# Synthetic images made with diffmix (Diff-Mix)\n\n"
+            "Each row is one translated image and its record.\n\n"
+            "```python\nfrom datasets import load_dataset\n"
+            "ds = load_dataset(\"path/to/this/folder\")   # or the Hub repo id it was uploaded to\n"
+            "ds[\"train\"].features[\"label\"].names           # the class order below\n```\n\n"
+            "| column | meaning |\n| --- | --- |\n"
+            "| `image` | the generated PNG (its record is also in the PNG's `diffmix` text chunk) |\n"
+            "| `label` | the hard target class (ClassLabel, class order below); same as `target_label` |\n"
+            "| `source_label`, `source_class`, `target_class` | the translation's source and target |\n"
+            "| `soft_label_vector` | the soft label, one weight per class in the class order below |\n"
+            "| `soft_label` | the same as {class: weight} |\n"
+            "| `strength` | the strength asked for |\n"
+            "| `strength_run` | the strength that ran, floor(N·s)/N for N steps; the soft labels use it: "
+            "y = k((1 − s^γ) onehot(source) + s^γ onehot(target)), γ = `label_gamma`, k = `label_scale` |\n\n"
+            f"Class order:\n\n| index | class |\n| --- | --- |\n{order}\n{note}")
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -260,6 +316,9 @@ class ExportWriter:
             if "imagefolder" in self.formats:
                 write_jsonl_atomic(self.stage / "imagefolder" / "metadata.jsonl",
                                    sorted(self.rows, key=lambda r: r["file_name"]))
+                if self.classes is not None and self.rows:
+                    write_text_atomic(self.stage / "imagefolder" / DATASET_CARD,
+                                      dataset_card_text(self.stage / "imagefolder" / "metadata.jsonl", self.classes))
             if "authors" in self.formats:
                 write_text_atomic(self.stage / "authors" / "meta.csv", meta_csv_text(self.meta))
             write_manifest(self.stage)

@@ -101,7 +101,6 @@ def find_bundles() -> dict[str, str]:
     return found
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_bundle(text: str) -> Path:
@@ -112,17 +111,11 @@ def resolve_bundle(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return load_bundle(path).path
-    if not _REPO_ID.match(text):
-        raise FileNotFoundError(f"{text} is neither an existing folder nor a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from .hub import HUB_REPO_ID, pull_bundle
 
-    try:
-        folder = snapshot_download(text)
-    except Exception as err:   # offline, unknown repo, gated
-        raise FileNotFoundError(f"could not fetch bundle {text} from the Hugging Face Hub "
-                                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                                "download it and give the local folder instead") from None
-    return load_bundle(folder).path
+    if not HUB_REPO_ID.match(text):
+        raise FileNotFoundError(f"{text} is neither an existing folder nor a Hub repo id (owner/name)")
+    return pull_bundle(text).path   # downloaded (or from the Hub cache), every file's sha256 checked
 
 
 def bundle_examples(bundle: Bundle) -> list[tuple[str, str]]:

@@ -61,10 +61,10 @@ def export_dir(tmp_path_factory) -> Path:
     return out
 
 
-def expected_rows(gamma: float, k: float, authors: bool) -> list[torch.Tensor]:
+def expected_rows(gamma: float, k: float) -> list[torch.Tensor]:
+    """Soft labels from the strength that ran, whichever layout the set is read from."""
     order = sorted(CLASSES)   # label order: by folder name
-    return [label_vector(soft_label(src, tgt, s if authors else s_run, gamma, k), order)
-            for src, tgt, s, s_run in RECORDS]
+    return [label_vector(soft_label(src, tgt, s_run, gamma, k), order) for src, tgt, s, s_run in RECORDS]
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -87,8 +87,9 @@ def test_each_export_layout_is_read(export_dir):
         found, items = read_synthetic(export_dir / sub, list(CLASSES))
         assert found == layout and len(items) == len(RECORDS)
         got = sorted((it.source_class, it.target_class, it.strength) for it in items)
-        # imagefolder carries the strength that ran; the authors' csv only the planned one
-        want = sorted((src, tgt, s_run if layout == "imagefolder" else s) for src, tgt, s, s_run in RECORDS)
+        # both give the strength that ran: imagefolder's strength_run; in the authors' layout
+        # meta.csv has the planned one, and the reader takes strength_run from each PNG's record
+        want = sorted((src, tgt, s_run) for src, tgt, s, s_run in RECORDS)
         assert got == want and all(it.path.is_file() for it in items)
     assert synthetic_layout(export_dir)[0] == "imagefolder"      # the export folder itself
     with pytest.raises(ValueError, match="does not have"):
@@ -97,13 +98,27 @@ def test_each_export_layout_is_read(export_dir):
         synthetic_layout(export_dir / "authors" / "data")
 
 
+def test_authors_images_without_a_record_use_the_csv_strength(export_dir, tmp_path):
+    """Sets made by the authors' own code carry no record: their Strength column is all there is."""
+    import shutil
+
+    plain = tmp_path / "authors"
+    shutil.copytree(export_dir / "authors", plain)
+    for png in (plain / "data").rglob("*.png"):
+        with Image.open(png) as im:
+            im.convert("RGB").save(png)   # the same pixels, no text chunk
+    _, items = read_synthetic(plain, list(CLASSES))
+    assert sorted((it.source_class, it.target_class, it.strength) for it in items) == \
+        sorted((src, tgt, s) for src, tgt, s, _ in RECORDS)
+
+
 def test_synthetic_targets_use_this_runs_gamma_and_k(export_dir):
     _, items = read_synthetic(export_dir / "authors")
     t = classify.synthetic_targets(items, list(CLASSES), gamma=0.8, scale=0.9)
     by_key = {(it.source_class, it.target_class): row for it, row in zip(items, t)}
     owl, duck = list(CLASSES).index("snowy owl"), list(CLASSES).index("duck")
-    assert by_key[("snowy owl", "duck")][owl] == pytest.approx(0.9 * (1 - 0.5 ** 0.8))
-    assert by_key[("snowy owl", "duck")][duck] == pytest.approx(0.9 * 0.5 ** 0.8)
+    assert by_key[("snowy owl", "duck")][owl] == pytest.approx(0.9 * (1 - 0.48 ** 0.8))   # ran 0.48
+    assert by_key[("snowy owl", "duck")][duck] == pytest.approx(0.9 * 0.48 ** 0.8)
     assert by_key[("snowy owl", "snowy owl")].sum() == pytest.approx(0.9)
 
 
@@ -130,7 +145,7 @@ def test_soft_labels_reach_the_loss(data_dir, export_dir, tmp_path, monkeypatch,
     args = ["train", "--data", str(data_dir), "--split-file", str(split), "--out", str(tmp_path / "run"),
             "--synthetic", str(export_dir / layout), "--epochs", "1", "--gamma", "0.8", "--label-scale", "0.7", *FAST]
     assert main([*args, "--replace-prob", "1.0"]) == 0
-    want = expected_rows(0.8, 0.7, authors=layout == "authors")
+    want = expected_rows(0.8, 0.7)
     rows = torch.cat(seen)
     assert len(rows) == 21 and all(is_member(r, want) for r in rows)   # every item replaced, its soft label used
     seen.clear()
@@ -147,7 +162,7 @@ def test_replacement_counts_match_the_loss(data_dir, export_dir, tmp_path, monke
                  "--synthetic", str(export_dir), "--replace-prob", "0.5", "--epochs", "3", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     replaced = [h["replaced"] for h in report["history"]]
-    want = expected_rows(0.5, 0.9, authors=False)   # defaults: gamma 0.5, k 0.9; export dir -> imagefolder
+    want = expected_rows(0.5, 0.9)   # defaults: gamma 0.5, k 0.9; export dir -> imagefolder
     synthetic_rows = sum(is_member(r, want) for r in torch.cat(seen))
     assert synthetic_rows == sum(replaced) and 0 < sum(replaced) < 3 * 21
     assert report["counts"]["synthetic"] == 4 and report["synthetic"]["layout"] == "imagefolder"

@@ -251,7 +251,8 @@ def test_hostile_class_names_export_to_safe_distinct_files(tmp_path):
     assert sorted(p.name for p in box.iterdir()) == ["exp", "exp.zip"]       # nothing escaped the folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["box"]
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) == 2 * len(items) + 4 and verify_manifest(out) == []
+    # + metadata.jsonl, README.md (dataset card), meta.csv, manifest.json, MANIFEST.sha256
+    assert len(files) == 2 * len(items) + 5 and verify_manifest(out) == []
     for p in files:
         assert p.resolve().is_relative_to(out.resolve())
         rel = p.relative_to(out).as_posix()

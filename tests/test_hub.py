@@ -1,0 +1,152 @@
+"""Bundles on the Hub: the model card and upload folder (built and checked offline), the
+thin upload call (a fake HfApi: the network call itself is not exercised here), and
+pulling / loading by repo id through huggingface_hub's real cache code path, offline."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffmix_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_BUNDLE = ROOT / "assets" / "demo" / "bundle"
+REPO = "someone/demo-birds"
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+pytestmark = pytest.mark.skipif(not (DEMO_BUNDLE / "adapter.json").is_file(), reason="the demo world is not here")
+
+
+@pytest.fixture
+def samples(tmp_path) -> Path:
+    path = tmp_path / "grid.png"
+    Image.new("RGB", (40, 20), (200, 120, 40)).save(path)
+    return path
+
+
+def build(tmp_path: Path, samples: Path, *extra: str) -> Path:
+    folder = tmp_path / "upload"
+    assert main(["push", "--bundle", str(DEMO_BUNDLE), "--repo", REPO, "--license", "gpl-2.0",
+                 "--samples", str(samples), "--folder", str(folder), *extra]) == 0
+    return folder
+
+
+def hub_cache(folder: Path, cache: Path, repo: str = REPO) -> Path:
+    """Put ``folder`` in a Hub cache as huggingface_hub lays it out: blobs by hash, a snapshot of
+    symlinks, refs/main naming the revision."""
+    owner, name = repo.split("/")
+    repo_dir = cache / f"models--{owner}--{name}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(REV)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo_dir / "snapshots" / REV / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return repo_dir
+
+
+def test_push_folder_and_model_card(tmp_path, samples):
+    from huggingface_hub import ModelCard
+
+    from diffmix_core.adapters import load_bundle
+
+    folder = build(tmp_path, samples, "--dry-run")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "base", "bundle", "samples.png"]
+    bundle = load_bundle(folder / "bundle")          # adapter.json and every hash unchanged
+    assert bundle.meta == load_bundle(DEMO_BUNDLE).meta
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "gpl-2.0" and card.data.library_name == "diffusers"
+    assert "diffmix" in card.data.tags and card.data.pipeline_tag == "image-to-image"
+    text = card.text
+    for needle in ("| 4 | owl | `<class_4>` |", "1500 steps", "Recommended strength**: 0.9", "validation accuracy 0.990",
+                   "![samples](samples.png)", "diffmix pull someone/demo-birds", "load_lora_weights",
+                   "load_textual_inversion", '"strategy": "diff-mix"', "included in this repo (`base/`)"):
+        assert needle in text, needle
+    with pytest.raises(SystemExit):
+        build(tmp_path, samples, "--dry-run")       # never over an existing folder
+
+
+def test_push_is_create_repo_then_upload_folder(tmp_path, samples, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            files = sorted(p.relative_to(kw["folder_path"]).as_posix() for p in Path(kw["folder_path"]).rglob("*")
+                           if p.is_file())
+            calls.append(("upload_folder", kw["repo_id"], kw["repo_type"], files))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert main(["push", "--bundle", str(DEMO_BUNDLE), "--repo", REPO, "--private", "--samples", str(samples)]) == 0
+    assert calls[1] == ("create_repo", REPO, {"repo_type": "model", "private": True, "exist_ok": True})
+    kind, repo, repo_type, files = calls[2]
+    assert (kind, repo, repo_type) == ("upload_folder", REPO, "model")
+    assert {"README.md", "samples.png", "bundle/adapter.json", "bundle/pytorch_lora_weights.safetensors",
+            "base/model_index.json"} <= set(files)
+
+
+def test_pull_and_load_by_id_offline_through_the_hub_cache(tmp_path, samples, monkeypatch):
+    from huggingface_hub import constants
+
+    from diffmix_core.adapters import load_bundle
+    from diffmix_core.session import resolve_bundle
+
+    cache = tmp_path / "hub"
+    repo_dir = hub_cache(build(tmp_path, samples, "--dry-run"), cache)
+    snapshot = repo_dir / "snapshots" / REV
+    env = {k: v for k, v in os.environ.items() if k != "HF_HOME"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "diffmix_core", "pull", REPO], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "every file matches its sha256" in res.stdout and str(snapshot / "bundle") in res.stdout
+    # Loading by id (the CLI's --bundle, the app's bundle box) takes the same path.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    bundle = load_bundle(REPO)
+    assert bundle.path == (snapshot / "bundle").resolve() and bundle.classes[4] == "owl"
+    assert resolve_bundle(REPO) == bundle.path
+    # A tampered download is refused, with what to do.
+    blob = (snapshot / "bundle" / "pytorch_lora_weights.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    res = subprocess.run([sys.executable, "-m", "diffmix_core", "pull", REPO], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "changed or corrupted" in res.stderr and "hf cache rm" in res.stderr, res.stderr
+    with pytest.raises(ValueError, match="failed its checks"):
+        load_bundle(REPO)
+    with pytest.raises(FileNotFoundError, match="could not fetch bundle someone/other"):
+        load_bundle("someone/other")
+
+
+def test_space_with_a_hub_bundle_fetches_it_at_start_up(tmp_path, samples):
+    """`diffmix space --bundle USER/NAME`: the Space ships no weights; its app.py pulls the bundle
+    (here from a Hub cache, offline), checks it, lists it and sweeps it."""
+    import yaml
+    from test_space import bare_python, run_app_and_sweep
+
+    cache = tmp_path / "hub"
+    snapshot = hub_cache(build(tmp_path, samples, "--dry-run"), cache) / "snapshots" / REV
+    space = tmp_path / "space"
+    assert main(["space", "--out", str(space), "--bundle", REPO]) == 0
+    assert not (space / "bundles").exists()
+    front = yaml.safe_load((space / "README.md").read_text().split("---")[1])
+    assert front["models"] == [REPO] and front["suggested_hardware"] == "t4-small"
+    out = run_app_and_sweep(space, bare_python(tmp_path), tmp_path, (snapshot / "bundle").resolve(),
+                            HF_HUB_CACHE=str(cache))
+    assert len(out["images"]["value"]) == 2
