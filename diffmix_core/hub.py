@@ -103,11 +103,28 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, cache_dir: str | o
                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
                                 "check the repo id and your connection, or download it and give the folder") from None
     try:
-        return load_bundle(find_bundle_in(folder))
+        return load_bundle(find_bundle_in(_real_files(Path(folder))))
     except ValueError as err:
         raise ValueError(f"bundle {repo_id} (downloaded to {folder}) failed its checks: {err} "
                          "Delete it from the Hub cache (`hf cache rm`) and pull again; if it fails again, the "
                          "repo itself is damaged") from None
+
+
+def _real_files(snapshot: Path) -> Path:
+    """The Hub cache stores a snapshot as symlinks into ``blobs/``, which a bundle's own checks
+    refuse (no file may leave the bundle through a symlink): copy it, as real files, beside the
+    snapshots (``<repo cache>/diffmix-files/<revision>``), afresh on every pull so the hashes
+    are checked against what is in the cache now."""
+    dest = snapshot.parent.parent / "diffmix-files" / snapshot.name
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(snapshot, tmp, symlinks=False)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def space_bundle_roots(entries: Sequence[str]) -> list[str]:

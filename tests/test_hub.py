@@ -115,11 +115,12 @@ def test_pull_and_load_by_id_offline_through_the_hub_cache(tmp_path, samples, mo
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-m", "diffmix_core", "pull", REPO], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "every file matches its sha256" in res.stdout and str(snapshot / "bundle") in res.stdout
+    files = repo_dir / "diffmix-files" / REV   # the snapshot as real files (the cache holds symlinks)
+    assert "every file matches its sha256" in res.stdout and str(files / "bundle") in res.stdout
     # Loading by id (the CLI's --bundle, the app's bundle box) takes the same path.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     bundle = load_bundle(REPO)
-    assert bundle.path == (snapshot / "bundle").resolve() and bundle.classes[4] == "owl"
+    assert bundle.path == (files / "bundle").resolve() and bundle.classes[4] == "owl"
     assert resolve_bundle(REPO) == bundle.path
     # A tampered download is refused, with what to do.
     blob = (snapshot / "bundle" / "pytorch_lora_weights.safetensors").resolve()
@@ -147,6 +148,7 @@ def test_space_with_a_hub_bundle_fetches_it_at_start_up(tmp_path, samples):
     assert not (space / "bundles").exists()
     front = yaml.safe_load((space / "README.md").read_text().split("---")[1])
     assert front["models"] == [REPO] and front["suggested_hardware"] == "t4-small"
-    out = run_app_and_sweep(space, bare_python(tmp_path), tmp_path, (snapshot / "bundle").resolve(),
+    files = snapshot.parent.parent / "diffmix-files" / REV
+    out = run_app_and_sweep(space, bare_python(tmp_path), tmp_path, (files / "bundle").resolve(),
                             HF_HUB_CACHE=str(cache))
     assert len(out["images"]["value"]) == 2
