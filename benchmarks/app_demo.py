@@ -76,8 +76,8 @@ def main() -> None:
                                      profile.get("num_inference_steps", 25), profile.get("guidance_scale", 7.5),
                                      profile.get("strategy", "diff-mix"), api_name="/sweep")
                 times.append(time.perf_counter() - t)
-                if len(out[0]["value"]) != 8:
-                    raise SystemExit(f"expected 8 images, got {len(out[0]['value'])}: {out[5]}")
+                if len(out[3]["data"]) != 8:   # the table: one row per image
+                    raise SystemExit(f"expected 8 images, got {len(out[3]['data'])}: {out[6]}")
         finally:
             proc.terminate()
             proc.wait(30)

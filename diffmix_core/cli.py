@@ -107,7 +107,8 @@ def add_translate_parser(sub) -> None:
     p.add_argument("--source-class", help="class of the source image(s)")
     p.add_argument("--target", nargs="+", required=True, help="target class name(s)")
     p.add_argument("--strength", type=float, nargs="+", default=[0.5], help="strength(s) s in [0, 1] (default: 0.5)")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="seed(s), one image per seed (default: 0)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="seed(s), one image per seed; -1 = a random "
+                   "seed (written to the record) (default: 0)")
     p.add_argument("--steps", dest="num_inference_steps", type=int, default=TranslateConfig.num_inference_steps,
                    help=f"{TRANSLATE_HELP['num_inference_steps']} (default: {TranslateConfig.num_inference_steps})")
     p.add_argument("--guidance", dest="guidance_scale", type=float, default=TranslateConfig.guidance_scale,
@@ -138,7 +139,12 @@ def run_translate(args: argparse.Namespace) -> None:
     from .models import load_pipeline
     from .translate import Job, Source, check_strength, count_jobs, translate
     from .records import read_jsonl, save_png, safe_name, write_jsonl_atomic
+    from .session import resolve_seeds
 
+    bundle = load_bundle(args.bundle) if args.bundle else None
+    if bundle is not None:
+        _apply_profile(args, bundle)
+    args.seed = resolve_seeds(args.seed)
     config = config_from_args(TranslateConfig, args)
     strategy = get_strategy(config.strategy)
     if strategy.pairing != "gen" and not args.image:
@@ -356,15 +362,18 @@ SYNTH_HELP = {
 }
 
 
-FILTER_HELP = {
+FILTER_HELP = {   # config.Thresholds: the same tests as the app's thresholds and a saved profile's
     "min_p_target": "reject (keep apart in rejected/) images whose reference P(target) is below this",
+    "max_p_source": "reject images whose reference P(source) is above this",
+    "min_clip_target": "reject images whose CLIP similarity to the target prompt is below this (needs --clip-model)",
     "min_distance": "reject images whose embedding distance to the source is below this",
+    "max_distance": "reject images whose embedding distance to the source is above this",
     "max_ssim": "reject images whose SSIM to the source is above this",
 }
 
 
 def add_synthesize_parser(sub) -> None:
-    from .config import FilterConfig, SynthesizeConfig, TranslateConfig
+    from .config import SynthesizeConfig, Thresholds, TranslateConfig
 
     p = sub.add_parser("synthesize", help="bulk synthetic set from the train split: planned, resumable, sharded",
                        description="Plan M x |train| translations (REFERENCE.md §2), write the plan to --out, then "
@@ -397,7 +406,7 @@ def add_synthesize_parser(sub) -> None:
                    "indexes and exports")
     p.add_argument("--export", default="", help="comma-separated layouts written by the merge: imagefolder, "
                    "authors, zip")
-    add_config_args(p, FilterConfig, help=FILTER_HELP)
+    add_config_args(p, Thresholds, help=FILTER_HELP)
     p.add_argument("--reference", type=Path, default=None, help="reference classifier for scores / --min-p-target "
                    "(default: the bundle's, if it has one)")
     p.add_argument("--clip-model", default="", help="open_clip model for scores (default: none; see diffmix score)")
@@ -435,8 +444,11 @@ def _synth_scorer(args: argparse.Namespace, fconfig, bundle, device):
     from .scoring import class_prompt, load_clip, score_images
 
     ref_path = args.reference or (bundle_reference_path(bundle) if bundle else None)
-    if fconfig.min_p_target is not None and not ref_path:
-        fail("--min-p-target needs a reference classifier: --reference FILE or a bundle with one")
+    for name in ("min_p_target", "max_p_source"):
+        if getattr(fconfig, name) is not None and not ref_path:
+            fail(f"--{name.replace('_', '-')} needs a reference classifier: --reference FILE or a bundle with one")
+    if fconfig.min_clip_target is not None and not args.clip_model:
+        fail("--min-clip-target needs CLIP scores: give --clip-model (and --clip-pretrained)")
     reference = load_reference(ref_path, device=device) if ref_path else None
     clip = load_clip(args.clip_model, args.clip_pretrained, device=device) if args.clip_model else None
     config = ScoreConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
@@ -447,25 +459,34 @@ def _synth_scorer(args: argparse.Namespace, fconfig, bundle, device):
     return scorer
 
 
-# Bundle profile keys (saved by the app's "tune per dataset") -> synthesize options.
+# Profile keys (the app's "save as my profile", or the bundle's own) -> translate / synthesize options.
 PROFILE_OPTIONS = {"strength": "strength", "strategy": "strategy", "num_inference_steps": "num_inference_steps",
                    "guidance_scale": "guidance_scale"}
 
 
 def _apply_profile(args: argparse.Namespace, bundle) -> None:
-    """Start from the bundle's saved profile for every option not written on the command line."""
-    profile = bundle.meta.get("profile") or {}
+    """Start from the bundle's profile (the user's saved overlay first, then the bundle's own) for
+    every option not written on the command line, thresholds included where the command has them."""
+    from .config import Thresholds
+    from .profiles import load_profile, profile_path
+
+    profile = load_profile(bundle)
+    given = getattr(args, "given", set())
+    values = {dest: profile[key] for key, dest in PROFILE_OPTIONS.items() if profile.get(key) is not None}
+    values.update(Thresholds.from_dict(profile.get("thresholds")).as_dict())
     used = []
-    for key, dest in PROFILE_OPTIONS.items():
-        if profile.get(key) is not None and hasattr(args, dest) and dest not in getattr(args, "given", set()):
-            setattr(args, dest, profile[key])
-            used.append(f"{dest}={profile[key]}")
+    for dest, value in values.items():
+        if hasattr(args, dest) and dest not in given:
+            setattr(args, dest, [value] if isinstance(getattr(args, dest), list) else value)
+            used.append(f"{dest}={value}")
     if used:
-        print(f"from the bundle's profile: {', '.join(used)} (override on the command line)")
+        where = (f"your saved profile {profile_path(bundle)}" if profile.get("source") == "saved profile"
+                 else "the bundle's profile")
+        print(f"from {where}: {', '.join(used)} (override on the command line)")
 
 
 def run_synthesize(args: argparse.Namespace) -> None:
-    from .config import FilterConfig, TranslateConfig, get_strategy
+    from .config import Thresholds, TranslateConfig, get_strategy
     from .export import parse_formats
     from .synthesize import finished_record, merge, missing_jobs, parse_shard, shard_jobs, synthesize
 
@@ -492,7 +513,7 @@ def run_synthesize(args: argparse.Namespace) -> None:
         # cpu=True lets processes started without GPUs (torchrun / accelerate launch) form a gloo group.
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
         shard = (state.process_index, state.num_processes)
-    fconfig = config_from_args(FilterConfig, args)
+    fconfig = config_from_args(Thresholds, args)
     plan, model = _synth_plan(args, tconfig, bundle, fconfig)
     todo = [] if args.merge else [j for j in shard_jobs(plan.jobs, shard) if finished_record(args.out, j) is None]
     if todo:
@@ -627,7 +648,8 @@ def add_score_parser(sub) -> None:
                        description="Score a folder written by `diffmix translate`: adds a `scores` object to "
                        "every record of records.jsonl, writes sweep_summary.json and scores.png/.svg.")
     p.add_argument("--input", type=Path, required=True, help="folder with the images and records.jsonl")
-    p.add_argument("--bundle", type=Path, help="adapter bundle: prompts for CLIP and its reference classifier")
+    p.add_argument("--bundle", type=Path, help="adapter bundle: prompts for CLIP and its reference classifier "
+                   "(default: the bundle the records name, when it is there)")
     p.add_argument("--reference", type=Path, help="reference classifier folder (default: the bundle's)")
     add_config_args(p, ScoreConfig, help=SCORE_HELP)
     p.add_argument("--clip-checkpoint", type=Path, help="local open_clip checkpoint file for --clip-model "
@@ -651,7 +673,7 @@ def run_score(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"CLIP checkpoint {args.clip_checkpoint} does not exist")
     if args.set_recommended and not args.bundle:
         fail("--set-recommended needs --bundle")
-    bundle = load_bundle(args.bundle) if args.bundle else None
+    bundle = load_bundle(args.bundle) if args.bundle else _records_bundle(args.input)
     model, pretrained = default_clip(bundle)
     if args.clip_model is not None:   # given: its weights are --clip-pretrained's (default ScoreConfig's)
         model, pretrained = args.clip_model, ScoreConfig.clip_pretrained
@@ -678,6 +700,33 @@ def run_score(args: argparse.Namespace) -> None:
     if args.set_recommended and strength is not None:
         update_bundle_meta(bundle.path, recommended_strength=strength)
         print(f"bundle {bundle.path}: recommended_strength = {strength}")
+
+
+def _records_bundle(folder: Path):
+    """The one bundle a folder's records name, when it is still there with the same hash; else None."""
+    from .adapters import load_bundle
+    from .records import read_jsonl
+
+    index = folder / "records.jsonl"
+    if not index.is_file():
+        return None
+    named = {(r.get("bundle"), r.get("bundle_hash")) for r in read_jsonl(index)}
+    if len(named) != 1 or not next(iter(named))[0]:
+        if len(named) > 1:
+            print(f"the records name {len(named)} bundles; give --bundle to score with one")
+        return None
+    path, digest = next(iter(named))
+    try:
+        bundle = load_bundle(path)
+    except (ValueError, FileNotFoundError, OSError):
+        print(f"the records' bundle {path} is not there; give --bundle")
+        return None
+    if digest and bundle.hash != digest:
+        print(f"the bundle at {path} has changed since these images were made (hash differs); give --bundle "
+              "to score with it anyway")
+        return None
+    print(f"bundle: {path} (named in the records)")
+    return bundle
 
 
 # --------------------------------------------------------------------------- train (downstream classifier)
@@ -763,6 +812,8 @@ def run_app(args: argparse.Namespace) -> None:
         os.environ["DIFFMIX_BUNDLES"] = args.bundles
     if args.output:
         os.environ["DIFFMIX_OUTPUT"] = str(args.output)
+    if args.share:   # a public link: its visitors are not the local user (profiles.saving_allowed)
+        os.environ.setdefault("DIFFMIX_ALLOW_PROFILE_SAVE", "0")
     from .ui import build_demo
 
     build_demo().launch(server_name=args.host, server_port=args.port, share=args.share or None)

@@ -564,37 +564,82 @@ class DemoWorldConfig:
             raise ValueError(f"reference_image_size must be >= 32 px, got {self.reference_image_size}")
 
 
-@dataclass(frozen=True)
-class FilterConfig:
-    """Thresholds on the scores of scoring.py applied during synthesis; None = no test.
+# What each threshold tests: field -> (score key in record["scores"], comparison, how it reads).
+THRESHOLD_TESTS: dict[str, tuple[str, str, str]] = {
+    "min_p_target": ("p_target", ">=", "P(target)"),
+    "max_p_source": ("p_source", "<=", "P(source)"),
+    "min_clip_target": ("clip_target", ">=", "CLIP(target)"),
+    "min_distance": ("distance", ">=", "distance"),
+    "max_distance": ("distance", "<=", "distance"),
+    "max_ssim": ("ssim", "<=", "SSIM"),
+}
+_SCORE_RANGES = {"p_target": (0.0, 1.0), "p_source": (0.0, 1.0), "clip_target": (-1.0, 1.0),
+                 "distance": (0.0, 2.0), "ssim": (-1.0, 1.0)}
 
-    An image failing a test is kept apart (``rejected/``) with the reason in its record.
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Tests on an image's scores (scoring.py); None = no test. One vocabulary for the app's
+    auto-select, a dataset's saved profile and `diffmix synthesize`'s filter (which keeps an
+    image failing a test apart in ``rejected/`` with the reason in its record).
     """
 
-    min_p_target: float | None = None  # reject when the reference classifier's P(target) is below this
-    min_distance: float | None = None  # reject when 1 - cos(image, source) embedding is below this (too close)
-    max_ssim: float | None = None      # reject when SSIM to the source is above this (a near copy)
+    min_p_target: float | None = None     # reference classifier's P(target) at least this (reads as the target)
+    max_p_source: float | None = None     # P(source) at most this (no longer reads as the source)
+    min_clip_target: float | None = None  # CLIP similarity to the target's prompt at least this
+    min_distance: float | None = None     # 1 - cos(image, source) embedding at least this (not a near copy)
+    max_distance: float | None = None     # ... at most this (still close to the source's pose and setting)
+    max_ssim: float | None = None         # SSIM to the source at most this (not a near copy)
 
     def __post_init__(self) -> None:
         check_numbers(self)
-        for name in ("min_p_target", "min_distance", "max_ssim"):
+        for name, (score, _, _) in THRESHOLD_TESTS.items():
             v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1] or None, got {v}")
+            lo, hi = _SCORE_RANGES[score]
+            if v is not None and not lo <= v <= hi:
+                raise ValueError(f"threshold {name} must be in [{lo:g}, {hi:g}] or empty, got {v}")
+        if None not in (self.min_distance, self.max_distance) and self.min_distance > self.max_distance:
+            raise ValueError(f"min_distance {self.min_distance} is above max_distance {self.max_distance}")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> Thresholds:
+        """From {field: number}; empty / None entries are "no test", an unknown key is an error."""
+        out = {}
+        for key, value in (values or {}).items():
+            if key not in THRESHOLD_TESTS:
+                raise ValueError(f"unknown threshold {key!r}; use {', '.join(THRESHOLD_TESTS)}")
+            if value is not None and value != "":
+                try:
+                    out[key] = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"threshold {key} must be a number, got {value!r}") from None
+        return cls(**out)
+
+    def as_dict(self) -> dict[str, float]:
+        """The tests that are on, {field: limit}."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(self))
+        return bool(self.as_dict())
+
+    def failures(self, scores: dict | None, *, missing_fails: bool = False) -> list[str]:
+        """The tests these scores fail, as text ("p_target 0.210 < 0.5"). A missing score fails
+        only with ``missing_fails`` (the app's auto-select); synthesis never rejects on one."""
+        s, why = scores or {}, []
+        for name, limit in self.as_dict().items():
+            key, op, _ = THRESHOLD_TESTS[name]
+            value = s.get(key)
+            if value is None:
+                if missing_fails:
+                    why.append(f"no {key} score")
+            elif (value < limit) if op == ">=" else (value > limit):
+                why.append(f"{key} {value:.3f} {'<' if op == '>=' else '>'} {limit}")
+        return why
 
     def reason(self, scores: dict | None) -> str | None:
-        """Why an image with these scores is rejected (None: kept; a missing score never rejects)."""
-        s = scores or {}
-        tests = (("p_target", self.min_p_target, lambda v, t: v < t, "<"),
-                 ("distance", self.min_distance, lambda v, t: v < t, "<"),
-                 ("ssim", self.max_ssim, lambda v, t: v > t, ">"))
-        why = [f"{key} {s[key]:.3f} {op} {t}" for key, t, bad, op in tests
-               if t is not None and s.get(key) is not None and bad(s[key], t)]
-        return "; ".join(why) or None
+        """Why synthesis rejects an image with these scores (None: kept; a missing score never rejects)."""
+        return "; ".join(self.failures(scores)) or None
 
 
 @dataclass(frozen=True)

@@ -23,25 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapters import Bundle, load_bundle
-from .config import TranslateConfig, get_strategy
+from .config import THRESHOLD_TESTS, Thresholds, TranslateConfig, get_strategy
 from .data import read_dataset
 from .records import read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
-from .translate import Job, Result, Source, translate
+from .profiles import load_profile, output_root
+from .translate import Job, Result, Source, translate, validate_jobs
 
 ALL_OTHER = "all other classes"            # target choice: one row block per other class (a matrix)
 BUNDLES_ENV = "DIFFMIX_BUNDLES"            # os.pathsep-separated folders searched for bundles
-OUTPUT_ENV = "DIFFMIX_OUTPUT"              # exports go to <root>/exports/
 SESSIONS_ENV = "DIFFMIX_SESSIONS"          # per-session work folders (default: <tmp>/diffmix-sessions)
 EXPORT_FORMATS = ("imagefolder", "authors", "zip")   # the same set `diffmix synthesize --export` writes
-THRESHOLDS = {  # key: (score key, comparison, label)
-    "min_p_target": ("p_target", ">=", "P(target)"),
-    "max_p_source": ("p_source", "<=", "P(source)"),
-    "min_clip_target": ("clip_target", ">=", "CLIP(target)"),
-    "min_distance": ("distance", ">=", "distance"),
-    "max_distance": ("distance", "<=", "distance"),
-    "max_ssim": ("ssim", "<=", "SSIM"),
-}
-TABLE_COLUMNS = ("id", "source", "target", "strength", "ran", "seed", "p_target", "p_source", "top1",
+TABLE_COLUMNS = ("id", "source_id", "source", "target", "strength", "ran", "seed", "p_target", "p_source", "top1",
                  "clip_target", "clip_source", "distance", "ssim", "soft_label", "curated")
 
 
@@ -67,10 +59,6 @@ class Limits:
     def from_env(cls) -> Limits:
         return cls(env_int("DIFFMIX_MAX_JOBS", cls.max_jobs), env_int("DIFFMIX_MAX_CURATED", cls.max_curated),
                    env_int("DIFFMIX_MAX_UPLOAD_MB", cls.max_upload_mb), env_int("DIFFMIX_QUEUE_SIZE", cls.queue_size))
-
-
-def output_root() -> Path:
-    return Path(os.environ.get(OUTPUT_ENV) or "outputs").resolve()
 
 
 def sessions_root() -> Path:
@@ -133,25 +121,9 @@ def bundle_examples(bundle: Bundle) -> list[tuple[str, str]]:
 
 
 def bundle_profile(bundle: Bundle) -> dict:
-    """The saved per-dataset profile (strength, thresholds, sweep settings), {} when none."""
-    return dict(bundle.meta.get("profile") or {})
-
-
-def save_profile(bundle_path: str | os.PathLike, strength: float, thresholds: dict,
-                 settings: dict | None = None) -> Bundle:
-    """Write the chosen strength and score thresholds into the bundle's adapter.json ``profile``
-    (atomically, through reference.update_bundle_meta); the bundle hash changes with it."""
-    from .reference import update_bundle_meta
-
-    if strength is None or not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"the profile strength must be in [0, 1], got {strength}")
-    profile = {"strength": float(strength), "thresholds": clean_thresholds(thresholds),
-               **(settings or {}), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        return update_bundle_meta(bundle_path, profile=profile)
-    except PermissionError as err:
-        raise ValueError(f"cannot write the profile into {bundle_path} ({err.strerror}); copy the bundle "
-                         "to a writable folder and load it from there") from None
+    """The per-dataset profile in force (strength, thresholds, sweep settings): the user's saved
+    overlay over the bundle's own (profiles.load_profile); {} when none."""
+    return load_profile(bundle)
 
 
 def bundle_status(bundle: Bundle) -> dict:
@@ -172,12 +144,15 @@ def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str) -> 
     lines = [f"**{len(st['classes'])} classes**: {names}",
              f"base model `{st['base_model']}`" + (f" @ `{st['revision']}`" if st["revision"] else "")
              + f" · trained {st['steps']} steps at {st['resolution']} px",
-             f"reference classifier: {reference_status} · {clip_status}",
-             "recommended strength: " + ("none yet (run a sweep with scores)" if st["recommended_strength"] is None
-                                         else f"{st['recommended_strength']}")]
-    if st["profile"]:
-        p = st["profile"]
-        lines.append(f"saved profile: strength {p.get('strength')} · thresholds {p.get('thresholds') or 'none'}")
+             f"reference classifier: {reference_status}", clip_status]
+    p = st["profile"]
+    if p.get("strength") is not None:   # one starting strength, with where it comes from
+        lines.append(f"strength **{p['strength']}** from the {p.get('source') or 'profile'} · thresholds "
+                     f"{Thresholds.from_dict(p.get('thresholds')).as_dict() or 'none'}")
+    elif st["recommended_strength"] is not None:
+        lines.append(f"strength **{st['recommended_strength']}** recommended by `diffmix score --set-recommended`")
+    else:
+        lines.append("no profile or recommended strength yet: run a sweep with scores")
     if st["note"]:
         lines.append(f"⚠️ {st['note']}")
     return "\n\n".join(lines)
@@ -216,7 +191,9 @@ def clip_scorer(bundle: Bundle | None = None, wait: bool = False):
         loader = _MODELS.get(("clip-thread", *key[1:]))
         if key not in _MODELS and loader is None:
             def load() -> None:
-                scorer = load_clip(model, pretrained)
+                offline = clip_offline_reason(model, pretrained)
+                scorer = (ClipScorer(f"{model}/{pretrained}", reason=offline) if offline
+                          else load_clip(model, pretrained))
                 with _MODEL_LOCK:
                     _MODELS[key] = scorer
 
@@ -230,6 +207,51 @@ def clip_scorer(bundle: Bundle | None = None, wait: bool = False):
             return _MODELS[key]
     return ClipScorer(f"{model}/{pretrained}", reason=f"{model}/{pretrained} is still loading; scores of later "
                       "sweeps will include CLIP if its weights can be had")
+
+
+OFFLINE = "no weights available offline"
+
+
+def clip_offline_reason(model: str, pretrained: str, timeout: float = 1.5) -> str | None:
+    """Why CLIP weights cannot be had here, found at once instead of through the Hub's retries:
+    not in the local cache and either HF_HUB_OFFLINE is set or the Hub does not answer within
+    ``timeout`` s. None when loading may work (a local file or folder, a cached copy, a reachable Hub)."""
+    import socket
+
+    if not model or model.lower() == "none" or model.startswith("local-dir:") or Path(pretrained or "").is_file():
+        return None   # load_clip answers these at once
+    repo = model[len("hf-hub:"):] if model.startswith("hf-hub:") else None
+    if repo is None:
+        try:
+            import open_clip
+
+            repo = (open_clip.get_pretrained_cfg(model, pretrained) or {}).get("hf_hub", "").strip("/") or None
+        except Exception:   # an unknown architecture: load_clip says so
+            return None
+    if not repo:
+        return None   # not a Hub download: load_clip answers at once
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    if (Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots").is_dir():
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return f"{OFFLINE} (HF_HUB_OFFLINE is set and {model}/{pretrained} is not in the local cache)"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return f"{OFFLINE} ({model}/{pretrained} is not in the local cache and the Hugging Face Hub cannot be reached)"
+    return None
+
+
+def clip_line(scorer) -> str:
+    """One short line for the page, the full reason folded under it."""
+    if scorer.available:
+        return f"CLIP on ({scorer.name})"
+    reason = scorer.reason or ""
+    short = ("CLIP off: " + OFFLINE if reason.startswith(OFFLINE) else
+             "CLIP loading…" if "still loading" in reason else
+             "CLIP off: none chosen" if reason.startswith("no CLIP model given") else "CLIP off: could not load")
+    return f"<details><summary>{short}</summary>{reason}</details>"
 
 
 def reference_for(bundle: Bundle) -> tuple[object | None, str]:
@@ -248,11 +270,13 @@ def reference_for(bundle: Bundle) -> tuple[object | None, str]:
     return clf, f"`{clf.model_name}`" + (f" (val. accuracy {acc:.3f})" if isinstance(acc, float) else "")
 
 
-def generate(bundle: Bundle, jobs: list[Job], config: TranslateConfig) -> list[Result]:
-    """The engine on the cached pipeline (the model lane: ui.py runs one at a time)."""
+def generate(bundle: Bundle, jobs: list[Job], config: TranslateConfig,
+             callback: Callable[[int, int], None] | None = None) -> list[Result]:
+    """The engine on the cached pipeline (the model lane: ui.py runs one at a time);
+    ``callback(steps done, total)`` after every UNet call."""
     pipe = pipeline_for(bundle)
     with _ENGINE_LOCK:
-        return translate(pipe, jobs, config, bundle=bundle)
+        return translate(pipe, jobs, config, bundle=bundle, show_progress=False, callback=callback)
 
 
 # --------------------------------------------------------------------------- sweep settings
@@ -275,8 +299,11 @@ def parse_strengths(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+RANDOM_SEED = -1   # a seed of -1 asks for a random one (the record keeps the seed drawn)
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0, 1, 7' (a list) or 'n=4' (a count: seeds 0..3) -> seeds."""
+    """'0, 1, 7' (a list), 'n=4' (a count: seeds 0..3) or -1 (a random seed) -> seeds."""
     text = (text or "").strip()
     if text.lower().startswith("n="):
         try:
@@ -286,7 +313,15 @@ def parse_seeds(text: str) -> list[int]:
         if n < 1:
             raise ValueError(f"seed count must be >= 1, got {n}")
         return list(range(n))
-    return list(dict.fromkeys(_numbers(text, int, "seed")))
+    return resolve_seeds(_numbers(text, int, "seed"))
+
+
+def resolve_seeds(seeds: Sequence[int]) -> list[int]:
+    """Each -1 becomes a fresh random seed in [0, 2**31); other negatives are refused; duplicates dropped."""
+    bad = [s for s in seeds if s < 0 and s != RANDOM_SEED]
+    if bad:
+        raise ValueError(f"seeds must be >= 0 (or -1 for a random seed), got {bad}")
+    return list(dict.fromkeys(secrets.randbelow(2**31) if s == RANDOM_SEED else int(s) for s in seeds))
 
 
 def _numbers(text: str, kind, what: str) -> list:
@@ -315,14 +350,42 @@ def make_jobs(bundle: Bundle, source: Source | None, source_class: str, target: 
         targets = [source_class]
     elif target == ALL_OTHER:
         targets = [c for c in bundle.classes if c != source_class]
-    else:
-        bundle.class_index(target)
-        targets = [target]
+    else:   # one class, or several separated by commas (side by side in the grid)
+        targets = list(dict.fromkeys(t.strip() for t in (target or "").split(",") if t.strip()))
+        if not targets:
+            raise ValueError("choose a target class")
+        for t in targets:
+            bundle.class_index(t)
     if kind == "gen":
         return [Job(None, t, 1.0, seed, source_class=source_class) for t in targets for seed in seeds]
     if source is None:
         raise ValueError("pick an example image or upload a source image first")
     return [Job(source, t, s, seed, source_class=source_class) for t in targets for s in strengths for seed in seeds]
+
+
+def command_for(record: dict, sweep: Sequence[dict] = (), out: str = "diffmix-out") -> str:
+    """The `diffmix translate` command that makes this record's image again, pixel for pixel.
+
+    With ``sweep`` (the records made with it) the command makes the whole sweep: the engine
+    batches jobs, and a batch of other size may differ in the last bits of a float, so the
+    same jobs in the same order is what gives the same pixels."""
+    import shlex
+
+    group = [r for r in sweep if r.get("source_path") == record.get("source_path")] or [record]
+    targets = list(dict.fromkeys(r["target_class"] for r in group))
+    strengths = list(dict.fromkeys(f"{r['strength']:g}" for r in group))
+    seeds = list(dict.fromkeys(str(r["seed"]) for r in group))
+    parts = ["diffmix", "translate", "--bundle", record["bundle"]]
+    if record.get("source_path"):
+        parts += ["--image", record["source_path"], "--source-class", record["source_class"]]
+    parts += ["--target", *targets, "--strength", *strengths,
+              "--seed", *seeds, "--steps", str(record["num_inference_steps"]),
+              "--guidance", f"{record['guidance_scale']:g}", "--strategy", record["strategy"],
+              "--resize", record["resize"], "--resolution", str(record["resolution"]),
+              "--label-gamma", f"{record['label_gamma']:g}", "--label-scale", f"{record['label_scale']:g}"]
+    if record.get("scheduler") in ("dpm++", "ddim"):
+        parts += ["--scheduler", record["scheduler"]]
+    return shlex.join(parts + ["--out", out])
 
 
 def caption(record: dict) -> str:
@@ -415,17 +478,35 @@ class SweepOutcome:
     notes: list[str]
 
 
-def run_sweep(store: Store, bundle: Bundle, source: Source | None, source_class: str, target: str,
-              strengths: str, seeds: str, steps: int, guidance: float, strategy: str, *,
-              limits: Limits = Limits(), generate_fn: Callable = generate) -> SweepOutcome:
-    """Make, score and store one sweep; rows = strength, columns = seed."""
+@dataclass(frozen=True)
+class SweepPlan:
+    jobs: list[Job]           # ordered target, strength, seed
+    config: TranslateConfig
+    seeds: list[int]          # random seeds (-1) already drawn
+
+
+def plan_sweep(bundle: Bundle, source: Source | None, source_class: str, target: str, strengths: str,
+               seeds: str, steps: int, guidance: float, strategy: str, limits: Limits = Limits()) -> SweepPlan:
+    """Read and check every setting of a sweep without running anything (cheap: the app calls it
+    first, so a typo leaves the previous results alone)."""
     s_list, seed_list = parse_strengths(strengths), parse_seeds(seeds)
     config = TranslateConfig(strategy=strategy, num_inference_steps=int(steps), guidance_scale=float(guidance))
     jobs = make_jobs(bundle, source, source_class, target, s_list, seed_list, strategy)
     if len(jobs) > limits.max_jobs:
         raise ValueError(f"this sweep makes {len(jobs)} images; the limit is {limits.max_jobs} per sweep "
                          "(fewer strengths, seeds or targets, or set DIFFMIX_MAX_JOBS to raise it)")
-    results = generate_fn(bundle, jobs, config)
+    validate_jobs(jobs, config, bundle)
+    return SweepPlan(jobs, config, seed_list)
+
+
+def run_sweep(store: Store, bundle: Bundle, source: Source | None, source_class: str, target: str,
+              strengths: str, seeds: str, steps: int, guidance: float, strategy: str, *,
+              limits: Limits = Limits(), generate_fn: Callable = generate,
+              callback: Callable[[int, int], None] | None = None) -> SweepOutcome:
+    """Make, score and store one sweep; rows = strength, columns = seed."""
+    plan = plan_sweep(bundle, source, source_class, target, strengths, seeds, steps, guidance, strategy, limits)
+    jobs, config, seed_list = plan.jobs, plan.config, plan.seeds
+    results = generate_fn(bundle, jobs, config, callback=callback)
     summary, figure, notes = score_results(results, bundle)
     with store.lock:
         ids = store.add(results)
@@ -461,7 +542,7 @@ def table(records: Sequence[dict], curated: set[str]) -> list[list]:
         label = ", ".join(f"{k} {v:.3f}" for k, v in r["soft_label"].items())
         values = [sc.get(k) for k in ("p_target", "p_source", "top1", "clip_target", "clip_source", "distance", "ssim")]
         values = [round(v, 4) if isinstance(v, float) else v for v in values]
-        rows.append([r["id"], r["source_class"], r["target_class"], r["strength"], r["strength_run"], r["seed"],
+        rows.append([r["id"], r.get("source_id"), r["source_class"], r["target_class"], r["strength"], r["strength_run"], r["seed"],
                      *values, label, r["id"] in curated])
     return rows
 
@@ -475,36 +556,25 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Sequence]) -> Path:
 
 
 # --------------------------------------------------------------------------- curation
-def clean_thresholds(thresholds: dict | None) -> dict:
-    """Known keys with a number; empty / None entries dropped."""
-    out = {}
-    for key, value in (thresholds or {}).items():
-        if key not in THRESHOLDS:
-            raise ValueError(f"unknown threshold {key!r}; use {', '.join(THRESHOLDS)}")
-        if value is not None and value != "":
-            out[key] = float(value)
-    return out
+def clean_thresholds(thresholds: dict | Thresholds | None) -> dict:
+    """The tests that are on, {field: limit} (config.Thresholds checks names and ranges)."""
+    if isinstance(thresholds, Thresholds):
+        return thresholds.as_dict()
+    return Thresholds.from_dict(thresholds).as_dict()
 
 
-def passing(records: Sequence[dict], thresholds: dict) -> tuple[list[str], list[str]]:
-    """Ids of records meeting every threshold, and notes on thresholds that could not apply."""
-    thresholds, notes = clean_thresholds(thresholds), []
-    active = {}
-    for key, limit in thresholds.items():
-        score, op, label = THRESHOLDS[key]
+def passing(records: Sequence[dict], thresholds: dict | Thresholds) -> tuple[list[str], list[str]]:
+    """Ids of records meeting every threshold, and notes on thresholds that could not apply
+    (no image of the sweep has that score: the test is skipped, and said so)."""
+    active, notes = {}, []
+    for key, limit in clean_thresholds(thresholds).items():
+        score, op, label = THRESHOLD_TESTS[key]
         if all((r.get("scores") or {}).get(score) is None for r in records):
             notes.append(f"{label} {op} {limit} ignored: no image has a {label} score")
         else:
             active[key] = limit
-    ids = []
-    for r in records:
-        sc = r.get("scores") or {}
-        ok = all(sc.get(THRESHOLDS[k][0]) is not None and
-                 (sc[THRESHOLDS[k][0]] >= v if THRESHOLDS[k][1] == ">=" else sc[THRESHOLDS[k][0]] <= v)
-                 for k, v in active.items())
-        if ok:
-            ids.append(r["id"])
-    return ids, notes
+    tests = Thresholds(**active)
+    return [r["id"] for r in records if not tests.failures(r.get("scores"), missing_fails=True)], notes
 
 
 def update_curated(store: Store, ids: Sequence[str], mode: str, limits: Limits = Limits()) -> list[str]:

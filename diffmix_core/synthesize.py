@@ -319,7 +319,7 @@ def synthesize(pipe, plan: Plan, out_dir: str | os.PathLike, config: TranslateCo
     Jobs go through ``translate.translate`` ``config.batch_size`` at a time; PNG encoding and
     writing run on ``writers`` threads while the next batch denoises. ``scorer(images, records)``
     (e.g. scoring.score_images bound to a reference classifier) fills ``record["scores"]``;
-    images failing ``filter_config`` (a config.FilterConfig) go to ``rejected/`` with the reason.
+    images failing ``filter_config`` (a config.Thresholds) go to ``rejected/`` with the reason.
     """
     from .data import load_image
     from .translate import translate

@@ -1,24 +1,33 @@
 """The Gradio app: pick a bundle and a source image, sweep strength, look at the
-scores, curate, tune the dataset's profile, export.
+labelled grid and the scores, curate, tune the dataset's profile, export.
 
 Nothing here computes: the handlers collect settings and call session.py (which
 calls the same translate(), scoring and export writers as the CLI), then shape
 the results for the components. Sessions keep only a token (gr.State, mirrored
 in gr.BrowserState so a page reload finds the session again); images and
 records live on disk in the session's folder.
+
+The source that runs is whichever the user chose last: clicking an example clears
+an upload, uploading clears the example, and only the user changes the classes.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
+from . import grid as G
 from . import session as S
 from .adapters import load_bundle
-from .config import STRATEGIES, TranslateConfig
+from .config import STRATEGIES, THRESHOLD_TESTS, TranslateConfig
 from .data import load_image
+from .profiles import save_profile, saving_allowed
 from .translate import Source
 
 try:   # ZeroGPU on Hugging Face Spaces; a no-op elsewhere
@@ -30,19 +39,25 @@ except ImportError:
         return fn if fn is not None else (lambda f: f)
 
 _generate = GPU(S.generate)
-TH_KEYS = tuple(S.THRESHOLDS)
+TH_KEYS = tuple(THRESHOLD_TESTS)
+TH_LABELS = ("min P(target)", "max P(source)", "min CLIP(target)", "min distance", "max distance", "max SSIM")
+log = logging.getLogger("diffmix.app")
+
+
+def _user_error(err: Exception, where: str) -> gr.Error:
+    """A user's mistake: one log line (no traceback) and a message in the page."""
+    log.warning("%s: %s", where, err)
+    return gr.Error(str(err), print_exception=False)
 
 
 def _errors(fn):
     """Library errors (ValueError / FileNotFoundError) become a gr.Error the user can read."""
-    import functools
-
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as err:
-            raise gr.Error(str(err)) from None
+            raise _user_error(err, fn.__name__) from None
     return wrapped
 
 
@@ -62,12 +77,53 @@ def _short(r: dict) -> str:
     return f"{r['source_class']}→{r['target_class']} s={r['strength']:.2f} seed {r['seed']} ({r['id'][:6]})"
 
 
-def sweep_views(store: S.Store, figure=None) -> tuple:
-    """(results gallery, sweep checkboxes, table, plot, CSV path, status) of the last sweep."""
+def sweep_grid(store: S.Store) -> tuple[str | None, G.GridLayout | None, list[dict]]:
+    """The last sweep as a labelled grid PNG in the session folder: (path, layout, records)."""
     state, records = store.state(), store.records()
     recs = [records[i] for i in state["last_sweep"] if i in records]
-    columns = len({r["seed"] for r in recs}) or 2
-    gallery = gr.Gallery(value=[(store.image_path(r), S.caption(r)) for r in recs], columns=columns)
+    if not recs:
+        return None, None, []
+    src_path = recs[0].get("source_path")
+    source = load_image(src_path) if src_path and Path(src_path).is_file() else None
+    targets = list(dict.fromkeys(r["target_class"] for r in recs))
+    title = f"{recs[0]['source_class']} -> " + (targets[0] if len(targets) == 1 else f"{len(targets)} targets")
+    bar = (state.get("summary") or {}).get("min_p_target", 0.5)
+    picture, layout = G.render(recs, lambda r: load_image(store.image_path(r)), source,
+                               int(recs[0].get("resolution") or 64), set(state["curated"]), title, bar)
+    path = store.root / "grid" / f"sweep-{state['sweeps']}.png"
+    from .records import save_png
+
+    save_png(picture, path)
+    return str(path), layout, recs
+
+
+def source_line(record: dict) -> str:
+    """Which source a record's image was made from."""
+    where = record.get("source_path") or ""
+    kind = "upload" if "/sources/" in where.replace(os.sep, "/") else "example"
+    name = Path(where).name if where else "none (text-to-image)"
+    return f"{kind} `{name}` (id `{record.get('source_id')}`), class **{record['source_class']}**"
+
+
+def recommendation(summary: dict | None) -> str:
+    """One recommended strength, from this sweep, saying plainly whether it passes the bar."""
+    if not summary:
+        return "no scores for this sweep (see the notes)"
+    s, bar = summary.get("recommended_strength"), summary.get("min_p_target", 0.5)
+    rows = {r["strength"]: r for r in summary.get("strengths", [])}
+    p = (rows.get(s) or {}).get("p_target")
+    if s is None:
+        return f"no recommendation: {summary.get('recommendation')}"
+    if p is not None and p < bar:
+        return (f"**no strength passes** mean P(target) ≥ {bar}; the best was s = {s} "
+                f"(mean P(target) {p:.2f}) — try more steps, another target, or a better-trained bundle")
+    return f"recommended strength (this sweep): **{s}** — {summary.get('recommendation')}"
+
+
+def sweep_views(store: S.Store, figure=None) -> tuple:
+    """(grid picture, grid download, sweep checkboxes, table, plot, CSV path, status) of the last sweep."""
+    state = store.state()
+    path, _, recs = sweep_grid(store)
     box = gr.CheckboxGroup(choices=[(_short(r), r["id"]) for r in recs],
                            value=[r["id"] for r in recs if r["id"] in set(state["curated"])])
     rows = S.table(recs, set(state["curated"]))
@@ -78,30 +134,109 @@ def sweep_views(store: S.Store, figure=None) -> tuple:
 
         figure = plot_sweep(summary)
     status = ""
-    if summary:
-        status = (f"recommended strength: **{summary.get('recommended_strength')}** "
-                  f"({summary.get('recommendation')}) · {summary.get('clip')}")
-    return gallery, box, rows, figure, csv, status
+    if recs:
+        status = (f"**sweep {state['sweeps']}** ran: {source_line(recs[0])} → "
+                  f"{', '.join(dict.fromkeys(r['target_class'] for r in recs))} · {len(recs)} image(s)\n\n"
+                  + recommendation(summary))
+    return path, path, box, rows, figure, csv, status
+
+
+def inspect_views(store: S.Store, record: dict | None, sweep: list[dict] = ()) -> tuple:
+    """(image, description, PNG download, command) of one result."""
+    if record is None:
+        return None, "", None, ""
+    path = store.image_path(record)
+    with Image.open(path) as im:   # shown enlarged (crisp pixels); the download is the PNG itself
+        side = max(im.size)
+        factor = max(1, 256 // side)
+        zoom = store.root / "zoom" / f"{record['id']}-x{factor}.png"
+        if not zoom.exists():
+            zoom.parent.mkdir(parents=True, exist_ok=True)
+            im.convert("RGB").resize((im.width * factor, im.height * factor), Image.NEAREST).save(zoom)
+    text = (f"**{record['source_class']} → {record['target_class']}**, strength {record['strength']} "
+            f"(ran {record['strength_run']:.2f}: {record.get('steps_run')}/{record['num_inference_steps']} steps), "
+            f"seed {record['seed']}, guidance {record['guidance_scale']}, {record['strategy']}\n\n"
+            f"{S.caption(record).splitlines()[1]} · soft label "
+            + ", ".join(f"{k} {v:.2f}" for k, v in record["soft_label"].items())
+            + f" · id `{record['id']}` · {'curated' if record['id'] in store.state()['curated'] else 'not curated'}")
+    return str(zoom), text, path, S.command_for(record, sweep)
+
+
+# --------------------------------------------------------------------------- source
+def _examples(bundle_path: str) -> list[tuple[str, str]]:
+    return S.bundle_examples(load_bundle(bundle_path))
+
+
+def _example_class(bundle_path: str, example: str) -> str | None:
+    target = str(Path(example).resolve())
+    return next((c for p, c in _examples(bundle_path) if str(Path(p).resolve()) == target), None)
+
+
+def source_card(bundle_path: str, upload: str | None, example: str | None, source_class: str) -> str:
+    """What will run, and a flag when the class disagrees with the example's folder."""
+    if upload:
+        return (f"**Source that will run:** upload `{Path(upload).name}` as class **{source_class}** "
+                "(you set the class of an upload)")
+    if example:
+        folder = _example_class(bundle_path, example)
+        line = f"**Source that will run:** example `{Path(example).parent.name}/{Path(example).name}`, " \
+               f"class **{source_class}**"
+        if folder and folder != source_class:
+            line += (f"\n\n⚠️ the class **{source_class}** differs from the example's folder **{folder}**: "
+                     f"records and soft labels will say {source_class}")
+        return line
+    return "**No source yet:** click an example or upload an image"
+
+
+def _source(store: S.Store, bundle, upload: str | None, example: str | None, source_class: str) -> Source | None:
+    """The one source that runs: an upload or a bundle example (never both)."""
+    if upload and example:
+        raise ValueError("give an uploaded image or an example, not both")
+    if upload:
+        S.check_upload(upload, S.Limits.from_env())
+        image = load_image(upload)
+        return Source(image, source_class, Path(upload).stem, store.save_source(image, Path(upload).name))
+    if example:
+        allowed = {str(Path(p).resolve()) for p, _ in S.bundle_examples(bundle)}
+        if str(Path(example).resolve()) not in allowed:
+            raise ValueError(f"{example} is not one of the bundle's example images")
+        return Source(load_image(example), source_class, Path(example).stem, example)
+    return None
 
 
 # --------------------------------------------------------------------------- handlers
-@_errors
-def on_bundle(path: str):
-    """Bundle panel, example gallery, class dropdowns and the profile's strength / thresholds."""
+def _save_state(request: gr.Request | None) -> tuple[bool, str]:
+    client = getattr(getattr(request, "client", None), "host", None) if request is not None else None
+    headers = dict(request.headers) if request is not None and getattr(request, "headers", None) else {}
+    return saving_allowed(client, headers)
+
+
+def bundle_info(path: str, request: gr.Request | None = None) -> str:
     bundle = load_bundle(path)
     _, ref_status = S.reference_for(bundle)
-    info = S.bundle_markdown(bundle, S.clip_scorer(bundle).status, ref_status)
+    info = S.bundle_markdown(bundle, S.clip_line(S.clip_scorer(bundle)), ref_status)
+    allowed, why = _save_state(request)
+    return info + ("" if allowed else f"\n\nprofile saving: off ({why})")
+
+
+@_errors
+def on_bundle(path: str, request: gr.Request = None):
+    """Bundle panel, example gallery, class dropdowns, the profile's strength / thresholds; the
+    source is cleared (a new bundle has its own examples)."""
+    bundle = load_bundle(path)
     classes = list(bundle.classes)
-    examples = S.bundle_examples(bundle)
     profile = S.bundle_profile(bundle)
     th = profile.get("thresholds") or {}
     strength = profile.get("strength", bundle.meta.get("recommended_strength"))
     defaults = TranslateConfig()
-    return (info, [(p, c) for p, c in examples], gr.Dropdown(choices=classes, value=classes[0]),
+    allowed, _ = _save_state(request)
+    return (bundle_info(path, request), [(p, c) for p, c in S.bundle_examples(bundle)],
+            gr.Dropdown(choices=classes, value=classes[0]),
             gr.Dropdown(choices=[S.ALL_OTHER] + classes, value=classes[min(1, len(classes) - 1)]),
             strength, *[th.get(k) for k in TH_KEYS],
             profile.get("strategy", "diff-mix"), profile.get("num_inference_steps", defaults.num_inference_steps),
-            profile.get("guidance_scale", defaults.guidance_scale))
+            profile.get("guidance_scale", defaults.guidance_scale), "", None, None,
+            source_card(path, None, None, classes[0]), gr.Button(interactive=allowed))
 
 
 @_errors
@@ -114,47 +249,77 @@ def on_bundle_text(text: str):
 
 @_errors
 def on_example(path: str, evt: gr.SelectData):
-    examples = S.bundle_examples(load_bundle(path))
-    image, cls = examples[evt.index]
-    return image, cls, load_image(image)
+    """An example becomes THE source: its class is set, any upload is cleared."""
+    image, cls = _examples(path)[evt.index]
+    return image, cls, load_image(image), None, source_card(path, None, image, cls)
 
 
 @_errors
-def on_upload(upload: str | None):
+def on_upload(path: str, upload: str | None, source_class: str):
+    """An upload becomes THE source: the example is cleared; the class stays the user's."""
     if not upload:
-        return None, ""
+        return None, "", source_card(path, None, None, source_class)
     S.check_upload(upload, S.Limits.from_env())
-    return load_image(upload), ""
+    return load_image(upload), "", source_card(path, upload, None, source_class)
 
 
-def _source(store: S.Store, bundle, upload: str | None, example: str | None, source_class: str) -> Source | None:
-    """The source image: an upload (decoded by data.load_image), else a bundle example."""
-    if upload:
-        S.check_upload(upload, S.Limits.from_env())
-        image = load_image(upload)
-        return Source(image, source_class, Path(upload).stem, store.save_source(image, Path(upload).name))
-    if example:
-        allowed = {p for p, _ in S.bundle_examples(bundle)}
-        if str(Path(example).resolve()) not in {str(Path(p).resolve()) for p in allowed}:
-            raise ValueError(f"{example} is not one of the bundle's example images")
-        return Source(load_image(example), source_class, Path(example).stem, example)
-    return None
+def on_source_change(path: str, upload: str | None, example: str | None, source_class: str):
+    try:
+        return source_card(path, upload, example, source_class)
+    except (ValueError, FileNotFoundError) as err:
+        return f"⚠️ {err}"
+
+
+def check_sweep(bundle_path: str, upload: str | None, example: str | None, source_class: str, target: str,
+                strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str) -> None:
+    """Everything a sweep needs, checked before anything runs: a mistake is a message, and the
+    previous grid, plot, table and curated batch stay as they were."""
+    try:
+        store = S.open_store(token)
+        bundle = load_bundle(bundle_path)
+        source = _source(store, bundle, upload, example, source_class)
+        S.plan_sweep(bundle, source, source_class, target, strengths, seeds, int(steps), float(guidance), strategy,
+                     S.Limits.from_env())
+    except (ValueError, FileNotFoundError) as err:
+        raise _user_error(err, "sweep") from None
+
+
+def _progress_callback(progress: gr.Progress, n_images: int):
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
+        eta = elapsed / done * (total - done) if done else 0.0
+        progress((done, total), unit="steps",
+                 desc=f"{n_images} image(s): step {done}/{total}, {elapsed:.0f} s, about {eta:.0f} s left")
+    return report
 
 
 @_errors
 def on_sweep(bundle_path: str, upload: str | None, example: str | None, source_class: str, target: str,
              strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str,
-             progress=gr.Progress(track_tqdm=True)):
-    """One sweep through the engine; rows = strength, columns = seed."""
+             progress=gr.Progress()):
+    """One sweep through the engine; rows = strength, columns = seed (or target)."""
     store = S.open_store(token)
     bundle = load_bundle(bundle_path)
     source = _source(store, bundle, upload, example, source_class)
+    limits = S.Limits.from_env()
+    plan = S.plan_sweep(bundle, source, source_class, target, strengths, seeds, int(steps), float(guidance),
+                        strategy, limits)
+    progress(0, desc=f"{len(plan.jobs)} image(s): loading the model")
     out = S.run_sweep(store, bundle, source, source_class, target, strengths, seeds, int(steps), float(guidance),
-                      strategy, limits=S.Limits.from_env(), generate_fn=_generate)
-    gallery, box, rows, fig, csv, status = sweep_views(store, out.figure)
-    status = " · ".join([status] + [n for n in out.notes if n not in status])
+                      strategy, limits=limits, generate_fn=_generate,
+                      callback=_progress_callback(progress, len(plan.jobs)))
+    picture, download, box, rows, fig, csv, status = sweep_views(store, out.figure)
+    flag = ""
+    if example and not upload:
+        folder = _example_class(bundle_path, example)
+        if folder and folder != source_class:
+            flag = f"\n\n⚠️ ran as class **{source_class}** although the example's folder is **{folder}**"
+    notes = [n for n in out.notes if n and n not in status and not n.startswith("CLIP")]   # CLIP: bundle panel
+    status += flag + ("\n\n" + " · ".join(notes) if notes else "")
     rec = (out.summary or {}).get("recommended_strength")
-    return (store.token, gallery, box, rows, fig, csv, status, rec, *curated_views(store)[:3])
+    return (store.token, picture, download, box, rows, fig, csv, status, rec, *curated_views(store)[:3])
 
 
 @_errors
@@ -166,20 +331,26 @@ def on_select(token: str, ids: str, mode: str):
 
 
 @_errors
-def on_pick(token: str, evt: gr.SelectData):
-    """A click on a result toggles it in the curated batch (real multi-select)."""
+def on_grid_click(token: str, mode: str, evt: gr.SelectData):
+    """A click on a tile shows it below and, in curate mode, toggles it in the curated batch."""
     store = S.open_store(token)
-    sweep = store.state()["last_sweep"]
-    if 0 <= evt.index < len(sweep):
-        S.update_curated(store, [sweep[evt.index]], "toggle", S.Limits.from_env())
-    return (store.token, *curated_views(store))
+    _, layout, recs = sweep_grid(store)
+    hit = G.cell_at(layout, *evt.index[:2]) if layout is not None and evt.index else None
+    rid = layout.cells[hit[0]][hit[1]] if hit else None
+    if rid is None:   # between tiles, on a label or on the source
+        return (store.token, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), *curated_views(store))
+    if mode != "inspect":
+        S.update_curated(store, [rid], "toggle", S.Limits.from_env())
+    path, _, _ = sweep_grid(store)
+    record = next(r for r in recs if r["id"] == rid)
+    return (store.token, path, *inspect_views(store, record, recs), *curated_views(store))
 
 
 @_errors
 def on_sweep_box(token: str, ids: list[str]):
     store = S.open_store(token)
     S.update_curated(store, ids or [], "set", S.Limits.from_env())
-    return (store.token, *curated_views(store))
+    return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
 @_errors
@@ -187,7 +358,7 @@ def on_curated_box(token: str, ids: list[str]):
     store = S.open_store(token)
     removed = [i for i in store.state()["curated"] if i not in set(ids or [])]
     S.update_curated(store, removed, "remove")
-    return (store.token, *curated_views(store))
+    return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
 @_errors
@@ -202,19 +373,26 @@ def on_auto(token: str, min_p_target: float | None, max_p_source: float | None, 
     ids, notes = S.passing(recs, thresholds)
     S.update_curated(store, ids, "add", S.Limits.from_env())
     msg = f"auto-selected {len(ids)} of {len(recs)} image(s) of the last sweep" + "".join(f"\n\n{n}" for n in notes)
-    return (store.token, msg, *curated_views(store))
+    return (store.token, msg, sweep_grid(store)[0], *curated_views(store))
 
 
 @_errors
 def on_save_profile(bundle_path: str, strength: float, strategy: str, steps: float, guidance: float,
                     min_p_target: float | None, max_p_source: float | None, min_clip_target: float | None,
-                    min_distance: float | None, max_distance: float | None, max_ssim: float | None):
-    """Write the chosen strength and thresholds into the bundle's profile (adapter.json)."""
+                    min_distance: float | None, max_distance: float | None, max_ssim: float | None,
+                    request: gr.Request = None):
+    """Save the chosen strength, thresholds and sampler settings as this bundle's user profile
+    (under the output root; the bundle's own files are never written)."""
+    allowed, why = _save_state(request)
+    if not allowed:
+        raise ValueError(why)
     thresholds = dict(zip(TH_KEYS, (min_p_target, max_p_source, min_clip_target, min_distance, max_distance,
                                     max_ssim)))
-    bundle = S.save_profile(bundle_path, strength, thresholds, {
+    bundle = load_bundle(bundle_path)
+    path = save_profile(bundle, strength, thresholds, {
         "strategy": strategy, "num_inference_steps": int(steps), "guidance_scale": float(guidance)})
-    return f"saved to `{bundle.path / 'adapter.json'}`: strength {strength}, thresholds {S.clean_thresholds(thresholds)}"
+    return (f"saved to `{path}`: strength {strength}, thresholds {S.clean_thresholds(thresholds) or 'none'} "
+            f"(the bundle itself is unchanged; `diffmix translate` / `synthesize` start from it)")
 
 
 @_errors
@@ -236,13 +414,13 @@ def on_export(token: str):
 def on_clear(token: str):
     store = S.open_store(token)
     S.update_curated(store, store.state()["curated"], "remove")
-    return (store.token, *curated_views(store))
+    return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
 def on_restore(saved: str, token: str):
     """Page (re)load: find the session of the browser's token, else start one."""
     store = S.open_store(token or saved)
-    views = sweep_views(store) if store.state()["last_sweep"] else (gr.Gallery(), gr.CheckboxGroup(),
+    views = sweep_views(store) if store.state()["last_sweep"] else (None, None, gr.CheckboxGroup(),
                                                                     None, None, None, "")
     return (store.token, store.token, *views, *curated_views(store)[:3])
 
@@ -250,7 +428,20 @@ def on_restore(saved: str, token: str):
 # --------------------------------------------------------------------------- layout
 INTRO = ("# diffmix — Diff-Mix inter-class translation\n"
          "Pick an adapter bundle and a source image, sweep the translation strength (rows) over seeds "
-         "(columns), judge the scores, click results to curate them, export the batch.")
+         "(columns), judge the scores, click tiles to curate them, export the batch.")
+
+LEGEND = """\
+- **P(target)** / **P(source)**: the bundle's reference classifier's probability that the image shows the
+  target / the source class (badge on each tile: green at or above the bar, red below).
+- **CLIP(target)**: CLIP similarity of the image to the target's prompt (when CLIP weights are available).
+- **distance**: 1 − cosine similarity of the image's and the source's embeddings (0 = the same picture).
+- **SSIM**: structural similarity to the source (1 = a copy). **Vendi**: how varied the seeds of one strength
+  are (1 = all alike, up to the number of seeds).
+- **ran**: the strength that actually ran, ⌊N·s⌋/N of the N scheduler steps (shown as *steps* on each row).
+- **Plot**, left: faithfulness (black: all targets; thin: each target; dashed grey: P(source)); the red dotted line
+  is the bar mean P(target) must reach; the green dash-dot line the recommended strength. Right: diversity
+  (distance, 1 − SSIM, Vendi).
+"""
 
 
 def build_demo() -> gr.Blocks:
@@ -270,31 +461,50 @@ def build_demo() -> gr.Blocks:
             load_btn = gr.Button("Load bundle", scale=1)
         info = gr.Markdown()
         with gr.Row():
-            with gr.Column(scale=1):
-                examples = gr.Gallery(label="Example sources (click one)", columns=4, height=180, format="png",
+            with gr.Column(scale=1, min_width=320):
+                examples = gr.Gallery(label="Example sources (click one)", columns=6, height=180, format="png",
                                       allow_preview=False, elem_id="examples")
                 upload = gr.File(label=f"…or upload a source image (≤ {limits.max_upload_mb} MB)",
-                                 file_types=["image"], type="filepath")
+                                 file_types=["image"], type="filepath", height=90, elem_id="upload")
                 example = gr.Textbox(label="Example chosen", interactive=False)
-                preview = gr.Image(label="Source as decoded", interactive=False, format="png", height=160)
+                preview = gr.Image(label="Source as decoded", interactive=False, format="png", height=128)
                 # Choices follow the bundle; the library validates names, so API callers may type any bundle's.
                 source_class = gr.Dropdown(classes, value=classes[0], label="Source class", filterable=True,
                                            allow_custom_value=True)
                 target = gr.Dropdown([S.ALL_OTHER] + classes, value=classes[1], label="Target class",
-                                     filterable=True, allow_custom_value=True)
+                                     filterable=True, allow_custom_value=True,
+                                     info="one class, all other classes, or several typed with commas (duck, owl)")
                 strategy = gr.Dropdown(choices=list(STRATEGIES), value="diff-mix", label="Strategy")
                 strengths = gr.Textbox(value="0.3, 0.5, 0.7, 0.9", label="Strengths",
                                        info="a list (0.3, 0.5, 0.7) or a range from:to:count (0.1:0.9:5)")
-                seeds = gr.Textbox(value="0, 1", label="Seeds", info="a list (0, 1, 7) or a count (n=4)")
+                seeds = gr.Textbox(value="0, 1", label="Seeds",
+                                   info="a list (0, 1, 7), a count (n=4), or -1 for a random seed (recorded)")
                 steps = gr.Slider(1, 100, value=TranslateConfig.num_inference_steps, step=1, label="Steps")
                 guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5, label="Guidance")
                 run = gr.Button("Run sweep", variant="primary")
             with gr.Column(scale=2):
-                status = gr.Markdown()
-                results = gr.Gallery(label="Results (rows: strength, columns: seed; click to curate)", columns=2,
-                                     format="png", allow_preview=False, object_fit="contain",
-                                     height="auto", elem_id="results")
+                card = gr.Markdown(elem_id="source-card")
+                status = gr.Markdown(elem_id="status")
+                gr.Markdown("**Sweep grid**: rows = strength (and the steps that ran), columns = seed (or target); "
+                            "the source first; P(target) on each tile; green frame = curated. Click a tile.")
+                grid = gr.Image(label="Sweep grid", interactive=False, format="png", elem_id="grid",
+                                show_label=False, buttons=["fullscreen"])
+                with gr.Row():
+                    click_mode = gr.Radio(["curate", "inspect"], value="curate", label="A click on a tile",
+                                          info="curate: toggles it in the batch and shows it below; inspect: "
+                                          "only shows it", scale=2)
+                    grid_dl = gr.DownloadButton("Download grid (PNG)", scale=1)
+                with gr.Row():
+                    one_image = gr.Image(label="Tile (full resolution)", interactive=False, format="png",
+                                         height=256, elem_id="tile", buttons=["fullscreen"])
+                    with gr.Column():
+                        one_text = gr.Markdown(elem_id="tile-info")
+                        one_dl = gr.DownloadButton("Download this image (PNG with its record)")
+                one_cmd = gr.Code(label="Copy as command: makes this sweep again, this image with the same pixels",
+                                  language="shell", elem_id="tile-command", interactive=False)
                 sweep_box = gr.CheckboxGroup(label="Curate from this sweep")
+                with gr.Accordion("What the scores and the plot mean", open=False):
+                    gr.Markdown(LEGEND)
                 plot = gr.Plot(label="Faithfulness / diversity vs strength", elem_id="plot")
                 table = gr.Dataframe(headers=list(S.TABLE_COLUMNS), label="Scores and records", max_height=300)
                 csv = gr.DownloadButton("Download table (CSV)")
@@ -302,19 +512,17 @@ def build_demo() -> gr.Blocks:
             with gr.Column():
                 gr.Markdown("### Thresholds and per-dataset profile")
                 with gr.Row():
-                    th = [gr.Number(label=label, value=None) for label in (
-                        "min P(target)", "max P(source)", "min CLIP(target)", "min distance", "max distance",
-                        "max SSIM")]
+                    th = [gr.Number(label=label, value=None) for label in TH_LABELS]
                 with gr.Row():
                     auto_btn = gr.Button("Auto-select last sweep by thresholds")
                     tune = gr.Number(label="Chosen strength", minimum=0, maximum=1)
-                    profile_btn = gr.Button("Save strength + thresholds to bundle profile")
+                    profile_btn = gr.Button("Save strength + thresholds as my profile")
                 auto_msg = gr.Markdown()
                 profile_msg = gr.Markdown()
             with gr.Column():
                 count = gr.Markdown("**Curated batch: 0 image(s)**")
-                cur_gallery = gr.Gallery(label="Curated batch", columns=6, height=200, format="png",
-                                         allow_preview=False, object_fit="contain", elem_id="curated")
+                cur_gallery = gr.Gallery(label="Curated batch", columns=8, height=160, format="png",
+                                         allow_preview=True, object_fit="contain", elem_id="curated")
                 cur_box = gr.CheckboxGroup(label="Curated (uncheck to remove)")
                 with gr.Row():
                     clear_btn = gr.Button("Clear batch")
@@ -329,26 +537,36 @@ def build_demo() -> gr.Blocks:
 
         curated = [count, cur_gallery, cur_box, sweep_box]
         private = {"api_visibility": "private"}
-        bundle_outputs = [info, examples, source_class, target, tune, *th, strategy, steps, guidance]
-        demo.load(on_restore, [saved_token, token], [token, saved_token, results, sweep_box, table, plot, csv,
+        source_inputs = [bundle, upload, example, source_class]
+        bundle_outputs = [info, examples, source_class, target, tune, *th, strategy, steps, guidance,
+                          example, upload, preview, card, profile_btn]
+        sweep_inputs = [bundle, upload, example, source_class, target, strengths, seeds, steps, guidance, strategy,
+                        token]
+        demo.load(on_restore, [saved_token, token], [token, saved_token, grid, grid_dl, sweep_box, table, plot, csv,
                                                      status, count, cur_gallery, cur_box], **private)
         demo.load(on_bundle, bundle, bundle_outputs, **private)
-        bundle.change(on_bundle, bundle, bundle_outputs, api_name="bundle_info")
-        load_btn.click(on_bundle_text, bundle_text, bundle, **private)
-        examples.select(on_example, bundle, [example, source_class, preview], **private)
-        upload.change(on_upload, upload, [preview, example], **private)
-        run.click(on_sweep, [bundle, upload, example, source_class, target, strengths, seeds, steps, guidance,
-                             strategy, token],
-                  [token, results, sweep_box, table, plot, csv, status, tune, count, cur_gallery, cur_box],
-                  api_name="sweep", concurrency_limit=1, concurrency_id="gpu")
-        results.select(on_pick, token, [token, *curated], **private)
-        sweep_box.input(on_sweep_box, [token, sweep_box], [token, *curated], **private)
-        cur_box.input(on_curated_box, [token, cur_box], [token, *curated], **private)
+        bundle.input(on_bundle, bundle, bundle_outputs, **private)
+        # /bundle_info for scripts: the same panel, from any bundle folder
+        gr.Button(visible=False).click(on_bundle, bundle, bundle_outputs, api_name="bundle_info")
+        load_btn.click(on_bundle_text, bundle_text, bundle, **private).success(on_bundle, bundle, bundle_outputs,
+                                                                               **private)
+        examples.select(on_example, bundle, [example, source_class, preview, upload, card], **private)
+        upload.upload(on_upload, [bundle, upload, source_class], [preview, example, card], **private)
+        upload.clear(on_upload, [bundle, upload, source_class], [preview, example, card], **private)
+        source_class.input(on_source_change, source_inputs, card, **private)
+        run.click(check_sweep, sweep_inputs, None, **private).success(
+            on_sweep, sweep_inputs,
+            [token, grid, grid_dl, sweep_box, table, plot, csv, status, tune, count, cur_gallery, cur_box],
+            api_name="sweep", concurrency_limit=1, concurrency_id="gpu")
+        grid.select(on_grid_click, [token, click_mode], [token, grid, one_image, one_text, one_dl, one_cmd, *curated],
+                    trigger_mode="multiple", **private)   # every click counts, in order
+        sweep_box.input(on_sweep_box, [token, sweep_box], [token, grid, *curated], **private)
+        cur_box.input(on_curated_box, [token, cur_box], [token, grid, *curated], **private)
         sel_btn.click(on_select, [token, sel_ids, sel_mode], [token, *curated], api_name="select")
-        auto_btn.click(on_auto, [token, *th], [token, auto_msg, *curated], api_name="auto_select")
-        clear_btn.click(on_clear, token, [token, *curated], api_name="clear")
+        auto_btn.click(on_auto, [token, *th], [token, auto_msg, grid, *curated], api_name="auto_select")
+        clear_btn.click(on_clear, token, [token, grid, *curated], api_name="clear")
         profile_btn.click(on_save_profile, [bundle, tune, strategy, steps, guidance, *th], profile_msg,
-                          api_name="save_profile").then(on_bundle, bundle, bundle_outputs, **private)
+                          api_name="save_profile").success(bundle_info, bundle, info, **private)
         export_btn.click(on_export, token, [token, export_msg, export_dir, export_zip], api_name="export")
     demo.queue(max_size=limits.queue_size)
     return demo

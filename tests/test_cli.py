@@ -159,3 +159,44 @@ def test_real_strategies_ignore_a_bundle_left_on_the_pipe(tiny_model_dir, tmp_pa
               bundle=bundle, show_progress=False)
     again = translate(pipe, [Job(src, "duck", 0.9, 1)], config, superclass="bird", show_progress=False)[0]
     assert np.abs(np.asarray(again.image, np.int16) - np.asarray(plain.image, np.int16)).max() <= 2
+
+
+def test_translate_and_synthesize_start_from_the_saved_profile_and_score_finds_the_bundle(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The app's saved profile (a user overlay under DIFFMIX_OUTPUT) comes first for every option not
+    written: translate's strength / steps / guidance, synthesize's thresholds; the bundle is untouched.
+    `diffmix score` without --bundle scores with the bundle the records name (its reference: P(target))."""
+    from test_ui import make_world
+
+    from diffmix_core.adapters import load_bundle
+    from diffmix_core.profiles import save_profile
+    from diffmix_core.reference import update_bundle_meta
+
+    bundle_dir = make_world(tmp_path / "world", tmp_path / "cache")
+    update_bundle_meta(bundle_dir, profile={"strength": 0.8, "num_inference_steps": 4, "guidance_scale": 3.0})
+    bundle = load_bundle(bundle_dir)
+    adapter = (bundle_dir / "adapter.json").read_bytes()
+    monkeypatch.setenv("DIFFMIX_OUTPUT", str(tmp_path / "outputs"))
+    save_profile(bundle, 0.6, {"max_ssim": -1.0}, {"guidance_scale": 2.0})
+    img = make_image(tmp_path / "owl.png", size=(32, 32))
+    out = tmp_path / "tr"
+    assert main(["translate", "--bundle", str(bundle_dir), "--image", str(img), "--source-class", "owl",
+                 "--target", "duck", "--seed", "-1", "--out", str(out), "--quiet"]) == 0
+    assert "from your saved profile" in capsys.readouterr().out
+    (rec,) = read_jsonl(out / "records.jsonl")
+    assert (rec["strength"], rec["num_inference_steps"], rec["guidance_scale"]) == (0.6, 4, 2.0)
+    assert 0 <= rec["seed"] < 2**31                                     # -1: a random seed, recorded
+    assert main(["score", "--input", str(out), "--quiet"]) == 0
+    assert f"bundle: {bundle_dir} (named in the records)" in capsys.readouterr().out
+    assert read_jsonl(out / "records.jsonl")[0]["scores"]["p_target"] is not None
+    # synthesize: the profile's max_ssim = -1 rejects every image (the filter reads the same thresholds)
+    for cls, colour in (("owl", (200, 30, 30)), ("duck", (30, 30, 200))):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(3):
+            make_image(tmp_path / "data" / cls / f"{i}.png", size=(32, 32), colour=colour)
+    synth = tmp_path / "synth"
+    assert main(["synthesize", "--bundle", str(bundle_dir), "--data", str(tmp_path / "data"), "--out", str(synth),
+                 "--multiplier", "0.5", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "max_ssim=-1.0" in text and "merged 0 image(s)" in text
+    assert (bundle_dir / "adapter.json").read_bytes() == adapter and load_bundle(bundle_dir).hash == bundle.hash

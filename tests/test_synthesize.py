@@ -285,7 +285,7 @@ def test_two_processes_under_accelerate(full_run, tiny_model_dir, shapes_dir, tm
 
 
 def test_filter_keeps_rejects_apart(tiny_pipe, shapes_dir, tmp_path):
-    from diffmix_core.config import FilterConfig
+    from diffmix_core.config import Thresholds
     from diffmix_core.data import read_dataset
     from diffmix_core.synthesize import Plan, merge
 
@@ -299,7 +299,7 @@ def test_filter_keeps_rejects_apart(tiny_pipe, shapes_dir, tmp_path):
     config = TranslateConfig(strategy="real-mix", num_inference_steps=2, batch_size=4)
     plan = Plan({"classes": list(train.classes)}, tuple(jobs))
     summary = synthesize(tiny_pipe, plan, tmp_path, config, superclass="shape", scorer=scorer,
-                         filter_config=FilterConfig(min_p_target=0.5), show_progress=False)
+                         filter_config=Thresholds(min_p_target=0.5), show_progress=False)
     bad = {j.idx for j in jobs if j.seed % 2 == 0}
     assert summary["rejected"] == len(bad) and 0 < len(bad) < len(jobs)
     assert {int(p.stem) for p in (tmp_path / "rejected").glob("*.png")} == bad

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 ENV = ("DIFFMIX_BUNDLES", "DIFFMIX_OUTPUT", "DIFFMIX_SESSIONS", "DIFFMIX_CLIP_MODEL", "DIFFMIX_MAX_JOBS",
-       "DIFFMIX_MAX_CURATED", "DIFFMIX_MAX_UPLOAD_MB")
+       "DIFFMIX_MAX_CURATED", "DIFFMIX_MAX_UPLOAD_MB", "DIFFMIX_ALLOW_PROFILE_SAVE")
 
 
 def make_world(root: Path, cache: Path) -> Path:
@@ -78,12 +78,30 @@ def test_jobs_matrix_intra_and_gen(world):
     assert len(jobs) == (len(bundle.classes) - 1) * 4 and "owl" not in {j.target_class for j in jobs}
     assert [(j.strength, j.seed) for j in jobs[:4]] == [(0.5, 0), (0.5, 1), (0.9, 0), (0.9, 1)]
     assert {j.target_class for j in make_jobs(bundle, src, "owl", "duck", [0.5], [0], "diff-aug")} == {"owl"}
+    several = make_jobs(bundle, src, "owl", "duck, crow", [0.5], [0, 1], "diff-mix")   # side by side
+    assert [(j.target_class, j.seed) for j in several] == [("duck", 0), ("duck", 1), ("crow", 0), ("crow", 1)]
     gen = make_jobs(bundle, None, "owl", "duck", [0.3, 0.5], [0, 1], "diff-gen")
     assert len(gen) == 2 and all(j.source is None and j.strength == 1.0 for j in gen)
     with pytest.raises(ValueError, match="example image or upload"):
         make_jobs(bundle, None, "owl", "duck", [0.5], [0], "diff-mix")
     with pytest.raises(ValueError, match="unknown class 'emu'"):
         make_jobs(bundle, src, "owl", "emu", [0.5], [0], "diff-mix")
+
+
+def test_one_threshold_vocabulary():
+    """config.Thresholds: the app's auto-select, a profile and synthesize's filter read the same tests."""
+    from diffmix_core.config import Thresholds
+
+    t = Thresholds.from_dict({"min_p_target": "0.5", "max_ssim": 0.4, "min_distance": ""})
+    assert t.as_dict() == {"min_p_target": 0.5, "max_ssim": 0.4} and t.active and not Thresholds().active
+    assert t.reason({"p_target": 0.2, "ssim": 0.9}) == "p_target 0.200 < 0.5; ssim 0.900 > 0.4"
+    assert t.reason({"p_target": 0.7}) is None                        # synthesis: a missing score never rejects
+    assert t.failures({"p_target": 0.7}, missing_fails=True) == ["no ssim score"]
+    for bad, match in (({"p_min": 1}, "unknown threshold"), ({"min_p_target": 1.5}, r"in \[0, 1\]"),
+                       ({"min_distance": 0.5, "max_distance": 0.2}, "above max_distance"),
+                       ({"max_ssim": "x"}, "must be a number")):
+        with pytest.raises(ValueError, match=match):
+            Thresholds.from_dict(bad)
 
 
 def test_thresholds_select_and_say_what_they_ignore():
@@ -125,8 +143,9 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
     from diffmix_core.data import load_image
     from diffmix_core.export import verify_manifest
     from diffmix_core.records import read_jsonl, read_png_record
+    from diffmix_core.profiles import load_profile, save_profile
     from diffmix_core.session import (Limits, bundle_markdown, caption, clip_scorer, export_curated, open_store,
-                                      reference_for, run_sweep, save_profile, update_curated)
+                                      reference_for, run_sweep, update_curated)
     from diffmix_core.translate import Source
 
     bundle = load_bundle(world["bundle"])
@@ -145,12 +164,17 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
     assert "test_resnet" in bundle_markdown(bundle, clip_scorer().status, ref_status)
     saved = read_png_record(store.image_path(out.records[0]))
     assert saved["id"] == out.ids[0] and saved["scores"]["p_target"] == sc["p_target"]
-    # tune per dataset: the profile is in adapter.json and the bundle still loads (its hash changes)
-    tuned = save_profile(bundle.path, 0.5, {"min_p_target": 0.2, "max_ssim": ""}, {"strategy": "diff-mix"})
-    assert tuned.meta["profile"]["strength"] == 0.5 and tuned.meta["profile"]["thresholds"] == {"min_p_target": 0.2}
-    assert tuned.hash != bundle.hash and load_bundle(bundle.path).meta["profile"]["strategy"] == "diff-mix"
+    # tune per dataset: the profile is a user overlay under the output root; the bundle is untouched
+    before = (bundle.path / "adapter.json").read_bytes()
+    path = save_profile(bundle, 0.5, {"min_p_target": 0.2, "max_ssim": ""}, {"strategy": "diff-mix"})
+    assert path.parent == world["root"] / "out" / "profiles" and bundle.hash[:16] in path.name
+    assert (bundle.path / "adapter.json").read_bytes() == before and load_bundle(bundle.path).hash == bundle.hash
+    profile = load_profile(load_bundle(bundle.path))
+    assert (profile["strength"], profile["thresholds"], profile["source"]) == (0.5, {"min_p_target": 0.2},
+                                                                                 "saved profile")
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        save_profile(bundle.path, 1.5, {})
+        save_profile(bundle, 1.5, {})
+    path.unlink()
     # export: twice, never over the first; files reload and match the records
     update_curated(store, out.ids[:3], "add")
     first, zip1 = export_curated(store)
@@ -172,9 +196,11 @@ def test_bundle_panel_and_bundle_field(world):
     from diffmix_core.ui import on_bundle
 
     assert world["bundle"] in find_bundles().values()
-    info, examples, src, tgt, strength, *th, strategy, steps, guidance = on_bundle(world["bundle"])
+    info, examples, src, tgt, strength, *th, strategy, steps, guidance, ex, up, prev, card, btn = \
+        on_bundle(world["bundle"])
+    assert (ex, up, prev) == ("", None, None) and "No source yet" in card   # a new bundle: no source chosen
     assert len(th) == 6 and (steps, guidance) == (25, 7.5)   # no sampler settings in the profile: the defaults
-    assert "10 classes" in info and "CLIP unavailable" in info and "test_resnet" in info
+    assert "10 classes" in info and "CLIP off: none chosen" in info and "test_resnet" in info
     assert len(examples) == 8 and examples[0][1] == "owl"
     assert resolve_bundle(world["bundle"]) == Path(world["bundle"]).resolve()
     with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
@@ -184,17 +210,26 @@ def test_bundle_panel_and_bundle_field(world):
 
 
 def test_profile_sets_the_sweep_controls(world, tmp_path):
-    """A bundle's saved profile (as the shipped demo world carries) sets strength, strategy, steps and
-    guidance when the bundle is picked."""
-    from diffmix_core.session import save_profile
+    """A bundle's own profile (as the shipped demo world carries) sets strength, strategy, steps and
+    guidance when the bundle is picked; a user's saved overlay comes first."""
+    from diffmix_core.adapters import load_bundle
+    from diffmix_core.profiles import save_profile
+    from diffmix_core.reference import update_bundle_meta
     from diffmix_core.ui import on_bundle
 
     copy = tmp_path / "tuned"
     shutil.copytree(world["bundle"], copy)
-    save_profile(copy, 0.7, {"min_p_target": 0.3},
-                 {"strategy": "ti-mix", "num_inference_steps": 12, "guidance_scale": 2.5})
-    _, _, _, _, strength, *th, strategy, steps, guidance = on_bundle(str(copy))
+    update_bundle_meta(copy, profile={"strength": 0.7, "thresholds": {"min_p_target": 0.3}, "strategy": "ti-mix",
+                                      "num_inference_steps": 12, "guidance_scale": 2.5})
+    _, _, _, _, strength, *th, strategy, steps, guidance, _, _, _, _, _ = on_bundle(str(copy))
     assert (strength, th[0], strategy, steps, guidance) == (0.7, 0.3, "ti-mix", 12, 2.5)
+    path = save_profile(load_bundle(copy), 0.4, {"max_ssim": 0.8}, {"num_inference_steps": 6},
+                        root=world["root"] / "out")
+    try:
+        _, _, _, _, strength, *th, strategy, steps, guidance, _, _, _, _, _ = on_bundle(str(copy))
+        assert (strength, th[0], th[-1], strategy, steps, guidance) == (0.4, None, 0.8, "ti-mix", 6, 2.5)
+    finally:
+        path.unlink()
 
 
 def test_upload_limit_message(world, tmp_path):
@@ -244,13 +279,19 @@ def test_client_sweep_select_export_reload(app_url, world, tmp_path):
     client = Client(app_url, verbose=False)
     assert {"/sweep", "/select", "/auto_select", "/export", "/save_profile"} <= set(
         client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    gallery, box, table, plot, csv, status, tune, count, cur_gallery, cur_box = _sweep(client, world)
-    assert len(gallery["value"]) == 4 and gallery["columns"] == 2 and plot is not None
-    assert "P(target)" in gallery["value"][0]["caption"] and "recommended strength" in status
+    picture, grid_png, box, table, plot, csv, status, tune, count, cur_gallery, cur_box = _sweep(client, world)
+    assert plot is not None and "example `0.png`" in status
+    assert ("recommended strength (this sweep)" in status) != ("no strength passes" in status)   # one verdict
+    with Image.open(picture) as im:   # the labelled grid: a source column + 2 seeds, 2 strength rows
+        from diffmix_core.grid import GAP, HEAD_H, LABEL_W, tile_size
+        t = tile_size(32)
+        assert im.size == (LABEL_W + 3 * (t + GAP) + GAP, HEAD_H + 2 * (t + GAP) + GAP)
     rows = table["data"]
-    assert [(r[3], r[5]) for r in rows] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
-    assert Path(csv).read_text().splitlines()[0].startswith("id,source,target,strength")
+    assert [(r[1], r[2], r[3]) for r in rows] == [("0", "owl", "duck")] * 4     # the source that ran, by id
+    assert [(r[4], r[6]) for r in rows] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
+    assert Path(csv).read_text().splitlines()[0].startswith("id,source_id,source,target,strength")
     ids = [r[0] for r in rows]
+    images = {i: next((world["root"] / "sessions").glob(f"*/images/{i}.png")) for i in ids}
     count, cur_gallery, cur_box, sweep_box = client.predict(f"{ids[1]},{ids[3]}", "add", api_name="/select")
     assert "2 image(s)" in count and cur_box["value"] == [ids[1], ids[3]]
     msg, folder, zip_path = client.predict(api_name="/export")
@@ -258,10 +299,10 @@ def test_client_sweep_select_export_reload(app_url, world, tmp_path):
     assert "exported 2 image(s)" in msg and verify_manifest(folder) == []
     exported = read_jsonl(folder / "imagefolder" / "metadata.jsonl")
     assert [r["id"] for r in exported] == [ids[1], ids[3]]
-    for r, shown, expected in zip(exported, (gallery["value"][1], gallery["value"][3]), ((0.5, 1), (1.0, 1))):
+    for r, shown, expected in zip(exported, (images[ids[1]], images[ids[3]]), ((0.5, 1), (1.0, 1))):
         assert (r["strength"], r["seed"], r["target_class"]) == (*expected, "duck")
         assert np.array_equal(np.asarray(load_image(folder / "imagefolder" / r["file_name"])),
-                              np.asarray(load_image(shown["image"])))
+                              np.asarray(load_image(shown)))
     with zipfile.ZipFile(zip_path) as zf:
         assert f"{folder.name}/imagefolder/metadata.jsonl" in zf.namelist()
     msg2, folder2, _ = client.predict(api_name="/export")
@@ -275,7 +316,7 @@ def test_two_clients_never_see_each_others_selections(app_url, world):
     out = {}
 
     def work(name, client, seeds):
-        table = _sweep(client, world, seeds=seeds, strengths="0.5")[2]
+        table = _sweep(client, world, seeds=seeds, strengths="0.5")[3]
         ids = [r[0] for r in table["data"]]
         out[name] = (ids, client.predict(",".join(ids), "add", api_name="/select"))
 
@@ -310,9 +351,12 @@ def test_bad_input_is_a_clear_error_and_app_keeps_serving(app_url, world, tmp_pa
         client.predict(api_name="/export")
     good = tmp_path / "good.png"
     Image.new("RGB", (40, 30), (10, 200, 10)).save(good)
-    gallery = _sweep(client, world, seeds="0", strengths="0.5", upload=handle_file(str(good)), example="")[0]
-    with Image.open(gallery["value"][0]["image"]) as im:
+    rows = _sweep(client, world, seeds="0", strengths="0.5", upload=handle_file(str(good)), example="")[3]["data"]
+    assert rows[0][1] == "good"                               # the upload ran, and the table says so
+    with Image.open(next((world["root"] / "sessions").glob(f"*/images/{rows[0][0]}.png"))) as im:
         assert im.size == (40, 30)
+    with pytest.raises(Exception, match="not both"):
+        _sweep(client, world, seeds="0", strengths="0.5", upload=handle_file(str(good)))
 
 
 def test_clip_loads_in_the_background(monkeypatch):
@@ -334,3 +378,76 @@ def test_clip_loads_in_the_background(monkeypatch):
     assert not first.available and "still loading" in first.status
     release.set()
     assert "weights not found (test)" in session.clip_scorer(wait=True).status
+
+
+def test_clip_offline_is_one_quiet_line_at_once(monkeypatch):
+    """Offline and not cached: CLIP is off at once (no Hub retries), said in one short line with the
+    details folded under it."""
+    import time
+
+    from diffmix_core.scoring import ClipScorer
+    from diffmix_core.session import clip_line, clip_offline_reason
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    reason = clip_offline_reason("hf-hub:nobody/no-such-clip", "")
+    assert time.perf_counter() - t < 1.0 and reason.startswith("no weights available offline")
+    line = clip_line(ClipScorer("hf-hub:nobody/no-such-clip", reason=reason))
+    assert line.startswith("<details><summary>CLIP off: no weights available offline</summary>")
+    assert clip_offline_reason("none", "") is None and clip_offline_reason("local-dir:/x", "") is None
+
+
+def test_copy_as_command_makes_the_same_pixels(world, tmp_path):
+    """The command the app offers for a result makes that image again, pixel for pixel; seed -1
+    draws a random seed that the record keeps."""
+    import shlex
+
+    from diffmix_core.adapters import load_bundle
+    from diffmix_core.cli import main
+    from diffmix_core.data import load_image
+    from diffmix_core.records import read_jsonl
+    from diffmix_core.session import command_for, open_store, run_sweep
+    from diffmix_core.translate import Source
+
+    bundle = load_bundle(world["bundle"])
+    store = open_store("")
+    src = Source(load_image(world["example"]), "owl", "0", world["example"])
+    out = run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "0, -1", 3, 5.0, "diff-mix")
+    assert len(out.records) == 4 and out.records[3]["seed"] not in (-1, 0)
+    again = tmp_path / "again"
+    cmd = command_for(out.records[2], out.records, str(again))
+    assert cmd.startswith("diffmix translate --bundle ") and main(shlex.split(cmd)[1:] + ["--quiet"]) == 0
+    made = read_jsonl(again / "records.jsonl")
+    assert [(r["strength"], r["seed"]) for r in made] == [(r["strength"], r["seed"]) for r in out.records]
+    for new, rec in zip(made, out.records):
+        assert np.array_equal(np.asarray(load_image(again / new["file_name"])),
+                              np.asarray(load_image(store.image_path(rec))))
+
+
+def test_who_may_save_a_profile(monkeypatch):
+    """A local user may; a proxied, remote or Space visitor may not, unless the operator says so."""
+    from diffmix_core.profiles import SAVE_ENV, saving_allowed
+
+    monkeypatch.delenv(SAVE_ENV, raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert saving_allowed("127.0.0.1")[0] and saving_allowed("::1")[0] and saving_allowed("localhost")[0]
+    assert not saving_allowed("127.0.0.1", {"X-Forwarded-For": "8.8.8.8"})[0]      # behind a proxy
+    allowed, why = saving_allowed("10.1.2.3")
+    assert not allowed and SAVE_ENV in why and not saving_allowed(None)[0]
+    monkeypatch.setenv("SPACE_ID", "someone/diffmix")
+    assert not saving_allowed("127.0.0.1")[0]
+    monkeypatch.setenv(SAVE_ENV, "1")
+    assert saving_allowed("10.1.2.3")[0]
+    monkeypatch.setenv(SAVE_ENV, "0")
+    assert not saving_allowed("127.0.0.1")[0]
+
+
+def test_a_visitor_who_may_not_save_gets_a_message_and_nothing_is_written(app_url, world, monkeypatch):
+    from gradio_client import Client
+
+    monkeypatch.setenv("DIFFMIX_ALLOW_PROFILE_SAVE", "0")
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="turned off on this server"):
+        client.predict(world["bundle"], 0.5, "diff-mix", 25, 5.0, 0.5, None, None, None, None, None,
+                       api_name="/save_profile")
+    assert not (world["root"] / "out" / "profiles").exists() or not any((world["root"] / "out" / "profiles").iterdir())

@@ -1,0 +1,171 @@
+"""A sweep as one labelled picture, the way people know an X/Y plot: rows = strengths (with
+the steps that ran), columns = seeds (or targets, side by side), the source as the first
+column; each tile with its P(target) badge and, when curated, a green frame and a tick.
+
+The app shows this picture and maps a click on it back to a tile (:func:`cell_at`); the
+same picture is the grid PNG offered for download. Plain PIL, no Gradio.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+LABEL_W = 96      # px: the row-label column
+HEAD_H = 34       # px: the column-label row
+GAP = 6           # px between tiles
+BORDER = 3        # px: the frame of a curated tile
+CURATED = (22, 163, 74)
+PLAIN = (209, 213, 219)
+
+
+def tile_size(resolution: int) -> int:
+    """Displayed tile side: small worlds enlarged by a whole factor to about 128 px (crisp pixels),
+    large images shown at 192 px (the inspector shows the full image)."""
+    if resolution <= 128:
+        return resolution * max(1, round(128 / resolution))
+    return 192
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where every tile of a sweep sits; rows and columns in display order."""
+
+    rows: tuple[str, ...]                       # row labels ("s 0.50", "13/25 steps")
+    columns: tuple[str, ...]                    # column labels; the first is "source" when there is one
+    cells: tuple[tuple[str | None, ...], ...]   # record id per (row, column); None on the source column
+    tile: int                                   # tile side in px
+    has_source: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        n_cols, n_rows = len(self.columns), len(self.rows)
+        return LABEL_W + n_cols * (self.tile + GAP) + GAP, HEAD_H + n_rows * (self.tile + GAP) + GAP
+
+    def box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a tile in the picture."""
+        x = LABEL_W + GAP + col * (self.tile + GAP)
+        y = HEAD_H + GAP + row * (self.tile + GAP)
+        return x, y, x + self.tile, y + self.tile
+
+    def center(self, row: int, col: int) -> tuple[int, int]:
+        left, top, right, bottom = self.box(row, col)
+        return (left + right) // 2, (top + bottom) // 2
+
+
+def layout(records: Sequence[dict], resolution: int) -> GridLayout:
+    """Rows: strengths in ascending order. Columns: (target, seed) in the sweep's order,
+    labelled by what differs (seed, target or both); the source first when there is one."""
+    strengths = sorted({r["strength"] for r in records})
+    columns = list(dict.fromkeys((r["target_class"], r["seed"]) for r in records))
+    targets = {t for t, _ in columns}
+    seeds = {s for _, s in columns}
+
+    def col_label(target: str, seed: int) -> str:
+        if len(targets) == 1:
+            return f"seed {seed}"
+        return f"-> {target}" + (f", seed {seed}" if len(seeds) > 1 else "")
+
+    by_key = {(r["strength"], r["target_class"], r["seed"]): r for r in records}
+    has_source = any(r.get("source_path") for r in records)
+    rows, cells = [], []
+    for s in strengths:
+        rec = next(r for r in records if r["strength"] == s)
+        rows.append(f"s {s:.2f}\n{rec.get('steps_run', '?')}/{rec.get('num_inference_steps', '?')} steps")
+        ids = [by_key[(s, t, seed)]["id"] if (s, t, seed) in by_key else None for t, seed in columns]
+        cells.append(tuple(([None] if has_source else []) + ids))
+    labels = (["source"] if has_source else []) + [col_label(t, s) for t, s in columns]
+    return GridLayout(tuple(rows), tuple(labels), tuple(cells), tile_size(resolution), has_source)
+
+
+def cell_at(grid: GridLayout, x: float, y: float) -> tuple[int, int] | None:
+    """(row, column) of the tile under picture pixel (x, y); None between tiles or on labels."""
+    for row in range(len(grid.rows)):
+        for col in range(len(grid.columns)):
+            left, top, right, bottom = grid.box(row, col)
+            if left <= x < right and top <= y < bottom:
+                return row, col
+    return None
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:   # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    image = image.convert("RGB")
+    resample = Image.NEAREST if side >= max(image.size) else Image.LANCZOS
+    scale = side / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", (side, side), (243, 244, 246))
+    canvas.paste(image.resize((w, h), resample), ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def render(records: Sequence[dict], load: Callable[[dict], Image.Image], source: Image.Image | None,
+           resolution: int, curated: set[str] = frozenset(), title: str = "",
+           min_p_target: float = 0.5) -> tuple[Image.Image, GridLayout]:
+    """The labelled grid picture of a sweep and its layout.
+
+    Args:
+        records: the sweep's records (translate.make_record, with ``scores`` when scored).
+        load: record -> its image.
+        source: the source image (first column), None for text-to-image sweeps.
+        resolution: the model resolution (sets the tile size).
+        curated: ids shown framed and ticked.
+        title: written in the top-left corner (e.g. "owl -> duck").
+        min_p_target: a P(target) badge is green at or above this, red below.
+    """
+    grid = layout(records, resolution)
+    if source is None and grid.has_source:
+        grid = GridLayout(grid.rows, grid.columns[1:], tuple(c[1:] for c in grid.cells), grid.tile, False)
+    by_id = {r["id"]: r for r in records}
+    picture = Image.new("RGB", grid.size, "white")
+    draw = ImageDraw.Draw(picture)
+    small, bold = _font(12), _font(14)
+    draw.text((6, 8), title, fill=(17, 24, 39), font=bold)
+    for col, label in enumerate(grid.columns):
+        left, _, right, _ = grid.box(0, col)
+        draw.text(((left + right) // 2, HEAD_H - 8), label, fill=(55, 65, 81), font=small, anchor="ms")
+    source_tile = _fit(source, grid.tile) if source is not None else None
+    for row, label in enumerate(grid.rows):
+        _, top, _, bottom = grid.box(row, 0)
+        draw.multiline_text((8, (top + bottom) // 2), label, fill=(17, 24, 39), font=small, anchor="lm", spacing=4)
+        for col, rid in enumerate(grid.cells[row]):
+            left, top, right, bottom = grid.box(row, col)
+            if rid is None:
+                if source_tile is not None and grid.has_source and col == 0:
+                    picture.paste(source_tile, (left, top))
+                continue
+            rec = by_id[rid]
+            picture.paste(_fit(load(rec), grid.tile), (left, top))
+            _badge(draw, rec, (left, top, right, bottom), small, min_p_target)
+            on = rid in curated
+            draw.rectangle((left - BORDER, top - BORDER, right + BORDER - 1, bottom + BORDER - 1),
+                           outline=CURATED if on else PLAIN, width=BORDER if on else 1)
+            if on:
+                draw.ellipse((right - 20, top + 3, right - 3, top + 20), fill=CURATED)
+                draw.line([(right - 16, top + 12), (right - 13, top + 16), (right - 7, top + 7)], fill="white",
+                          width=2)
+    return picture, grid
+
+
+def _badge(draw: ImageDraw.ImageDraw, rec: dict, box: tuple[int, int, int, int], font, bar: float) -> None:
+    """P(target) (else CLIP(target)) in the tile's bottom-left corner."""
+    sc = rec.get("scores") or {}
+    if sc.get("p_target") is not None:
+        text, good = f"P {sc['p_target']:.2f}", sc["p_target"] >= bar
+    elif sc.get("clip_target") is not None:
+        text, good = f"CLIP {sc['clip_target']:.2f}", None
+    else:
+        return
+    left, _, _, bottom = box
+    tw = draw.textlength(text, font=font)
+    fill = (21, 128, 61) if good else (185, 28, 28) if good is False else (55, 65, 81)
+    draw.rectangle((left, bottom - 17, left + tw + 8, bottom), fill=fill)
+    draw.text((left + 4, bottom - 9), text, fill="white", font=font, anchor="lm")
+

@@ -1,0 +1,108 @@
+"""A dataset's profile (the strength, score thresholds and sampler settings someone chose
+for a bundle), kept as a user overlay that never touches the bundle's files.
+
+A bundle may ship its own ``profile`` in adapter.json (read-only here). What a user saves
+goes to ``<output root>/profiles/<bundle name>-<bundle hash>.json``; readers (the app,
+``diffmix translate`` and ``diffmix synthesize``) take the overlay first, then the
+bundle's own profile. The bundle's bytes, and so its hash, never change.
+
+Who may save, in the app: ``DIFFMIX_ALLOW_PROFILE_SAVE=1`` lets every visitor save, ``=0``
+nobody. Unset, only a local user may: a visitor whose connection comes from this machine
+(loopback address, no proxy header such as ``X-Forwarded-For``) on an app that is not a
+Hugging Face Space (``SPACE_ID`` unset). Visitors of a shared server get the controls
+without the save.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from .config import Thresholds
+from .records import safe_name, write_text_atomic
+
+OUTPUT_ENV = "DIFFMIX_OUTPUT"                  # output root: exports/ and profiles/ (default ./outputs)
+SAVE_ENV = "DIFFMIX_ALLOW_PROFILE_SAVE"        # 1: anyone may save a profile in the app, 0: nobody
+PROXY_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
+SETTINGS = ("strategy", "num_inference_steps", "guidance_scale")   # sampler settings a profile may hold
+
+
+def output_root() -> Path:
+    """``$DIFFMIX_OUTPUT``, else ``./outputs``."""
+    return Path(os.environ.get(OUTPUT_ENV) or "outputs").resolve()
+
+
+def profile_path(bundle, root: str | os.PathLike | None = None) -> Path:
+    """Where the user overlay of ``bundle`` lives: keyed by its folder name and hash."""
+    return Path(root or output_root()) / "profiles" / f"{safe_name(bundle.path.name)}-{bundle.hash[:16]}.json"
+
+
+def user_profile(bundle, root: str | os.PathLike | None = None) -> dict:
+    """The saved overlay of ``bundle``, {} when none."""
+    path = profile_path(bundle, root)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the saved profile {path} ({err}); delete it to start over") from None
+    from .adapters import check_profile
+
+    check_profile(data, path)   # the same bounds as a bundle's own profile
+    return data
+
+
+def load_profile(bundle, root: str | os.PathLike | None = None) -> dict:
+    """The profile in force: the user overlay's keys over the bundle's own ``profile``.
+    ``source`` says where it came from ("saved profile" / "bundle profile" / "")."""
+    own, overlay = dict(bundle.meta.get("profile") or {}), user_profile(bundle, root)
+    merged = {**own, **overlay}
+    merged["source"] = ("saved profile" if overlay else "bundle profile" if own else "")
+    return merged if (own or overlay) else {}
+
+
+def profile_thresholds(profile: Mapping) -> Thresholds:
+    return Thresholds.from_dict(profile.get("thresholds"))
+
+
+def save_profile(bundle, strength: float, thresholds: Thresholds | dict, settings: Mapping | None = None,
+                 root: str | os.PathLike | None = None) -> Path:
+    """Write the overlay of ``bundle`` atomically; returns its path. The bundle is not touched."""
+    if strength is None or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"the profile strength must be in [0, 1], got {strength}")
+    if not isinstance(thresholds, Thresholds):
+        thresholds = Thresholds.from_dict(thresholds)
+    unknown = set(settings or {}) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown profile setting(s) {sorted(unknown)}; use {', '.join(SETTINGS)}")
+    data = {"strength": float(strength), "thresholds": thresholds.as_dict(), **dict(settings or {}),
+            "bundle": str(bundle.path), "bundle_hash": bundle.hash, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = profile_path(bundle, root)
+    try:
+        return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    except PermissionError as err:
+        raise ValueError(f"cannot write the profile to {path} ({err.strerror}); set {OUTPUT_ENV} to a "
+                         "writable folder") from None
+
+
+def saving_allowed(client_host: str | None, headers: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """(may this visitor save a profile, why) — see the module docstring."""
+    flag = os.environ.get(SAVE_ENV, "").strip().lower()
+    if flag in ("1", "true", "yes"):
+        return True, f"{SAVE_ENV}=1"
+    if flag in ("0", "false", "no"):
+        return False, f"saving profiles is turned off on this server ({SAVE_ENV}=0)"
+    if os.environ.get("SPACE_ID"):
+        return False, f"saving profiles is off on a shared Space (its operator can set {SAVE_ENV}=1)"
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    try:
+        local = client_host is not None and ipaddress.ip_address(client_host).is_loopback
+    except ValueError:
+        local = client_host == "localhost"
+    if local and not any(h in headers for h in PROXY_HEADERS):
+        return True, "local user"
+    return False, (f"saving profiles is only for a local user of this app; the operator of a shared server can "
+                   f"set {SAVE_ENV}=1")
