@@ -139,12 +139,13 @@ def run_translate(args: argparse.Namespace) -> None:
     from .models import load_pipeline
     from .translate import Job, Source, check_strength, count_jobs, translate
     from .records import read_jsonl, save_png, safe_name, write_jsonl_atomic
-    from .session import resolve_seeds
+    from .session import RANDOM_SEED, resolve_seeds
 
     bundle = load_bundle(args.bundle) if args.bundle else None
     if bundle is not None:
         _apply_profile(args, bundle)
-    args.seed = resolve_seeds(args.seed)
+    # -1: a random seed, recorded; other values are checked below with the request's numbers
+    args.seed = [resolve_seeds([seed])[0] if seed == RANDOM_SEED else seed for seed in args.seed]
     config = config_from_args(TranslateConfig, args)
     strategy = get_strategy(config.strategy)
     if strategy.pairing != "gen" and not args.image:
@@ -160,7 +161,6 @@ def run_translate(args: argparse.Namespace) -> None:
         check_strength(s, config.num_inference_steps)
     for seed in args.seed:
         check_seed(seed, "--seed")
-    bundle = load_bundle(args.bundle) if args.bundle else None
     sources = [Source(load_image(p, max_pixels=args.max_pixels), args.source_class, p.stem, str(p.resolve()))
                for p in args.image or []]
     if strategy.pairing == "gen":

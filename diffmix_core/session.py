@@ -317,11 +317,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def resolve_seeds(seeds: Sequence[int]) -> list[int]:
-    """Each -1 becomes a fresh random seed in [0, 2**31); other negatives are refused; duplicates dropped."""
-    bad = [s for s in seeds if s < 0 and s != RANDOM_SEED]
-    if bad:
-        raise ValueError(f"seeds must be >= 0 (or -1 for a random seed), got {bad}")
-    return list(dict.fromkeys(secrets.randbelow(2**31) if s == RANDOM_SEED else int(s) for s in seeds))
+    """Each -1 becomes a fresh random seed in [0, 2**31); others must be in the generators' range
+    (config.check_seed); duplicates dropped."""
+    from .config import check_seed
+
+    out = [secrets.randbelow(2**31) if s == RANDOM_SEED else s for s in seeds]
+    for s in out:
+        check_seed(s, "seed")
+    return list(dict.fromkeys(int(s) for s in out))
 
 
 def _numbers(text: str, kind, what: str) -> list:

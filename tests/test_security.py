@@ -411,7 +411,7 @@ def test_nan_inf_and_out_of_range_numbers_are_refused_by_the_cli(tiny_model_dir,
              ("--label-gamma", "nan"): "label_gamma must be a finite number",
              ("--strength", "nan"): "strength must be between 0 and 1",
              ("--strength", "inf"): "strength must be between 0 and 1",
-             ("--seed", "-1"): "--seed must be an integer from 0 to 2**64 - 1",
+             ("--seed", "-2"): "--seed must be an integer from 0 to 2**64 - 1",   # -1 = a random seed
              ("--seed", str(2**64)): "--seed must be an integer from 0 to 2**64 - 1",
              ("--steps", "1000000000"): "num_inference_steps must be from 1 to 1000"}
     for args, why in cases.items():
