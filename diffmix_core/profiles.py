@@ -81,6 +81,9 @@ def save_profile(bundle, strength: float, thresholds: Thresholds | dict, setting
     data = {"strength": float(strength), "thresholds": thresholds.as_dict(), **dict(settings or {}),
             "bundle": str(bundle.path), "bundle_hash": bundle.hash, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = profile_path(bundle, root)
+    from .adapters import check_profile
+
+    check_profile(data, path)   # NaN / inf / out of range: refused before anything is written
     try:
         return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     except PermissionError as err:

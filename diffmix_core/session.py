@@ -2,19 +2,25 @@
 store of generated images, curation, the per-dataset profile and export.
 
 ui.py turns these into Gradio events; tests call them directly. A session is a
-folder ``<sessions root>/<token>/`` holding the images it generated (PNG with
-their records), ``records.jsonl`` and ``state.json`` (curated ids, last sweep);
-the browser keeps only the token, so a page reload finds the session again and
-two sessions never share anything.
+folder ``<sessions root>/<id>/`` holding the images it generated (PNG with
+their records), ``records.jsonl`` and ``state.json`` (curated ids, last sweep).
+The browser keeps a secret token; the folder is named by a one-way hash of it
+(:func:`session_id`), so nothing a session shows or shares (image URLs, records,
+exports) carries the token, and what it shows cannot open the session. Sessions
+idle for ``DIFFMIX_SESSION_TTL_H`` hours expire; all sessions together, and all
+exports, are kept under a size and an age bound (:class:`Limits`, :func:`prune`).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import html
 import io
 import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -25,9 +31,9 @@ from pathlib import Path
 from .adapters import Bundle, load_bundle
 from .config import THRESHOLD_TESTS, Thresholds, TranslateConfig, get_strategy
 from .data import read_dataset
-from .records import read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
+from .records import csv_cell, read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
 from .profiles import load_profile, output_root
-from .translate import Job, Result, Source, translate, validate_jobs
+from .translate import Job, Result, Source, count_jobs, translate, validate_jobs
 
 ALL_OTHER = "all other classes"            # target choice: one row block per other class (a matrix)
 BUNDLES_ENV = "DIFFMIX_BUNDLES"            # os.pathsep-separated folders searched for bundles
@@ -52,13 +58,24 @@ class Limits:
 
     max_jobs: int = 64          # DIFFMIX_MAX_JOBS: images per sweep
     max_curated: int = 1000     # DIFFMIX_MAX_CURATED: images in a curated batch
-    max_upload_mb: int = 20     # DIFFMIX_MAX_UPLOAD_MB: size of an uploaded source image
+    max_upload_mb: int = 20     # DIFFMIX_MAX_UPLOAD_MB: size of an uploaded source image (checked by the HTTP layer)
     queue_size: int = 32        # DIFFMIX_QUEUE_SIZE: requests waiting for the model lane
+    session_ttl_h: int = 24     # DIFFMIX_SESSION_TTL_H: idle hours before a session (and its uploads) expires
+    sessions_max_mb: int = 2048  # DIFFMIX_SESSIONS_MAX_MB: all sessions together; the least recently used go first
+    exports_ttl_h: int = 168    # DIFFMIX_EXPORTS_TTL_H: age in hours at which an app export is removed
+    exports_max_mb: int = 4096  # DIFFMIX_EXPORTS_MAX_MB: all app exports together; the oldest go first
 
     @classmethod
     def from_env(cls) -> Limits:
-        return cls(env_int("DIFFMIX_MAX_JOBS", cls.max_jobs), env_int("DIFFMIX_MAX_CURATED", cls.max_curated),
-                   env_int("DIFFMIX_MAX_UPLOAD_MB", cls.max_upload_mb), env_int("DIFFMIX_QUEUE_SIZE", cls.queue_size))
+        names = {"max_jobs": "DIFFMIX_MAX_JOBS", "max_curated": "DIFFMIX_MAX_CURATED",
+                 "max_upload_mb": "DIFFMIX_MAX_UPLOAD_MB", "queue_size": "DIFFMIX_QUEUE_SIZE",
+                 "session_ttl_h": "DIFFMIX_SESSION_TTL_H", "sessions_max_mb": "DIFFMIX_SESSIONS_MAX_MB",
+                 "exports_ttl_h": "DIFFMIX_EXPORTS_TTL_H", "exports_max_mb": "DIFFMIX_EXPORTS_MAX_MB"}
+        values = {k: env_int(env, getattr(cls, k)) for k, env in names.items()}
+        bad = [names[k] for k, v in values.items() if v < 0]
+        if bad:
+            raise ValueError(f"environment variable(s) {', '.join(bad)} must be >= 0")
+        return cls(**values)
 
 
 def sessions_root() -> Path:
@@ -75,18 +92,44 @@ def bundle_roots() -> list[Path]:
     return roots + [ASSETS / "demo", ASSETS / "bundles"]
 
 
-def find_bundles() -> dict[str, str]:
-    """{label: folder} of every bundle under the bundle roots; the offline placeholder when none."""
+def find_bundles(broken: dict[str, str] | None = None) -> dict[str, str]:
+    """{label: folder} of every bundle under the bundle roots that loads; the offline placeholder
+    when none does. A bundle that fails to load is left out (one broken bundle never stops the
+    app) and, when ``broken`` is given, recorded there as {folder: reason}."""
     found: dict[str, str] = {}
     for root in bundle_roots():
         if root.is_dir():
             for meta in sorted(root.glob("adapter.json")) + sorted(root.glob("*/adapter.json")):
+                try:
+                    load_bundle(meta.parent)
+                except (ValueError, OSError) as err:
+                    if broken is not None:
+                        broken[str(meta.parent)] = str(err)
+                    continue
                 found[f"{meta.parent.name} ({meta.parent.parent})"] = str(meta.parent)
     if not found:
         from .demo import placeholder_bundle
 
         found["placeholder: tiny random pipeline"] = str(placeholder_bundle().path)
     return found
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def md_text(text: object) -> str:
+    """Untrusted text (a class name, a bundle string) made inert in Markdown and HTML: HTML
+    characters become entities and Markdown's markup characters are backslash-escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\n", " ")
+
+
+def md_code(text: object) -> str:
+    """Untrusted text shown as code (file names, ids): a code span, whose content Markdown shows
+    literally (HTML included); text that could end the span is shown through :func:`md_text`."""
+    text = str(text)
+    if "`" in text or "\n" in text or "\r" in text or not text.strip():
+        return f"<code>{md_text(text)}</code>"
+    return f"`{text}`"
 
 
 
@@ -140,14 +183,15 @@ def bundle_status(bundle: Bundle) -> dict:
 
 def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str) -> str:
     st = bundle_status(bundle)
-    names = ", ".join(st["classes"][:30]) + (f" … (+{len(st['classes']) - 30})" if len(st["classes"]) > 30 else "")
+    names = ", ".join(md_text(c) for c in st["classes"][:30]) + (
+        f" … (+{len(st['classes']) - 30})" if len(st["classes"]) > 30 else "")
     lines = [f"**{len(st['classes'])} classes**: {names}",
-             f"base model `{st['base_model']}`" + (f" @ `{st['revision']}`" if st["revision"] else "")
+             f"base model {md_code(st['base_model'])}" + (f" @ {md_code(st['revision'])}" if st["revision"] else "")
              + f" · trained {st['steps']} steps at {st['resolution']} px",
              f"reference classifier: {reference_status}", clip_status]
     p = st["profile"]
     if p.get("strength") is not None:   # one starting strength, with where it comes from
-        lines.append(f"strength **{p['strength']}** from the {p.get('source') or 'profile'} · thresholds "
+        lines.append(f"strength **{p['strength']}** from the {md_text(p.get('source') or 'profile')} · thresholds "
                      f"{Thresholds.from_dict(p.get('thresholds')).as_dict() or 'none'}")
     elif st["recommended_strength"] is not None:
         lines.append(f"strength **{st['recommended_strength']}** recommended by `diffmix score --set-recommended`")
@@ -280,8 +324,9 @@ def generate(bundle: Bundle, jobs: list[Job], config: TranslateConfig,
 
 
 # --------------------------------------------------------------------------- sweep settings
-def parse_strengths(text: str) -> list[float]:
-    """'0.3, 0.5 0.7' (a list) or '0.1:0.9:5' (from:to:count, evenly spaced) -> strengths."""
+def parse_strengths(text: str, max_count: int | None = None) -> list[float]:
+    """'0.3, 0.5 0.7' (a list) or '0.1:0.9:5' (from:to:count, evenly spaced) -> strengths; a
+    count above ``max_count`` is refused before any list is built."""
     text = (text or "").strip()
     if ":" in text:
         parts = text.split(":")
@@ -291,8 +336,9 @@ def parse_strengths(text: str) -> list[float]:
             raise ValueError(f"strength range {text!r} must read from:to:count, e.g. 0.1:0.9:5") from None
         if len(parts) != 3 or n < 1:
             raise ValueError(f"strength range {text!r} must read from:to:count with count >= 1")
+        _check_count(n, max_count, "strengths")
         return [round(lo + (hi - lo) * i / (n - 1), 6) for i in range(n)] if n > 1 else [lo]
-    values = _numbers(text, float, "strength")
+    values = _numbers(text, float, "strength", max_count)
     bad = [s for s in values if not 0.0 <= s <= 1.0]
     if bad:
         raise ValueError(f"strengths must be between 0 and 1, got {bad}")
@@ -302,8 +348,9 @@ def parse_strengths(text: str) -> list[float]:
 RANDOM_SEED = -1   # a seed of -1 asks for a random one (the record keeps the seed drawn)
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'0, 1, 7' (a list), 'n=4' (a count: seeds 0..3) or -1 (a random seed) -> seeds."""
+def parse_seeds(text: str, max_count: int | None = None) -> list[int]:
+    """'0, 1, 7' (a list), 'n=4' (a count: seeds 0..3) or -1 (a random seed) -> seeds; a count
+    above ``max_count`` is refused before any list is built."""
     text = (text or "").strip()
     if text.lower().startswith("n="):
         try:
@@ -312,8 +359,9 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"seed count {text!r} must read n=<count>, e.g. n=4") from None
         if n < 1:
             raise ValueError(f"seed count must be >= 1, got {n}")
+        _check_count(n, max_count, "seeds")
         return list(range(n))
-    return resolve_seeds(_numbers(text, int, "seed"))
+    return resolve_seeds(_numbers(text, int, "seed", max_count))
 
 
 def resolve_seeds(seeds: Sequence[int]) -> list[int]:
@@ -327,10 +375,19 @@ def resolve_seeds(seeds: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(int(s) for s in out))
 
 
-def _numbers(text: str, kind, what: str) -> list:
+def _check_count(n: int, max_count: int | None, what: str) -> None:
+    if max_count is not None and n > max_count:
+        raise ValueError(f"{n:,} {what} exceed the limit of {max_count:,} per sweep (images; "
+                         "set DIFFMIX_MAX_JOBS to raise it)")
+
+
+def _numbers(text: str, kind, what: str, max_count: int | None = None) -> list:
+    if max_count is not None and len(text) > 32 * max_count:   # a text too long to hold max_count numbers
+        raise ValueError(f"the {what}s text is {len(text):,} characters; give at most {max_count} {what}s")
     parts = [p for p in text.replace(",", " ").split() if p]
     if not parts:
         raise ValueError(f"give at least one {what}")
+    _check_count(len(parts), max_count, f"{what}s")
     try:
         return [kind(p) for p in parts]
     except ValueError:
@@ -410,13 +467,25 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
+def session_id(token: str) -> str:
+    """The folder name of the session whose secret is ``token``: a one-way hash, so a name seen
+    in an image URL or an export cannot be turned back into the token that opens the session."""
+    return hashlib.sha256(f"diffmix-session:{token}".encode()).hexdigest()[:32]
+
+
 @dataclass
 class Store:
-    """One session's folder. ``open_store(token)`` makes or finds it; all writes are atomic."""
+    """One session's folder. ``open_store(token)`` makes or finds it; all writes are atomic.
+    ``token`` is the owner's secret (only ever sent back to the owner's browser); ``id``, the
+    folder name, is what may appear in URLs and file names."""
 
     token: str
     root: Path
     lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+
+    @property
+    def id(self) -> str:
+        return self.root.name
 
     @property
     def images(self) -> Path:
@@ -451,23 +520,87 @@ class Store:
         return str(self.images / record["file_name"])
 
     def save_source(self, image, name: str) -> str:
-        """A private copy of an uploaded source (so scores and a reload still find it)."""
-        import hashlib
-
+        """A private copy of an uploaded source (so scores and a reload still find it). Returns its
+        path RELATIVE to the session (``sources/...``): records name it without a server path."""
         digest = hashlib.sha256(image.tobytes()).hexdigest()[:16]
-        path = self.root / "sources" / f"{safe_name(Path(name).stem)}-{digest}.png"
-        if not path.exists():
-            save_png(image, path)
-        return str(path)
+        rel = f"{UPLOADS}/{safe_name(Path(name).stem)}-{digest}.png"
+        if not (self.root / rel).exists():
+            save_png(image, self.root / rel)
+        return rel
+
+    def source_file(self, record: dict) -> Path | None:
+        """The source image file of a record: an upload of this session, or an example's path."""
+        where = record.get("source_path")
+        if not where:
+            return None
+        return self.root / where if where.startswith(f"{UPLOADS}/") else Path(where)
 
 
-def open_store(token: str | None) -> Store:
-    """The session of ``token``; a new one when the token is empty or unknown-format."""
-    token = token if token and _TOKEN.match(token) else new_token()
-    root = sessions_root() / token
+UPLOADS = "sources"   # uploads' folder in a session; records name them "sources/<name>-<sha>.png"
+_PRUNED = {"sessions": 0.0, "exports": 0.0}   # last prune time per root (at most one pass a minute)
+
+
+def open_store(token: str | None, limits: Limits | None = None) -> Store:
+    """The session of the secret ``token``; a new one when the token is empty, malformed or
+    expired (idle longer than ``session_ttl_h``). Opening a session marks it active."""
+    limits = limits or Limits.from_env()
+    token = token if isinstance(token, str) and _TOKEN.match(token) else new_token()
+    root = sessions_root() / session_id(token)
+    if root.is_dir() and time.time() - root.stat().st_mtime > limits.session_ttl_h * 3600:
+        shutil.rmtree(root, ignore_errors=True)   # expired: its images and uploads go with it
+        token = new_token()
+        root = sessions_root() / session_id(token)
     root.mkdir(parents=True, exist_ok=True)
-    lock = _SESSION_LOCKS.setdefault(token, threading.Lock())
+    os.utime(root)
+    prune(sessions_root(), limits.session_ttl_h * 3600, limits.sessions_max_mb * 2**20, keep=(root,),
+          what="sessions")
+    lock = _SESSION_LOCKS.setdefault(root.name, threading.Lock())
     return Store(token, root, lock)
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*"))
+
+
+def prune(root: Path, max_age_s: float, max_bytes: int, keep: Sequence[Path] = (), what: str = "") -> list[Path]:
+    """Remove entries of ``root`` idle longer than ``max_age_s``, then the least recently used
+    until the rest fit in ``max_bytes`` (``keep`` stays). At most one pass a minute per ``what``.
+    Returns what was removed."""
+    now = time.time()
+    if what and now - _PRUNED.get(what, 0.0) < 60:
+        return []
+    _PRUNED[what] = now
+    if not root.is_dir():
+        return []
+    keep = {Path(k).resolve() for k in keep}
+    entries = []
+    for entry in root.iterdir():
+        try:
+            entries.append((entry.lstat().st_mtime, entry))
+        except FileNotFoundError:
+            continue
+    removed, live = [], []
+    for mtime, entry in sorted(entries):
+        if entry.resolve() not in keep and now - mtime > max_age_s:
+            removed.append(entry)
+        else:
+            live.append((mtime, entry))
+    sizes = {entry: _size(entry) for _, entry in live}
+    total = sum(sizes.values())
+    for _, entry in live:   # oldest first
+        if total <= max_bytes:
+            break
+        if entry.resolve() not in keep:
+            removed.append(entry)
+            total -= sizes[entry]
+    for entry in removed:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return removed
 
 
 # --------------------------------------------------------------------------- sweep
@@ -492,12 +625,14 @@ def plan_sweep(bundle: Bundle, source: Source | None, source_class: str, target:
                seeds: str, steps: int, guidance: float, strategy: str, limits: Limits = Limits()) -> SweepPlan:
     """Read and check every setting of a sweep without running anything (cheap: the app calls it
     first, so a typo leaves the previous results alone)."""
-    s_list, seed_list = parse_strengths(strengths), parse_seeds(seeds)
+    s_list = parse_strengths(strengths, limits.max_jobs)
+    seed_list = parse_seeds(seeds, limits.max_jobs)
     config = TranslateConfig(strategy=strategy, num_inference_steps=int(steps), guidance_scale=float(guidance))
+    kind = get_strategy(strategy).pairing
+    n_targets = len(bundle.classes) - 1 if target == ALL_OTHER and kind == "inter" else 1
+    factors = {"targets": n_targets, "strengths": 1 if kind == "gen" else len(s_list), "seeds": len(seed_list)}
+    count_jobs(factors, limits.max_jobs, "DIFFMIX_MAX_JOBS")   # before the job list is built
     jobs = make_jobs(bundle, source, source_class, target, s_list, seed_list, strategy)
-    if len(jobs) > limits.max_jobs:
-        raise ValueError(f"this sweep makes {len(jobs)} images; the limit is {limits.max_jobs} per sweep "
-                         "(fewer strengths, seeds or targets, or set DIFFMIX_MAX_JOBS to raise it)")
     validate_jobs(jobs, config, bundle)
     return SweepPlan(jobs, config, seed_list)
 
@@ -551,10 +686,13 @@ def table(records: Sequence[dict], curated: set[str]) -> list[list]:
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Sequence]) -> Path:
+    """The sweep table as CSV; text cells through records.csv_cell (a class name starting with
+    ``=`` is not a formula), numbers as numbers; CRLF rows so a CR inside a name is quoted."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(TABLE_COLUMNS)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    writer.writerows(["" if v is None else v if isinstance(v, (int, float)) else csv_cell(v) for v in row]
+                     for row in rows)
     return write_text_atomic(path, buf.getvalue())
 
 
@@ -634,9 +772,12 @@ def export_curated(store: Store, root: str | os.PathLike | None = None) -> tuple
         stamp = time.strftime("%Y%m%d-%H%M%S")
         n = 0
         while True:
-            out = base / f"{stamp}-{store.token[:8]}-{n}"
+            out = base / f"{stamp}-{store.id[:8]}-{n}"
             if not out.exists() and not out.with_name(out.name + ".zip").exists():
                 break
             n += 1
         folder = export_records(items, out, EXPORT_FORMATS, classes=classes, show_progress=False)
+    limits = Limits.from_env()
+    prune(base, limits.exports_ttl_h * 3600, limits.exports_max_mb * 2**20,
+          keep=(folder, folder.with_name(folder.name + ".zip")), what="exports")
     return folder, folder.with_name(folder.name + ".zip")

@@ -13,6 +13,7 @@ an upload, uploading clears the example, and only the user changes the classes.
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from PIL import Image
 
 from . import grid as G
 from . import session as S
+from .session import md_code, md_text
 from .adapters import load_bundle
 from .config import STRATEGIES, THRESHOLD_TESTS, TranslateConfig
 from .data import load_image
@@ -45,9 +47,10 @@ log = logging.getLogger("diffmix.app")
 
 
 def _user_error(err: Exception, where: str) -> gr.Error:
-    """A user's mistake: one log line (no traceback) and a message in the page."""
+    """A user's mistake: one log line (no traceback) and a message in the page (escaped: it may
+    quote a class name or other text from a bundle, and the page renders HTML)."""
     log.warning("%s: %s", where, err)
-    return gr.Error(str(err), print_exception=False)
+    return gr.Error(html.escape(str(err), quote=False), print_exception=False)
 
 
 def _errors(fn):
@@ -83,8 +86,8 @@ def sweep_grid(store: S.Store) -> tuple[str | None, G.GridLayout | None, list[di
     recs = [records[i] for i in state["last_sweep"] if i in records]
     if not recs:
         return None, None, []
-    src_path = recs[0].get("source_path")
-    source = load_image(src_path) if src_path and Path(src_path).is_file() else None
+    src_file = store.source_file(recs[0])
+    source = load_image(src_file) if src_file is not None and src_file.is_file() else None
     targets = list(dict.fromkeys(r["target_class"] for r in recs))
     title = f"{recs[0]['source_class']} -> " + (targets[0] if len(targets) == 1 else f"{len(targets)} targets")
     bar = (state.get("summary") or {}).get("min_p_target", 0.5)
@@ -100,9 +103,10 @@ def sweep_grid(store: S.Store) -> tuple[str | None, G.GridLayout | None, list[di
 def source_line(record: dict) -> str:
     """Which source a record's image was made from."""
     where = record.get("source_path") or ""
-    kind = "upload" if "/sources/" in where.replace(os.sep, "/") else "example"
+    kind = "upload" if where.startswith(f"{S.UPLOADS}/") else "example"
     name = Path(where).name if where else "none (text-to-image)"
-    return f"{kind} `{name}` (id `{record.get('source_id')}`), class **{record['source_class']}**"
+    return (f"{kind} {md_code(name)} (id {md_code(record.get('source_id'))}), "
+            f"class **{md_text(record['source_class'])}**")
 
 
 def recommendation(summary: dict | None) -> str:
@@ -136,7 +140,8 @@ def sweep_views(store: S.Store, figure=None) -> tuple:
     status = ""
     if recs:
         status = (f"**sweep {state['sweeps']}** ran: {source_line(recs[0])} → "
-                  f"{', '.join(dict.fromkeys(r['target_class'] for r in recs))} · {len(recs)} image(s)\n\n"
+                  f"{', '.join(md_text(t) for t in dict.fromkeys(r['target_class'] for r in recs))} · "
+                  f"{len(recs)} image(s)\n\n"
                   + recommendation(summary))
     return path, path, box, rows, figure, csv, status
 
@@ -153,11 +158,12 @@ def inspect_views(store: S.Store, record: dict | None, sweep: list[dict] = ()) -
         if not zoom.exists():
             zoom.parent.mkdir(parents=True, exist_ok=True)
             im.convert("RGB").resize((im.width * factor, im.height * factor), Image.NEAREST).save(zoom)
-    text = (f"**{record['source_class']} → {record['target_class']}**, strength {record['strength']} "
+    text = (f"**{md_text(record['source_class'])} → {md_text(record['target_class'])}**, "
+            f"strength {record['strength']} "
             f"(ran {record['strength_run']:.2f}: {record.get('steps_run')}/{record['num_inference_steps']} steps), "
             f"seed {record['seed']}, guidance {record['guidance_scale']}, {record['strategy']}\n\n"
             f"{S.caption(record).splitlines()[1]} · soft label "
-            + ", ".join(f"{k} {v:.2f}" for k, v in record["soft_label"].items())
+            + ", ".join(f"{md_text(k)} {v:.2f}" for k, v in record["soft_label"].items())
             + f" · id `{record['id']}` · {'curated' if record['id'] in store.state()['curated'] else 'not curated'}")
     return str(zoom), text, path, S.command_for(record, sweep)
 
@@ -175,15 +181,15 @@ def _example_class(bundle_path: str, example: str) -> str | None:
 def source_card(bundle_path: str, upload: str | None, example: str | None, source_class: str) -> str:
     """What will run, and a flag when the class disagrees with the example's folder."""
     if upload:
-        return (f"**Source that will run:** upload `{Path(upload).name}` as class **{source_class}** "
+        return (f"**Source that will run:** upload {md_code(Path(upload).name)} as class **{md_text(source_class)}** "
                 "(you set the class of an upload)")
     if example:
         folder = _example_class(bundle_path, example)
-        line = f"**Source that will run:** example `{Path(example).parent.name}/{Path(example).name}`, " \
-               f"class **{source_class}**"
+        line = f"**Source that will run:** example {md_code(Path(example).parent.name + '/' + Path(example).name)}, " \
+               f"class **{md_text(source_class)}**"
         if folder and folder != source_class:
-            line += (f"\n\n⚠️ the class **{source_class}** differs from the example's folder **{folder}**: "
-                     f"records and soft labels will say {source_class}")
+            line += (f"\n\n⚠️ the class **{md_text(source_class)}** differs from the example's folder "
+                     f"**{md_text(folder)}**: records and soft labels will say {md_text(source_class)}")
         return line
     return "**No source yet:** click an example or upload an image"
 
@@ -315,7 +321,8 @@ def on_sweep(bundle_path: str, upload: str | None, example: str | None, source_c
     if example and not upload:
         folder = _example_class(bundle_path, example)
         if folder and folder != source_class:
-            flag = f"\n\n⚠️ ran as class **{source_class}** although the example's folder is **{folder}**"
+            flag = (f"\n\n⚠️ ran as class **{md_text(source_class)}** although the example's folder is "
+                    f"**{md_text(folder)}**")
     notes = [n for n in out.notes if n and n not in status and not n.startswith("CLIP")]   # CLIP: bundle panel
     status += flag + ("\n\n" + " · ".join(notes) if notes else "")
     rec = (out.summary or {}).get("recommended_strength")
@@ -444,16 +451,36 @@ LEGEND = """\
 """
 
 
+class _Blocks(gr.Blocks):
+    """gr.Blocks whose launch() bounds uploads at the HTTP layer by default: an upload over
+    DIFFMIX_MAX_UPLOAD_MB is refused by Gradio's upload route, before any handler or disk sees it."""
+
+    def launch(self, *args, **kwargs):
+        kwargs.setdefault("max_file_size", f"{S.Limits.from_env().max_upload_mb}mb")
+        return super().launch(*args, **kwargs)
+
+
+def broken_markdown(broken: dict[str, str]) -> str:
+    """The bundles that could not be loaded, each with its reason."""
+    if not broken:
+        return ""
+    return "⚠️ **Bundles left out** (they did not load):\n\n" + "\n".join(
+        f"- {md_code(folder)}: {md_text(reason[:300])}" for folder, reason in broken.items())
+
+
 def build_demo() -> gr.Blocks:
-    bundles = S.find_bundles()
+    broken: dict[str, str] = {}
+    bundles = S.find_bundles(broken)
     first = next(iter(bundles.values()))
     S.clip_scorer(load_bundle(first))   # start loading its CLIP in the background now, not on the first sweep
     classes = list(load_bundle(first).classes)
     limits = S.Limits.from_env()
-    with gr.Blocks(title="diffmix") as demo:
+    # Gradio's own upload cache follows the session policy (uploads of expired sessions go too).
+    with _Blocks(title="diffmix", delete_cache=(3600, limits.session_ttl_h * 3600)) as demo:
         token = gr.State("")
         saved_token = gr.BrowserState("", storage_key="diffmix-session")
         gr.Markdown(INTRO)
+        gr.Markdown(broken_markdown(broken), elem_id="broken-bundles", visible=bool(broken))
         with gr.Row():
             bundle = gr.Dropdown(choices=[(k, v) for k, v in bundles.items()], value=first, label="Adapter bundle",
                                  scale=3)

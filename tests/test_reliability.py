@@ -409,6 +409,9 @@ def app(app_world):
     demo.close()
 
 
+TABLE = 3   # /sweep's outputs: grid, grid download, sweep checkboxes, table, ...
+
+
 def _sweep(client, w, strengths="0.5", seeds="0", upload=None, example=None):
     return client.predict(w["bundle"], upload, w["example"] if example is None else example, "owl", "duck",
                           strengths, seeds, 2, 5.0, "diff-mix", api_name="/sweep")
@@ -429,9 +432,10 @@ def test_app_upload_of_every_bad_image_is_refused_and_the_app_keeps_serving(app,
     assert tried == 5
     sources = list((app_world["root"] / "sessions").rglob("sources/*"))
     assert not any(p.name.startswith(("trunc", "empty", "text", "bomb")) for p in sources)   # nothing kept
-    gallery = _sweep(client, app_world, upload=handle_file(str(make_good_cases(tmp_path)["exif_rotated"][0])),
-                     example="")[0]
-    with Image.open(gallery["value"][0]["image"]) as im:
+    table = _sweep(client, app_world, upload=handle_file(str(make_good_cases(tmp_path)["exif_rotated"][0])),
+                   example="")[TABLE]
+    made = list((app_world["root"] / "sessions").rglob(f"images/{table['data'][0][0]}.png"))
+    with Image.open(made[0]) as im:
         assert im.size == (16, 24)                                                  # still serving, EXIF applied
 
 
@@ -440,7 +444,7 @@ def test_app_limits_from_the_environment(app, app_world, tmp_path, monkeypatch):
 
     client = Client(app, verbose=False)
     monkeypatch.setenv("DIFFMIX_MAX_JOBS", "1")
-    with pytest.raises(Exception, match=r"limit is 1 per sweep .*DIFFMIX_MAX_JOBS"):
+    with pytest.raises(Exception, match=r"limit of 1 per .*DIFFMIX_MAX_JOBS"):
         _sweep(client, app_world, strengths="0.5, 1.0")
     monkeypatch.setenv("DIFFMIX_MAX_UPLOAD_MB", "0")
     img = tmp_path / "up.png"
@@ -448,8 +452,8 @@ def test_app_limits_from_the_environment(app, app_world, tmp_path, monkeypatch):
     with pytest.raises(Exception, match=r"limit is 0 MB .*DIFFMIX_MAX_UPLOAD_MB"):
         _sweep(client, app_world, upload=handle_file(str(img)), example="")
     monkeypatch.delenv("DIFFMIX_MAX_UPLOAD_MB")
-    ids = [r[0] for r in _sweep(client, app_world)[2]["data"]]
-    ids += [r[0] for r in _sweep(client, app_world, seeds="1")[2]["data"]]
+    ids = [r[0] for r in _sweep(client, app_world)[TABLE]["data"]]
+    ids += [r[0] for r in _sweep(client, app_world, seeds="1")[TABLE]["data"]]
     monkeypatch.setenv("DIFFMIX_MAX_CURATED", "1")
     with pytest.raises(Exception, match=r"limit is 1 .*DIFFMIX_MAX_CURATED"):
         client.predict(",".join(ids), "add", api_name="/select")
@@ -464,7 +468,7 @@ def test_eight_concurrent_sessions_sweep_select_export(app, app_world):
     def user(i: int) -> None:
         try:
             client = Client(app, verbose=False)
-            table = _sweep(client, app_world, strengths="0.5" if i % 2 else "0.5, 1.0", seeds=str(100 + i))[2]
+            table = _sweep(client, app_world, strengths="0.5" if i % 2 else "0.5, 1.0", seeds=str(100 + i))[TABLE]
             ids = [r[0] for r in table["data"]]
             client.predict(",".join(ids), "add", api_name="/select")
             msg, folder, zip_path = client.predict(api_name="/export")

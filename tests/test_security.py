@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 import sys
 import zipfile
 from pathlib import Path
@@ -486,3 +487,268 @@ def test_pickled_weights_in_a_base_folder_are_refused_in_one_line(tiny_model_dir
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "unet/ holds only pickled weights" in proc.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# =========================================================================== the app, over HTTP
+APP_ENV = ("DIFFMIX_BUNDLES", "DIFFMIX_OUTPUT", "DIFFMIX_SESSIONS", "DIFFMIX_CLIP_MODEL", "DIFFMIX_MAX_UPLOAD_MB",
+           "DIFFMIX_ALLOW_PROFILE_SAVE", "DIFFMIX_SESSIONS_MAX_MB", "DIFFMIX_EXPORTS_MAX_MB", "GRADIO_TEMP_DIR")
+HOSTILE_CLASSES = ["<img src=x onerror=alert(1)>", "=HYPERLINK(\"http://evil\")", "*bold* [link](http://x)"]
+
+
+def _hostile_bundle(root: Path, tiny_model_dir: Path) -> Path:
+    """A loadable bundle whose class names are markup and formulas, with one example per class."""
+    import torch
+
+    from diffmix_core.adapters import save_bundle
+    from test_adapters import WIDTH
+
+    folder = root / "bundles" / "hostile"
+    tokens = [f"<h{i}>" for i in range(len(HOSTILE_CLASSES))]
+    for i, name in enumerate(HOSTILE_CLASSES):
+        (folder / "examples" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (60 * i, 90, 30)).save(folder / "examples" / name / "0.png")
+    save_bundle(folder, classes=HOSTILE_CLASSES, tokens=tokens,
+                embeddings={t: torch.randn(WIDTH, generator=torch.Generator().manual_seed(i))
+                            for i, t in enumerate(tokens)},
+                lora_state_dict=None, base_model=str(tiny_model_dir), superclass="bird", resolution=32,
+                extra={"examples": "examples"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir):
+    from test_ui import make_world
+
+    root = tmp_path_factory.mktemp("sec-app")
+    old = {k: os.environ.get(k) for k in APP_ENV}
+    for k in APP_ENV:
+        os.environ.pop(k, None)
+    os.environ.update({"DIFFMIX_BUNDLES": str(root / "bundles"), "DIFFMIX_OUTPUT": str(root / "out"),
+                       "DIFFMIX_SESSIONS": str(root / "sessions"), "DIFFMIX_CLIP_MODEL": "none",
+                       "DIFFMIX_MAX_UPLOAD_MB": "1", "GRADIO_TEMP_DIR": str(root / "gradio-tmp")})
+    bundle = make_world(root, tmp_path_factory.getbasetemp())
+    hostile = _hostile_bundle(root, tiny_model_dir)
+    broken = root / "bundles" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "adapter.json").write_text("{not json")
+    evil = root / "bundles" / "evil-template"
+    import shutil
+
+    shutil.copytree(hostile, evil)
+    meta = json.loads((evil / "adapter.json").read_text())
+    meta["template"] = "{word:>100000000}"
+    (evil / "adapter.json").write_text(json.dumps(meta))
+    tokens: list[str] = []
+    import diffmix_core.session as S
+
+    real_new_token = S.new_token
+
+    def recording_new_token() -> str:   # the secrets the server hands out, to search every output for
+        tokens.append(real_new_token())
+        return tokens[-1]
+
+    S.new_token = recording_new_token
+    from diffmix_core.ui import build_demo
+
+    demo = build_demo()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield {"root": root, "bundle": str(bundle), "hostile": str(hostile), "url": demo.local_url, "demo": demo,
+           "example": str(bundle / "examples" / "owl" / "0.png"), "tokens": tokens}
+    demo.close()
+    S.new_token = real_new_token
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _sweep(client, w, upload=None, example=None, strengths="0.5", seeds="0", source="owl", target="duck",
+           bundle=None):
+    return client.predict(bundle or w["bundle"], upload, w["example"] if example is None else example, source,
+                          target, strengths, seeds, 2, 5.0, "diff-mix", api_name="/sweep")
+
+
+def _fn_index(demo, name: str) -> int:
+    return next(i for i, f in enumerate(demo.fns.values()) if f.fn is not None and f.fn.__name__ == name)
+
+
+def _raw_call(url: str, fn_index: int, data: list | str, session_hash: str) -> dict:
+    """Trigger any event (private ones too) the way a script without gradio_client can: join the
+    queue, then read the event stream until the result."""
+    import httpx
+
+    data = data if isinstance(data, str) else json.dumps(data)   # a str: raw JSON (NaN, 1e400 ...)
+    body = (f'{{"data": {data}, "fn_index": {fn_index}, "session_hash": "{session_hash}", '
+            '"event_data": null, "trigger_id": null}')
+    with httpx.Client(timeout=120) as http:
+        r = http.post(url + "gradio_api/queue/join", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:])
+                    if msg.get("msg") == "process_completed":
+                        return msg
+    raise AssertionError("no result")
+
+
+# 3. records carry no secrets; what a session shows cannot open it
+def test_session_token_never_leaks_and_what_leaks_opens_nothing(world, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from diffmix_core.records import read_png_record
+
+    victim = Client(world["url"], verbose=False)
+    up = tmp_path / "mine.png"
+    Image.new("RGB", (32, 32), (1, 200, 3)).save(up)
+    out = _sweep(victim, world, upload=handle_file(str(up)), example="", strengths="0.5, 1.0")
+    ids = [r[0] for r in out[3]["data"]]
+    victim.predict(",".join(ids), "add", api_name="/select")
+    msg, folder, zip_path = victim.predict(api_name="/export")
+    # everything the victim was shown or could share
+    shown = json.dumps([out, msg, folder, zip_path], default=str)
+    session_dirs = [p for p in (world["root"] / "sessions").iterdir() if p.is_dir()]
+    mine = [p for p in session_dirs if (p / "images" / f"{ids[0]}.png").is_file()]
+    assert len(mine) == 1 and world["tokens"], "the server handed out no session token"
+    blobs = [shown, Path(zip_path).read_bytes().decode("latin-1")]
+    blobs += [p.read_bytes().decode("latin-1") for p in Path(folder).rglob("*") if p.is_file()]
+    blobs += [p.read_bytes().decode("latin-1") for d in session_dirs for p in d.rglob("*") if p.is_file()]
+    for token in world["tokens"]:   # no token in any output, export file, record or PNG chunk
+        assert not any(token in b for b in blobs)
+    for row in (json.loads(line) for line in (Path(folder) / "imagefolder" / "metadata.jsonl").open()):
+        assert row["source_path"].startswith("sources/") and str(world["root"]) not in row["source_path"]
+    png = next(Path(folder).rglob("*.png"))
+    assert read_png_record(png)["source_path"].startswith("sources/")
+    # the attack: every 32-hex string the victim's outputs and export show, and the session's folder
+    # name itself, tried as a token (restore "it", then export "its" batch), as a raw HTTP client would
+    import re
+
+    guesses = sorted(set(re.findall(r"[0-9a-f]{32}", "".join(blobs[:-1]))) | {mine[0].name})
+    demo = world["demo"]
+    for k, guess in enumerate(guesses[:40]):
+        hacked = _raw_call(world["url"], _fn_index(demo, "on_restore"), [guess, guess], f"attacker{k:04d}")
+        assert hacked["success"]
+        result = _raw_call(world["url"], _fn_index(demo, "on_export"), [None], f"attacker{k:04d}")
+        assert not result["success"] and "curated batch is empty" in json.dumps(result), guess
+    # the victim still has its own batch
+    again = victim.predict(api_name="/export")
+    assert len(list((Path(again[1]) / "imagefolder").glob("*.png"))) == len(ids)
+
+
+def test_idle_sessions_expire_and_sessions_and_exports_are_bounded(world, monkeypatch):
+    import diffmix_core.session as S
+    from gradio_client import Client
+
+    client = Client(world["url"], verbose=False)
+    ids = [r[0] for r in _sweep(client, world, seeds="5")[3]["data"]]
+    client.predict(",".join(ids), "add", api_name="/select")
+    mine = [p for p in (world["root"] / "sessions").iterdir() if (p / "records.jsonl").is_file()
+            and ids[0] in (p / "records.jsonl").read_text()]
+    assert len(mine) == 1
+    old = time.time() - 25 * 3600   # idle for 25 h: past the default 24 h
+    os.utime(mine[0], (old, old))
+    with pytest.raises(Exception, match="unknown image id"):
+        client.predict(",".join(ids), "add", api_name="/select")
+    assert not mine[0].exists()   # expired: its images went with it
+    # size policy: sessions over DIFFMIX_SESSIONS_MAX_MB lose the least recently used first
+    stale = []
+    for k in range(3):
+        d = world["root"] / "sessions" / f"{k:032x}"
+        d.mkdir()
+        (d / "blob").write_bytes(os.urandom(600_000))
+        os.utime(d, (old + 24 * 3600 + k, old + 24 * 3600 + k))   # idle 1 h, oldest first
+        stale.append(d)
+    monkeypatch.setenv("DIFFMIX_SESSIONS_MAX_MB", "1")
+    S._PRUNED.clear()
+    _sweep(Client(world["url"], verbose=False), world, seeds="6")
+    assert not stale[0].exists() and not stale[1].exists()   # the least recently used went first
+    assert sum(p.stat().st_size for p in (world["root"] / "sessions").rglob("*") if p.is_file()) <= 2**20
+
+
+def test_app_requests_are_bounded_before_any_work(world, tmp_path):
+    import httpx
+    from gradio_client import Client
+
+    client = Client(world["url"], verbose=False)
+    for strengths, seeds, why in (("0.1:0.9:100000000", "0", "100,000,000 strengths exceed the limit"),
+                                  ("0.5", "n=1000000000", "1,000,000,000 seeds exceed the limit"),
+                                  ("0.5", " ".join(["1"] * 5000), "give at most 64 seeds"),
+                                  ("0.5", ",".join(["1"] * 65), "65 seeds exceed the limit"),
+                                  ("0.3, 0.5, 0.7, 0.9", "n=20", "= 80 images exceeds the limit of 64")):
+        t0 = time.perf_counter()
+        with pytest.raises(Exception, match=why):
+            _sweep(client, world, strengths=strengths, seeds=seeds)
+        assert time.perf_counter() - t0 < 10
+    # an upload over DIFFMIX_MAX_UPLOAD_MB (1 MB here) is refused by the HTTP layer and leaves nothing
+    tmp = world["root"] / "gradio-tmp"
+    before = sorted(p for p in tmp.rglob("*")) if tmp.exists() else []
+    big = os.urandom(3 * 2**20)
+    r = httpx.post(world["url"] + "gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+    after = sorted(p for p in tmp.rglob("*")) if tmp.exists() else []
+    assert after == before
+
+
+def test_untrusted_text_is_escaped_and_broken_bundles_are_listed(world):
+    import httpx
+    from gradio_client import Client
+
+    client = Client(world["url"], verbose=False)
+    info = client.predict(world["hostile"], api_name="/bundle_info")[0]
+    for name in HOSTILE_CLASSES:
+        assert name not in info
+    assert "<img" not in info and "&lt;img" in info and "\\*bold\\*" in info
+    with pytest.raises(Exception) as err:
+        _sweep(client, world, source="<script>alert(1)</script>")
+    assert "<script>" not in str(err.value) and "&lt;script&gt;" in str(err.value)
+    # the CSV of a sweep over those classes: no cell starts a formula
+    out = _sweep(client, world, bundle=world["hostile"], source=HOSTILE_CLASSES[0], target=HOSTILE_CLASSES[1],
+                 example=str(Path(world["hostile"]) / "examples" / HOSTILE_CLASSES[0] / "0.png"))
+    import csv as _csv
+
+    with open(out[5], newline="", encoding="utf-8") as f:
+        rows = list(_csv.reader(f))
+    assert any(HOSTILE_CLASSES[1][1:] in cell for row in rows for cell in row)
+    assert not any(cell.startswith(("=", "+", "-", "@")) for row in rows[1:] for cell in row
+                   if not cell.lstrip("-").replace(".", "", 1).isdigit())
+    # the app started although two bundles are broken, and lists them with their reasons
+    config = httpx.get(world["url"] + "config", timeout=30).json()
+    panel = next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == "broken-bundles")
+    text = panel["value"].replace("\\", "")
+    assert panel["visible"] and "Bundles left out" in text
+    assert "bundles/broken`: " in text and "is not JSON" in text
+    assert "bundles/evil-template`: " in text and "plain, nothing else in braces" in text
+    assert "bundles/birds" not in text and "bundles/hostile" not in text   # the good ones are served
+
+
+def test_profile_writes_from_anonymous_clients_are_refused(world, monkeypatch):
+    from gradio_client import Client
+
+    from diffmix_core.adapters import load_bundle
+    from diffmix_core.profiles import profile_path
+
+    bundle = load_bundle(world["bundle"])
+    target = profile_path(bundle, world["root"] / "out")
+    adapter = (Path(world["bundle"]) / "adapter.json").read_bytes()
+    args = (world["bundle"], 0.7, "diff-mix", 10, 5.0, 0.5, None, None, None, None, None)
+    for headers, env in (({"X-Forwarded-For": "203.0.113.9"}, {}), ({}, {"DIFFMIX_ALLOW_PROFILE_SAVE": "0"}),
+                         ({}, {"SPACE_ID": "someone/space"})):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        client = Client(world["url"], verbose=False, headers=headers)
+        with pytest.raises(Exception, match="saving profiles is"):
+            client.predict(*args, api_name="/save_profile")
+        for k in env:
+            monkeypatch.delenv(k)
+        assert not target.exists() and (Path(world["bundle"]) / "adapter.json").read_bytes() == adapter
+    # NaN and infinity (JSON clients cannot send them; a raw one can) are refused, nothing is written
+    for bad in ("NaN", "Infinity", "1e400"):
+        body = json.dumps([world["bundle"], 0.7, "diff-mix", 10, "GUIDANCE", None, None, None, None, None, None])
+        result = _raw_call(world["url"], _fn_index(world["demo"], "on_save_profile"),
+                           body.replace('"GUIDANCE"', bad), f"nan{bad[:3]}")
+        why = json.dumps(result)   # ours, or Gradio's own slider bound (guidance is a slider up to 20)
+        assert not result["success"] and ("guidance_scale must be a number" in why or "maximum value" in why), why
+    assert not target.exists()
+    msg = Client(world["url"], verbose=False).predict(*args, api_name="/save_profile")
+    assert "saved" in msg and target.is_file() and (Path(world["bundle"]) / "adapter.json").read_bytes() == adapter

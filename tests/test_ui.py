@@ -151,7 +151,7 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
     bundle = load_bundle(world["bundle"])
     store = open_store("")
     src = Source(load_image(world["example"]), "owl", "owl0", world["example"])
-    with pytest.raises(ValueError, match="limit is 3 per sweep .*DIFFMIX_MAX_JOBS"):
+    with pytest.raises(ValueError, match="limit of 3 per .*DIFFMIX_MAX_JOBS"):
         run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "n=2", 2, 5.0, "diff-mix", limits=Limits(max_jobs=3))
     out = run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "0, 1", 2, 5.0, "diff-mix")
     assert out.columns == 2 and [(r["strength"], r["seed"]) for r in out.records] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
