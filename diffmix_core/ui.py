@@ -12,6 +12,7 @@ an upload, uploading clears the example, and only the user changes the classes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import logging
@@ -194,13 +195,27 @@ def source_card(bundle_path: str, upload: str | None, example: str | None, sourc
     return "**No source yet:** click an example or upload an image"
 
 
+def _decode_upload(upload: str) -> Image.Image:
+    """An uploaded image, decoded; a refused one (too large, not an image) is deleted from
+    Gradio's upload cache at once, so a refused upload leaves nothing behind."""
+    try:
+        S.check_upload(upload, S.Limits.from_env())
+        return load_image(upload)
+    except (ValueError, FileNotFoundError):
+        path = Path(upload).resolve()
+        if path.is_relative_to(Path(gr.utils.get_upload_folder()).resolve()):
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()   # Gradio keeps each upload in a folder of its own
+        raise
+
+
 def _source(store: S.Store, bundle, upload: str | None, example: str | None, source_class: str) -> Source | None:
     """The one source that runs: an upload or a bundle example (never both)."""
     if upload and example:
         raise ValueError("give an uploaded image or an example, not both")
     if upload:
-        S.check_upload(upload, S.Limits.from_env())
-        image = load_image(upload)
+        image = _decode_upload(upload)
         return Source(image, source_class, Path(upload).stem, store.save_source(image, Path(upload).name))
     if example:
         allowed = {str(Path(p).resolve()) for p, _ in S.bundle_examples(bundle)}
@@ -265,8 +280,7 @@ def on_upload(path: str, upload: str | None, source_class: str):
     """An upload becomes THE source: the example is cleared; the class stays the user's."""
     if not upload:
         return None, "", source_card(path, None, None, source_class)
-    S.check_upload(upload, S.Limits.from_env())
-    return load_image(upload), "", source_card(path, upload, None, source_class)
+    return _decode_upload(upload), "", source_card(path, upload, None, source_class)
 
 
 def on_source_change(path: str, upload: str | None, example: str | None, source_class: str):
