@@ -110,7 +110,7 @@ def _sweep(page, n: int, strengths: str = "0.5, 0.9", seeds: str = "0", progress
 
     from playwright.sync_api import expect
 
-    from diffmix_core.session import open_store
+    from diffmix_core.session import Store
 
     page.get_by_label("Strengths").fill(strengths)
     page.get_by_label("Seeds").fill(seeds)
@@ -119,8 +119,8 @@ def _sweep(page, n: int, strengths: str = "0.5, 0.9", seeds: str = "0", progress
         expect(page.get_by_text(re.compile(r"image\(s\): step \d+/\d+, \d+ s, about \d+ s left")).first) \
             .to_be_visible(timeout=300_000)
     expect(page.locator("#status")).to_contain_text(f"sweep {n} ran", timeout=600_000)
-    (token,) = [d.name for d in page.sessions.iterdir()]
-    store = open_store(token)
+    (folder,) = [d for d in page.sessions.iterdir()]
+    store = Store("", folder)   # read from disk: the folder name is a hash, it does not open the session
     records = store.records()
     return [records[i] for i in store.state()["last_sweep"]]
 
