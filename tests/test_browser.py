@@ -180,7 +180,7 @@ def test_an_upload_never_sticks_after_an_example_is_clicked(page, tmp_path):
     page.locator("#upload input[type=file]").set_input_files(str(photo))
     expect(page.get_by_label("Example chosen")).to_have_value("")
     records = _sweep(page, 2, strengths="0.5")
-    assert records[0]["source_id"] == "my-photo" and records[0]["source_path"].startswith("sources/")   # no server path
+    assert records[0]["source_id"] == "my-photo" and records[0]["source_path"].startswith("sources/")
     # a class that disagrees with the example's folder is flagged before the sweep
     _example(page, "duck")
     _choose(page, "Source class", "goose")
