@@ -45,7 +45,7 @@ def main() -> None:
         os.environ.update({"DIFFMIX_OUTPUT": f"{tmp}/out", "DIFFMIX_SESSIONS": f"{tmp}/sessions",
                            "DIFFMIX_CLIP_MODEL": "none", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
         os.environ.pop("DIFFMIX_BUNDLES", None)
-        from diffmix_core.session import open_store
+        from diffmix_core.session import Store
         from diffmix_core.ui import build_demo
 
         demo = build_demo()
@@ -66,7 +66,7 @@ def main() -> None:
                 page.get_by_label("Seeds").fill("0, 1")
                 page.get_by_role("button", name="Run sweep").click()
                 expect(page.locator("#status")).to_contain_text("sweep 1 ran", timeout=180_000)
-                store = open_store(next(Path(f"{tmp}/sessions").iterdir()).name)
+                store = Store("", next(Path(f"{tmp}/sessions").iterdir()))   # read from disk: the folder name does not open a session
                 records = [store.records()[i] for i in store.state()["last_sweep"]]
                 click_tile(page, records, 2, 1)
                 expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible(timeout=30_000)
