@@ -19,25 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"app.py exited with {proc.returncode} before serving")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"app.py did not serve {url} within {timeout} s")
 
 
 def main() -> None:
@@ -50,6 +35,7 @@ def main() -> None:
 
     from diffmix_core.adapters import load_bundle
     from diffmix_core.session import bundle_examples, bundle_profile, find_bundles
+    from diffmix_core.ui import wait_until_served
 
     url = f"http://127.0.0.1:{args.port}/"
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +47,7 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
-            wait_for(url, proc)
+            wait_until_served(url, proc)
             serving = time.perf_counter() - t0
             path = next(iter(find_bundles().values()))
             bundle = load_bundle(path)

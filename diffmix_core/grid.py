@@ -54,6 +54,18 @@ class GridLayout:
         return (left + right) // 2, (top + bottom) // 2
 
 
+def screen_point(grid: GridLayout, row: int, col: int, rect: tuple[float, float, float, float]) -> tuple[float, float]:
+    """Where the centre of tile (row, col) shows on screen when the grid picture is drawn into
+    ``rect`` = (left, top, width, height), scaled to fit and centred (CSS object-fit: contain, as
+    Gradio shows it and maps a click back to picture pixels). Browser tests and docs/screenshot.py
+    click tiles through this."""
+    left, top, width, height = rect
+    natural_w, natural_h = grid.size
+    scale = max(natural_w / width, natural_h / height)
+    x, y = grid.center(row, col)
+    return left + (width - natural_w / scale) / 2 + x / scale, top + (height - natural_h / scale) / 2 + y / scale
+
+
 def layout(records: Sequence[dict], resolution: int) -> GridLayout:
     """Rows: strengths in ascending order. Columns: (target, seed) in the sweep's order,
     labelled by what differs (seed, target or both); the source first when there is one."""

@@ -18,7 +18,9 @@ import html
 import logging
 import os
 import shutil
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import gradio as gr
@@ -463,6 +465,24 @@ LEGEND = """\
   is the bar mean P(target) must reach; the green dash-dot line the recommended strength. Right: diversity
   (distance, 1 − SSIM, Vendi).
 """
+
+
+def wait_until_served(url: str, proc: subprocess.Popen, timeout: float = 300, log: Path | None = None) -> None:
+    """Wait until the app started as ``proc`` (``python app.py``) answers ``url`` with 200; raise
+    RuntimeError, with the end of ``log`` when given, if it exits or is still silent after ``timeout`` s.
+    Used by the benchmarks and the tests that start the app in a fresh process."""
+    tail = lambda: f":\n{log.read_text(errors='replace')[-3000:]}" if log else ""   # noqa: E731
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode} before serving{tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"app.py did not serve {url} within {timeout:g} s{tail()}")
 
 
 class _Blocks(gr.Blocks):

@@ -24,15 +24,13 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 def click_tile(page, records: list[dict], row: int, col: int) -> None:
     """Click a grid tile (picture pixels -> screen pixels, as Gradio maps them back)."""
-    from diffmix_core.grid import layout
+    from diffmix_core.grid import layout, screen_point
 
-    x, y = layout(records, records[0]["resolution"]).center(row, col)
     img = page.locator("#grid img")
     img.scroll_into_view_if_needed()
-    left, top, w, h, nw, nh = img.evaluate("i => {const r = i.getBoundingClientRect(); "
-                                           "return [r.left, r.top, r.width, r.height, i.naturalWidth, i.naturalHeight]}")
-    scale = max(nw / w, nh / h)
-    page.mouse.click(left + (w - nw / scale) / 2 + x / scale, top + (h - nh / scale) / 2 + y / scale)
+    box = img.bounding_box()
+    page.mouse.click(*screen_point(layout(records, records[0]["resolution"]), row, col,
+                                   (box["x"], box["y"], box["width"], box["height"])))
 
 
 def main() -> None:

@@ -128,16 +128,13 @@ def _sweep(page, n: int, strengths: str = "0.5, 0.9", seeds: str = "0", progress
 def _click_tile(page, records: list[dict], row: int, col: int) -> None:
     """Click the tile at (row, col) of the grid picture, converting picture pixels to screen pixels
     the way Gradio converts them back (object-fit: contain)."""
-    from diffmix_core.grid import layout
+    from diffmix_core.grid import layout, screen_point
 
-    grid = layout(records, records[0]["resolution"])
-    x, y = grid.center(row, col)
     img = page.locator("#grid img")
     img.scroll_into_view_if_needed()
-    left, top, w, h, nw, nh = img.evaluate("i => {const r = i.getBoundingClientRect(); "
-                                           "return [r.left, r.top, r.width, r.height, i.naturalWidth, i.naturalHeight]}")
-    scale = max(nw / w, nh / h)
-    page.mouse.click(left + (w - nw / scale) / 2 + x / scale, top + (h - nh / scale) / 2 + y / scale)
+    box = img.bounding_box()
+    page.mouse.click(*screen_point(layout(records, records[0]["resolution"]), row, col,
+                                   (box["x"], box["y"], box["width"], box["height"])))
 
 
 # --------------------------------------------------------------------------- the relabelling paths

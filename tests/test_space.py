@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 from pathlib import Path
 
@@ -68,24 +67,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_served(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"app.py exited with {proc.returncode} before serving:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"app.py did not serve {url} within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 def run_app_and_sweep(folder: Path, python: Path, tmp: Path, bundle: Path, **env: str) -> dict:
     """`python app.py` in ``folder`` (offline); checks the app lists ``bundle``, then sweeps it
     (owl -> duck, 2 strengths, 4 steps) over gradio_client. Returns the sweep's outputs."""
     from gradio_client import Client
+
+    from diffmix_core.ui import wait_until_served
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -95,7 +82,7 @@ def run_app_and_sweep(folder: Path, python: Path, tmp: Path, bundle: Path, **env
                                           DIFFMIX_OUTPUT=str(tmp / "outputs"),
                                           DIFFMIX_SESSIONS=str(tmp / "sessions"), **env))
     try:
-        wait_until_served(url, proc, log)
+        wait_until_served(url, proc, timeout=240, log=log)
         with urllib.request.urlopen(url + "config", timeout=30) as r:
             page = r.read().decode()
         assert json.dumps(str(bundle))[1:-1] in page, f"the app does not list {bundle}"
