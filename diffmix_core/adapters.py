@@ -511,7 +511,7 @@ def _check_fields(meta: dict, file: Path) -> None:
     clip = meta.get("clip")
     if clip is not None and not any(rel.startswith(clip.rstrip("/") + "/") for rel in meta["files"]):
         raise ValueError(f"{file}: clip {clip!r} has no file listed in files (their sha256 is what makes it part "
-                         "of the bundle); attach it with demo_clip.attach_clip")
+                         "of the bundle); attach it with demo.clip.attach_clip")
     if meta.get("reference_classifier") is not None and meta["reference_classifier"] not in meta["files"]:
         raise ValueError(f"{file}: reference_classifier {meta['reference_classifier']!r} is not listed in files "
                          "(its sha256 is what makes it part of the bundle); attach it with diffmix train-reference")

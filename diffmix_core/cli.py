@@ -909,7 +909,7 @@ def add_demo_parser(sub) -> None:
 
 def run_demo_build(args: argparse.Namespace) -> None:
     from .config import DemoWorldConfig
-    from .demo_world import build_world, quick_config
+    from .demo.world import build_world, quick_config
 
     bundle = build_world(args.out, quick_config() if args.quick else DemoWorldConfig(), assets=args.assets,
                          show_progress=not args.quiet, data_only=args.data_only)
@@ -923,7 +923,7 @@ def run_demo_build(args: argparse.Namespace) -> None:
 def run_demo_evaluate(args: argparse.Namespace) -> None:
     from .adapters import load_bundle
     from .demo import ASSETS
-    from .demo_world import SHIPPED_BIRDS, evaluate_world
+    from .demo.world import SHIPPED_BIRDS, evaluate_world
     from .records import write_text_atomic
     from .scoring import default_clip, load_clip
 
@@ -944,7 +944,7 @@ def run_demo_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_demo_grid(args: argparse.Namespace) -> None:
-    from .demo_world import translation_grid
+    from .demo.world import translation_grid
     from .records import save_png
 
     pairs = None
@@ -1059,7 +1059,7 @@ def run_push(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="diffmix-push-") as tmp:
         samples = None if args.no_samples else args.samples
         if samples is None and not args.no_samples:
-            from .demo_world import translation_grid
+            from .demo.world import translation_grid
             from .records import save_png
 
             samples = save_png(translation_grid(bundle, show_progress=True), Path(tmp) / "samples.png")

@@ -418,7 +418,7 @@ class ExperimentConfig:
 
 @dataclass(frozen=True)
 class DemoDataConfig:
-    """The demo world's dataset (issue 5): bird cut-outs and emoji composited on photos; see demo_data.py."""
+    """The demo world's dataset (issue 5): bird cut-outs and emoji composited on photos; see demo/data.py."""
 
     image_size: int = 64              # side of every composited image in px
     birds_per_class: int = 100        # images per bird class in the demo ImageFolder (train/val/test pool)
@@ -444,7 +444,7 @@ class DemoDataConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Training the demo's tiny SD-architecture pipeline from scratch (issue 5); see pretrain.py."""
+    """Training the demo's tiny SD-architecture pipeline from scratch (issue 5); see demo/pretrain.py."""
 
     resolution: int = 64              # image side in px (the VAE trains at full size: GroupNorm statistics)
     vae_channels: tuple[int, ...] = (32, 64, 128)  # AutoencoderKL block widths; f = 2**(len-1) = 4
@@ -495,7 +495,7 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class DemoClipConfig:
-    """The demo CLIP (issue 19): a small open_clip CLIP trained contrastively on the demo birds; see demo_clip.py."""
+    """The demo CLIP (issue 19): a small open_clip CLIP trained contrastively on the demo birds; see demo/clip.py."""
 
     embed_dim: int = 64               # joint image-text embedding width
     image_size: int = 64              # vision tower input side in px (the demo images' size)

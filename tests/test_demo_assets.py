@@ -110,7 +110,7 @@ def demo_clip(shipped):
 
 
 def test_the_bundle_names_the_demo_clip_and_it_loads_through_open_clip(shipped, demo_clip):
-    from diffmix_core.demo_clip import CLIP_LABEL, CONFIG_FILE
+    from diffmix_core.demo.clip import CLIP_LABEL, CONFIG_FILE
 
     bundle, _ = shipped
     assert bundle.meta["clip"] == "clip" and "clip/open_clip_model.safetensors" in bundle.meta["files"]
@@ -125,7 +125,7 @@ def test_the_bundle_names_the_demo_clip_and_it_loads_through_open_clip(shipped, 
 
 
 def test_demo_clip_zero_shot_on_the_held_out_birds(shipped, demo_clip):
-    from diffmix_core.demo_world import clip_zero_shot
+    from diffmix_core.demo.world import clip_zero_shot
 
     bundle, _ = shipped
     result = clip_zero_shot(demo_clip, bundle, DEMO / "birds")
@@ -171,7 +171,7 @@ def test_the_app_scores_the_demo_world_with_the_demo_clip(shipped, monkeypatch):
     demo CLIP; DIFFMIX_CLIP_MODEL=none still turns CLIP off."""
     from diffmix_core import session
     from diffmix_core.config import TranslateConfig
-    from diffmix_core.demo_clip import CLIP_LABEL
+    from diffmix_core.demo.clip import CLIP_LABEL
     from diffmix_core.translate import Job, Source, translate
 
     bundle, pipe = shipped

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffmix_core.config import DemoClipConfig
-from diffmix_core.demo_clip import (CLIP_LABEL, CONFIG_FILE, LOG, WEIGHTS_FILE, WORK, attach_clip, contrastive_loss,
+from diffmix_core.demo.clip import (CLIP_LABEL, CONFIG_FILE, LOG, WEIGHTS_FILE, WORK, attach_clip, contrastive_loss,
                                     is_trained, spearman, train_clip, zero_shot_accuracy)
 from diffmix_core.scoring import default_clip, load_clip
 
@@ -71,7 +71,7 @@ def test_train_resume_save_and_load_through_load_clip(data, tmp_path, monkeypatc
                              {c: f"a photo of a {c} bird" for c in COLOURS})
     assert acc["n"] == 3 and 0 <= acc["accuracy"] <= 1
     # a finished CLIP of the same settings is kept: nothing is read or trained again
-    import diffmix_core.demo_clip as demo_clip
+    import diffmix_core.demo.clip as demo_clip
 
     monkeypatch.setattr(demo_clip, "training_images", lambda *a, **k: pytest.fail("retrained a finished CLIP"))
     assert train_clip(data, out, TINY, show_progress=False) == out
@@ -79,7 +79,7 @@ def test_train_resume_save_and_load_through_load_clip(data, tmp_path, monkeypatc
 
 def test_resumed_training_continues_from_the_checkpoint(data, tmp_path, monkeypatch):
     """Stop after the step-2 checkpoint; the rerun starts at step 2 and ends at the same weights."""
-    import diffmix_core.demo_clip as demo_clip
+    import diffmix_core.demo.clip as demo_clip
 
     straight = train_clip(data, tmp_path / "straight", TINY, show_progress=False)
     out = tmp_path / "resumed"

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from diffmix_core.config import DemoDataConfig, PretrainConfig
 from diffmix_core.demo import DEMO_CLASSES
-from diffmix_core.demo_data import Sources, check_sources, make_image, missing_sources
+from diffmix_core.demo.data import Sources, check_sources, make_image, missing_sources
 from diffmix_core.records import safe_name, write_jsonl_atomic
 
 MISSING = missing_sources()
@@ -55,7 +55,7 @@ def test_composite_keeps_the_foreground_and_varies_the_background():
 @needs_sources
 def test_build_dataset_writes_an_imagefolder_and_captions(tmp_path):
     from diffmix_core.data import read_dataset
-    from diffmix_core.demo_data import build_dataset, read_captions
+    from diffmix_core.demo.data import build_dataset, read_captions
 
     out = build_dataset(tmp_path / "d", TINY_DATA, show_progress=False)
     dataset = read_dataset(out / "birds", show_progress=False)
@@ -86,7 +86,7 @@ def _caption_set(folder, n=12):
 
 def test_pretrain_saves_a_pipeline_the_loader_loads_and_resumes(tmp_path):
     from diffmix_core.models import load_pipeline
-    from diffmix_core.pretrain import pretrain
+    from diffmix_core.demo.pretrain import pretrain
 
     data = _caption_set(tmp_path / "data")
     out = pretrain(data, tmp_path / "base", TINY_PRETRAIN, show_progress=False)
@@ -147,7 +147,7 @@ def test_build_world_quick_ships_a_bundle_with_a_reference(quick_world):
     info = json.loads((assets / "demo.json").read_text())
     assert info["guidance_scale"] == 2.5 and info["total_bytes"] < 50e6
     # the demo CLIP, trained by the build, attached to the bundle, loaded through open_clip
-    from diffmix_core.demo_clip import CLIP_LABEL
+    from diffmix_core.demo.clip import CLIP_LABEL
     from diffmix_core.scoring import default_clip, load_clip
 
     assert bundle.meta["clip"] == "clip" and info["clip"]["label"] == CLIP_LABEL
@@ -189,7 +189,7 @@ def test_evaluate_prints_the_table_and_last_line(quick_world, capsys):
 
 
 def test_format_table_last_line_without_those_strengths():
-    from diffmix_core.demo_world import format_table
+    from diffmix_core.demo.world import format_table
 
     rows = [{"strength": 0.5, "n": 3, "target_hit": 0.5, "source_keep": 0.25, "p_target": 0.4, "distance": 0.1,
              "ssim": 0.6}]

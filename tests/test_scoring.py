@@ -250,7 +250,7 @@ def test_score_cli_defaults_to_the_clip_the_bundle_names(translated, tiny_model_
     DIFFMIX_CLIP_MODEL and --clip-model still choose another."""
     from diffmix_core.adapters import save_bundle
     from diffmix_core.config import DemoClipConfig
-    from diffmix_core.demo_clip import CLIP_LABEL, attach_clip, build_model, save_clip
+    from diffmix_core.demo.clip import CLIP_LABEL, attach_clip, build_model, save_clip
     from diffmix_core.reference import attach_reference
 
     out, ref_dir = translated

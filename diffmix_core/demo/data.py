@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from tqdm.auto import tqdm
 
-from .config import DemoDataConfig
-from .demo import DEMO_CLASSES
-from .models import CACHE_DIR
-from .records import safe_name, save_png, write_jsonl_atomic, write_text_atomic
+from ..config import DemoDataConfig
+from ..models import CACHE_DIR
+from ..records import safe_name, save_png, write_jsonl_atomic, write_text_atomic
+from . import DEMO_CLASSES
 
 TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -180,7 +180,7 @@ def load_backgrounds() -> dict[str, list[Image.Image]]:
     """{'photos': [...], 'textures': [...]} RGB images from scikit-image and scikit-learn."""
     import skimage.data
 
-    from .data import load_image
+    from ..data import load_image
 
     root = Path(skimage.data.__file__).parent
     photos = [load_image(root / n) for n in SKIMAGE_PHOTOS if (root / n).is_file()]
@@ -369,7 +369,7 @@ def _pretrain_set(folder: Path, birds: dict, others: dict, backgrounds: dict, co
 
 def read_captions(folder: str | os.PathLike) -> list[dict]:
     """Rows of ``<folder>/captions.jsonl`` ({file_name, caption, ...}); FileNotFoundError if absent."""
-    from .records import read_jsonl
+    from ..records import read_jsonl
 
     file = Path(folder) / "captions.jsonl"
     if not file.is_file():

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import PretrainConfig
-from .records import atomic_path, write_text_atomic
+from ..config import PretrainConfig
+from ..records import atomic_path, write_text_atomic
 
 WORK = "work"
 LOG = "pretrain_log.jsonl"
@@ -97,7 +97,7 @@ def load_images(folder: str | os.PathLike, rows: list[dict], size: int, show_pro
     """All images as one uint8 tensor (N, 3, size, size) (14k images at 64 px: ~170 MB)."""
     from PIL import Image
 
-    from .data import load_image
+    from ..data import load_image
 
     out = torch.empty((len(rows), 3, size, size), dtype=torch.uint8)
     for i, row in enumerate(tqdm(rows, desc="load images", disable=not show_progress, leave=False)):
@@ -311,7 +311,7 @@ def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet(latents: dict, scaling: float, captions: list[str], out: Path, config: PretrainConfig,
                *, show_progress: bool = True) -> tuple:
     """Stage 4; returns (unet, text_encoder, tokenizer) holding the EMA weights."""
-    from .models import clip_tokenizer
+    from ..models import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     torch.manual_seed(config.seed)
@@ -380,13 +380,13 @@ def save_pipeline(out: str | os.PathLike, vae, unet, text_encoder, tokenizer, sc
 
 def pretrain(data: str | os.PathLike, out: str | os.PathLike, config: PretrainConfig = PretrainConfig(), *,
              show_progress: bool = True) -> Path:
-    """Train the whole pipeline on ``<data>/captions.jsonl`` (demo_data's pre-training set).
+    """Train the whole pipeline on ``<data>/captions.jsonl`` (demo/data.py's pre-training set).
 
     ``out`` gets the pipeline (``model_index.json`` + components), ``pretrain.json`` (settings,
     VAE PSNR, scaling factor) and ``pretrain_log.jsonl``; ``out/work`` the resumable
     checkpoints. A finished run (``pretrain.json`` with the same settings) is returned as is.
     """
-    from .demo_data import read_captions
+    from .data import read_captions
 
     out = Path(out)
     done = out / "pretrain.json"

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import DemoClipConfig
-from .records import atomic_path, write_text_atomic
+from ..config import DemoClipConfig
+from ..records import atomic_path, write_text_atomic
 
 CLIP_LABEL = "demo CLIP (trained on the demo world), not OpenAI's"
 CONFIG_FILE = "open_clip_config.json"
@@ -69,8 +69,8 @@ def training_images(data: str | os.PathLike, config: DemoClipConfig, show_progre
     """(uint8 images (N, 3, S, S), labels (N,), class names) for training: the birds' train split
     (``<data>/birds``, its split file) and, with ``pretrain_birds``, the demo birds of
     ``<data>/pretrain`` (made from other random draws: never a validation or test image)."""
-    from .data import read_dataset, resolve_splits, split_subset
-    from .demo_data import read_captions
+    from ..data import read_dataset, resolve_splits, split_subset
+    from .data import read_captions
     from .pretrain import load_images
 
     data = Path(data).resolve()
@@ -282,8 +282,8 @@ def attach_clip(bundle_dir: str | os.PathLike, clip_dir: str | os.PathLike):
     (``clip``: "clip", both files' sha256 under ``files``), so the app and ``diffmix score`` use it
     by default for this bundle (scoring.default_clip). Refuses a CLIP that does not load. Returns
     the updated Bundle."""
-    from .reference import update_bundle_meta
-    from .scoring import LOCAL_DIR, load_clip
+    from ..reference import update_bundle_meta
+    from ..scoring import LOCAL_DIR, load_clip
 
     clip_dir = Path(clip_dir)
     for name in (CONFIG_FILE, WEIGHTS_FILE):

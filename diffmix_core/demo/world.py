@@ -3,11 +3,11 @@
 :func:`build_world` runs, each stage skipped when its output is complete, so a killed
 build continues where it stopped when run again with the same ``out``:
 
-1. ``data/``: the demo birds ImageFolder + the broader pre-training set (demo_data);
-2. ``base/``: the tiny SD-architecture pipeline trained from scratch (pretrain);
+1. ``data/``: the demo birds ImageFolder + the broader pre-training set (demo/data.py);
+2. ``base/``: the tiny SD-architecture pipeline trained from scratch (demo/pretrain.py);
 3. splits: ``data/birds/diffmix_split.json`` (the full split) and
    ``data/fewshot_split.json`` (same seed, ``shots`` per class; val/test identical);
-   ``clip/``: the demo CLIP, an open_clip model trained on the train split (demo_clip);
+   ``clip/``: the demo CLIP, an open_clip model trained on the train split (demo/clip.py);
 4. ``bundle/``: ``finetune.finetune`` over the base on the few-shot split;
 5. ``reference-data/`` + ``reference/``: the reference classifier, trained on the train
    split plus a VAE round trip and a blurred copy of every train image (and round trips
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .config import DemoWorldConfig, FinetuneConfig, ReferenceConfig, SplitConfig, TranslateConfig
-from .records import safe_name, save_png, write_text_atomic
+from ..config import DemoWorldConfig, FinetuneConfig, ReferenceConfig, SplitConfig, TranslateConfig
+from ..records import safe_name, save_png, write_text_atomic
 
 FEWSHOT_SPLIT = "fewshot_split.json"
 ASSETS = "assets/demo"
@@ -44,7 +44,7 @@ EVAL_STRENGTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 def quick_config() -> DemoWorldConfig:
     """Tiny settings: every stage runs for real in about a minute (tests, `demo build --quick`)."""
-    from .config import DemoClipConfig, DemoDataConfig, PretrainConfig
+    from ..config import DemoClipConfig, DemoDataConfig, PretrainConfig
 
     return DemoWorldConfig(
         data=DemoDataConfig(image_size=32, birds_per_class=6, pretrain_per_class=3, pretrain_per_other=0),
@@ -62,7 +62,7 @@ def quick_config() -> DemoWorldConfig:
 # --------------------------------------------------------------------------- splits and bundle
 def make_splits(birds: Path, out: Path, settings: DemoWorldConfig) -> tuple[Path, Path]:
     """(full split file, few-shot split file) of the birds, one seed."""
-    from .data import default_split_path, read_dataset, resolve_splits
+    from ..data import default_split_path, read_dataset, resolve_splits
 
     dataset = read_dataset(birds, show_progress=False)
     full = default_split_path(dataset)
@@ -83,8 +83,8 @@ def finetune_config(settings: DemoWorldConfig) -> FinetuneConfig:
 def make_bundle(birds: Path, base: Path, fewshot: Path, out: Path, settings: DemoWorldConfig,
                 show_progress: bool = True):
     """``finetune.finetune`` over the base on the few-shot split (resumed when a run is there)."""
-    from .adapters import load_bundle
-    from .finetune import RUN_FILE, finetune
+    from ..adapters import load_bundle
+    from ..finetune import RUN_FILE, finetune
 
     if (out / "adapter.json").is_file():
         bundle = load_bundle(out)
@@ -117,8 +117,8 @@ def augmented_reference_data(birds: Path, base: Path, out: Path, settings: DemoW
     """An ImageFolder of the birds plus generator-like copies, with its own split file: train =
     train originals + their VAE round trips + blurred copies; val = val originals + round trips;
     test = test originals (never used here)."""
-    from .data import load_image, read_dataset, resolve_splits, split_subset, write_split_file
-    from .models import load_pipeline
+    from ..data import load_image, read_dataset, resolve_splits, split_subset, write_split_file
+    from ..models import load_pipeline
 
     if (out / "diffmix_split.json").is_file():
         return out
@@ -147,7 +147,7 @@ def augmented_reference_data(birds: Path, base: Path, out: Path, settings: DemoW
 
 def make_reference(birds: Path, base: Path, out: Path, settings: DemoWorldConfig, show_progress: bool = True) -> Path:
     """Train (once) the reference classifier on the augmented copy of the birds."""
-    from .reference import META_FILE, train_reference
+    from ..reference import META_FILE, train_reference
 
     if (out / "reference" / META_FILE).is_file():
         return out / "reference"
@@ -160,8 +160,8 @@ def make_reference(birds: Path, base: Path, out: Path, settings: DemoWorldConfig
 # --------------------------------------------------------------------------- translations
 def sources_of(data: str | os.PathLike, split: str, per_class: int):
     """``per_class`` images of each class from a split of the demo birds, as translate Sources."""
-    from .data import load_image, read_dataset, resolve_splits, split_subset
-    from .translate import Source
+    from ..data import load_image, read_dataset, resolve_splits, split_subset
+    from ..translate import Source
 
     dataset = read_dataset(data, show_progress=False)
     subset = split_subset(dataset, resolve_splits(dataset), split)
@@ -186,9 +186,9 @@ def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int =
     strength; score with the bundle's reference classifier (and, with an available ``clip``
     scorer, its ``clip_target`` / ``clip_source``). Returns (records with scores,
     reference-feature embeddings)."""
-    from .reference import bundle_reference_path, load_reference
-    from .scoring import score_images
-    from .translate import Job, translate
+    from ..reference import bundle_reference_path, load_reference
+    from ..scoring import score_images
+    from ..translate import Job, translate
 
     ref_path = bundle_reference_path(bundle)
     if ref_path is None:
@@ -200,7 +200,7 @@ def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int =
     records, embeddings = [], []
     texts = None
     if clip is not None and clip.available:
-        from .scoring import class_prompt
+        from ..scoring import class_prompt
 
         texts = dict(zip(bundle.classes, clip.encode_texts([class_prompt(c, bundle) for c in bundle.classes])))
     for i in range(0, len(results), 64):
@@ -252,8 +252,8 @@ def format_table(rows: list[dict]) -> str:
 
 def _pipeline_for(bundle, base: str | os.PathLike | None = None):
     """The bundle's base pipeline (or ``base``: e.g. the shipped copy) with the bundle applied."""
-    from .adapters import apply_bundle
-    from .models import load_pipeline
+    from ..adapters import apply_bundle
+    from ..models import load_pipeline
 
     pipe = load_pipeline(base or bundle.base_model, device="cpu", dtype="fp32", scheduler="dpm++")
     apply_bundle(pipe, bundle, allow_base_mismatch=base is not None)
@@ -263,7 +263,7 @@ def _pipeline_for(bundle, base: str | os.PathLike | None = None):
 def clip_agreement(records: list[dict]) -> dict:
     """Spearman rank correlation of the CLIP target score with the reference's P(target) over
     the translations that have both: {'spearman', 'n'} (spearman None when fewer than 3)."""
-    from .demo_clip import spearman
+    from .clip import spearman
 
     pairs = [(r["scores"]["clip_target"], r["scores"]["p_target"]) for r in records
              if r["scores"].get("clip_target") is not None and r["scores"].get("p_target") is not None]
@@ -273,10 +273,10 @@ def clip_agreement(records: list[dict]) -> dict:
 
 def clip_zero_shot(clip, bundle, data: str | os.PathLike, split: str = "test") -> dict:
     """The CLIP's zero-shot top-1 over the bundle's class prompts on every image of a split of
-    ``data`` (demo_clip.zero_shot_accuracy)."""
-    from .data import load_image, read_dataset, resolve_splits, split_subset
-    from .demo_clip import zero_shot_accuracy
-    from .scoring import class_prompt
+    ``data`` (clip.zero_shot_accuracy)."""
+    from ..data import load_image, read_dataset, resolve_splits, split_subset
+    from .clip import zero_shot_accuracy
+    from ..scoring import class_prompt
 
     dataset = read_dataset(data, show_progress=False)
     items = split_subset(dataset, resolve_splits(dataset), split).items
@@ -299,7 +299,7 @@ def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS,
             line gives its zero-shot accuracy on every test image of ``data`` and the Spearman
             correlation of its target score with the reference's P(target) over the sweep.
     """
-    from .adapters import Bundle, load_bundle
+    from ..adapters import Bundle, load_bundle
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pipe = _pipeline_for(bundle, base)
@@ -334,10 +334,10 @@ def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
     profile. ``pairs`` default: each class to the next one in label order."""
     from PIL import ImageDraw
 
-    from .adapters import Bundle, load_bundle
-    from .data import load_image
-    from .session import bundle_examples, bundle_profile
-    from .translate import Job, Source, translate
+    from ..adapters import Bundle, load_bundle
+    from ..data import load_image
+    from ..session import bundle_examples, bundle_profile
+    from ..translate import Job, Source, translate
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     classes = list(bundle.classes)
@@ -372,9 +372,9 @@ def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
 def recommend(bundle, data: Path, settings: DemoWorldConfig, show_progress: bool = True) -> tuple[float, dict]:
     """Recommended strength from a sweep of validation images (scoring.recommend_strength);
     written into the bundle. Returns (strength, {'rows': ..., 'reason': ...})."""
-    from .config import ScoreConfig
-    from .reference import update_bundle_meta
-    from .scoring import summarize
+    from ..config import ScoreConfig
+    from ..reference import update_bundle_meta
+    from ..scoring import summarize
 
     pipe = _pipeline_for(bundle)
     config = TranslateConfig(num_inference_steps=settings.num_inference_steps,
@@ -394,8 +394,8 @@ def _int8_file(src: Path, dest: Path) -> None:
     On the demo test split: top-1 0.990 int8 vs 0.995 fp32, the same prediction for 99.5 % of images."""
     from safetensors.torch import load_file, save_file
 
-    from .records import atomic_path
-    from .reference import quantize_int8
+    from ..records import atomic_path
+    from ..reference import quantize_int8
 
     with atomic_path(dest) as tmp:
         save_file(quantize_int8(load_file(str(src))), str(tmp))
@@ -407,7 +407,7 @@ def _slim_tokenizer(folder: Path, tokenizer) -> None:
     unless the slim files give ``tokenizer``'s vocabulary and ids."""
     from transformers import CLIPTokenizer
 
-    from .models import write_clip_tokenizer_files
+    from ..models import write_clip_tokenizer_files
 
     write_clip_tokenizer_files(folder)
     (folder / "tokenizer.json").unlink(missing_ok=True)
@@ -421,9 +421,9 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
     """The bundle's shipped files (no checkpoints or logs), its reference weights in fp16, example
     images from the TEST split, pointing at the shipped ``base``, with ``profile`` (the app's sweep
     settings for it). Returns the loaded copy."""
-    from .adapters import ADAPTER_JSON, load_bundle
-    from .records import sha256_file
-    from .reference import BUNDLE_REFERENCE_DIR, META_FILE, WEIGHTS_FILE
+    from ..adapters import ADAPTER_JSON, load_bundle
+    from ..records import sha256_file
+    from ..reference import BUNDLE_REFERENCE_DIR, META_FILE, WEIGHTS_FILE
 
     skip = shutil.ignore_patterns("checkpoints", "finetune_run.json", "train_log.jsonl", ".*")
     shutil.rmtree(dest, ignore_errors=True)
@@ -453,7 +453,7 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
     """``out/base`` (the pipeline in fp16 safetensors; it loads as fp32 with the same output),
     ``out/bundle`` (pointing at it; with ``clip`` and ``settings``, the demo CLIP attached and
     the shipped birds: :func:`ship_extras`) and ``out/demo.json``. Returns ``out``."""
-    from .models import load_pipeline
+    from ..models import load_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "base", ignore_errors=True)
@@ -476,12 +476,12 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
 def ship_extras(assets: str | os.PathLike, data: str | os.PathLike, clip: str | os.PathLike,
                 settings: DemoWorldConfig, show_progress: bool = False) -> dict:
     """Add to a shipped demo world (``assets``: base/, bundle/, demo.json) the demo CLIP (attached
-    to the bundle: demo_clip.attach_clip) and the shipped birds with the held-out test set
+    to the bundle: clip.attach_clip) and the shipped birds with the held-out test set
     (:func:`ship_birds` from the build's ``data`` folder); refresh demo.json (sizes, bundle hash,
     the CLIP's and the birds' figures). Returns demo.json's content."""
-    from .adapters import load_bundle
-    from .data import SPLIT_FILE, read_split_file
-    from .demo_clip import CONFIG_FILE, attach_clip
+    from ..adapters import load_bundle
+    from ..data import SPLIT_FILE, read_split_file
+    from .clip import CONFIG_FILE, attach_clip
 
     assets = Path(assets)
     bundle = attach_clip(assets / "bundle", clip)
@@ -510,7 +510,7 @@ TEST_JPEG_QUALITY = 95               # held-out images are stored as JPEG (a thi
 
 
 def _split_json(dataset_name: str, classes, splits: dict, config: SplitConfig) -> str:
-    from .data import SPLIT_FORMAT_VERSION, SPLITS
+    from ..data import SPLIT_FORMAT_VERSION, SPLITS
 
     return json.dumps({"format_version": SPLIT_FORMAT_VERSION, "dataset": dataset_name, "classes": list(classes),
                        "config": dataclasses.asdict(config), "splits": {k: list(splits[k]) for k in SPLITS}},
@@ -525,22 +525,22 @@ def ship_birds(dest: str | os.PathLike, data: str | os.PathLike, settings: DemoW
     * train + val: the few-shot split's images (exactly what the bundle was fine-tuned on, and
       its validation images), PNG as built;
     * test: the test split's images plus ``heldout_per_class`` NEW images per class
-      (demo_data.build_heldout: never trained, fine-tuned or selected on), JPEG q95;
+      (data.build_heldout: never trained, fine-tuned or selected on), JPEG q95;
     * ``diffmix_split.json`` (the 10-shot split; its test = all held-out images) and
       ``longtail_split.json`` (IF :data:`LONGTAIL_IMBALANCE` over the same pool, same val/test).
 
     Written to a temporary folder and renamed into place. Returns ``dest``."""
     from PIL import Image
 
-    from .data import SPLIT_FILE, read_dataset, resolve_splits, split_subset
-    from .demo_data import build_heldout
+    from ..data import SPLIT_FILE, read_dataset, resolve_splits, split_subset
+    from .data import build_heldout
 
     data, dest = Path(data), Path(dest)
     birds = read_dataset(data / "birds", show_progress=False)
     few_config = SplitConfig(seed=settings.split_seed, shots=settings.shots)
     few = resolve_splits(birds, data / FEWSHOT_SPLIT, few_config)
     lt_config = SplitConfig(seed=settings.split_seed, shots=settings.shots, imbalance=LONGTAIL_IMBALANCE)
-    from .data import make_splits as split_ids
+    from ..data import make_splits as split_ids
 
     long_tail = split_ids(birds, lt_config)
     assert long_tail["val"] == few["val"] and long_tail["test"] == few["test"]
@@ -582,11 +582,11 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
     Returns:
         The shipped bundle (adapters.Bundle), reference attached; None with ``data_only``.
     """
-    from .adapters import load_bundle
-    from .demo_clip import train_clip
-    from .demo_data import build_dataset
+    from ..adapters import load_bundle
+    from .clip import train_clip
+    from .data import build_dataset
     from .pretrain import pretrain
-    from .reference import attach_reference
+    from ..reference import attach_reference
 
     out = Path(out)
     say = print if show_progress else (lambda *a, **k: None)

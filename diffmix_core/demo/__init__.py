@@ -1,6 +1,6 @@
 """The offline worlds the app can start on.
 
-The app starts on the trained demo world shipped in ``assets/demo`` (demo_world.py builds
+The app starts on the trained demo world shipped in ``assets/demo`` (demo/world.py builds
 it). Only when no bundle is found at all (``assets/demo`` removed and nothing under
 DIFFMIX_BUNDLES) does it fall back to a *placeholder*: a tiny SD-architecture pipeline with
 random weights and a bundle of random class tokens + LoRA for ten bird classes, built on
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .models import CACHE_DIR, load_pipeline, tiny_pipeline_dir
+from ..models import CACHE_DIR, load_pipeline, tiny_pipeline_dir
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 ASSETS = PACKAGE_ROOT / "assets"
 DEMO_CLASSES = ("owl", "duck", "peacock", "penguin", "flamingo", "turkey", "rooster", "parrot", "goose", "crow")
 PLACEHOLDER_NOTE = ("Offline placeholder: a tiny Stable-Diffusion-architecture pipeline with RANDOM weights. "
@@ -27,7 +27,7 @@ def placeholder_bundle(root: str | os.PathLike | None = None, seed: int = 0):
     """Build (once) and return the placeholder bundle on the tiny random pipeline."""
     from peft import LoraConfig
 
-    from .adapters import load_bundle, lora_state_dict_from_unet, save_bundle
+    from ..adapters import load_bundle, lora_state_dict_from_unet, save_bundle
 
     root = Path(root or CACHE_DIR / "placeholder-2")
     bundle_dir = root / "bundle"
@@ -56,7 +56,7 @@ def write_example_images(folder: str | os.PathLike, classes, per_class: int = 2,
     placeholder's example sources (one colour per class, a shape per image)."""
     from PIL import Image, ImageDraw
 
-    from .records import safe_name, save_png
+    from ..records import safe_name, save_png
 
     folder = Path(folder)
     for c, name in enumerate(classes):
