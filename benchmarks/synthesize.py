@@ -3,8 +3,9 @@
 Both make the same planned jobs (sources, targets, strengths, seeds) on the same
 pipeline and write one PNG per image. The baseline calls diffusers'
 StableDiffusionImg2ImgPipeline once per job at batch size 1, as the authors'
-sampler does; synthesize batches jobs with different strengths and targets
-through the engine and writes PNGs on a thread.
+sampler does; synthesize (the library's whole run, synthesize.run_synthesis:
+plan, batched engine calls with PNGs written on a thread, merge) batches jobs
+with different strengths and targets through the engine.
 
     .venv/bin/python benchmarks/synthesize.py                 # tiny random pipeline, CPU
     .venv/bin/python benchmarks/synthesize.py --model DIR --device cuda --images 64 --batch-size 16
@@ -14,6 +15,7 @@ The last line is ``speedup: X.XX``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -27,11 +29,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from diffmix_core.adapters import make_prompt  # noqa: E402
-from diffmix_core.config import SynthesizeConfig, TranslateConfig  # noqa: E402
+from diffmix_core.config import PipelineConfig, SynthesizeConfig, TranslateConfig  # noqa: E402
 from diffmix_core.data import load_image, read_dataset, resolve_splits, split_subset  # noqa: E402
 from diffmix_core.models import load_pipeline, tiny_pipeline_dir  # noqa: E402
 from diffmix_core.records import save_png  # noqa: E402
-from diffmix_core.synthesize import Plan, make_plan, synthesize  # noqa: E402
+from diffmix_core.synthesize import make_plan, run_synthesis  # noqa: E402
 
 COLOURS = [(220, 40, 40), (40, 190, 60), (40, 60, 220), (200, 180, 40)]
 
@@ -81,18 +83,23 @@ def main() -> None:
         tmp = Path(tmp)
         dataset = read_dataset(make_dataset(tmp / "data", resolution), show_progress=False)
         train = split_subset(dataset, resolve_splits(dataset, tmp / "split.json"), "train")
-        plan_config = SynthesizeConfig(multiplier=(args.images + 4) / len(train), strength_strategy="uniform", seed=1)
-        jobs = make_plan(train, plan_config, "real-mix")[: args.images + 4]
-        warm, timed = jobs[:4], tuple(jobs[4:])
+        plan_config = SynthesizeConfig(multiplier=args.images / len(train), strength_strategy="uniform", seed=1)
+        warm_config = dataclasses.replace(plan_config, multiplier=4 / len(train), seed=2)
+        timed = make_plan(train, plan_config, "real-mix")   # the jobs run_synthesis plans from the same config
+        assert len(timed) == args.images
         device = pipe.device.type
 
         def sync() -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
 
+        def run(sconfig: SynthesizeConfig, out: Path) -> None:
+            run_synthesis(train, out, sconfig, config, PipelineConfig(model=model), split_file=tmp / "split.json",
+                          superclass="shape", shard=(0, 1), pipe=pipe, show_progress=False)
+
         # Warm-up (allocator, kernels, lazy imports) for both methods, outside the timings.
-        per_image_loop(pipe, warm, config, "shape", tmp / "warm-loop", resolution)
-        synthesize(pipe, Plan({}, tuple(warm)), tmp / "warm-synth", config, superclass="shape", show_progress=False)
+        per_image_loop(pipe, make_plan(train, warm_config, "real-mix"), config, "shape", tmp / "warm-loop", resolution)
+        run(warm_config, tmp / "warm-synth")
         loop_times, synth_times = [], []
         for r in range(args.repeats):   # alternate, keep the best of each: robust to a busy shared machine
             sync()
@@ -101,7 +108,7 @@ def main() -> None:
             sync()
             loop_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            synthesize(pipe, Plan({}, timed), tmp / f"synth{r}", config, superclass="shape", show_progress=False)
+            run(plan_config, tmp / f"synth{r}")
             sync()
             synth_times.append(time.perf_counter() - t0)
             assert len(list((tmp / f"synth{r}" / "images").glob("*.png"))) == len(timed)

@@ -94,7 +94,7 @@ TRANSLATE_MAX_JOBS = 4096   # one `diffmix translate` call holds all its images 
 
 
 def add_translate_parser(sub) -> None:
-    from .config import TranslateConfig
+    from .config import SCHEDULERS, PipelineConfig, TranslateConfig
 
     p = sub.add_parser("translate", help="translate real images toward other classes (img2img)",
                        description="Translate source images toward target classes at chosen strengths. "
@@ -118,7 +118,8 @@ def add_translate_parser(sub) -> None:
     p.add_argument("--revision", help="Hub revision of the base model")
     p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
-    p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "native"], help="sampler (default: dpm++)")
+    p.add_argument("--scheduler", default=PipelineConfig.scheduler, choices=SCHEDULERS,
+                   help=f"sampler (default: {PipelineConfig.scheduler})")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply the bundle even though --base-model differs from the one it was trained on")
     p.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
@@ -136,7 +137,7 @@ def run_translate(args: argparse.Namespace) -> None:
     from .adapters import load_bundle
     from .config import TranslateConfig, check_seed, get_strategy
     from .data import load_image
-    from .models import load_pipeline
+    from .models import load_pipeline_for
     from .translate import Job, Source, check_strength, count_jobs, translate
     from .records import read_jsonl, save_png, safe_name, write_jsonl_atomic
     from .session import RANDOM_SEED, resolve_seeds
@@ -168,13 +169,7 @@ def run_translate(args: argparse.Namespace) -> None:
     else:
         jobs = [Job(src, t, s, seed) for src in sources for t in args.target for s in args.strength
                 for seed in args.seed]
-    model = args.base or args.base_model or bundle.base_model
-    revision = args.revision if (args.base or args.base_model) else (args.revision or bundle.base_revision)
-    pipe = load_pipeline(model, revision=revision, dtype=args.dtype, device=args.device, scheduler=args.scheduler)
-    if bundle is not None:
-        from .adapters import apply_bundle
-
-        apply_bundle(pipe, bundle, allow_base_mismatch=args.allow_base_mismatch)
+    pipe = load_pipeline_for(_pipeline_config(args), bundle, allow_base_mismatch=args.allow_base_mismatch)
     results = translate(pipe, jobs, config, bundle=bundle, superclass=args.superclass,
                         show_progress=not args.quiet)
     out: Path = args.out
@@ -373,7 +368,7 @@ FILTER_HELP = {   # config.Thresholds: the same tests as the app's thresholds an
 
 
 def add_synthesize_parser(sub) -> None:
-    from .config import SynthesizeConfig, Thresholds, TranslateConfig
+    from .config import SCHEDULERS, PipelineConfig, SynthesizeConfig, Thresholds, TranslateConfig
 
     p = sub.add_parser("synthesize", help="bulk synthetic set from the train split: planned, resumable, sharded",
                        description="Plan M x |train| translations (REFERENCE.md §2), write the plan to --out, then "
@@ -399,7 +394,8 @@ def add_synthesize_parser(sub) -> None:
     p.add_argument("--allow-base-mismatch", action="store_true", help="apply the bundle to another base model")
     p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: accelerate's device / CUDA when present)")
-    p.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "native"], help="sampler (default: dpm++)")
+    p.add_argument("--scheduler", default=PipelineConfig.scheduler, choices=SCHEDULERS,
+                   help=f"sampler (default: {PipelineConfig.scheduler})")
     p.add_argument("--shard", default=None, help="i/n: make only jobs with idx %% n == i (default: accelerate's "
                    "process index / count, else 0/1)")
     p.add_argument("--merge", action="store_true", help="make nothing; check all planned images and write the "
@@ -416,47 +412,11 @@ def add_synthesize_parser(sub) -> None:
     p.set_defaults(run=run_synthesize)
 
 
-def _synth_plan(args: argparse.Namespace, tconfig, bundle, fconfig):
-    """Read the data, resolve the split, plan, and write (or check) plan.jsonl."""
-    from .config import SynthesizeConfig
-    from .data import default_split_path, read_dataset, resolve_splits, split_subset
-    from .models import normalise_model_id
-    from .synthesize import make_plan, plan_header, write_plan
+def _pipeline_config(args: argparse.Namespace):
+    from .config import PipelineConfig
 
-    sconfig = config_from_args(SynthesizeConfig, args)
-    dataset = read_dataset(args.data, strict=args.strict, max_pixels=args.max_pixels, show_progress=not args.quiet)
-    split_file = args.split_file or default_split_path(dataset)
-    train = split_subset(dataset, resolve_splits(dataset, split_file, split_config_from_args(args)), "train")
-    jobs = make_plan(train, sconfig, tconfig.strategy)
-    model = args.base or args.base_model or (bundle.base_model if bundle else "")
-    header = plan_header(sconfig, tconfig, train, split_file=split_file, bundle_hash=bundle.hash if bundle else None,
-                         base_model=normalise_model_id(model), scheduler=args.scheduler, num_jobs=len(jobs),
-                         filter_config=fconfig)
-    return write_plan(args.out, header, jobs), model
-
-
-def _synth_scorer(args: argparse.Namespace, fconfig, bundle, device):
-    """scoring.score_images bound to the reference classifier / CLIP, or None when not asked for."""
-    if not (args.score or fconfig.active):
-        return None
-    from .config import ScoreConfig
-    from .reference import bundle_reference_path, load_reference
-    from .scoring import class_prompt, load_clip, score_images
-
-    ref_path = args.reference or (bundle_reference_path(bundle) if bundle else None)
-    for name in ("min_p_target", "max_p_source"):
-        if getattr(fconfig, name) is not None and not ref_path:
-            fail(f"--{name.replace('_', '-')} needs a reference classifier: --reference FILE or a bundle with one")
-    if fconfig.min_clip_target is not None and not args.clip_model:
-        fail("--min-clip-target needs CLIP scores: give --clip-model (and --clip-pretrained)")
-    reference = load_reference(ref_path, device=device) if ref_path else None
-    clip = load_clip(args.clip_model, args.clip_pretrained, device=device) if args.clip_model else None
-    config = ScoreConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
-
-    def scorer(images, records):
-        return score_images(images, records, reference=reference, clip=clip, config=config,
-                            prompt=lambda name: class_prompt(name, bundle, args.superclass))[0]
-    return scorer
+    return PipelineConfig(model=args.base or args.base_model or "", revision=args.revision, dtype=args.dtype,
+                          device=args.device, scheduler=args.scheduler)
 
 
 # Profile keys (the app's "save as my profile", or the bundle's own) -> translate / synthesize options.
@@ -486,9 +446,8 @@ def _apply_profile(args: argparse.Namespace, bundle) -> None:
 
 
 def run_synthesize(args: argparse.Namespace) -> None:
-    from .config import Thresholds, TranslateConfig, get_strategy
-    from .export import parse_formats
-    from .synthesize import finished_record, merge, missing_jobs, parse_shard, shard_jobs, synthesize
+    from .config import SynthesizeConfig, Thresholds, TranslateConfig
+    from .synthesize import parse_shard, run_synthesis, train_split
 
     bundle = None
     if args.bundle:
@@ -496,56 +455,31 @@ def run_synthesize(args: argparse.Namespace) -> None:
 
         bundle = load_bundle(args.bundle)
         _apply_profile(args, bundle)
-    tconfig = config_from_args(TranslateConfig, args)
-    formats = parse_formats(args.export)
-    if bundle is None and get_strategy(tconfig.strategy).tokens:
-        fail(f"strategy {tconfig.strategy} needs --bundle; real-* strategies run on --base alone")
     if bundle is None and not args.base and not args.merge:
         fail("give --bundle or --base")
-    state = None
-    if args.shard:
-        shard = parse_shard(args.shard)
-    else:
-        import torch
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-
-        # cpu=True lets processes started without GPUs (torchrun / accelerate launch) form a gloo group.
-        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-        shard = (state.process_index, state.num_processes)
-    fconfig = config_from_args(Thresholds, args)
-    plan, model = _synth_plan(args, tconfig, bundle, fconfig)
-    todo = [] if args.merge else [j for j in shard_jobs(plan.jobs, shard) if finished_record(args.out, j) is None]
-    if todo:
-        from .models import load_pipeline
-
-        device = args.device or (str(state.device) if state is not None and state.num_processes > 1 else None)
-        revision = args.revision if (args.base or args.base_model) else (args.revision or bundle.base_revision)
-        pipe = load_pipeline(model, revision=revision, dtype=args.dtype, device=device, scheduler=args.scheduler)
-        if bundle is not None:
-            from .adapters import apply_bundle
-
-            apply_bundle(pipe, bundle, allow_base_mismatch=args.allow_base_mismatch)
-        s = synthesize(pipe, plan, args.out, tconfig, bundle=bundle, superclass=args.superclass, shard=shard,
-                       scorer=_synth_scorer(args, fconfig, bundle, device), filter_config=fconfig,
-                       show_progress=not args.quiet)
+    train, split_file = train_split(args.data, args.split_file, split_config_from_args(args), strict=args.strict,
+                                    max_pixels=args.max_pixels, show_progress=not args.quiet)
+    r = run_synthesis(train, args.out, config_from_args(SynthesizeConfig, args),
+                      config_from_args(TranslateConfig, args), _pipeline_config(args), split_file=split_file,
+                      bundle=bundle, superclass=args.superclass, shard=parse_shard(args.shard) if args.shard else None,
+                      merge_only=args.merge, export=args.export, thresholds=config_from_args(Thresholds, args),
+                      score=args.score, reference=args.reference, clip_model=args.clip_model,
+                      clip_pretrained=args.clip_pretrained, allow_base_mismatch=args.allow_base_mismatch,
+                      show_progress=not args.quiet)
+    s, (i, n) = r["made"], r["shard"]
+    if s:
         rate = f", {s['images_per_s']:.2f} img/s" if s["images_per_s"] else ""
         print(f"shard {s['shard']}: {s['planned']} planned, {s['skipped']} already made, {s['made']} made, "
               f"{s['rejected']} rejected, {s['seconds']:.1f} s{rate}")
     elif not args.merge:
-        print(f"shard {shard[0]}/{shard[1]}: all its planned images are already made")
-    if state is not None and state.num_processes > 1:
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            return
-    left = missing_jobs(args.out, plan)
-    if left and not args.merge:
-        print(f"{len(left)} planned image(s) still to make by other shards; the last one merges "
+        print(f"shard {i}/{n}: all its planned images are already made")
+    if r["main"] and r["merged"] is None:
+        print(f"{r['missing']} planned image(s) still to make by other shards; the last one merges "
               f"(or run with --merge)")
-        return
-    m = merge(args.out, plan, export=formats, show_progress=not args.quiet)
-    print(f"merged {m['kept']} image(s) ({m['rejected']} rejected) into {args.out / 'records.jsonl'}"
-          + (f"; exported {', '.join(formats)} to {args.out / 'export'}" if formats else ""))
+    elif r["merged"] is not None:
+        m = r["merged"]
+        print(f"merged {m['kept']} image(s) ({m['rejected']} rejected) into {args.out / 'records.jsonl'}"
+              + (f"; exported {', '.join(m['export'])} to {args.out / 'export'}" if m["export"] else ""))
 
 
 def add_export_parser(sub) -> None:

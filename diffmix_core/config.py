@@ -65,6 +65,24 @@ def get_strategy(name: str) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}") from None
 
 
+SCHEDULERS = ("dpm++", "ddim", "native")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The base pipeline a stage runs on; models.load_pipeline_for loads it (with a bundle's adapters)."""
+
+    model: str = ""                   # Hub id or diffusers folder; "" = the bundle's base model
+    revision: str | None = None       # Hub revision; None = the bundle's (for its own base), else the Hub's default
+    dtype: str | None = None          # fp16, bf16 or fp32; None = fp16 on CUDA, fp32 on CPU
+    device: str | None = None         # cuda, cpu, ...; None = CUDA when present
+    scheduler: str = "dpm++"          # sampler: dpm++ (DPM-Solver++ multistep, the paper's), ddim, native (the model's)
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+
+
 @dataclass(frozen=True)
 class TranslateConfig:
     """One translation run (REFERENCE.md §2, §3)."""
@@ -396,7 +414,7 @@ class ExperimentConfig:
     train: ClassifyConfig = ClassifyConfig()       # classifier settings (seed, mixup, cutmix, p set per run)
     synthesize: SynthesizeConfig = SynthesizeConfig()  # multiplier = the equal synthetic budget of every arm
     translate: TranslateConfig = TranslateConfig()  # steps, guidance, batch size (strategy set per arm)
-    scheduler: str = "dpm++"          # sampler: dpm++ (paper), ddim, native
+    scheduler: str = PipelineConfig.scheduler  # sampler: dpm++ (paper), ddim, native
     dtype: str = ""                   # pipeline dtype: fp16, bf16, fp32 ('' = fp16 on CUDA, fp32 on CPU)
 
     def __post_init__(self) -> None:

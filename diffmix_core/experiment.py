@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (ClassifyConfig, ExperimentArm, ExperimentConfig, ExperimentSetting, SplitConfig,
-                     SynthesizeConfig, TranslateConfig, get_strategy)
+from .config import (ClassifyConfig, ExperimentArm, ExperimentConfig, ExperimentSetting, PipelineConfig,
+                     SplitConfig, SynthesizeConfig, TranslateConfig, get_strategy)
 
 # --quick: what the built-in quick variant changes unless the file's `quick:` section says otherwise.
 QUICK_DEFAULTS = {"seeds_max": 2, "train": {"epochs": 1}, "synthesize": {"multiplier": 1.0},
@@ -132,17 +132,23 @@ class Pipelines:
 
             self.bundle = load_bundle(config.bundle)
 
+    def source(self, tokens: bool) -> PipelineConfig:
+        """The pipeline of the diff-*/ti-* arms (tokens: the bundle's base) or of the real-* arms (the
+        config's base, else the bundle's)."""
+        return PipelineConfig(model="" if tokens else self.config.base, dtype=self.config.dtype or None,
+                              device=self.device, scheduler=self.config.scheduler)
+
     def model(self, tokens: bool) -> str:
-        return self.bundle.base_model if (tokens or not self.config.base) else self.config.base
+        from .models import pipeline_source
+
+        return pipeline_source(self.source(tokens), self.bundle)[0]
 
     def get(self, tokens: bool):
         if tokens not in self.cache:
-            from .models import load_pipeline
+            from .models import load_pipeline_for
 
-            own_base = self.bundle is not None and (tokens or not self.config.base)
-            revision = self.bundle.base_revision if own_base else None
-            self.cache[tokens] = load_pipeline(self.model(tokens), revision=revision, dtype=self.config.dtype or None,
-                                               device=self.device, scheduler=self.config.scheduler)
+            # the bundle names the base; translate applies it to the diff-*/ti-* arms' calls
+            self.cache[tokens] = load_pipeline_for(self.source(tokens), self.bundle, apply=False)
         return self.cache[tokens]
 
 
@@ -150,8 +156,7 @@ def make_synthetic(config: ExperimentConfig, pipes: Pipelines, train, split_file
                    strategy: str, strength: float, plan_seed: int, long_tail: bool, show_progress: bool) -> Path:
     """The synthetic set of one (setting, strategy, strength, plan seed), through the synthesize
     stage; an already merged folder is reused. Returns the folder (its export/imagefolder is read)."""
-    from .models import normalise_model_id
-    from .synthesize import make_plan, merge, plan_header, synthesize, write_plan
+    from .synthesize import run_synthesis
 
     if (folder / "summary.json").is_file() and (folder / "export" / "imagefolder" / "metadata.jsonl").is_file():
         return folder
@@ -159,16 +164,10 @@ def make_synthetic(config: ExperimentConfig, pipes: Pipelines, train, split_file
                                   long_tail=long_tail)
     tconfig = dataclasses.replace(config.translate, strategy=strategy)
     tokens = get_strategy(strategy).tokens
-    bundle = pipes.bundle if tokens else None
-    jobs = make_plan(train, sconfig, strategy)
-    header = plan_header(sconfig, tconfig, train, split_file=split_file, bundle_hash=bundle.hash if bundle else None,
-                         base_model=normalise_model_id(pipes.model(tokens)), scheduler=config.scheduler,
-                         num_jobs=len(jobs))
-    plan = write_plan(folder, header, jobs)
     superclass = config.superclass or (pipes.bundle.superclass if pipes.bundle is not None else "")
-    synthesize(pipes.get(tokens), plan, folder, tconfig, bundle=bundle, superclass=superclass,
-               show_progress=show_progress)
-    merge(folder, plan, export=("imagefolder",), show_progress=False)
+    run_synthesis(train, folder, sconfig, tconfig, PipelineConfig(model=pipes.model(tokens), scheduler=config.scheduler),
+                  split_file=split_file, bundle=pipes.bundle if tokens else None, superclass=superclass, shard=(0, 1),
+                  export=("imagefolder",), pipe=pipes.get(tokens), show_progress=show_progress)
     return folder
 
 

@@ -4,7 +4,9 @@ pipelines of the real architectures (SD 1.5, 2.1, 2.1-base; configs as data in
 ``archs/``) for checking a machine without downloading weights.
 
 Every stage gets its pipeline from :func:`load_pipeline`; nothing else in the
-library constructs one from a name.
+library constructs one from a name. A stage that runs on a bundle calls
+:func:`load_pipeline_for`, the one place that resolves the base model from the
+bundle, loads it and applies the bundle's adapters.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from .config import PipelineConfig
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -81,7 +85,7 @@ def load_pipeline(
     revision: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
-    scheduler: str = "dpm++",
+    scheduler: str = PipelineConfig.scheduler,
     local_files_only: bool | None = None,
     channels_last: bool = False,
 ):
@@ -138,6 +142,35 @@ def load_pipeline(
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def pipeline_source(config: PipelineConfig, bundle=None) -> tuple[str, str | None]:
+    """(model, revision) to load: ``config.model`` at ``config.revision``; with no model, the
+    bundle's base model at the bundle's revision (``config.revision`` overrides it)."""
+    if config.model:
+        return config.model, config.revision
+    if bundle is None:
+        raise ValueError("no base model: give a base model (--base) or a bundle")
+    return bundle.base_model, config.revision or bundle.base_revision
+
+
+def load_pipeline_for(config: PipelineConfig, bundle=None, *, apply: bool = True,
+                      allow_base_mismatch: bool = False):
+    """The pipeline a stage runs on: resolve the base (:func:`pipeline_source`), load it, and
+    (``apply``) check the bundle against it and load the bundle's tokens and LoRA.
+
+    ``apply=False`` loads the bundle's base alone (``translate`` applies the bundle per call,
+    e.g. on the app's shared pipeline). A base other than the bundle's is refused unless
+    ``allow_base_mismatch`` (adapters.check_base).
+    """
+    model, revision = pipeline_source(config, bundle)
+    pipe = load_pipeline(model, revision=revision, dtype=config.dtype, device=config.device,
+                         scheduler=config.scheduler)
+    if bundle is not None and apply:
+        from .adapters import apply_bundle   # the bundle stage sits on top of this module
+
+        apply_bundle(pipe, bundle, allow_base_mismatch=allow_base_mismatch)
     return pipe
 
 

@@ -209,12 +209,13 @@ _ENGINE_LOCK = threading.Lock()  # one translate() at a time on the shared pipel
 
 
 def pipeline_for(bundle: Bundle):
-    from .models import load_pipeline
+    from .config import PipelineConfig
+    from .models import load_pipeline_for
 
     key = ("pipe", bundle.base_model, bundle.base_revision)
     with _MODEL_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_pipeline(bundle.base_model, revision=bundle.base_revision)
+        if key not in _MODELS:   # shared by the bundles on this base: translate applies each per call
+            _MODELS[key] = load_pipeline_for(PipelineConfig(), bundle, apply=False)
         return _MODELS[key]
 
 

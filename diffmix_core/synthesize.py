@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import SynthesizeConfig, TranslateConfig, get_strategy
+from .config import PipelineConfig, SynthesizeConfig, Thresholds, TranslateConfig, get_strategy
 from .labels import steps_run
 from .records import read_jsonl, read_png_record, save_png, write_jsonl_atomic, write_text_atomic
 
@@ -358,6 +358,123 @@ def synthesize(pipe, plan: Plan, out_dir: str | os.PathLike, config: TranslateCo
     return {"shard": f"{shard[0]}/{shard[1]}", "planned": len(jobs), "skipped": len(done), "made": len(pending),
             "rejected": rejected, "seconds": round(seconds, 3),
             "images_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else None}
+
+
+# --------------------------------------------------------------------------- a whole run (CLI, experiment, benchmark)
+def train_split(data: str | os.PathLike, split_file: str | os.PathLike | None = None, split_config=None, *,
+                strict: bool = False, max_pixels: int | None = None, show_progress: bool = True):
+    """(the TRAIN split of the dataset at ``data``, the split file it comes from): the split file
+    is made on first use (data.resolve_splits; ``split_config`` = the settings the user gave)."""
+    from .data import default_split_path, read_dataset, resolve_splits, split_subset
+
+    dataset = read_dataset(data, strict=strict, max_pixels=max_pixels, show_progress=show_progress)
+    split_file = Path(split_file) if split_file else default_split_path(dataset)
+    return split_subset(dataset, resolve_splits(dataset, split_file, split_config), "train"), split_file
+
+
+def synthesis_scorer(thresholds: Thresholds, *, score: bool = False, reference: str | os.PathLike | None = None,
+                     clip_model: str = "", clip_pretrained: str = "openai", bundle=None, superclass: str = "",
+                     device: str | None = None) -> Callable | None:
+    """scoring.score_images bound to the reference classifier (``reference``, else the bundle's)
+    and CLIP (``clip_model``), or None when neither ``score`` nor a threshold asks for scores.
+    A threshold whose score cannot be had is a ValueError, before any model loads."""
+    if not (score or thresholds.active):
+        return None
+    from .config import ScoreConfig
+    from .reference import bundle_reference_path, load_reference
+    from .scoring import class_prompt, load_clip, score_images
+
+    ref_path = reference or (bundle_reference_path(bundle) if bundle else None)
+    for name in ("min_p_target", "max_p_source"):
+        if getattr(thresholds, name) is not None and not ref_path:
+            raise ValueError(f"--{name.replace('_', '-')} needs a reference classifier: --reference FILE or a "
+                             "bundle with one")
+    if thresholds.min_clip_target is not None and not clip_model:
+        raise ValueError("--min-clip-target needs CLIP scores: give --clip-model (and --clip-pretrained)")
+    ref = load_reference(ref_path, device=device) if ref_path else None
+    clip = load_clip(clip_model, clip_pretrained, device=device) if clip_model else None
+    config = ScoreConfig(clip_model=clip_model, clip_pretrained=clip_pretrained)
+
+    def scorer(images, records):
+        return score_images(images, records, reference=ref, clip=clip, config=config,
+                            prompt=lambda name: class_prompt(name, bundle, superclass))[0]
+    return scorer
+
+
+def _process_state():
+    """accelerate's state of this process (index, count, device) for sharding a run."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # cpu=True lets processes started without GPUs (torchrun / accelerate launch) form a gloo group.
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = SynthesizeConfig(),
+                  translate_config: TranslateConfig = TranslateConfig(),
+                  pipeline: PipelineConfig = PipelineConfig(), *, split_file: str | os.PathLike | None,
+                  bundle=None, superclass: str = "", shard: tuple[int, int] | None = None, merge_only: bool = False,
+                  export: Sequence[str] = (), thresholds: Thresholds | None = None, score: bool = False,
+                  reference: str | os.PathLike | None = None, clip_model: str = "", clip_pretrained: str = "openai",
+                  allow_base_mismatch: bool = False, pipe=None, show_progress: bool = True) -> dict:
+    """A whole synthesis run over the TRAIN split ``train`` into ``out_dir``; rerun to resume.
+
+    1. shard: ``shard`` (i, n), else accelerate's process index and count
+    2. plan: drawn from ``config``, written to plan.jsonl (or checked against the one there)
+    3. this shard's images not made yet: load the pipeline (``pipe`` if given, else
+       models.load_pipeline_for(pipeline, bundle)), bind the scorer, :func:`synthesize`
+    4. merge (the main process, once no planned image is missing; ``merge_only`` makes nothing
+       and merges): records.jsonl and the ``export`` layouts
+
+    ``thresholds`` (None: no filter in the plan) reject images into rejected/; ``score``,
+    ``reference``, ``clip_model`` and ``clip_pretrained`` choose the scores (:func:`synthesis_scorer`).
+    Returns {"shard": (i, n), "made": synthesize's summary or None, "missing": planned images
+    still to make, "merged": merge's summary or None, "main": this process merges}.
+    """
+    from .export import parse_formats
+    from .models import load_pipeline_for, normalise_model_id, pipeline_source
+
+    out_dir = Path(out_dir)
+    formats = parse_formats(export)
+    if bundle is None and get_strategy(translate_config.strategy).tokens:
+        raise ValueError(f"strategy {translate_config.strategy} needs --bundle; real-* strategies run on --base alone")
+    # 1. shard
+    state = None
+    if shard is None:
+        state = _process_state()
+        shard = (state.process_index, state.num_processes)
+    shared = state is not None and state.num_processes > 1
+    # 2. plan
+    jobs = make_plan(train, config, translate_config.strategy)
+    model = pipeline_source(pipeline, bundle)[0] if (bundle is not None or pipeline.model) else ""
+    header = plan_header(config, translate_config, train, split_file=split_file,
+                         bundle_hash=bundle.hash if bundle else None, base_model=normalise_model_id(model),
+                         scheduler=pipeline.scheduler, num_jobs=len(jobs), filter_config=thresholds)
+    plan = write_plan(out_dir, header, jobs)
+    # 3. this shard's images
+    made = None
+    todo = [] if merge_only else [j for j in shard_jobs(plan.jobs, shard) if finished_record(out_dir, j) is None]
+    if todo:
+        device = pipeline.device or (str(state.device) if shared else None)
+        scorer = synthesis_scorer(thresholds if thresholds is not None else Thresholds(), score=score,
+                                  reference=reference, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                                  bundle=bundle, superclass=superclass, device=device)
+        if pipe is None:
+            pipe = load_pipeline_for(dataclasses.replace(pipeline, device=device), bundle,
+                                     allow_base_mismatch=allow_base_mismatch)
+        made = synthesize(pipe, plan, out_dir, translate_config, bundle=bundle, superclass=superclass, shard=shard,
+                          scorer=scorer, filter_config=thresholds, show_progress=show_progress)
+    # 4. merge
+    if shared:
+        state.wait_for_everyone()
+    result = {"shard": shard, "made": made, "missing": 0, "merged": None,
+              "main": not shared or state.is_main_process}
+    if result["main"]:
+        result["missing"] = len(missing_jobs(out_dir, plan))
+        if merge_only or not result["missing"]:
+            result["merged"] = merge(out_dir, plan, export=formats, show_progress=show_progress)
+    return result
 
 
 # --------------------------------------------------------------------------- merge

@@ -1,6 +1,8 @@
 """Loader, offline CLIP tokenizer, tiny pipelines."""
 from __future__ import annotations
 
+import shutil
+
 import open_clip
 import pytest
 import torch
@@ -62,3 +64,27 @@ def test_gpu_half_precision_runs(tiny_model_dir, dtype):
     res = translate(pipe, [Job(src, "duck", 0.5, 0)], TranslateConfig(strategy="real-mix", num_inference_steps=4),
                     show_progress=False)
     assert res[0].image.size == (32, 32)
+
+
+def test_load_pipeline_for_resolves_the_base_from_the_bundle_and_applies_it(tmp_path, tiny_model_dir):
+    """The one pipeline-with-bundle loader: base from the bundle (or the config), base check, adapters."""
+    from diffmix_core.config import PipelineConfig
+    from diffmix_core.demo import placeholder_bundle
+    from diffmix_core.models import load_pipeline_for, pipeline_source
+
+    bundle = placeholder_bundle(tmp_path / "ph")
+    assert pipeline_source(PipelineConfig(), bundle) == (bundle.base_model, bundle.base_revision)
+    assert pipeline_source(PipelineConfig(revision="v2"), bundle) == (bundle.base_model, "v2")
+    assert pipeline_source(PipelineConfig(model="org/other"), bundle) == ("org/other", None)
+    with pytest.raises(ValueError, match="no base model"):
+        pipeline_source(PipelineConfig())
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        PipelineConfig(scheduler="euler")
+    config = PipelineConfig(device="cpu", dtype="fp32", scheduler="ddim")
+    pipe = load_pipeline_for(config, bundle)
+    assert pipe.diffmix_bundle == bundle and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert getattr(load_pipeline_for(config, bundle, apply=False), "diffmix_bundle", None) is None
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    with pytest.raises(ValueError, match="allow_base_mismatch"):
+        load_pipeline_for(PipelineConfig(model=str(other), device="cpu"), bundle)

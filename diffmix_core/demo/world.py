@@ -252,12 +252,11 @@ def format_table(rows: list[dict]) -> str:
 
 def _pipeline_for(bundle, base: str | os.PathLike | None = None):
     """The bundle's base pipeline (or ``base``: e.g. the shipped copy) with the bundle applied."""
-    from ..adapters import apply_bundle
-    from ..models import load_pipeline
+    from ..config import PipelineConfig
+    from ..models import load_pipeline_for
 
-    pipe = load_pipeline(base or bundle.base_model, device="cpu", dtype="fp32", scheduler="dpm++")
-    apply_bundle(pipe, bundle, allow_base_mismatch=base is not None)
-    return pipe
+    return load_pipeline_for(PipelineConfig(model=str(base or ""), device="cpu", dtype="fp32"), bundle,
+                             allow_base_mismatch=base is not None)
 
 
 def clip_agreement(records: list[dict]) -> dict:
