@@ -15,15 +15,13 @@ split is decoded only after training, for the final report. Output folder::
     <out>/classifier.json     model name, classes, preprocessing (loads with reference.load_reference)
     <out>/report.json         test / per-class / many-medium-few accuracy, history, settings
 
-Synthetic sets are read from either export layout (export.py): the Hugging Face
-imagefolder (``metadata.jsonl``) or the authors' ``meta.csv`` + ``data/``. Both give
-the same soft labels: they use the strength that ran (``strength_run``; in the authors'
-layout from each PNG's record, since meta.csv's ``Strength`` is the one asked for).
+Synthetic sets are read from either export layout by ``export.read_synthetic``: the
+Hugging Face imagefolder (``metadata.jsonl``) or the authors' ``meta.csv`` + ``data/``.
+Both give the same soft labels: they use the strength that ran (``strength_run``).
 """
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -38,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import ClassifyConfig, ReferenceConfig
 from .data import load_image
+from .export import SyntheticItem, read_synthetic
 from .labels import label_vector, soft_label
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,100 +46,6 @@ CLASSIFIER_FORMAT = "diffmix-classifier/1"
 
 
 # --------------------------------------------------------------------------- synthetic sets
-@dataclass(frozen=True)
-class SyntheticItem:
-    """One synthetic image and what its soft label is made from."""
-
-    path: Path
-    source_class: str
-    target_class: str
-    strength: float     # the strength that ran when known (imagefolder's strength_run, or the PNG's
-    #                     record in the authors' layout), else as written
-
-
-def synthetic_layout(path: str | os.PathLike) -> tuple[str, Path]:
-    """('imagefolder' | 'authors', folder) for a synthetic set: an export layout folder, an
-    export folder holding them, or a ``diffmix synthesize`` output folder (its ``export/``)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"synthetic set {path} does not exist")
-    for folder in (path, path / "imagefolder", path / "authors", path / "export" / "imagefolder",
-                   path / "export" / "authors"):
-        if (folder / "metadata.jsonl").is_file():
-            return "imagefolder", folder
-        if (folder / "meta.csv").is_file() and (folder / "data").is_dir():
-            return "authors", folder
-    raise ValueError(f"{path} is not a synthetic set: expected metadata.jsonl (Hugging Face imagefolder) or "
-                     "meta.csv + data/ (the authors' layout), as `diffmix export` / `synthesize --export` write")
-
-
-def _read_imagefolder_set(folder: Path) -> list[SyntheticItem]:
-    from .records import read_jsonl
-
-    items = []
-    for n, row in enumerate(read_jsonl(folder / "metadata.jsonl"), 1):
-        missing = [k for k in ("file_name", "source_class", "target_class", "strength") if row.get(k) is None]
-        if missing:
-            raise ValueError(f"{folder / 'metadata.jsonl'}:{n}: no {', '.join(missing)} (not a diffmix export)")
-        strength = row.get("strength_run", row["strength"])
-        items.append(SyntheticItem(folder / row["file_name"], str(row["source_class"]), str(row["target_class"]),
-                                   float(strength)))
-    return items
-
-
-def _read_authors_set(folder: Path) -> list[SyntheticItem]:
-    from .export import META_CSV_COLUMNS
-    from .records import csv_cell_value
-
-    with open(folder / "meta.csv", newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in META_CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{folder / 'meta.csv'} lacks column(s) {missing}; the authors' layout has "
-                             f"{META_CSV_COLUMNS}")
-        rows = [(folder / "data" / csv_cell_value(row["Path"]), csv_cell_value(row["First Directory"].strip()),
-                 csv_cell_value(row["Second Directory"].strip()), float(row["Strength"])) for row in reader]
-        return [SyntheticItem(path, src, tgt, _strength_that_ran(path, s, folder / "data")) for path, src, tgt, s in rows]
-
-
-def _strength_that_ran(image: Path, asked: float, data: Path) -> float:
-    """meta.csv's Strength is the strength asked for (what the authors' loader reads); the
-    soft label uses the strength that ran, from the image's own record (PNG text chunk) when
-    it has one, so both layouts give the same labels. Images without a record (or outside
-    ``data``, whose records are not read): as written."""
-    from .records import read_png_record
-
-    if not image.resolve().is_relative_to(data.resolve()):
-        return asked
-    try:
-        record = read_png_record(image)
-    except (OSError, ValueError):   # missing or not a PNG: read_synthetic reports missing files
-        return asked
-    if record and record.get("strength_run") is not None and record.get("strength") is not None \
-            and abs(float(record["strength"]) - asked) < 1e-6:
-        return float(record["strength_run"])
-    return asked
-
-
-def read_synthetic(path: str | os.PathLike, classes: tuple[str, ...] | list[str] | None = None
-                   ) -> tuple[str, list[SyntheticItem]]:
-    """(layout, items) of a synthetic set; with ``classes``, every named class must be one of them."""
-    layout, folder = synthetic_layout(path)
-    items = _read_imagefolder_set(folder) if layout == "imagefolder" else _read_authors_set(folder)
-    if not items:
-        raise ValueError(f"synthetic set {folder} ({layout}) lists no images")
-    absent = [str(it.path) for it in items if not it.path.is_file()]
-    if absent:
-        raise FileNotFoundError(f"{len(absent)} image(s) listed by the synthetic set {folder} are missing, "
-                                f"e.g. {absent[:3]}")
-    if classes is not None:
-        unknown = sorted({c for it in items for c in (it.source_class, it.target_class)} - set(classes))
-        if unknown:
-            raise ValueError(f"synthetic set {folder} names class(es) {unknown[:5]} that the dataset does not have; "
-                             "was it made from another dataset?")
-    return layout, items
-
-
 def synthetic_targets(items: list[SyntheticItem], classes, gamma: float, scale: float) -> torch.Tensor:
     """Soft-label vectors (N, C): y = k((1 - s**gamma) onehot(src) + s**gamma onehot(tgt))."""
     rows = [label_vector(soft_label(it.source_class, it.target_class, it.strength, gamma, scale), classes)
@@ -441,7 +346,7 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
 
     Args:
         data: a dataset folder / CSV (data.read_dataset) or a data.Dataset.
-        synthetic: a synthetic set in either export layout (see :func:`synthetic_layout`).
+        synthetic: a synthetic set in either export layout (see :func:`export.synthetic_layout`).
         split_file, split_config: the data stage's one split (data.resolve_splits).
     Returns:
         The report (also in ``<out>/report.json``).

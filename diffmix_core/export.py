@@ -1,5 +1,6 @@
 """Export writers for generated images and their records; one implementation
-shared by ``diffmix synthesize``, ``diffmix export`` and the app.
+shared by ``diffmix synthesize``, ``diffmix export`` and the app. The readers of
+the layouts they write are here too (:func:`read_synthetic`, for ``diffmix classify``).
 
 An export folder holds any of::
 
@@ -34,13 +35,14 @@ import stat
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .records import (atomic_path, csv_cell, read_jsonl, safe_name, save_png, sha256_file, user_mode,
-                      write_jsonl_atomic, write_text_atomic)
+from .records import (atomic_path, csv_cell, csv_cell_value, read_jsonl, read_png_record, safe_name, save_png,
+                      sha256_file, user_mode, write_jsonl_atomic, write_text_atomic)
 
 FORMATS = ("imagefolder", "authors", "zip")
 META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength", "Path")  # REFERENCE.md §2
@@ -472,3 +474,91 @@ def read_generated_folder(folder: str | os.PathLike) -> list[tuple[Path, dict]]:
             raise ValueError(f"{index}:{n}: not a record (a JSON object)")
         items.append((owned_image(folder, rec.get("file_name"), f"{index}:{n}"), rec))
     return items
+
+
+# --------------------------------------------------------------------------- reading an export back
+@dataclass(frozen=True)
+class SyntheticItem:
+    """One synthetic image and what its soft label is made from."""
+
+    path: Path
+    source_class: str
+    target_class: str
+    strength: float     # the strength that ran when known (imagefolder's strength_run, or the PNG's
+    #                     record in the authors' layout), else as written
+
+
+def synthetic_layout(path: str | os.PathLike) -> tuple[str, Path]:
+    """('imagefolder' | 'authors', folder) for a synthetic set: an export layout folder, an
+    export folder holding them, or a ``diffmix synthesize`` output folder (its ``export/``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"synthetic set {path} does not exist")
+    for folder in (path, path / "imagefolder", path / "authors", path / "export" / "imagefolder",
+                   path / "export" / "authors"):
+        if (folder / "metadata.jsonl").is_file():
+            return "imagefolder", folder
+        if (folder / "meta.csv").is_file() and (folder / "data").is_dir():
+            return "authors", folder
+    raise ValueError(f"{path} is not a synthetic set: expected metadata.jsonl (Hugging Face imagefolder) or "
+                     "meta.csv + data/ (the authors' layout), as `diffmix export` / `synthesize --export` write")
+
+
+def _read_imagefolder_set(folder: Path) -> list[SyntheticItem]:
+    items = []
+    for n, row in enumerate(read_jsonl(folder / "metadata.jsonl"), 1):
+        missing = [k for k in ("file_name", "source_class", "target_class", "strength") if row.get(k) is None]
+        if missing:
+            raise ValueError(f"{folder / 'metadata.jsonl'}:{n}: no {', '.join(missing)} (not a diffmix export)")
+        strength = row.get("strength_run", row["strength"])
+        items.append(SyntheticItem(folder / row["file_name"], str(row["source_class"]), str(row["target_class"]),
+                                   float(strength)))
+    return items
+
+
+def _read_authors_set(folder: Path) -> list[SyntheticItem]:
+    with open(folder / "meta.csv", newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in META_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{folder / 'meta.csv'} lacks column(s) {missing}; the authors' layout has "
+                             f"{META_CSV_COLUMNS}")
+        rows = [(folder / "data" / csv_cell_value(row["Path"]), csv_cell_value(row["First Directory"].strip()),
+                 csv_cell_value(row["Second Directory"].strip()), float(row["Strength"])) for row in reader]
+        return [SyntheticItem(path, src, tgt, _strength_that_ran(path, s, folder / "data")) for path, src, tgt, s in rows]
+
+
+def _strength_that_ran(image: Path, asked: float, data: Path) -> float:
+    """meta.csv's Strength is the strength asked for (what the authors' loader reads); the
+    soft label uses the strength that ran, from the image's own record (PNG text chunk) when
+    it has one, so both layouts give the same labels. Images without a record (or outside
+    ``data``, whose records are not read): as written."""
+    if not image.resolve().is_relative_to(data.resolve()):
+        return asked
+    try:
+        record = read_png_record(image)
+    except (OSError, ValueError):   # missing or not a PNG: read_synthetic reports missing files
+        return asked
+    if record and record.get("strength_run") is not None and record.get("strength") is not None \
+            and abs(float(record["strength"]) - asked) < 1e-6:
+        return float(record["strength_run"])
+    return asked
+
+
+def read_synthetic(path: str | os.PathLike, classes: tuple[str, ...] | list[str] | None = None
+                   ) -> tuple[str, list[SyntheticItem]]:
+    """(layout, items) of a synthetic set; with ``classes``, every named class must be one of them."""
+    layout, folder = synthetic_layout(path)
+    items = _read_imagefolder_set(folder) if layout == "imagefolder" else _read_authors_set(folder)
+    if not items:
+        raise ValueError(f"synthetic set {folder} ({layout}) lists no images")
+    absent = [str(it.path) for it in items if not it.path.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} image(s) listed by the synthetic set {folder} are missing, "
+                                f"e.g. {absent[:3]}")
+    if classes is not None:
+        unknown = sorted({c for it in items for c in (it.source_class, it.target_class)} - set(classes))
+        if unknown:
+            raise ValueError(f"synthetic set {folder} names class(es) {unknown[:5]} that the dataset does not have; "
+                             "was it made from another dataset?")
+    return layout, items

@@ -38,7 +38,6 @@ from .translate import Job, Result, Source, count_jobs, translate, validate_jobs
 ALL_OTHER = "all other classes"            # target choice: one row block per other class (a matrix)
 BUNDLES_ENV = "DIFFMIX_BUNDLES"            # os.pathsep-separated folders searched for bundles
 SESSIONS_ENV = "DIFFMIX_SESSIONS"          # per-session work folders (default: <tmp>/diffmix-sessions)
-EXPORT_FORMATS = ("imagefolder", "authors", "zip")   # the same set `diffmix synthesize --export` writes
 TABLE_COLUMNS = ("id", "source_id", "source", "target", "strength", "ran", "seed", "p_target", "p_source", "top1",
                  "clip_target", "clip_source", "distance", "ssim", "soft_label", "curated")
 
@@ -755,7 +754,7 @@ _EXPORT_LOCK = threading.Lock()
 def export_curated(store: Store, root: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Export the curated batch with export.py's writers into a NEW folder under
     ``<root>/exports/`` (never over an earlier export). Returns (folder, zip)."""
-    from .export import export_records
+    from .export import FORMATS, export_records
 
     state, records = store.state(), store.records()
     items = [(store.image_path(records[i]), records[i]) for i in state["curated"] if i in records]
@@ -777,7 +776,7 @@ def export_curated(store: Store, root: str | os.PathLike | None = None) -> tuple
             if not out.exists() and not out.with_name(out.name + ".zip").exists():
                 break
             n += 1
-        folder = export_records(items, out, EXPORT_FORMATS, classes=classes, show_progress=False)
+        folder = export_records(items, out, FORMATS, classes=classes, show_progress=False)
     limits = Limits.from_env()
     prune(base, limits.exports_ttl_h * 3600, limits.exports_max_mb * 2**20,
           keep=(folder, folder.with_name(folder.name + ".zip")), what="exports")

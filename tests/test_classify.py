@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 
 from diffmix_core import classify
 from diffmix_core.cli import main
-from diffmix_core.classify import read_synthetic, replacement_plan, synthetic_layout
-from diffmix_core.export import ExportWriter
+from diffmix_core.classify import replacement_plan
+from diffmix_core.export import ExportWriter, read_synthetic, synthetic_layout
 from diffmix_core.labels import label_vector, soft_label
 
 CLASSES = {"snowy owl": (200, 40, 40), "duck": (40, 170, 60), "peacock": (40, 60, 210)}

@@ -81,7 +81,8 @@ def test_one_training_step_from_the_loaded_dataset(exported, tmp_path, monkeypat
 
 
 def test_both_layouts_give_the_same_soft_labels(exported):
-    from diffmix_core.classify import read_synthetic, synthetic_targets
+    from diffmix_core.classify import synthetic_targets
+    from diffmix_core.export import read_synthetic
 
     out, bundle = exported
     layout_i, items_i = read_synthetic(out / "imagefolder", bundle.classes)

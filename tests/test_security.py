@@ -181,7 +181,7 @@ FORMULAS = ["=HYPERLINK(\"http://x\")", "+1+2", "-3", "@SUM(A1)", "\tTab", "\rCR
 
 
 def test_meta_csv_neutralises_formula_cells_and_reads_back_exactly(tmp_path):
-    from diffmix_core.classify import read_synthetic
+    from diffmix_core.export import read_synthetic
 
     gen = make_generated(tmp_path / "gen", names=FORMULAS, n=len(FORMULAS))
     out = tmp_path / "exp"
