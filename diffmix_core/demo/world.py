@@ -389,12 +389,12 @@ def recommend(bundle, data: Path, settings: DemoWorldConfig, show_progress: bool
 
 # --------------------------------------------------------------------------- assets
 def _int8_file(src: Path, dest: Path) -> None:
-    """The reference classifier's weights stored int8 (reference.quantize_int8): a quarter of fp32.
+    """The reference classifier's weights stored int8 (classifier.quantize_int8): a quarter of fp32.
     On the demo test split: top-1 0.990 int8 vs 0.995 fp32, the same prediction for 99.5 % of images."""
     from safetensors.torch import load_file, save_file
 
+    from ..classifier import quantize_int8
     from ..records import atomic_path
-    from ..reference import quantize_int8
 
     with atomic_path(dest) as tmp:
         save_file(quantize_int8(load_file(str(src))), str(tmp))
@@ -421,8 +421,9 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
     images from the TEST split, pointing at the shipped ``base``, with ``profile`` (the app's sweep
     settings for it). Returns the loaded copy."""
     from ..adapters import ADAPTER_JSON, load_bundle
+    from ..classifier import WEIGHTS_FILE
     from ..records import sha256_file
-    from ..reference import BUNDLE_REFERENCE_DIR, META_FILE, WEIGHTS_FILE
+    from ..reference import BUNDLE_REFERENCE_DIR, META_FILE
 
     skip = shutil.ignore_patterns("checkpoints", "finetune_run.json", "train_log.jsonl", ".*")
     shutil.rmtree(dest, ignore_errors=True)
