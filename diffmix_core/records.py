@@ -153,3 +153,30 @@ def csv_cell(text: object) -> str:
 def csv_cell_value(cell: str) -> str:
     """The text :func:`csv_cell` wrote: its added ``'`` removed (other cells as they are)."""
     return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_START) else cell
+
+
+# --------------------------------------------------------------------------- a translate folder
+def translation_name(record: dict) -> str:
+    """The PNG name of one translation: ``<source>-to-<target>-s<strength>-seed<seed>-<id[:8]>.png``."""
+    stem = safe_name(record["source_id"] or record["source_class"])
+    return (f"{stem}-to-{safe_name(record['target_class'])}-s{record['strength']:.2f}-seed{record['seed']}-"
+            f"{record['id'][:8]}.png")
+
+
+def write_translations(results, out_dir: str | os.PathLike) -> Path:
+    """Write translate's results into ``out_dir`` (`diffmix translate --out`): one PNG each, its
+    record in the text chunk and ``file_name`` set, and records.jsonl, where the new records
+    replace those of the same file names and the others are kept. Returns the index path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for res in results:
+        rec = res.record
+        rec["file_name"] = translation_name(rec)
+        save_png(res.image, out_dir / rec["file_name"], rec)
+        records.append(rec)
+    index = out_dir / "records.jsonl"
+    names = {r["file_name"] for r in records}
+    kept = [r for r in (read_jsonl(index) if index.exists() else []) if r.get("file_name") not in names]
+    write_jsonl_atomic(index, kept + records)
+    return index

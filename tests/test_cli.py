@@ -112,14 +112,48 @@ def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys)
     assert "unknown class 'Penguin'" in capsys.readouterr().err
 
 
-def test_given_options_tells_written_from_default():
-    from diffmix_core.cli import build_parser, given_options
+def test_config_options_tell_written_from_default():
+    from diffmix_core.cli import build_parser, config_from_args, given_values
+    from diffmix_core.config import SynthesizeConfig, TranslateConfig
 
-    parser = build_parser()
-    argv = ["synthesize", "--bundle", "b", "--data", "d", "--out", "o", "--steps", "25", "--strength=0.5"]
-    assert {"bundle", "data", "out", "num_inference_steps", "strength"} <= given_options(parser, argv)
-    assert "guidance_scale" not in given_options(parser, argv)
-    assert parser.parse_args(argv).guidance_scale == 7.5   # defaults restored after probing
+    args = build_parser().parse_args(["synthesize", "--bundle", "b", "--data", "d", "--out", "o", "--steps", "25",
+                                      "--strength=0.5"])
+    assert given_values(TranslateConfig, args) == {"num_inference_steps": 25}   # written, even at its default
+    assert given_values(SynthesizeConfig, args) == {"strength": 0.5}
+    # written options win over a profile's values, which win over the defaults
+    config = config_from_args(TranslateConfig, args, base={"num_inference_steps": 5, "guidance_scale": 2.0})
+    assert (config.num_inference_steps, config.guidance_scale, config.batch_size) == (25, 2.0, 8)
+
+
+@pytest.mark.parametrize("command, classes", [
+    ("translate", ("TranslateConfig", "PipelineConfig")),
+    ("synthesize", ("SynthesizeConfig", "TranslateConfig", "PipelineConfig", "Thresholds", "SplitConfig")),
+    ("finetune", ("FinetuneConfig", "SplitConfig")), ("split", ("SplitConfig",)),
+    ("train-reference", ("ReferenceConfig", "SplitConfig")), ("score", ("ScoreConfig",)),
+    ("train", ("ClassifyConfig", "SplitConfig")), ("selftest", ("SelftestConfig",)),
+])
+def test_every_config_option_is_in_its_command_help_with_its_default(command, classes, capsys, monkeypatch):
+    """The options are generated from config.py: each field declared with config.option shows up in
+    its command's --help with its flag, its help and its default (one place for each)."""
+    import dataclasses
+    import re
+
+    from diffmix_core import config as cfg
+
+    monkeypatch.setenv("COLUMNS", "2000")   # no line wrapping (argparse breaks words at hyphens)
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in classes:
+        for f in dataclasses.fields(getattr(cfg, name)):
+            if "help" not in f.metadata:
+                continue
+            flags = f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+            shown = f.default if f.metadata["shown"] is None else f.metadata["shown"]
+            expected = " ".join(f.metadata["help"].split())
+            expected += f" (default: {shown})" if f.metadata["shown"] != "" else ""
+            assert all(re.search(rf"{re.escape(flag)}\b", text) for flag in flags), (command, flags)
+            assert expected in text, (command, f.name, expected)
 
 
 def test_synthesize_starts_from_the_bundle_profile(tmp_path, capsys):
