@@ -33,8 +33,9 @@ def main() -> None:
 
     from gradio_client import Client
 
-    from diffmix_core.adapters import load_bundle
-    from diffmix_core.session import bundle_examples, bundle_profile, find_bundles
+    from diffmix_core.bundle import bundle_examples, load_bundle
+    from diffmix_core.profiles import load_profile
+    from diffmix_core.session import app_bundles
     from diffmix_core.ui import wait_until_served
 
     url = f"http://127.0.0.1:{args.port}/"
@@ -49,9 +50,9 @@ def main() -> None:
         try:
             wait_until_served(url, proc)
             serving = time.perf_counter() - t0
-            path = next(iter(find_bundles().values()))
+            path = next(iter(app_bundles().values()))
             bundle = load_bundle(path)
-            profile = bundle_profile(bundle)
+            profile = load_profile(bundle)
             example, cls = bundle_examples(bundle)[0]
             target = next(c for c in bundle.classes if c != cls)
             client = Client(url, verbose=False)

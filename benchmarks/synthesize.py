@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from diffmix_core.adapters import make_prompt  # noqa: E402
+from diffmix_core.bundle import make_prompt  # noqa: E402
 from diffmix_core.config import PipelineConfig, SynthesizeConfig, TranslateConfig  # noqa: E402
 from diffmix_core.data import load_image, read_dataset, resolve_splits, split_subset  # noqa: E402
 from diffmix_core.models import load_pipeline, tiny_pipeline_dir  # noqa: E402

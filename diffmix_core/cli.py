@@ -120,7 +120,7 @@ def add_translate_parser(sub) -> None:
 
 
 def run_translate(args: argparse.Namespace) -> None:
-    from .adapters import load_bundle
+    from .bundle import load_bundle
     from .config import TranslateConfig, check_seed, get_strategy
     from .data import load_image
     from .models import load_pipeline_for
@@ -180,7 +180,7 @@ def add_import_parser(sub) -> None:
 
 
 def run_import(args: argparse.Namespace) -> None:
-    from .adapters import import_diffmix
+    from .authors import import_diffmix
 
     bundle = import_diffmix(args.embeddings, args.lora, base_model=args.base, base_revision=args.revision,
                             superclass=args.superclass, out_dir=args.out, resolution=args.resolution)
@@ -359,7 +359,7 @@ def run_synthesize(args: argparse.Namespace) -> None:
 
     bundle = None
     if args.bundle:
-        from .adapters import load_bundle
+        from .bundle import load_bundle
 
         bundle = load_bundle(args.bundle)
     configs = (SynthesizeConfig, TranslateConfig, Thresholds)
@@ -421,7 +421,7 @@ def run_export(args: argparse.Namespace) -> None:
         return
     classes = read_plan(args.source).classes if planned else None
     if args.bundle:
-        from .adapters import load_bundle
+        from .bundle import load_bundle
 
         classes = load_bundle(args.bundle).classes
     out = export_records(read_generated_folder(args.source), args.out or args.source / "export", formats,
@@ -449,7 +449,8 @@ def add_train_reference_parser(sub) -> None:
 def run_train_reference(args: argparse.Namespace) -> None:
     from .config import ReferenceConfig, SplitConfig
     from .data import read_dataset
-    from .reference import attach_reference, train_reference
+    from .bundle import attach_reference
+    from .reference import train_reference
 
     config = config_from_args(ReferenceConfig, args)
     given = split_config_from_args(args)
@@ -488,9 +489,10 @@ def add_score_parser(sub) -> None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from .adapters import load_bundle
+    from .bundle import load_bundle
     from .config import ScoreConfig
-    from .reference import bundle_reference_path, load_reference, update_bundle_meta
+    from .bundle import bundle_reference_path, update_bundle_meta
+    from .reference import load_reference
     from .scoring import default_clip, format_summary, load_clip, score_folder
 
     if args.clip_checkpoint is not None and not args.clip_checkpoint.is_file():
@@ -527,7 +529,7 @@ def run_score(args: argparse.Namespace) -> None:
 
 def _records_bundle(folder: Path):
     """The one bundle a folder's records name, when it is still there with the same hash; else None."""
-    from .adapters import load_bundle
+    from .bundle import load_bundle
     from .records import read_jsonl
 
     index = folder / "records.jsonl"
@@ -715,7 +717,7 @@ def run_demo_build(args: argparse.Namespace) -> None:
 
 
 def run_demo_evaluate(args: argparse.Namespace) -> None:
-    from .adapters import load_bundle
+    from .bundle import load_bundle
     from .demo import ASSETS
     from .demo.world import SHIPPED_BIRDS, evaluate_world
     from .records import write_text_atomic
@@ -830,7 +832,7 @@ def run_space(args: argparse.Namespace) -> None:
 def run_push(args: argparse.Namespace) -> None:
     import tempfile
 
-    from .adapters import load_bundle
+    from .bundle import load_bundle
     from .hub import build_push_folder, push_bundle
 
     if args.dry_run and args.folder is None:

@@ -128,7 +128,7 @@ class Pipelines:
         self.config, self.device, self.cache = config, device, {}
         self.bundle = None
         if config.bundle:
-            from .adapters import load_bundle
+            from .bundle import load_bundle
 
             self.bundle = load_bundle(config.bundle)
 

@@ -11,7 +11,7 @@ The run, step by step (:func:`finetune`):
 4. every ``checkpoint_every`` steps: ``<out>/checkpoints/step-XXXXXX/`` holding a loadable
    bundle, the optimizer moments (safetensors), the trainer state (JSON) and a
    validation grid (one text-to-image sample per class, fixed seeds, via the engine);
-5. at the end: the bundle in ``<out>`` (``adapters.save_bundle``).
+5. at the end: the bundle in ``<out>`` (``bundle.save_bundle``).
 
 Every random draw (batch order, flips, VAE sampling, noise, timesteps) is a pure
 function of (seed, micro-step, process rank), so a checkpoint needs no RNG state:
@@ -34,7 +34,8 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapters import Bundle, lora_state_dict_from_unet, make_prompt, save_bundle
+from .bundle import Bundle, make_prompt, save_bundle
+from .weights import lora_state_dict_from_unet
 from .config import FinetuneConfig, SplitConfig, TranslateConfig
 from .data import Dataset, load_image, read_dataset, resolve_splits, split_subset
 from .records import read_jsonl, save_png, write_jsonl_atomic, write_text_atomic
@@ -350,7 +351,7 @@ class _Trainer:
         if self.config.trains_lora:
             sd = {k.removeprefix("unet."): v for k, v in load_file(bundle / "pytorch_lora_weights.safetensors").items()}
             set_peft_model_state_dict(self.unwrap(self.unet), convert_unet_state_dict_to_peft(sd), adapter_name="default")
-        from .adapters import embedding_relpath
+        from .bundle import embedding_relpath
 
         emb = self.unwrap(self.text_encoder).get_input_embeddings().weight
         with torch.no_grad():
@@ -375,7 +376,7 @@ class _Trainer:
 
     def sample_grid(self, folder: Path, step: int) -> Path:
         """One text-to-image sample per class (seed = label) with the checkpoint's bundle, via the engine."""
-        from .adapters import load_bundle
+        from .bundle import load_bundle
         from .models import load_pipeline
         from .translate import Job, translate
 
@@ -474,12 +475,12 @@ def finetune(
             checkpoints written so far stay): for tests and for runs split over job-time limits.
 
     Returns:
-        The loaded bundle (``adapters.load_bundle(out)``, on every process). With
+        The loaded bundle (``bundle.load_bundle(out)``, on every process). With
         ``stop_after``: the latest checkpoint's bundle, or None when none was written.
     """
     from accelerate import Accelerator
 
-    from .adapters import load_bundle
+    from .bundle import load_bundle
     from .data import default_split_path
     from .models import load_pipeline, model_identity
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import ADAPTER_JSON, Bundle, load_bundle
+from .bundle import ADAPTER_JSON, Bundle, load_bundle
 from .demo import ASSETS, PACKAGE_ROOT
 from .records import write_text_atomic
 

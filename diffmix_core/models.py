@@ -132,7 +132,7 @@ def load_pipeline(
             f"could not load base model {model!r}: {err}. Give a local diffusers folder, or a Hub id "
             "with network access (set HF_HOME to reuse a cache)."
         ) from err
-    # What the bundle check compares against (see adapters.check_base).
+    # What the bundle check compares against (see apply.check_base).
     pipe.diffmix_base = {"model": normalise_model_id(model), "revision": None if is_dir else revision}
     # A folder of random weights (random_pipeline_dir) says so; the CLI and the app show it.
     pipe.diffmix_random = random_weights_info(model) if is_dir else None
@@ -162,13 +162,13 @@ def load_pipeline_for(config: PipelineConfig, bundle=None, *, apply: bool = True
 
     ``apply=False`` loads the bundle's base alone (``translate`` applies the bundle per call,
     e.g. on the app's shared pipeline). A base other than the bundle's is refused unless
-    ``allow_base_mismatch`` (adapters.check_base).
+    ``allow_base_mismatch`` (apply.check_base).
     """
     model, revision = pipeline_source(config, bundle)
     pipe = load_pipeline(model, revision=revision, dtype=config.dtype, device=config.device,
                          scheduler=config.scheduler)
     if bundle is not None and apply:
-        from .adapters import apply_bundle   # the bundle stage sits on top of this module
+        from .apply import apply_bundle   # the bundle stage sits on top of this module
 
         apply_bundle(pipe, bundle, allow_base_mismatch=allow_base_mismatch)
     return pipe

@@ -49,7 +49,7 @@ def user_profile(bundle, root: str | os.PathLike | None = None) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read the saved profile {path} ({err}); delete it to start over") from None
-    from .adapters import check_profile
+    from .bundle import check_profile
 
     check_profile(data, path)   # the same bounds as a bundle's own profile
     return data
@@ -81,7 +81,7 @@ def save_profile(bundle, strength: float, thresholds: Thresholds | dict, setting
     data = {"strength": float(strength), "thresholds": thresholds.as_dict(), **dict(settings or {}),
             "bundle": str(bundle.path), "bundle_hash": bundle.hash, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = profile_path(bundle, root)
-    from .adapters import check_profile
+    from .bundle import check_profile
 
     check_profile(data, path)   # NaN / inf / out of range: refused before anything is written
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -225,6 +224,12 @@ def _weights_path(meta_path: Path, meta: dict) -> Path:
     return found[0]
 
 
+def reference_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(its JSON, its weights file) of the reference classifier at ``path`` (a folder or its JSON)."""
+    meta_path, meta = _read_reference_meta(Path(path))
+    return meta_path, _weights_path(meta_path, meta)
+
+
 def load_reference(path: str | os.PathLike, device: str | None = None) -> ReferenceClassifier:
     """Load a reference classifier folder (or its JSON). Any timm checkpoint loads too: a
     JSON with ``model_name`` and ``classes`` (optional ``weights``, ``preprocessing``)
@@ -256,65 +261,3 @@ def load_reference(path: str | os.PathLike, device: str | None = None) -> Refere
     return ReferenceClassifier(model.eval().to(device or default_device()), meta["model_name"],
                                tuple(meta["classes"]), side,
                                tuple(pre.get("mean", mean)), tuple(pre.get("std", std)), meta, meta_path.parent)
-
-
-# --------------------------------------------------------------------------- bundles
-BUNDLE_REFERENCE_DIR = "reference"
-
-
-def update_bundle_meta(bundle_dir: str | os.PathLike, *, add_files: tuple[str, ...] = (), **fields):
-    """Rewrite a bundle's adapter.json atomically with ``fields`` set (optional keys such as
-    ``reference_classifier`` or ``recommended_strength``) and the sha256 of ``add_files``
-    (paths relative to the bundle) added to ``files``. The bundle is verified before and
-    after; if the result does not load, the old adapter.json is put back. Returns the Bundle."""
-    from .adapters import ADAPTER_JSON, load_bundle
-
-    bundle = load_bundle(bundle_dir)
-    file = bundle.path / ADAPTER_JSON
-    old = file.read_bytes()
-    meta = json.loads(old)
-    meta.update(fields)
-    meta["files"] = dict(meta["files"], **{rel: sha256_file(bundle.path / rel) for rel in add_files})
-    write_text_atomic(file, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    try:
-        return load_bundle(bundle.path)
-    except (ValueError, FileNotFoundError):
-        write_text_atomic(file, old.decode("utf-8"))
-        raise
-
-
-def attach_reference(bundle_dir: str | os.PathLike, reference_dir: str | os.PathLike):
-    """Copy a reference classifier into ``<bundle>/reference/`` and point adapter.json at it
-    (``reference_classifier`` + both files' sha256). Returns the updated Bundle."""
-    clf = load_reference(reference_dir, device="cpu")   # refuse a broken one before touching the bundle
-    meta_path, meta = _read_reference_meta(Path(reference_dir))
-    weights = _weights_path(meta_path, meta)
-    dest = Path(bundle_dir) / BUNDLE_REFERENCE_DIR
-    dest.mkdir(parents=True, exist_ok=True)
-    from .records import atomic_path
-
-    with atomic_path(dest / WEIGHTS_FILE) as tmp:
-        shutil.copyfile(weights, tmp)
-    meta = dict(clf.meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(dest / WEIGHTS_FILE)})
-    write_text_atomic(dest / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    rels = (f"{BUNDLE_REFERENCE_DIR}/{WEIGHTS_FILE}", f"{BUNDLE_REFERENCE_DIR}/{META_FILE}")
-    return update_bundle_meta(bundle_dir, add_files=rels, reference_classifier=rels[1])
-
-
-def bundle_reference_path(bundle) -> Path | None:
-    """The reference classifier a bundle points to, or None. Its JSON and the weights it names
-    must be files the bundle lists (so the bundle's hash covers them), inside the bundle."""
-    from .adapters import bundle_path
-
-    rel = bundle.meta.get("reference_classifier")
-    if not rel:
-        return None
-    path = bundle_path(bundle.path, rel, "reference_classifier")
-    meta_path, meta = _read_reference_meta(path)
-    weights = _weights_path(meta_path, meta)
-    listed = {(bundle.path / r).resolve() for r in bundle.meta.get("files", {})}
-    for file in (meta_path, weights):
-        if file.resolve() not in listed:
-            raise ValueError(f"bundle {bundle.path}: reference file {file} is not listed in adapter.json's files, "
-                             "so the bundle's hash does not cover it; attach it with diffmix train-reference --attach")
-    return path

@@ -198,7 +198,7 @@ def vendi_score(embeddings: np.ndarray | torch.Tensor) -> float:
 # --------------------------------------------------------------------------- per image
 def class_prompt(class_name: str, bundle=None, superclass: str = "") -> str:
     """CLIP prompt of a class: its name in the bundle's template (or the paper's)."""
-    from .adapters import DEFAULT_TEMPLATE, make_prompt
+    from .bundle import DEFAULT_TEMPLATE, make_prompt
 
     if bundle is not None:
         return make_prompt(class_name, bundle.superclass, bundle.template)

@@ -11,7 +11,7 @@ architecture (models.random_pipeline_dir) proves the chain holds at that size:
 4. bundle     reload the written bundle and check it against the model
 5. translate  a diff-mix batch through the engine, checked against diffusers' img2img
 6. import     a checkpoint in the authors' format, with the real UNet's attention-processor
-              key names, through adapters.import_diffmix; its LoRA must change the output
+              key names, through authors.import_diffmix; its LoRA must change the output
 7. synthesize a planned run (synthesize.synthesize) merged and exported (imagefolder + meta.csv)
 
 Each stage prints its time and peak memory; the last line is ``selftest <arch>: ok`` or
@@ -162,7 +162,7 @@ def _stage_finetune(run: _Run) -> str:
 def _stage_bundle(run: _Run) -> str:
     from safetensors.torch import load_file
 
-    from .adapters import load_bundle
+    from .bundle import load_bundle
     from .models import load_pipeline
 
     bundle = load_bundle(run.work / "bundle")
@@ -253,7 +253,7 @@ def write_authors_checkpoint(folder: Path, unet, classes: tuple[str, ...], width
 
 
 def _stage_import(run: _Run) -> str:
-    from .adapters import import_diffmix
+    from .authors import import_diffmix
     from .translate import Job, translate
 
     width = run.pipe.text_encoder.get_input_embeddings().weight.shape[1]

@@ -28,15 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import Bundle, load_bundle
+from .bundle import Bundle, bundle_examples, bundle_roots, find_bundles, load_bundle
 from .config import THRESHOLD_TESTS, Thresholds, TranslateConfig, get_strategy
-from .data import read_dataset
 from .records import csv_cell, read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
 from .profiles import load_profile, output_root
 from .translate import Job, Result, Source, count_jobs, translate, validate_jobs
 
 ALL_OTHER = "all other classes"            # target choice: one row block per other class (a matrix)
-BUNDLES_ENV = "DIFFMIX_BUNDLES"            # os.pathsep-separated folders searched for bundles
 SESSIONS_ENV = "DIFFMIX_SESSIONS"          # per-session work folders (default: <tmp>/diffmix-sessions)
 TABLE_COLUMNS = ("id", "source_id", "source", "target", "strength", "ran", "seed", "p_target", "p_source", "top1",
                  "clip_target", "clip_source", "distance", "ssim", "soft_label", "curated")
@@ -82,33 +80,14 @@ def sessions_root() -> Path:
 
 
 # --------------------------------------------------------------------------- bundles
-def bundle_roots() -> list[Path]:
-    """DIFFMIX_BUNDLES folders first, then the shipped demo world and ``assets/bundles``."""
-    from .demo import ASSETS
+def app_bundles(broken: dict[str, str] | None = None) -> dict[str, str]:
+    """{label: folder} of the bundles the app offers (bundle.find_bundles): DIFFMIX_BUNDLES'
+    folders, then the shipped demo world and ``assets/bundles``; the offline placeholder when
+    none loads. Bundles that fail to load are recorded in ``broken`` as {folder: reason}."""
+    from .demo import ASSETS, placeholder_bundle
 
-    env = os.environ.get(BUNDLES_ENV)
-    roots = [Path(p) for p in env.split(os.pathsep) if p] if env else []
-    return roots + [ASSETS / "demo", ASSETS / "bundles"]
-
-
-def find_bundles(broken: dict[str, str] | None = None) -> dict[str, str]:
-    """{label: folder} of every bundle under the bundle roots that loads; the offline placeholder
-    when none does. A bundle that fails to load is left out (one broken bundle never stops the
-    app) and, when ``broken`` is given, recorded there as {folder: reason}."""
-    found: dict[str, str] = {}
-    for root in bundle_roots():
-        if root.is_dir():
-            for meta in sorted(root.glob("adapter.json")) + sorted(root.glob("*/adapter.json")):
-                try:
-                    load_bundle(meta.parent)
-                except (ValueError, OSError) as err:
-                    if broken is not None:
-                        broken[str(meta.parent)] = str(err)
-                    continue
-                found[f"{meta.parent.name} ({meta.parent.parent})"] = str(meta.parent)
+    found = find_bundles(bundle_roots([ASSETS / "demo", ASSETS / "bundles"]), broken)
     if not found:
-        from .demo import placeholder_bundle
-
         found["placeholder: tiny random pipeline"] = str(placeholder_bundle().path)
     return found
 
@@ -131,43 +110,6 @@ def md_code(text: object) -> str:
     return f"`{text}`"
 
 
-
-
-def resolve_bundle(text: str) -> Path:
-    """A local bundle folder, or a Hub repo id (``owner/name``) fetched into the Hub cache."""
-    text = (text or "").strip()
-    if not text:
-        raise ValueError("give a bundle folder or a Hugging Face Hub repo id (owner/name)")
-    path = Path(text).expanduser()
-    if path.exists():
-        return load_bundle(path).path
-    from .hub import HUB_REPO_ID, pull_bundle
-
-    if not HUB_REPO_ID.match(text):
-        raise FileNotFoundError(f"{text} is neither an existing folder nor a Hub repo id (owner/name)")
-    return pull_bundle(text).path   # downloaded (or from the Hub cache), every file's sha256 checked
-
-
-def bundle_examples(bundle: Bundle) -> list[tuple[str, str]]:
-    """(image path, class) of the bundle's example images (``examples`` folder, ImageFolder layout)."""
-    rel = bundle.meta.get("examples")
-    if not rel or not (bundle.path / rel).is_dir():
-        return []
-    try:
-        data = read_dataset(bundle.path / rel, show_progress=False)
-    except ValueError:
-        return []
-    items = [it for it in data.items if it.class_name in bundle.classes]
-    items.sort(key=lambda it: (bundle.class_index(it.class_name), it.id))   # the bundle's label order
-    return [(str(it.path), it.class_name) for it in items]
-
-
-def bundle_profile(bundle: Bundle) -> dict:
-    """The per-dataset profile in force (strength, thresholds, sweep settings): the user's saved
-    overlay over the bundle's own (profiles.load_profile); {} when none."""
-    return load_profile(bundle)
-
-
 def bundle_status(bundle: Bundle) -> dict:
     """Plain facts for the bundle panel."""
     from .demo import PLACEHOLDER_NOTE, is_placeholder
@@ -176,7 +118,7 @@ def bundle_status(bundle: Bundle) -> dict:
     return {"classes": list(bundle.classes), "base_model": bundle.base_model, "revision": bundle.base_revision,
             "steps": bundle.meta.get("steps", 0), "resolution": bundle.resolution,
             "reference": ref, "recommended_strength": bundle.meta.get("recommended_strength"),
-            "profile": bundle_profile(bundle), "examples": len(bundle_examples(bundle)),
+            "profile": load_profile(bundle), "examples": len(bundle_examples(bundle)),
             "note": PLACEHOLDER_NOTE if is_placeholder(bundle) else ""}
 
 
@@ -300,7 +242,8 @@ def clip_line(scorer) -> str:
 
 def reference_for(bundle: Bundle) -> tuple[object | None, str]:
     """(the bundle's reference classifier or None, a status line)."""
-    from .reference import bundle_reference_path, load_reference
+    from .bundle import bundle_reference_path
+    from .reference import load_reference
 
     path = bundle_reference_path(bundle)
     if path is None:

@@ -381,7 +381,8 @@ def synthesis_scorer(thresholds: Thresholds, *, score: bool = False, reference: 
     if not (score or thresholds.active):
         return None
     from .config import ScoreConfig
-    from .reference import bundle_reference_path, load_reference
+    from .bundle import bundle_reference_path
+    from .reference import load_reference
     from .scoring import class_prompt, load_clip, score_images
 
     ref_path = reference or (bundle_reference_path(bundle) if bundle else None)

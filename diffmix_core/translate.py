@@ -176,7 +176,7 @@ def model_input_size(image_size: tuple[int, int], resolution: int, resize: str, 
 def _prompt(strategy: Strategy, class_name: str, bundle, superclass: str) -> str:
     if bundle is not None:
         return bundle.prompt(class_name, use_token=strategy.tokens)
-    from .adapters import make_prompt
+    from .bundle import make_prompt
 
     return make_prompt(class_name, superclass)
 
@@ -278,13 +278,13 @@ def translate(
         pipe: a pipeline from models.load_pipeline (the bundle is applied here if given).
         jobs: the images to make.
         config: steps, guidance, strategy, resize policy, soft-label settings, batch size.
-        bundle: an adapters.Bundle; required by diff-* and ti-* strategies.
+        bundle: a bundle.Bundle; required by diff-* and ti-* strategies.
         superclass: the super-class word for prompts when there is no bundle.
         show_progress: tqdm bar over job-steps (gr.Progress(track_tqdm=True) follows it).
         callback: called with (job-steps done, total) after every UNet call.
         prompt_cache: a dict to keep text embeddings in across calls (e.g. one per synthesis run).
     """
-    from .adapters import apply_bundle, set_lora_enabled
+    from .apply import apply_bundle, set_lora_enabled
 
     validate_jobs(jobs, config, bundle)
     strategy = get_strategy(config.strategy)

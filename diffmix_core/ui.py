@@ -28,11 +28,11 @@ from PIL import Image
 
 from . import grid as G
 from . import session as S
-from .session import md_code, md_text
-from .adapters import load_bundle
+from .bundle import bundle_examples, load_bundle, resolve_bundle
 from .config import STRATEGIES, THRESHOLD_TESTS, TranslateConfig
 from .data import load_image
-from .profiles import save_profile, saving_allowed
+from .profiles import load_profile, save_profile, saving_allowed
+from .session import md_code, md_text
 from .translate import Source
 
 try:   # ZeroGPU on Hugging Face Spaces; a no-op elsewhere
@@ -173,7 +173,7 @@ def inspect_views(store: S.Store, record: dict | None, sweep: list[dict] = ()) -
 
 # --------------------------------------------------------------------------- source
 def _examples(bundle_path: str) -> list[tuple[str, str]]:
-    return S.bundle_examples(load_bundle(bundle_path))
+    return bundle_examples(load_bundle(bundle_path))
 
 
 def _example_class(bundle_path: str, example: str) -> str | None:
@@ -220,7 +220,7 @@ def _source(store: S.Store, bundle, upload: str | None, example: str | None, sou
         image = _decode_upload(upload)
         return Source(image, source_class, Path(upload).stem, store.save_source(image, Path(upload).name))
     if example:
-        allowed = {str(Path(p).resolve()) for p, _ in S.bundle_examples(bundle)}
+        allowed = {str(Path(p).resolve()) for p, _ in bundle_examples(bundle)}
         if str(Path(example).resolve()) not in allowed:
             raise ValueError(f"{example} is not one of the bundle's example images")
         return Source(load_image(example), source_class, Path(example).stem, example)
@@ -248,12 +248,12 @@ def on_bundle(path: str, request: gr.Request = None):
     source is cleared (a new bundle has its own examples)."""
     bundle = load_bundle(path)
     classes = list(bundle.classes)
-    profile = S.bundle_profile(bundle)
+    profile = load_profile(bundle)
     th = profile.get("thresholds") or {}
     strength = profile.get("strength", bundle.meta.get("recommended_strength"))
     defaults = TranslateConfig()
     allowed, _ = _save_state(request)
-    return (bundle_info(path, request), [(p, c) for p, c in S.bundle_examples(bundle)],
+    return (bundle_info(path, request), [(p, c) for p, c in bundle_examples(bundle)],
             gr.Dropdown(choices=classes, value=classes[0]),
             gr.Dropdown(choices=[S.ALL_OTHER] + classes, value=classes[min(1, len(classes) - 1)]),
             strength, *[th.get(k) for k in TH_KEYS],
@@ -265,8 +265,8 @@ def on_bundle(path: str, request: gr.Request = None):
 @_errors
 def on_bundle_text(text: str):
     """Add a bundle folder or Hub repo id to the dropdown and select it."""
-    path = str(S.resolve_bundle(text))
-    choices = [(k, v) for k, v in S.find_bundles().items() if v != path]
+    path = str(resolve_bundle(text))
+    choices = [(k, v) for k, v in S.app_bundles().items() if v != path]
     return gr.Dropdown(choices=choices + [(f"{text.strip()} ({path})", path)], value=path)
 
 
@@ -504,7 +504,7 @@ def broken_markdown(broken: dict[str, str]) -> str:
 
 def build_demo() -> gr.Blocks:
     broken: dict[str, str] = {}
-    bundles = S.find_bundles(broken)
+    bundles = S.app_bundles(broken)
     first = next(iter(bundles.values()))
     S.clip_scorer(load_bundle(first))   # start loading its CLIP in the background now, not on the first sweep
     classes = list(load_bundle(first).classes)

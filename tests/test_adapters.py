@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffmix_core import adapters
-from diffmix_core.adapters import (
-    DEFAULT_TEMPLATE, apply_bundle, check_base, check_lora_fits, import_diffmix, load_bundle, make_prompt,
-    save_bundle, set_lora_enabled, unload_bundle,
-)
+from diffmix_core import weights
+from diffmix_core.apply import apply_bundle, check_base, set_lora_enabled, unload_bundle
+from diffmix_core.authors import import_diffmix
+from diffmix_core.bundle import DEFAULT_TEMPLATE, load_bundle, make_prompt, save_bundle
+from diffmix_core.records import sha256_file
+from diffmix_core.weights import check_lora_fits
 
 CLASSES = ["black footed albatross", "sparrow", "tern"]
 TOKENS = ["<class_0>", "<class_1>", "<class_2>"]
@@ -84,7 +85,7 @@ def lora_case(tiny_model_dir):
     from peft import get_peft_model_state_dict
 
     return types.SimpleNamespace(
-        base=base, trained=_unet_out(pipe), lora=adapters.lora_state_dict_from_unet(pipe.unet),
+        base=base, trained=_unet_out(pipe), lora=weights.lora_state_dict_from_unet(pipe.unet),
         peft=get_peft_model_state_dict(pipe.unet))
 
 
@@ -205,7 +206,7 @@ def test_embedding_file_missing_its_token(bundle_dir):
     rel = "embeddings/class_1.safetensors"
     save_file({"<other>": torch.zeros(WIDTH)}, bundle_dir / rel)
     meta = json.loads((bundle_dir / "adapter.json").read_text())
-    meta["files"][rel] = adapters.sha256_file(bundle_dir / rel)
+    meta["files"][rel] = sha256_file(bundle_dir / rel)
     _rewrite_meta(bundle_dir, files=meta["files"])
     with pytest.raises(ValueError, match="exactly the token '<class_1>'"):
         load_bundle(bundle_dir)
@@ -272,7 +273,7 @@ def _other_width_lora() -> dict[str, torch.Tensor]:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
     _add_random_lora(unet)
-    return adapters.lora_state_dict_from_unet(unet)
+    return weights.lora_state_dict_from_unet(unet)
 
 
 def test_lora_that_does_not_fit(tiny_pipe, lora_case, tmp_path, tiny_model_dir):

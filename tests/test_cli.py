@@ -76,7 +76,8 @@ def test_help_explains_options():
 def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys):
     from test_adapters import _authors_checkpoint, _to_old_keys
 
-    from diffmix_core.adapters import load_bundle, lora_state_dict_from_unet
+    from diffmix_core.bundle import load_bundle
+    from diffmix_core.weights import lora_state_dict_from_unet
     from diffmix_core.models import load_pipeline
 
     pipe = load_pipeline(tiny_model_dir, device="cpu")
@@ -159,7 +160,7 @@ def test_every_config_option_is_in_its_command_help_with_its_default(command, cl
 def test_synthesize_starts_from_the_bundle_profile(tmp_path, capsys):
     from diffmix_core.demo import placeholder_bundle
     from diffmix_core.records import read_jsonl
-    from diffmix_core.reference import update_bundle_meta
+    from diffmix_core.bundle import update_bundle_meta
 
     bundle = placeholder_bundle(tmp_path / "ph")
     update_bundle_meta(bundle.path, profile={"strength": 0.8, "num_inference_steps": 5, "guidance_scale": 3.0})
@@ -202,9 +203,9 @@ def test_translate_and_synthesize_start_from_the_saved_profile_and_score_finds_t
     `diffmix score` without --bundle scores with the bundle the records name (its reference: P(target))."""
     from test_ui import make_world
 
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.profiles import save_profile
-    from diffmix_core.reference import update_bundle_meta
+    from diffmix_core.bundle import update_bundle_meta
 
     bundle_dir = make_world(tmp_path / "world", tmp_path / "cache")
     update_bundle_meta(bundle_dir, profile={"strength": 0.8, "num_inference_steps": 4, "guidance_scale": 3.0})

@@ -17,7 +17,7 @@ DEMO = ASSETS / "demo"
 
 @pytest.fixture(scope="module")
 def shipped():
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.models import load_pipeline
 
     bundle = load_bundle(DEMO / "bundle")   # verifies the sha256 of every weight file
@@ -25,8 +25,9 @@ def shipped():
 
 
 def test_shipped_world_is_complete_small_and_attributed(shipped):
+    from diffmix_core.bundle import bundle_reference_path
     from diffmix_core.demo import is_placeholder
-    from diffmix_core.reference import bundle_reference_path, load_reference
+    from diffmix_core.reference import load_reference
 
     bundle, pipe = shipped
     files = [p for p in DEMO.rglob("*") if p.is_file()]
@@ -54,10 +55,10 @@ def test_shipped_world_is_complete_small_and_attributed(shipped):
 
 
 def test_app_starts_on_the_shipped_world(monkeypatch):
-    from diffmix_core.session import find_bundles
+    from diffmix_core.session import app_bundles
 
     monkeypatch.delenv("DIFFMIX_BUNDLES", raising=False)
-    first = next(iter(find_bundles().values()))
+    first = next(iter(app_bundles().values()))
     assert Path(first) == (DEMO / "bundle").resolve() or Path(first) == DEMO / "bundle"
 
 
@@ -66,8 +67,8 @@ def test_shipped_world_translates_toward_the_target(shipped):
     target, at s = 0.3 mostly still the source, and the distance to the source rises with strength."""
     from diffmix_core.config import TranslateConfig
     from diffmix_core.data import load_image
-    from diffmix_core.reference import bundle_reference_path, load_reference
-    from diffmix_core.session import bundle_examples
+    from diffmix_core.bundle import bundle_examples, bundle_reference_path
+    from diffmix_core.reference import load_reference
     from diffmix_core.translate import Job, Source, translate
 
     bundle, pipe = shipped
@@ -170,6 +171,7 @@ def test_the_app_scores_the_demo_world_with_the_demo_clip(shipped, monkeypatch):
     """Out of the box (no DIFFMIX_CLIP_MODEL) the app's sweep on the demo world has CLIP scores from the
     demo CLIP; DIFFMIX_CLIP_MODEL=none still turns CLIP off."""
     from diffmix_core import session
+    from diffmix_core.bundle import bundle_examples
     from diffmix_core.config import TranslateConfig
     from diffmix_core.demo.clip import CLIP_LABEL
     from diffmix_core.translate import Job, Source, translate
@@ -177,7 +179,7 @@ def test_the_app_scores_the_demo_world_with_the_demo_clip(shipped, monkeypatch):
     bundle, pipe = shipped
     monkeypatch.delenv("DIFFMIX_CLIP_MODEL", raising=False)
     assert session.clip_scorer(bundle, wait=True).name == CLIP_LABEL
-    (path, cls), = session.bundle_examples(bundle)[:1]
+    (path, cls), = bundle_examples(bundle)[:1]
     from diffmix_core.data import load_image
 
     jobs = [Job(Source(load_image(path), cls, Path(path).stem, str(path)), "owl" if cls != "owl" else "duck", 0.9, 0)]

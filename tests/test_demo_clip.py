@@ -108,7 +108,7 @@ def _stop_at(fn, n_calls: int):
 
 
 def test_the_bundle_names_its_clip_and_default_clip_uses_it(data, tmp_path, monkeypatch):
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.demo import placeholder_bundle
 
     clip_dir = train_clip(data, tmp_path / "clip", TINY, show_progress=False)
@@ -139,7 +139,7 @@ def test_the_bundle_names_its_clip_and_default_clip_uses_it(data, tmp_path, monk
 
 
 def test_attach_refuses_a_missing_clip_and_leaves_the_bundle(tmp_path):
-    from diffmix_core.adapters import ADAPTER_JSON
+    from diffmix_core.bundle import ADAPTER_JSON
     from diffmix_core.demo import placeholder_bundle
 
     bundle_dir = tmp_path / "bundle"
@@ -151,7 +151,7 @@ def test_attach_refuses_a_missing_clip_and_leaves_the_bundle(tmp_path):
 
 
 def test_a_bundle_clip_path_must_stay_inside_the_bundle(tmp_path):
-    from diffmix_core.adapters import ADAPTER_JSON, load_bundle
+    from diffmix_core.bundle import ADAPTER_JSON, load_bundle
     from diffmix_core.demo import placeholder_bundle
 
     bundle_dir = tmp_path / "bundle"

@@ -24,7 +24,7 @@ def documented_snippet() -> str:
 
 
 def test_doc_is_the_snippet_the_model_card_uses():
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.hub import diffusers_snippet
 
     bundle = load_bundle(ROOT / BUNDLE)
@@ -33,7 +33,7 @@ def test_doc_is_the_snippet_the_model_card_uses():
 
 def test_plain_diffusers_reproduces_the_diffmix_translation(monkeypatch):
 
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.config import TranslateConfig
     from diffmix_core.data import load_image
     from diffmix_core.models import load_pipeline

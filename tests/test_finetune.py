@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffmix_core.adapters import load_bundle
+from diffmix_core.bundle import load_bundle
 from diffmix_core.cli import main
 from diffmix_core.config import FinetuneConfig, TranslateConfig
 from diffmix_core.data import read_dataset, read_split_file

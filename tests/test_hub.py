@@ -58,7 +58,7 @@ def hub_cache(folder: Path, cache: Path, repo: str = REPO) -> Path:
 def test_push_folder_and_model_card(tmp_path, samples):
     from huggingface_hub import ModelCard
 
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
 
     folder = build(tmp_path, samples, "--dry-run")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "base", "bundle", "samples.png"]
@@ -105,8 +105,7 @@ def test_push_is_create_repo_then_upload_folder(tmp_path, samples, monkeypatch):
 def test_pull_and_load_by_id_offline_through_the_hub_cache(tmp_path, samples, monkeypatch):
     from huggingface_hub import constants
 
-    from diffmix_core.adapters import load_bundle
-    from diffmix_core.session import resolve_bundle
+    from diffmix_core.bundle import load_bundle, resolve_bundle
 
     cache = tmp_path / "hub"
     repo_dir = hub_cache(build(tmp_path, samples, "--dry-run"), cache)

@@ -24,11 +24,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from diffmix_core import adapters
-from diffmix_core.adapters import apply_bundle, import_diffmix, load_bundle, save_bundle
+from diffmix_core import weights
+from diffmix_core.apply import apply_bundle
+from diffmix_core.authors import import_diffmix
+from diffmix_core.bundle import load_bundle, save_bundle
 from diffmix_core.cli import main
 from diffmix_core.data import read_dataset
-from diffmix_core.records import read_jsonl
+from diffmix_core.records import read_jsonl, sha256_file
 
 from test_adapters import CLASSES, TOKENS, WIDTH, _add_random_lora, _Payload, _vectors
 from test_data import make_imagefolder, shape_image
@@ -86,7 +88,7 @@ def _bundle(tmp_path: Path, tiny_model_dir, name="bundle", lora=True) -> Path:
 
         pipe = load_pipeline(tiny_model_dir, device="cpu", dtype="fp32")
         _add_random_lora(pipe.unet, r=2, alpha=2)
-        sd = adapters.lora_state_dict_from_unet(pipe.unet)
+        sd = weights.lora_state_dict_from_unet(pipe.unet)
     save_bundle(tmp_path / name, classes=CLASSES, tokens=TOKENS, embeddings=_vectors(), lora_state_dict=sd,
                 base_model=str(tiny_model_dir), superclass="bird", resolution=32)
     return tmp_path / name
@@ -95,7 +97,7 @@ def _bundle(tmp_path: Path, tiny_model_dir, name="bundle", lora=True) -> Path:
 def _fix_hash(folder: Path, rel: str) -> None:
     """Make adapter.json agree with the (damaged) file, as an attacker or a bad copy tool would."""
     meta = json.loads((folder / "adapter.json").read_text())
-    meta["files"][rel] = adapters.sha256_file(folder / rel)
+    meta["files"][rel] = sha256_file(folder / rel)
     (folder / "adapter.json").write_text(json.dumps(meta))
 
 

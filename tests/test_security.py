@@ -323,7 +323,7 @@ TEMPLATES = ["a {word:>100000000} bird", "a {word!r}", "a {word.__class__.__mro_
 def test_hostile_bundle_fields_are_refused(tiny_model_dir, tmp_path, capsys):
     import shutil
 
-    from diffmix_core.adapters import load_bundle, make_prompt
+    from diffmix_core.bundle import load_bundle, make_prompt
     from test_reliability import _bundle
 
     good = _bundle(tmp_path, tiny_model_dir, lora=False)
@@ -358,7 +358,7 @@ def test_hostile_bundle_fields_are_refused(tiny_model_dir, tmp_path, capsys):
 def test_bundle_paths_stay_inside_after_resolving_symlinks(tiny_model_dir, tmp_path):
     import shutil
 
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from test_reliability import _bundle
 
     good = _bundle(tmp_path, tiny_model_dir, lora=False)
@@ -499,7 +499,7 @@ def _hostile_bundle(root: Path, tiny_model_dir: Path) -> Path:
     """A loadable bundle whose class names are markup and formulas, with one example per class."""
     import torch
 
-    from diffmix_core.adapters import save_bundle
+    from diffmix_core.bundle import save_bundle
     from test_adapters import WIDTH
 
     folder = root / "bundles" / "hostile"
@@ -733,7 +733,7 @@ def test_untrusted_text_is_escaped_and_broken_bundles_are_listed(world):
 def test_profile_writes_from_anonymous_clients_are_refused(world, monkeypatch):
     from gradio_client import Client
 
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.profiles import profile_path
 
     bundle = load_bundle(world["bundle"])

@@ -23,7 +23,8 @@ def make_world(root: Path, cache: Path) -> Path:
     import timm
 
     from diffmix_core.demo import placeholder_bundle
-    from diffmix_core.reference import ReferenceClassifier, attach_reference, save_reference
+    from diffmix_core.bundle import attach_reference
+    from diffmix_core.reference import ReferenceClassifier, save_reference
 
     shared = placeholder_bundle(cache / "ui-placeholder")   # built once per test session
     bundle_dir = root / "bundles" / "birds"
@@ -68,7 +69,7 @@ def test_parse_strengths_and_seeds():
 
 
 def test_jobs_matrix_intra_and_gen(world):
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.session import ALL_OTHER, make_jobs
     from diffmix_core.translate import Source
 
@@ -139,7 +140,7 @@ def test_curate_modes_limits_and_isolation(world, monkeypatch):
 
 def test_sweep_scores_profile_and_export(world, monkeypatch):
     """The engine, the scores (reference classifier attached, CLIP off), the profile and two exports."""
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.data import load_image
     from diffmix_core.export import verify_manifest
     from diffmix_core.records import read_jsonl, read_png_record
@@ -192,10 +193,11 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
 
 
 def test_bundle_panel_and_bundle_field(world):
-    from diffmix_core.session import find_bundles, resolve_bundle
+    from diffmix_core.bundle import resolve_bundle
+    from diffmix_core.session import app_bundles
     from diffmix_core.ui import on_bundle
 
-    assert world["bundle"] in find_bundles().values()
+    assert world["bundle"] in app_bundles().values()
     info, examples, src, tgt, strength, *th, strategy, steps, guidance, ex, up, prev, card, btn = \
         on_bundle(world["bundle"])
     assert (ex, up, prev) == ("", None, None) and "No source yet" in card   # a new bundle: no source chosen
@@ -212,9 +214,9 @@ def test_bundle_panel_and_bundle_field(world):
 def test_profile_sets_the_sweep_controls(world, tmp_path):
     """A bundle's own profile (as the shipped demo world carries) sets strength, strategy, steps and
     guidance when the bundle is picked; a user's saved overlay comes first."""
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.profiles import save_profile
-    from diffmix_core.reference import update_bundle_meta
+    from diffmix_core.bundle import update_bundle_meta
     from diffmix_core.ui import on_bundle
 
     copy = tmp_path / "tuned"
@@ -402,7 +404,7 @@ def test_copy_as_command_makes_the_same_pixels(world, tmp_path):
     draws a random seed that the record keeps."""
     import shlex
 
-    from diffmix_core.adapters import load_bundle
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.cli import main
     from diffmix_core.data import load_image
     from diffmix_core.records import read_jsonl

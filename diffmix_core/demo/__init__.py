@@ -27,7 +27,8 @@ def placeholder_bundle(root: str | os.PathLike | None = None, seed: int = 0):
     """Build (once) and return the placeholder bundle on the tiny random pipeline."""
     from peft import LoraConfig
 
-    from ..adapters import load_bundle, lora_state_dict_from_unet, save_bundle
+    from ..bundle import load_bundle, save_bundle
+    from ..weights import lora_state_dict_from_unet
 
     root = Path(root or CACHE_DIR / "placeholder-2")
     bundle_dir = root / "bundle"

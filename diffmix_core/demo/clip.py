@@ -282,7 +282,7 @@ def attach_clip(bundle_dir: str | os.PathLike, clip_dir: str | os.PathLike):
     (``clip``: "clip", both files' sha256 under ``files``), so the app and ``diffmix score`` use it
     by default for this bundle (scoring.default_clip). Refuses a CLIP that does not load. Returns
     the updated Bundle."""
-    from ..reference import update_bundle_meta
+    from ..bundle import update_bundle_meta
     from ..scoring import LOCAL_DIR, load_clip
 
     clip_dir = Path(clip_dir)

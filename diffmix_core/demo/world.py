@@ -83,7 +83,7 @@ def finetune_config(settings: DemoWorldConfig) -> FinetuneConfig:
 def make_bundle(birds: Path, base: Path, fewshot: Path, out: Path, settings: DemoWorldConfig,
                 show_progress: bool = True):
     """``finetune.finetune`` over the base on the few-shot split (resumed when a run is there)."""
-    from ..adapters import load_bundle
+    from ..bundle import load_bundle
     from ..finetune import RUN_FILE, finetune
 
     if (out / "adapter.json").is_file():
@@ -186,7 +186,8 @@ def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int =
     strength; score with the bundle's reference classifier (and, with an available ``clip``
     scorer, its ``clip_target`` / ``clip_source``). Returns (records with scores,
     reference-feature embeddings)."""
-    from ..reference import bundle_reference_path, load_reference
+    from ..bundle import bundle_reference_path
+    from ..reference import load_reference
     from ..scoring import score_images
     from ..translate import Job, translate
 
@@ -291,14 +292,14 @@ def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS,
     'clip'}).
 
     Args:
-        bundle: a bundle folder or adapters.Bundle with a reference classifier attached.
+        bundle: a bundle folder or bundle.Bundle with a reference classifier attached.
         data: the demo birds ImageFolder (its split file decides what is held out).
         base: the base pipeline folder (default: the one the bundle names).
         clip: an available scoring.ClipScorer: the table gains the mean CLIP target score, and a
             line gives its zero-shot accuracy on every test image of ``data`` and the Spearman
             correlation of its target score with the reference's P(target) over the sweep.
     """
-    from ..adapters import Bundle, load_bundle
+    from ..bundle import Bundle, load_bundle
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pipe = _pipeline_for(bundle, base)
@@ -333,9 +334,10 @@ def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
     profile. ``pairs`` default: each class to the next one in label order."""
     from PIL import ImageDraw
 
-    from ..adapters import Bundle, load_bundle
+    from ..bundle import Bundle, load_bundle
     from ..data import load_image
-    from ..session import bundle_examples, bundle_profile
+    from ..bundle import bundle_examples
+    from ..profiles import load_profile
     from ..translate import Job, Source, translate
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -348,7 +350,7 @@ def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
         bundle.class_index(target)
         if source not in examples:
             raise ValueError(f"the bundle has no example image of {source!r}; it has {sorted(examples)}")
-    profile = bundle_profile(bundle)
+    profile = load_profile(bundle)
     config = TranslateConfig(strategy="diff-mix", num_inference_steps=profile.get("num_inference_steps", 25),
                              guidance_scale=profile.get("guidance_scale", 7.5), resolution=bundle.resolution)
     sources = {s: Source(load_image(examples[s]), s, Path(examples[s]).stem) for s, _ in pairs}
@@ -372,7 +374,7 @@ def recommend(bundle, data: Path, settings: DemoWorldConfig, show_progress: bool
     """Recommended strength from a sweep of validation images (scoring.recommend_strength);
     written into the bundle. Returns (strength, {'rows': ..., 'reason': ...})."""
     from ..config import ScoreConfig
-    from ..reference import update_bundle_meta
+    from ..bundle import update_bundle_meta
     from ..scoring import summarize
 
     pipe = _pipeline_for(bundle)
@@ -420,10 +422,11 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
     """The bundle's shipped files (no checkpoints or logs), its reference weights in fp16, example
     images from the TEST split, pointing at the shipped ``base``, with ``profile`` (the app's sweep
     settings for it). Returns the loaded copy."""
-    from ..adapters import ADAPTER_JSON, load_bundle
+    from ..bundle import ADAPTER_JSON, load_bundle
     from ..classifier import WEIGHTS_FILE
     from ..records import sha256_file
-    from ..reference import BUNDLE_REFERENCE_DIR, META_FILE
+    from ..bundle import BUNDLE_REFERENCE_DIR
+    from ..reference import META_FILE
 
     skip = shutil.ignore_patterns("checkpoints", "finetune_run.json", "train_log.jsonl", ".*")
     shutil.rmtree(dest, ignore_errors=True)
@@ -479,7 +482,7 @@ def ship_extras(assets: str | os.PathLike, data: str | os.PathLike, clip: str | 
     to the bundle: clip.attach_clip) and the shipped birds with the held-out test set
     (:func:`ship_birds` from the build's ``data`` folder); refresh demo.json (sizes, bundle hash,
     the CLIP's and the birds' figures). Returns demo.json's content."""
-    from ..adapters import load_bundle
+    from ..bundle import load_bundle
     from ..data import SPLIT_FILE, read_split_file
     from .clip import CONFIG_FILE, attach_clip
 
@@ -580,13 +583,13 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
         assets: where the shipped copy goes (default ``<out>/assets/demo``).
         data_only: stop after the dataset and its split files (``<out>/data``).
     Returns:
-        The shipped bundle (adapters.Bundle), reference attached; None with ``data_only``.
+        The shipped bundle (bundle.Bundle), reference attached; None with ``data_only``.
     """
-    from ..adapters import load_bundle
+    from ..bundle import load_bundle
     from .clip import train_clip
     from .data import build_dataset
     from .pretrain import pretrain
-    from ..reference import attach_reference
+    from ..bundle import attach_reference
 
     out = Path(out)
     say = print if show_progress else (lambda *a, **k: None)

@@ -1,21 +1,31 @@
-"""The adapter bundle: a dataset's class tokens + UNet LoRA, in one folder.
+"""The adapter bundle: a dataset's class tokens + UNet LoRA in one folder, and
+everything about it short of putting it on a pipeline (apply.py does that).
 
 Layout (see DESIGN.md)::
 
     <bundle>/adapter.json                        what the bundle is (below)
     <bundle>/pytorch_lora_weights.safetensors    UNet LoRA, diffusers keys (optional)
     <bundle>/embeddings/<token>.safetensors      {token: (D,) vector}, one per class
+    <bundle>/reference/                          its reference classifier (optional)
+    <bundle>/examples/<class>/*.png              example source images (optional)
 
 ``adapter.json`` holds the format version, the base model, the classes in
 label order with one placeholder token each, the prompt template, training
 settings and the sha256 of every weight file. Loading verifies all of it and
-never unpickles anything; applying checks the bundle against the pipeline
-before touching it, so a bad bundle leaves the pipeline as it was.
+never unpickles anything.
+
+1. prompts: :func:`make_prompt` is the one function that fills a template;
+2. :class:`Bundle`, what :func:`load_bundle` returns;
+3. :func:`save_bundle` writes one (weights first, adapter.json last, atomically);
+4. :func:`load_bundle` reads and verifies one (a folder or a Hub repo id);
+5. :func:`update_bundle_meta` and :func:`attach_reference` change one in place,
+   verified before and after;
+6. :func:`find_bundles`, :func:`resolve_bundle`, :func:`bundle_examples`: where
+   bundles are and what they ship.
 
 Prompt templates use two named fields: ``{word}`` (required: the class token,
 or the class name for real-* strategies) and ``{superclass}`` (optional), e.g.
-``"a photo of a {word} {superclass}"``. :func:`make_prompt` is the one function
-that fills them in.
+``"a photo of a {word} {superclass}"``.
 """
 from __future__ import annotations
 
@@ -24,18 +34,19 @@ import json
 import math
 import os
 import re
+import shutil
 import string
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from .config import STRATEGIES
-from .models import load_weights_only, model_identity, normalise_model_id
-from .records import atomic_path, sha256_file
+from .weights import check_vectors, lora_file_metadata, read_weights, to_bundle_lora
+from .models import normalise_model_id
+from .records import atomic_path, sha256_file, write_text_atomic
 
 FORMAT_VERSION = 1
 DEFAULT_TEMPLATE = "a photo of a {word} {superclass}"  # the paper's prompt
@@ -50,7 +61,7 @@ _TEMPLATE_FIELDS = {"word", "superclass"}
 MAX_RESOLUTION = 2048   # a bundle's training resolution: SD 1.x/2.x train at 512/768 (a 10^6 px side is an attack)
 
 
-# --------------------------------------------------------------------------- prompts
+# --------------------------------------------------------------------------- 1. prompts
 MAX_TEMPLATE_CHARS = 1000   # a prompt template longer than this is not a prompt
 
 
@@ -85,7 +96,7 @@ def make_prompt(word: str, superclass: str = "", template: str = DEFAULT_TEMPLAT
     return " ".join(template.format(word=word, superclass=superclass).split())
 
 
-# --------------------------------------------------------------------------- the bundle
+# --------------------------------------------------------------------------- 2. the bundle
 @dataclass(frozen=True)
 class Bundle:
     """A loaded (verified) adapter bundle; build it with :func:`load_bundle`."""
@@ -133,6 +144,20 @@ class Bundle:
         i = self.class_index(class_name)
         return make_prompt(self.tokens[i] if use_token else class_name, self.superclass, self.template)
 
+    def weights(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The embedding vectors (token order) and the LoRA state dict (None without one),
+        re-verified against the sha256 in adapter.json."""
+        files = self.meta["files"]
+
+        def read(rel: str) -> dict[str, torch.Tensor]:
+            data = (self.path / rel).read_bytes()
+            if _sha256_bytes(data) != files[rel]:
+                raise ValueError(f"bundle file {self.path / rel} changed since the bundle was loaded; load it again")
+            return read_weights(self.path / rel, data)
+
+        vectors = [read(embedding_relpath(t))[t] for t in self.tokens]
+        return vectors, (read(LORA_FILE) if self.lora_file else None)
+
 
 def embedding_relpath(token: str) -> str:
     """``<class_0>`` -> ``embeddings/class_0.safetensors`` (filename-safe)."""
@@ -140,134 +165,9 @@ def embedding_relpath(token: str) -> str:
     return f"{EMBEDDINGS_DIR}/{stem}.safetensors"
 
 
-# --------------------------------------------------------------------------- LoRA keys
-# Any accepted LoRA key -> (module path inside the UNet, "down" | "up").
-_OLD_PROCESSOR_KEY = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_LORA_SUFFIXES = {".lora.down.weight": "down", ".lora.up.weight": "up",           # diffusers
-                  ".lora_A.weight": "down", ".lora_B.weight": "up",               # peft
-                  ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
-
-
-def _split_lora_key(key: str) -> tuple[str, str] | None:
-    """Module path and part of a LoRA key in any of the known formats, else None."""
-    k = key.removeprefix("unet.")
-    m = _OLD_PROCESSOR_KEY.search(k)
-    if m:  # old attention-processor LoRA (the authors' checkpoints)
-        module = "to_out.0" if m.group(1) == "to_out" else m.group(1)
-        return f"{k[:m.start()]}.{module}", m.group(2)
-    for suffix, part in _LORA_SUFFIXES.items():
-        if k.endswith(suffix) and len(k) > len(suffix):
-            return k[: -len(suffix)], part
-    return None
-
-
-def _lora_pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"down": A, "up": B}}; ValueError for unknown or duplicate keys."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    unknown, dupes = [], []
-    for key, tensor in state_dict.items():
-        split = _split_lora_key(key)
-        if split is None:
-            unknown.append(key)
-            continue
-        module, part = split
-        if part in pairs.setdefault(module, {}):
-            dupes.append(key)
-        pairs[module][part] = tensor
-    if unknown:
-        raise ValueError(f"{len(unknown)} key(s) are not UNet LoRA weights (expected '...lora.down/up.weight', "
-                         f"'...lora_A/B.weight' or '...processor.to_q_lora.down.weight'): {unknown[:5]}")
-    if dupes:
-        raise ValueError(f"LoRA state dict names the same weight twice (mixed key formats?): {dupes[:5]}")
-    if not pairs:
-        raise ValueError("the LoRA state dict is empty")
-    return pairs
-
-
-def _to_bundle_lora(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """Convert any accepted key format to the bundle's (``unet.<module>.lora.down.weight``)
-    and return it with its (single) rank; ValueError on half pairs or mixed ranks."""
-    out, ranks = {}, set()
-    for module, parts in _lora_pairs(state_dict).items():
-        if set(parts) != {"down", "up"}:
-            raise ValueError(f"LoRA module {module!r} has only its {'/'.join(parts)} weight")
-        ranks.add(int(parts["down"].shape[0]))
-        for part, tensor in parts.items():
-            out[f"unet.{module}.lora.{part}.weight"] = tensor.detach().to("cpu").contiguous()
-    if len(ranks) != 1:
-        raise ValueError(f"LoRA modules have different ranks {sorted(ranks)}; a bundle holds one rank")
-    return out, ranks.pop()
-
-
-def lora_state_dict_from_unet(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """A peft-LoRA UNet's adapter weights in the bundle / diffusers file format
-    (``unet.<module>.lora.down.weight``), as ``save_lora_weights`` writes them."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict
-
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    return {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
-
-
-def _expected_lora_shapes(layer: torch.nn.Module, rank: int) -> tuple[tuple, tuple] | None:
-    """(down shape, up shape) a rank-``rank`` LoRA on ``layer`` must have; None if unsupported."""
-    if isinstance(layer, torch.nn.Linear):
-        return (rank, layer.in_features), (layer.out_features, rank)
-    if isinstance(layer, torch.nn.Conv2d):
-        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
-    return None
-
-
-def check_lora_fits(unet, lora_state_dict: dict[str, torch.Tensor]) -> None:
-    """Check that every LoRA weight names a Linear/Conv2d of ``unet`` with matching shapes
-    and that the rank is consistent; ValueError listing the first few problems."""
-    modules = dict(unet.named_modules())
-    bad, ranks = [], set()
-    for name, parts in _lora_pairs(lora_state_dict).items():
-        if set(parts) != {"down", "up"}:
-            bad.append(f"{name}: only its {'/'.join(parts)} weight is present")
-            continue
-        layer = modules.get(name)
-        layer = getattr(layer, "base_layer", layer)  # unwrap a LoRA layer already loaded there
-        rank = int(parts["down"].shape[0])
-        expected = None if layer is None else _expected_lora_shapes(layer, rank)
-        found = (tuple(parts["down"].shape), tuple(parts["up"].shape))
-        if layer is None:
-            bad.append(f"{name}: no such module in the UNet")
-        elif expected is None:
-            bad.append(f"{name}: is a {type(layer).__name__}, not a Linear or Conv2d")
-        elif found != expected:
-            bad.append(f"{name}: expected down {expected[0]} / up {expected[1]}, found down {found[0]} / up {found[1]}")
-        ranks.add(rank)
-    if len(ranks) > 1:
-        bad.append(f"ranks differ across modules: {sorted(ranks)}")
-    if bad:
-        raise ValueError(f"the LoRA does not fit this UNet ({len(bad)} problem(s); was it trained on another "
-                         f"base model?): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
-
-
 # --------------------------------------------------------------------------- files
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _read_weights(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file (or its bytes) as {name: tensor}; a truncated or corrupted file and
-    NaN/Inf values raise ValueError saying so (never a crash inside the reader)."""
-    from safetensors import SafetensorError
-
-    try:
-        tensors = load_file(path) if data is None else load_safetensors_bytes(data)
-    except (SafetensorError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"{path} is not a readable safetensors file: truncated or corrupted ({err}); "
-                         "re-export the bundle or restore the file") from None
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"{path} holds NaN or infinite values in {bad[:5]}; the training diverged or the file "
-                         "is corrupted: use an earlier checkpoint or retrain")
-    return tensors
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -294,7 +194,7 @@ def bundle_path(folder: Path, rel: str, what: str) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- save
+# --------------------------------------------------------------------------- 3. save
 def _check_names(classes, tokens) -> tuple[tuple[str, ...], tuple[str, ...]]:
     classes, tokens = tuple(classes), tuple(tokens)
     if not classes:
@@ -316,29 +216,6 @@ def _check_names(classes, tokens) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if len(set(files)) != len(files):
         raise ValueError(f"tokens {list(tokens)} map to clashing embedding file names; make them differ in letters/digits")
     return classes, tokens
-
-
-def _check_vectors(tokens: tuple[str, ...], embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One 1-D float32 vector per token, all the same width."""
-    missing = [t for t in tokens if t not in embeddings]
-    extra = [t for t in embeddings if t not in tokens]
-    if missing or extra:
-        raise ValueError(f"embeddings must hold exactly the tokens; missing {missing[:10]}, extra {extra[:10]}")
-    vectors = {}
-    for t in tokens:
-        v = embeddings[t].detach().to("cpu", torch.float32)
-        if v.dim() == 2 and v.shape[0] == 1:
-            v = v[0]
-        if v.dim() != 1:
-            raise ValueError(f"embedding of {t} has shape {tuple(v.shape)}; one vector per token, shape (D,)")
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"embedding of {t} holds NaN or infinite values; the training diverged or the "
-                             "source file is corrupted")
-        vectors[t] = v.contiguous()
-    widths = {t: v.shape[0] for t, v in vectors.items()}
-    if len(set(widths.values())) > 1:
-        raise ValueError(f"embeddings have different widths: {widths}")
-    return vectors
 
 
 def save_bundle(
@@ -379,7 +256,7 @@ def save_bundle(
         raise ValueError(f"unknown extra key(s) {unknown}; allowed: {list(_OPTIONAL_KEYS)}")
     out = Path(out_dir)
     # 1. everything in memory first, so a bad argument writes nothing
-    payloads, lora = _weight_payloads(_check_vectors(tokens, embeddings), lora_state_dict, lora_rank, lora_alpha)
+    payloads, lora = _weight_payloads(check_vectors(tokens, embeddings), lora_state_dict, lora_rank, lora_alpha)
     files = {rel: _sha256_bytes(data) for rel, data in payloads.items()}
     if extra.get("reference_classifier"):
         rel = _safe_relpath(extra["reference_classifier"], "reference_classifier")
@@ -431,24 +308,17 @@ def _weight_payloads(vectors: dict[str, torch.Tensor], lora_state_dict: dict | N
     """Serialised weight files {relpath: safetensors bytes} and the adapter.json 'lora' entry."""
     payloads, lora = {}, None
     if lora_state_dict:
-        weights, rank = _to_bundle_lora(lora_state_dict)
+        weights, rank = to_bundle_lora(lora_state_dict)
         if lora_rank is not None and lora_rank != rank:
             raise ValueError(f"lora_rank={lora_rank} but the LoRA weights have rank {rank}")
         lora = {"rank": rank, "alpha": float(lora_alpha if lora_alpha is not None else rank)}
-        payloads[LORA_FILE] = save(weights, _lora_file_metadata(weights, lora))
+        payloads[LORA_FILE] = save(weights, lora_file_metadata(weights, lora))
     for token, vector in vectors.items():
         payloads[embedding_relpath(token)] = save({token: vector}, {"format": "pt"})
     return payloads, lora
 
 
-def _lora_file_metadata(weights: dict[str, torch.Tensor], lora: dict) -> dict[str, str]:
-    """safetensors header diffusers reads to rebuild the LoraConfig (keeps alpha != rank exact)."""
-    modules = sorted({k.removeprefix("unet.").split(".lora.")[0] for k in weights})
-    config = {"unet.r": lora["rank"], "unet.lora_alpha": lora["alpha"], "unet.target_modules": modules}
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
-
-
-# --------------------------------------------------------------------------- load
+# --------------------------------------------------------------------------- 4. load
 def _read_meta(folder: Path) -> tuple[dict, str]:
     """Parse adapter.json strictly; returns (meta, sha256 of its bytes)."""
     if not folder.is_dir():
@@ -569,7 +439,7 @@ def _check_embedding_files(folder: Path, tokens: tuple[str, ...], files: dict) -
         rel = embedding_relpath(token)
         if rel not in files:
             raise ValueError(f"token {token} has no embedding: {rel} is not listed in {ADAPTER_JSON}")
-        tensors = _read_weights(folder / rel)
+        tensors = read_weights(folder / rel)
         if list(tensors) != [token]:
             raise ValueError(f"{folder / rel} must hold exactly the token {token!r}, holds {list(tensors)[:5]}")
         if tensors[token].dim() != 1:
@@ -606,7 +476,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     _verify_files(folder, meta["files"])
     _check_embedding_files(folder, tokens, meta["files"])
     if meta["lora"] is not None:
-        _, rank = _to_bundle_lora(_read_weights(folder / LORA_FILE))
+        _, rank = to_bundle_lora(read_weights(folder / LORA_FILE))
         if rank != meta["lora"]["rank"]:
             raise ValueError(f"{file}: lora.rank is {meta['lora']['rank']} but {LORA_FILE} has rank {rank}")
     return Bundle(path=folder.resolve(), classes=classes, tokens=tokens, superclass=meta["superclass"],
@@ -615,194 +485,119 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                   adapter_sha256=digest)
 
 
-# --------------------------------------------------------------------------- apply
-def check_base(pipe, bundle: Bundle, allow_mismatch: bool = False) -> None:
-    """ValueError unless ``pipe`` is the base model the bundle was trained on.
-
-    Local folders compare by resolved path; revisions compare only when both are known.
-    With ``allow_mismatch`` a mismatch only warns.
-    """
-    have = model_identity(pipe)
-    have_model = normalise_model_id(have.get("model") or "")
-    want_model = normalise_model_id(bundle.base_model)
-    revs = (have.get("revision"), bundle.base_revision)
-    same = have_model == want_model and (None in revs or revs[0] == revs[1])
-    if same:
-        return
-    msg = (f"bundle {bundle.path} was trained on {want_model or '<unknown>'}"
-           f"{'@' + revs[1] if revs[1] else ''} but the pipeline is {have_model or '<built in memory>'}"
-           f"{'@' + revs[0] if revs[0] else ''}")
-    if allow_mismatch:
-        warnings.warn(msg + "; applying anyway (allow_base_mismatch)", stacklevel=3)
-        return
-    raise ValueError(msg + ". Load that base model, or pass allow_base_mismatch=True "
-                     "(CLI: --allow-base-mismatch) to apply it anyway.")
+# --------------------------------------------------------------------------- 5. changes in place
+BUNDLE_REFERENCE_DIR = "reference"   # where attach_reference puts a bundle's reference classifier
 
 
-def _read_bundle_weights(bundle: Bundle) -> tuple[list[torch.Tensor], dict[str, torch.Tensor] | None]:
-    """The embedding vectors (token order) and the LoRA state dict, re-verified against adapter.json."""
-    files = bundle.meta["files"]
-
-    def read(rel: str) -> dict[str, torch.Tensor]:
-        data = (bundle.path / rel).read_bytes()
-        if _sha256_bytes(data) != files[rel]:
-            raise ValueError(f"bundle file {bundle.path / rel} changed since the bundle was loaded; load it again")
-        return _read_weights(bundle.path / rel, data)
-
-    vectors = [read(embedding_relpath(t))[t] for t in bundle.tokens]
-    return vectors, (read(LORA_FILE) if bundle.lora_file else None)
-
-
-def _check_fits(pipe, bundle: Bundle, vectors: list[torch.Tensor], lora: dict | None) -> None:
-    """Everything apply_bundle needs to hold, checked before the pipeline is touched."""
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    if vectors[0].shape[0] != width:
-        raise ValueError(f"bundle {bundle.path}: embedding width {vectors[0].shape[0]} != the text encoder's "
-                         f"hidden size {width}; the bundle was made for another base model")
-    current = getattr(pipe, "diffmix_bundle", None)
-    leaving = set(current.tokens) if current is not None else set()
-    vocab = pipe.tokenizer.get_vocab()
-    taken = [t for t in bundle.tokens if t in vocab and t not in leaving]
-    if taken:
-        raise ValueError(f"token(s) {taken[:5]} are already in the tokenizer's vocabulary; unload the adapter "
-                         "that added them or rename the bundle's tokens")
-    if lora is not None:
-        check_lora_fits(pipe.unet, lora)
+def update_bundle_meta(bundle_dir: str | os.PathLike, *, add_files: tuple[str, ...] = (), **fields) -> Bundle:
+    """Rewrite a bundle's adapter.json atomically with ``fields`` set (optional keys such as
+    ``reference_classifier`` or ``recommended_strength``) and the sha256 of ``add_files``
+    (paths relative to the bundle) added to ``files``. The bundle is verified before and
+    after; if the result does not load, the old adapter.json is put back. Returns the Bundle."""
+    bundle = load_bundle(bundle_dir)
+    file = bundle.path / ADAPTER_JSON
+    old = file.read_bytes()
+    meta = json.loads(old)
+    meta.update(fields)
+    meta["files"] = dict(meta["files"], **{rel: sha256_file(bundle.path / rel) for rel in add_files})
+    write_text_atomic(file, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    try:
+        return load_bundle(bundle.path)
+    except (ValueError, FileNotFoundError):
+        write_text_atomic(file, old.decode("utf-8"))
+        raise
 
 
-def apply_bundle(pipe, bundle: Bundle, *, allow_base_mismatch: bool = False, adapter_name: str = "diffmix") -> None:
-    """Load the bundle's class tokens and UNet LoRA into ``pipe``.
+def attach_reference(bundle_dir: str | os.PathLike, reference_dir: str | os.PathLike) -> Bundle:
+    """Copy a reference classifier (reference.py's folder) into ``<bundle>/reference/`` and point
+    adapter.json at it (``reference_classifier`` + both files' sha256). Returns the updated Bundle."""
+    from .classifier import WEIGHTS_FILE
+    from .reference import META_FILE, load_reference, reference_files
 
-    All checks (base model, embedding width, free tokens, LoRA shapes) run first, so
-    a bundle that fails them leaves the pipeline unchanged. Applying the bundle that is
-    already applied does nothing; applying another first unloads the current one.
-    The applied bundle is recorded as ``pipe.diffmix_bundle`` (None when none is).
-    """
-    if getattr(pipe, "diffmix_bundle", None) == bundle and getattr(pipe, "diffmix_adapter_name", None) == adapter_name:
-        return
-    check_base(pipe, bundle, allow_mismatch=allow_base_mismatch)
-    vectors, lora = _read_bundle_weights(bundle)
-    _check_fits(pipe, bundle, vectors, lora)
-    unload_bundle(pipe)
-    had_lora = any(pipe.get_list_adapters().values())
-    pipe.load_textual_inversion(vectors, token=list(bundle.tokens))
-    if lora is not None:
-        try:
-            pipe.load_lora_weights(str(bundle.path), weight_name=LORA_FILE, adapter_name=adapter_name)
-        except Exception:  # past the checks this is unexpected; leave the base, not half a bundle
-            pipe.unload_textual_inversion(list(bundle.tokens))
-            if not had_lora:
-                pipe.unload_lora_weights()
-            raise
-    pipe.diffmix_bundle = bundle
-    pipe.diffmix_adapter_name = adapter_name
+    clf = load_reference(reference_dir, device="cpu")   # refuse a broken one before touching the bundle
+    _, weights = reference_files(reference_dir)
+    dest = Path(bundle_dir) / BUNDLE_REFERENCE_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest / WEIGHTS_FILE) as tmp:
+        shutil.copyfile(weights, tmp)
+    meta = dict(clf.meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(dest / WEIGHTS_FILE)})
+    write_text_atomic(dest / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    rels = (f"{BUNDLE_REFERENCE_DIR}/{WEIGHTS_FILE}", f"{BUNDLE_REFERENCE_DIR}/{META_FILE}")
+    return update_bundle_meta(bundle_dir, add_files=rels, reference_classifier=rels[1])
 
 
-def unload_bundle(pipe) -> None:
-    """Remove the applied bundle's tokens and LoRA; the base model is restored exactly."""
-    bundle = getattr(pipe, "diffmix_bundle", None)
-    if bundle is None:
-        return
-    pipe.unload_textual_inversion(list(bundle.tokens))
-    if bundle.lora_file is not None:
-        pipe.unload_lora_weights()
-    pipe.diffmix_bundle = None
-    pipe.diffmix_adapter_name = None
+def bundle_reference_path(bundle: Bundle) -> Path | None:
+    """The reference classifier a bundle points to, or None. Its JSON and the weights it names
+    must be files the bundle lists (so the bundle's hash covers them), inside the bundle."""
+    from .reference import reference_files
+
+    rel = bundle.meta.get("reference_classifier")
+    if not rel:
+        return None
+    path = bundle_path(bundle.path, rel, "reference_classifier")
+    listed = {(bundle.path / r).resolve() for r in bundle.meta.get("files", {})}
+    for file in reference_files(path):
+        if file.resolve() not in listed:
+            raise ValueError(f"bundle {bundle.path}: reference file {file} is not listed in adapter.json's files, "
+                             "so the bundle's hash does not cover it; attach it with diffmix train-reference --attach")
+    return path
 
 
-def set_lora_enabled(pipe, enabled: bool) -> None:
-    """Switch the UNet LoRA on or off without unloading it (ti-* strategies use the
-    tokens alone). A no-op when no LoRA is loaded."""
-    if enabled:
-        pipe.unet.enable_lora()
-    else:
-        pipe.unet.disable_lora()
+# --------------------------------------------------------------------------- 6. finding bundles
+BUNDLES_ENV = "DIFFMIX_BUNDLES"   # os.pathsep-separated folders searched for bundles
 
 
-# --------------------------------------------------------------------------- importer
-def _load_plain_torch(path: Path) -> dict:
-    """The authors' learned_embeds file, read weights-only (never code)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"embeddings file {path} does not exist")
-    data = load_weights_only(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, expected the authors' dict with learned_embeds_dict")
-    return data
+def bundle_roots(shipped: Sequence[Path] = ()) -> list[Path]:
+    """The ``DIFFMIX_BUNDLES`` folders first, then ``shipped`` (the app's: the demo world)."""
+    env = os.environ.get(BUNDLES_ENV)
+    return ([Path(p) for p in env.split(os.pathsep) if p] if env else []) + list(shipped)
 
 
-def _placeholder_order(name2placeholder: dict[str, str]) -> list[str]:
-    """Class names sorted by the integer in their placeholder (<class_12> -> 12) when every
-    placeholder has exactly one distinct integer, else in name2placeholder's order."""
-    numbers = {n: re.findall(r"\d+", p) for n, p in name2placeholder.items()}
-    ints = [int(d[0]) for d in numbers.values() if len(d) == 1]
-    if len(ints) == len(numbers) and len(set(ints)) == len(ints):
-        return sorted(name2placeholder, key=lambda n: int(numbers[n][0]))
-    return list(name2placeholder)
+def find_bundles(roots: Sequence[Path], broken: dict[str, str] | None = None) -> dict[str, str]:
+    """{label: folder} of every bundle that loads, each a root itself or a folder directly in
+    one. A bundle that fails to load is left out (one broken bundle never hides the others)
+    and, when ``broken`` is given, recorded there as {folder: reason}."""
+    found: dict[str, str] = {}
+    for root in roots:
+        if root.is_dir():
+            for meta in sorted(root.glob(ADAPTER_JSON)) + sorted(root.glob(f"*/{ADAPTER_JSON}")):
+                try:
+                    load_bundle(meta.parent)
+                except (ValueError, OSError) as err:
+                    if broken is not None:
+                        broken[str(meta.parent)] = str(err)
+                    continue
+                found[f"{meta.parent.name} ({meta.parent.parent})"] = str(meta.parent)
+    return found
 
 
-def _parse_authors_embeddings(data: dict, path: Path) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
-    """(classes, tokens, {token: vector}) from the authors' learned_embeds file."""
-    embeds, n2p, p2n = data.get("learned_embeds_dict"), data.get("name2placeholder"), data.get("placeholder2name")
-    if not isinstance(embeds, dict) or not isinstance(n2p, dict):
-        raise ValueError(f"{path} lacks learned_embeds_dict / name2placeholder; keys found: {sorted(data)[:10]}")
-    if p2n is not None and p2n != {p: n for n, p in n2p.items()}:
-        raise ValueError(f"{path}: name2placeholder and placeholder2name disagree")
-    if len(set(n2p.values())) != len(n2p) or set(n2p.values()) != set(embeds):
-        raise ValueError(f"{path}: placeholders of name2placeholder {sorted(n2p.values())[:5]} do not match "
-                         f"the learned embeddings {sorted(embeds)[:5]} one to one")
-    classes = _placeholder_order(n2p)
-    tokens = [n2p[c] for c in classes]
-    vectors = {}
-    for t in tokens:
-        if not isinstance(embeds[t], torch.Tensor):
-            raise ValueError(f"{path}: the embedding of {t} is a {type(embeds[t]).__name__}, not a tensor")
-        v = embeds[t].detach()
-        vectors[t] = v[0] if v.dim() == 2 and v.shape[0] == 1 else v  # (1, D) -> (D,)
-    widths = {t: tuple(v.shape) for t, v in vectors.items()}
-    if len(set(widths.values())) != 1 or any(len(w) != 1 for w in widths.values()):
-        raise ValueError(f"{path}: embeddings must all be single vectors of one width; shapes {widths}")
-    return classes, tokens, vectors
+def resolve_bundle(text: str) -> Path:
+    """A local bundle folder, or a Hub repo id (``owner/name``) fetched into the Hub cache."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("give a bundle folder or a Hugging Face Hub repo id (owner/name)")
+    path = Path(text).expanduser()
+    if path.exists():
+        return load_bundle(path).path
+    from .hub import HUB_REPO_ID, pull_bundle
+
+    if not HUB_REPO_ID.match(text):
+        raise FileNotFoundError(f"{text} is neither an existing folder nor a Hub repo id (owner/name)")
+    return pull_bundle(text).path   # downloaded (or from the Hub cache), every file's sha256 checked
 
 
-def _read_lora_file(lora: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(lora)
-    if path.is_dir():
-        path = path / LORA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors LoRA files are read (pickled .bin files are refused)")
-    return _read_weights(path)
+def bundle_examples(bundle: Bundle) -> list[tuple[str, str]]:
+    """(image path, class) of the bundle's example images (``examples`` folder, ImageFolder
+    layout), in the bundle's label order; [] when it has none."""
+    from .data import read_dataset
 
-
-def import_diffmix(
-    embeddings_file: str | os.PathLike,
-    lora: str | os.PathLike | None,
-    *,
-    base_model: str,
-    superclass: str,
-    out_dir: str | os.PathLike,
-    base_revision: str | None = None,
-    resolution: int = 512,
-) -> Bundle:
-    """Convert the authors' checkpoint (REFERENCE.md §1) into a bundle.
-
-    Args:
-        embeddings_file: ``learned_embeds-steps-last.bin`` (read with weights_only=True).
-        lora: their ``pytorch_lora_weights.safetensors`` or the folder holding it; None
-            for embeddings only. Old attention-processor, diffusers and peft keys are accepted.
-        base_model / base_revision: the SD model they trained on.
-        superclass: e.g. "bird"; the prompt template is the paper's.
-        out_dir: where to write the bundle.
-    """
-    path = Path(embeddings_file)
-    classes, tokens, vectors = _parse_authors_embeddings(_load_plain_torch(path), path)
-    lora_sd, rank = None, None
-    if lora is not None:
-        lora_sd, rank = _to_bundle_lora(_read_lora_file(lora))
-    return save_bundle(
-        out_dir, classes=classes, tokens=tokens, embeddings=vectors, lora_state_dict=lora_sd,
-        base_model=base_model, base_revision=base_revision, superclass=superclass, resolution=resolution,
-        lora_rank=rank, lora_alpha=rank,  # scale 1, as in the paper
-        training={"imported_from": {"embeddings": str(path), "lora": None if lora is None else str(lora)}},
-    )
+    rel = bundle.meta.get("examples")
+    if not rel or not (bundle.path / rel).is_dir():
+        return []
+    try:
+        data = read_dataset(bundle.path / rel, show_progress=False)
+    except ValueError:
+        return []
+    items = [it for it in data.items if it.class_name in bundle.classes]
+    items.sort(key=lambda it: (bundle.class_index(it.class_name), it.id))
+    return [(str(it.path), it.class_name) for it in items]
