@@ -22,6 +22,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 from PIL import Image
@@ -502,7 +503,9 @@ def broken_markdown(broken: dict[str, str]) -> str:
         f"- {md_code(folder)}: {md_text(reason[:300])}" for folder, reason in broken.items())
 
 
+# --------------------------------------------------------------------------- the page: layout, then wiring
 def build_demo() -> gr.Blocks:
+    """The app: the page's components (:func:`_layout`), then their events (:func:`_wire`)."""
     broken: dict[str, str] = {}
     bundles = S.app_bundles(broken)
     first = next(iter(bundles.values()))
@@ -511,123 +514,185 @@ def build_demo() -> gr.Blocks:
     limits = S.Limits.from_env()
     # Gradio's own upload cache follows the session policy (uploads of expired sessions go too).
     with _Blocks(title="diffmix", delete_cache=(3600, limits.session_ttl_h * 3600)) as demo:
-        token = gr.State("")
-        saved_token = gr.BrowserState("", storage_key="diffmix-session")
-        gr.Markdown(INTRO)
-        gr.Markdown(broken_markdown(broken), elem_id="broken-bundles", visible=bool(broken))
-        with gr.Row():
-            bundle = gr.Dropdown(choices=[(k, v) for k, v in bundles.items()], value=first, label="Adapter bundle",
-                                 scale=3)
-            bundle_text = gr.Textbox(label="…or a bundle folder / Hub repo id", placeholder="owner/name", scale=2)
-            load_btn = gr.Button("Load bundle", scale=1)
-        info = gr.Markdown()
-        with gr.Row():
-            with gr.Column(scale=1, min_width=320):
-                examples = gr.Gallery(label="Example sources (click one)", columns=6, height=180, format="png",
-                                      allow_preview=False, elem_id="examples")
-                upload = gr.File(label=f"…or upload a source image (≤ {limits.max_upload_mb} MB)",
-                                 file_types=["image"], type="filepath", height=90, elem_id="upload")
-                example = gr.Textbox(label="Example chosen", interactive=False)
-                preview = gr.Image(label="Source as decoded", interactive=False, format="png", height=128)
-                # Choices follow the bundle; the library validates names, so API callers may type any bundle's.
-                source_class = gr.Dropdown(classes, value=classes[0], label="Source class", filterable=True,
-                                           allow_custom_value=True)
-                target = gr.Dropdown([S.ALL_OTHER] + classes, value=classes[1], label="Target class",
-                                     filterable=True, allow_custom_value=True,
-                                     info="one class, all other classes, or several typed with commas (duck, owl)")
-                strategy = gr.Dropdown(choices=list(STRATEGIES), value="diff-mix", label="Strategy")
-                strengths = gr.Textbox(value="0.3, 0.5, 0.7, 0.9", label="Strengths",
-                                       info="a list (0.3, 0.5, 0.7) or a range from:to:count (0.1:0.9:5)")
-                seeds = gr.Textbox(value="0, 1", label="Seeds",
-                                   info="a list (0, 1, 7), a count (n=4), or -1 for a random seed (recorded)")
-                steps = gr.Slider(1, 100, value=TranslateConfig.num_inference_steps, step=1, label="Steps")
-                guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5, label="Guidance")
-                run = gr.Button("Run sweep", variant="primary")
-            with gr.Column(scale=2):
-                card = gr.Markdown(elem_id="source-card")
-                status = gr.Markdown(elem_id="status")
-                gr.Markdown("**Sweep grid**: rows = strength (and the steps that ran), columns = seed (or target); "
-                            "the source first; P(target) on each tile; green frame = curated. Click a tile.")
-                grid = gr.Image(label="Sweep grid", interactive=False, format="png", elem_id="grid",
-                                show_label=False, buttons=["fullscreen"])
-                with gr.Row():
-                    click_mode = gr.Radio(["curate", "inspect"], value="curate", label="A click on a tile",
-                                          info="curate: toggles it in the batch and shows it below; inspect: "
-                                          "only shows it", scale=2)
-                    grid_dl = gr.DownloadButton("Download grid (PNG)", scale=1)
-                with gr.Row():
-                    one_image = gr.Image(label="Tile (full resolution)", interactive=False, format="png",
-                                         height=256, elem_id="tile", buttons=["fullscreen"])
-                    with gr.Column():
-                        one_text = gr.Markdown(elem_id="tile-info")
-                        one_dl = gr.DownloadButton("Download this image (PNG with its record)")
-                one_cmd = gr.Code(label="Copy as command: makes this sweep again, this image with the same pixels",
-                                  language="shell", elem_id="tile-command", interactive=False)
-                sweep_box = gr.CheckboxGroup(label="Curate from this sweep")
-                with gr.Accordion("What the scores and the plot mean", open=False):
-                    gr.Markdown(LEGEND)
-                plot = gr.Plot(label="Faithfulness / diversity vs strength", elem_id="plot")
-                table = gr.Dataframe(headers=list(S.TABLE_COLUMNS), label="Scores and records", max_height=300)
-                csv = gr.DownloadButton("Download table (CSV)")
-        with gr.Row():
-            with gr.Column():
-                gr.Markdown("### Thresholds and per-dataset profile")
-                with gr.Row():
-                    th = [gr.Number(label=label, value=None) for label in TH_LABELS]
-                with gr.Row():
-                    auto_btn = gr.Button("Auto-select last sweep by thresholds")
-                    tune = gr.Number(label="Chosen strength", minimum=0, maximum=1)
-                    profile_btn = gr.Button("Save strength + thresholds as my profile")
-                auto_msg = gr.Markdown()
-                profile_msg = gr.Markdown()
-            with gr.Column():
-                count = gr.Markdown("**Curated batch: 0 image(s)**")
-                cur_gallery = gr.Gallery(label="Curated batch", columns=8, height=160, format="png",
-                                         allow_preview=True, object_fit="contain", elem_id="curated")
-                cur_box = gr.CheckboxGroup(label="Curated (uncheck to remove)")
-                with gr.Row():
-                    clear_btn = gr.Button("Clear batch")
-                    export_btn = gr.Button("Export batch", variant="primary")
-                export_msg = gr.Markdown()
-                export_dir = gr.Textbox(label="Export folder", interactive=False)
-                export_zip = gr.DownloadButton("Download export (zip)")
-        # API-only inputs for /select (scripts choose ids; people click)
-        sel_ids = gr.Textbox(visible=False)
-        sel_mode = gr.Textbox(value="add", visible=False)
-        sel_btn = gr.Button(visible=False)
-
-        curated = [count, cur_gallery, cur_box, sweep_box]
-        private = {"api_visibility": "private"}
-        source_inputs = [bundle, upload, example, source_class]
-        bundle_outputs = [info, examples, source_class, target, tune, *th, strategy, steps, guidance,
-                          example, upload, preview, card, profile_btn]
-        sweep_inputs = [bundle, upload, example, source_class, target, strengths, seeds, steps, guidance, strategy,
-                        token]
-        demo.load(on_restore, [saved_token, token], [token, saved_token, grid, grid_dl, sweep_box, table, plot, csv,
-                                                     status, count, cur_gallery, cur_box], **private)
-        demo.load(on_bundle, bundle, bundle_outputs, **private)
-        bundle.input(on_bundle, bundle, bundle_outputs, **private)
-        # /bundle_info for scripts: the same panel, from any bundle folder
-        gr.Button(visible=False).click(on_bundle, bundle, bundle_outputs, api_name="bundle_info")
-        load_btn.click(on_bundle_text, bundle_text, bundle, **private).success(on_bundle, bundle, bundle_outputs,
-                                                                               **private)
-        examples.select(on_example, bundle, [example, source_class, preview, upload, card], **private)
-        upload.upload(on_upload, [bundle, upload, source_class], [preview, example, card], **private)
-        upload.clear(on_upload, [bundle, upload, source_class], [preview, example, card], **private)
-        source_class.input(on_source_change, source_inputs, card, **private)
-        run.click(check_sweep, sweep_inputs, None, **private).success(
-            on_sweep, sweep_inputs,
-            [token, grid, grid_dl, sweep_box, table, plot, csv, status, tune, count, cur_gallery, cur_box],
-            api_name="sweep", concurrency_limit=1, concurrency_id="gpu")
-        grid.select(on_grid_click, [token, click_mode], [token, grid, one_image, one_text, one_dl, one_cmd, *curated],
-                    trigger_mode="multiple", **private)   # every click counts, in order
-        sweep_box.input(on_sweep_box, [token, sweep_box], [token, grid, *curated], **private)
-        cur_box.input(on_curated_box, [token, cur_box], [token, grid, *curated], **private)
-        sel_btn.click(on_select, [token, sel_ids, sel_mode], [token, *curated], api_name="select")
-        auto_btn.click(on_auto, [token, *th], [token, auto_msg, grid, *curated], api_name="auto_select")
-        clear_btn.click(on_clear, token, [token, grid, *curated], api_name="clear")
-        profile_btn.click(on_save_profile, [bundle, tune, strategy, steps, guidance, *th], profile_msg,
-                          api_name="save_profile").success(bundle_info, bundle, info, **private)
-        export_btn.click(on_export, token, [token, export_msg, export_dir, export_zip], api_name="export")
+        ui = _layout(bundles, first, classes, limits, broken)
+        _wire(demo, ui)
     demo.queue(max_size=limits.queue_size)
     return demo
+
+
+def _layout(bundles: dict[str, str], first: str, classes: list[str], limits: S.Limits,
+            broken: dict[str, str]) -> SimpleNamespace:
+    """Every component of the page, top to bottom, by name; no events (:func:`_wire`)."""
+    ui = SimpleNamespace()
+    ui.token = gr.State("")
+    ui.saved_token = gr.BrowserState("", storage_key="diffmix-session")
+    gr.Markdown(INTRO)
+    gr.Markdown(broken_markdown(broken), elem_id="broken-bundles", visible=bool(broken))
+    with gr.Row():
+        ui.bundle = gr.Dropdown(choices=[(k, v) for k, v in bundles.items()], value=first, label="Adapter bundle",
+                                scale=3)
+        ui.bundle_text = gr.Textbox(label="…or a bundle folder / Hub repo id", placeholder="owner/name", scale=2)
+        ui.load_btn = gr.Button("Load bundle", scale=1)
+    ui.info = gr.Markdown()
+    with gr.Row():
+        with gr.Column(scale=1, min_width=320):
+            _source_panel(ui, classes, limits)
+        with gr.Column(scale=2):
+            _results_panel(ui)
+    with gr.Row():
+        _curation_panel(ui)
+    # API-only inputs for /select (scripts choose ids; people click) and the button behind /bundle_info
+    ui.sel_ids = gr.Textbox(visible=False)
+    ui.sel_mode = gr.Textbox(value="add", visible=False)
+    ui.sel_btn = gr.Button(visible=False)
+    ui.bundle_info_btn = gr.Button(visible=False)
+    return ui
+
+
+def _source_panel(ui: SimpleNamespace, classes: list[str], limits: S.Limits) -> None:
+    """The left column: the source image, the classes and the sweep's settings."""
+    ui.examples = gr.Gallery(label="Example sources (click one)", columns=6, height=180, format="png",
+                             allow_preview=False, elem_id="examples")
+    ui.upload = gr.File(label=f"…or upload a source image (≤ {limits.max_upload_mb} MB)",
+                        file_types=["image"], type="filepath", height=90, elem_id="upload")
+    ui.example = gr.Textbox(label="Example chosen", interactive=False)
+    ui.preview = gr.Image(label="Source as decoded", interactive=False, format="png", height=128)
+    # Choices follow the bundle; the library validates names, so API callers may type any bundle's.
+    ui.source_class = gr.Dropdown(classes, value=classes[0], label="Source class", filterable=True,
+                                  allow_custom_value=True)
+    ui.target = gr.Dropdown([S.ALL_OTHER] + classes, value=classes[1], label="Target class",
+                            filterable=True, allow_custom_value=True,
+                            info="one class, all other classes, or several typed with commas (duck, owl)")
+    ui.strategy = gr.Dropdown(choices=list(STRATEGIES), value="diff-mix", label="Strategy")
+    ui.strengths = gr.Textbox(value="0.3, 0.5, 0.7, 0.9", label="Strengths",
+                              info="a list (0.3, 0.5, 0.7) or a range from:to:count (0.1:0.9:5)")
+    ui.seeds = gr.Textbox(value="0, 1", label="Seeds",
+                          info="a list (0, 1, 7), a count (n=4), or -1 for a random seed (recorded)")
+    ui.steps = gr.Slider(1, 100, value=TranslateConfig.num_inference_steps, step=1, label="Steps")
+    ui.guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5, label="Guidance")
+    ui.run = gr.Button("Run sweep", variant="primary")
+
+
+def _results_panel(ui: SimpleNamespace) -> None:
+    """The right column: the sweep grid, the chosen tile, the scores and the plot."""
+    ui.card = gr.Markdown(elem_id="source-card")
+    ui.status = gr.Markdown(elem_id="status")
+    gr.Markdown("**Sweep grid**: rows = strength (and the steps that ran), columns = seed (or target); "
+                "the source first; P(target) on each tile; green frame = curated. Click a tile.")
+    ui.grid = gr.Image(label="Sweep grid", interactive=False, format="png", elem_id="grid",
+                       show_label=False, buttons=["fullscreen"])
+    with gr.Row():
+        ui.click_mode = gr.Radio(["curate", "inspect"], value="curate", label="A click on a tile",
+                                 info="curate: toggles it in the batch and shows it below; inspect: "
+                                 "only shows it", scale=2)
+        ui.grid_dl = gr.DownloadButton("Download grid (PNG)", scale=1)
+    with gr.Row():
+        ui.one_image = gr.Image(label="Tile (full resolution)", interactive=False, format="png",
+                                height=256, elem_id="tile", buttons=["fullscreen"])
+        with gr.Column():
+            ui.one_text = gr.Markdown(elem_id="tile-info")
+            ui.one_dl = gr.DownloadButton("Download this image (PNG with its record)")
+    ui.one_cmd = gr.Code(label="Copy as command: makes this sweep again, this image with the same pixels",
+                         language="shell", elem_id="tile-command", interactive=False)
+    ui.sweep_box = gr.CheckboxGroup(label="Curate from this sweep")
+    with gr.Accordion("What the scores and the plot mean", open=False):
+        gr.Markdown(LEGEND)
+    ui.plot = gr.Plot(label="Faithfulness / diversity vs strength", elem_id="plot")
+    ui.table = gr.Dataframe(headers=list(S.TABLE_COLUMNS), label="Scores and records", max_height=300)
+    ui.csv = gr.DownloadButton("Download table (CSV)")
+
+
+def _curation_panel(ui: SimpleNamespace) -> None:
+    """Below: thresholds and the profile (left), the curated batch and its export (right)."""
+    with gr.Column():
+        gr.Markdown("### Thresholds and per-dataset profile")
+        with gr.Row():
+            ui.th = [gr.Number(label=label, value=None) for label in TH_LABELS]
+        with gr.Row():
+            ui.auto_btn = gr.Button("Auto-select last sweep by thresholds")
+            ui.tune = gr.Number(label="Chosen strength", minimum=0, maximum=1)
+            ui.profile_btn = gr.Button("Save strength + thresholds as my profile")
+        ui.auto_msg = gr.Markdown()
+        ui.profile_msg = gr.Markdown()
+    with gr.Column():
+        ui.count = gr.Markdown("**Curated batch: 0 image(s)**")
+        ui.cur_gallery = gr.Gallery(label="Curated batch", columns=8, height=160, format="png",
+                                    allow_preview=True, object_fit="contain", elem_id="curated")
+        ui.cur_box = gr.CheckboxGroup(label="Curated (uncheck to remove)")
+        with gr.Row():
+            ui.clear_btn = gr.Button("Clear batch")
+            ui.export_btn = gr.Button("Export batch", variant="primary")
+        ui.export_msg = gr.Markdown()
+        ui.export_dir = gr.Textbox(label="Export folder", interactive=False)
+        ui.export_zip = gr.DownloadButton("Download export (zip)")
+
+
+PRIVATE = {"api_visibility": "private"}   # an event for the page only, not an API endpoint
+
+
+def _wire(demo: gr.Blocks, ui: SimpleNamespace) -> None:
+    """Connect the events, in the order Gradio lists them: page load and bundle, source,
+    sweep and grid, curation and export. Named endpoints (api_name) are the app's API."""
+    _wire_bundle(demo, ui)
+    _wire_sweep(ui)
+    _wire_curation(ui)
+
+
+def _bundle_outputs(ui: SimpleNamespace) -> list:
+    """What choosing a bundle refreshes (on_bundle's outputs, in order)."""
+    return [ui.info, ui.examples, ui.source_class, ui.target, ui.tune, *ui.th, ui.strategy, ui.steps, ui.guidance,
+            ui.example, ui.upload, ui.preview, ui.card, ui.profile_btn]
+
+
+def _curated(ui: SimpleNamespace) -> list:
+    """The curated batch's views (curated_views' outputs, in order)."""
+    return [ui.count, ui.cur_gallery, ui.cur_box, ui.sweep_box]
+
+
+def _wire_bundle(demo: gr.Blocks, ui: SimpleNamespace) -> None:
+    """Page load (session restore, first bundle), bundle choice, and the source image."""
+    bundle_outputs = _bundle_outputs(ui)
+    source_inputs = [ui.bundle, ui.upload, ui.example, ui.source_class]
+    demo.load(on_restore, [ui.saved_token, ui.token],
+              [ui.token, ui.saved_token, ui.grid, ui.grid_dl, ui.sweep_box, ui.table, ui.plot, ui.csv, ui.status,
+               ui.count, ui.cur_gallery, ui.cur_box], **PRIVATE)
+    demo.load(on_bundle, ui.bundle, bundle_outputs, **PRIVATE)
+    ui.bundle.input(on_bundle, ui.bundle, bundle_outputs, **PRIVATE)
+    # /bundle_info for scripts: the same panel, from any bundle folder
+    ui.bundle_info_btn.click(on_bundle, ui.bundle, bundle_outputs, api_name="bundle_info")
+    ui.load_btn.click(on_bundle_text, ui.bundle_text, ui.bundle, **PRIVATE).success(
+        on_bundle, ui.bundle, bundle_outputs, **PRIVATE)
+    ui.examples.select(on_example, ui.bundle, [ui.example, ui.source_class, ui.preview, ui.upload, ui.card],
+                       **PRIVATE)
+    ui.upload.upload(on_upload, [ui.bundle, ui.upload, ui.source_class], [ui.preview, ui.example, ui.card], **PRIVATE)
+    ui.upload.clear(on_upload, [ui.bundle, ui.upload, ui.source_class], [ui.preview, ui.example, ui.card], **PRIVATE)
+    ui.source_class.input(on_source_change, source_inputs, ui.card, **PRIVATE)
+
+
+def _wire_sweep(ui: SimpleNamespace) -> None:
+    """Run a sweep (/sweep), click tiles, tick boxes, select by id (/select)."""
+    curated = _curated(ui)
+    sweep_inputs = [ui.bundle, ui.upload, ui.example, ui.source_class, ui.target, ui.strengths, ui.seeds, ui.steps,
+                    ui.guidance, ui.strategy, ui.token]
+    ui.run.click(check_sweep, sweep_inputs, None, **PRIVATE).success(
+        on_sweep, sweep_inputs,
+        [ui.token, ui.grid, ui.grid_dl, ui.sweep_box, ui.table, ui.plot, ui.csv, ui.status, ui.tune, ui.count,
+         ui.cur_gallery, ui.cur_box],
+        api_name="sweep", concurrency_limit=1, concurrency_id="gpu")
+    ui.grid.select(on_grid_click, [ui.token, ui.click_mode],
+                   [ui.token, ui.grid, ui.one_image, ui.one_text, ui.one_dl, ui.one_cmd, *curated],
+                   trigger_mode="multiple", **PRIVATE)   # every click counts, in order
+    ui.sweep_box.input(on_sweep_box, [ui.token, ui.sweep_box], [ui.token, ui.grid, *curated], **PRIVATE)
+    ui.cur_box.input(on_curated_box, [ui.token, ui.cur_box], [ui.token, ui.grid, *curated], **PRIVATE)
+    ui.sel_btn.click(on_select, [ui.token, ui.sel_ids, ui.sel_mode], [ui.token, *curated], api_name="select")
+
+
+def _wire_curation(ui: SimpleNamespace) -> None:
+    """Thresholds (/auto_select), the batch (/clear), the profile (/save_profile), the export (/export)."""
+    curated = _curated(ui)
+    ui.auto_btn.click(on_auto, [ui.token, *ui.th], [ui.token, ui.auto_msg, ui.grid, *curated], api_name="auto_select")
+    ui.clear_btn.click(on_clear, ui.token, [ui.token, ui.grid, *curated], api_name="clear")
+    ui.profile_btn.click(on_save_profile, [ui.bundle, ui.tune, ui.strategy, ui.steps, ui.guidance, *ui.th],
+                         ui.profile_msg, api_name="save_profile").success(bundle_info, ui.bundle, ui.info, **PRIVATE)
+    ui.export_btn.click(on_export, ui.token, [ui.token, ui.export_msg, ui.export_dir, ui.export_zip],
+                        api_name="export")
