@@ -194,25 +194,54 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 # --------------------------------------------------------------------------- the trainer
 class _Trainer:
-    """The models, the optimizer and what one step, a checkpoint and an export need."""
+    """The models, the optimizer, one training step and the bundle export; checkpoints are
+    written and read by :func:`save_checkpoint` / :func:`load_checkpoint` below."""
 
     def __init__(self, accelerator, pipe, dataset: Dataset, config: FinetuneConfig, base: dict, meta: dict):
-        from diffusers import DDPMScheduler
-
         self.acc, self.config, self.dataset, self.base, self.meta = accelerator, config, dataset, base, meta
+        # 1. the pipeline frozen, one new token per class, the training noise schedule
         self.tokens = class_tokens(len(dataset.classes))
         self.vae, self.unet, self.text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+        self._freeze(pipe, tokenizer)
+        # 2. what trains: the UNet's LoRA, the class tokens' embedding rows
+        models = self._trainable()
+        if config.gradient_checkpointing:
+            self._gradient_checkpointing()
+        # 3. the optimizer; only models with trained weights go through DDP
+        self.optimizer = self._optimizer()
+        for name in models:
+            setattr(self, name, accelerator.prepare(getattr(self, name)))
+        self.trained = [getattr(self, name) for name in models]
+        self.optimizer = accelerator.prepare(self.optimizer)
+        # 4. one prompt per class, tokenised once
+        prompts = [make_prompt(t, config.superclass, config.template) for t in self.tokens]
+        self.prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids   # (C, 77)
+        self.sample_pipe = None   # the pipeline of the checkpoints' sample grids, loaded on first use
+
+    def _freeze(self, pipe, tokenizer) -> None:
+        """Freeze every weight, add the class tokens, take the noise schedule; the VAE (never
+        trained) in the mixed-precision dtype."""
+        from diffusers import DDPMScheduler
+
         for model in (self.vae, self.unet, self.text_encoder):
             model.requires_grad_(False)
-        self.token_ids = add_class_tokens(tokenizer, self.text_encoder, self.tokens, _init_words(dataset, config))
+        self.token_ids = add_class_tokens(tokenizer, self.text_encoder, self.tokens,
+                                          _init_words(self.dataset, self.config))
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        if accelerator.mixed_precision in ("fp16", "bf16"):
-            self.vae.to(dtype=torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
+        if self.acc.mixed_precision in ("fp16", "bf16"):
+            self.vae.to(dtype=torch.float16 if self.acc.mixed_precision == "fp16" else torch.bfloat16)
+
+    def _trainable(self) -> list[str]:
+        """Set ``named_params`` (the trained weights, by name) and return the names of the models
+        holding them. The whole embedding matrix is a parameter; its other rows are restored
+        after every step (``keep`` marks them)."""
+        config, models = self.config, []
         self.named_params: list[tuple[str, torch.nn.Parameter]] = []
-        models = []
         if config.trains_lora:
             torch.manual_seed(_seed_for(config.seed, 3))   # the same LoRA init on every process
-            self.named_params += [(f"unet.{n}", p) for n, p in self._lora_named(self.unet)]
+            _add_lora(self.unet, config)
+            self.named_params += [(f"unet.{n}", p) for n, p in self.unet.named_parameters() if p.requires_grad]
             models.append("unet")
         embedding = self.text_encoder.get_input_embeddings().weight
         if config.trains_tokens:
@@ -222,24 +251,13 @@ class _Trainer:
             self.keep[self.token_ids] = False   # rows restored after every step
             self.named_params.append((EMBEDDING, embedding))
             models.append("text_encoder")
-        if config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if config.trains_tokens:   # transformers 5 renamed it; absorb the drift here
-                te = self.text_encoder
-                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-        self.optimizer = self._optimizer()
-        for name in models:   # only models with trained weights go through DDP
-            setattr(self, name, accelerator.prepare(getattr(self, name)))
-        self.trained = [getattr(self, name) for name in models]
-        self.optimizer = accelerator.prepare(self.optimizer)
-        prompts = [make_prompt(t, config.superclass, config.template) for t in self.tokens]
-        self.prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt").input_ids   # (C, 77)
-        self.sample_pipe = None
+        return models
 
-    def _lora_named(self, unet) -> list[tuple[str, torch.nn.Parameter]]:
-        _add_lora(unet, self.config)
-        return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    def _gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        if self.config.trains_tokens:   # transformers 5 renamed it; absorb the drift here
+            te = self.text_encoder
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -301,96 +319,115 @@ class _Trainer:
                            lora_rank=c.rank if lora else None, lora_alpha=c.lora_alpha if lora else None,
                            training=self.meta, steps=step)
 
-    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        """AdamW moments and step counts by parameter name (the embedding: class-token rows only;
-        the others are zero, their gradients being masked)."""
-        state = self.optimizer.optimizer.state if hasattr(self.optimizer, "optimizer") else self.optimizer.state
-        out = {}
-        for name, p in self.named_params:
-            for key, value in state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    if name == EMBEDDING and value.dim() > 0:
-                        value = value[self.token_ids]
-                    out[f"{name}/{key}"] = value.detach().cpu().contiguous()
-        return out
 
-    def save_checkpoint(self, out: Path, step: int) -> Path | None:
-        """``<out>/checkpoints/step-XXXXXX/`` (main process; complete or absent), then its grid."""
-        acc = self.acc
-        final = out / CHECKPOINTS / f"step-{step:06d}"
-        if acc.is_main_process:
-            tmp = final.with_name(f".{final.name}.tmp")
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(trainer: _Trainer, out: Path, step: int) -> Path:
+    """``<out>/checkpoints/step-XXXXXX/`` (main process; complete or absent), then its grid."""
+    acc = trainer.acc
+    final = out / CHECKPOINTS / f"step-{step:06d}"
+    if acc.is_main_process:
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            trainer.export(tmp / "bundle", step)
+            save_file(_optimizer_tensors(trainer), tmp / "optimizer.safetensors")
+            scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
+            write_text_atomic(tmp / "trainer_state.json", json.dumps(
+                {"step": step, "seed": trainer.config.seed, "num_processes": acc.num_processes, "scaler": scaler},
+                indent=1) + "\n")
+        except OSError as err:   # e.g. a full disk: drop the partial folder, keep the earlier ones
             shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                self.export(tmp / "bundle", step)
-                save_file(self._optimizer_tensors(), tmp / "optimizer.safetensors")
-                scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
-                write_text_atomic(tmp / "trainer_state.json", json.dumps(
-                    {"step": step, "seed": self.config.seed, "num_processes": acc.num_processes, "scaler": scaler},
-                    indent=1) + "\n")
-            except OSError as err:   # e.g. a full disk: drop the partial folder, keep the earlier ones
-                shutil.rmtree(tmp, ignore_errors=True)
-                last = latest_checkpoint(out)
-                raise OSError(err.errno, f"could not write checkpoint {final} ({err.strerror or err}); "
-                              f"earlier checkpoints are intact (latest: {last.name if last else 'none'}); "
-                              "free some space and rerun with --resume") from err
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            if self.config.sample_steps:
-                self.sample_grid(final, step)
-        acc.wait_for_everyone()
-        return final
+            last = latest_checkpoint(out)
+            raise OSError(err.errno, f"could not write checkpoint {final} ({err.strerror or err}); "
+                          f"earlier checkpoints are intact (latest: {last.name if last else 'none'}); "
+                          "free some space and rerun with --resume") from err
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if trainer.config.sample_steps:
+            sample_grid(trainer, final, step)
+    acc.wait_for_everyone()
+    return final
 
-    def load_checkpoint(self, folder: Path) -> int:
-        """Restore LoRA, class-token rows, optimizer moments and the scaler; returns the step."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft import set_peft_model_state_dict
 
-        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-        bundle = folder / "bundle"
-        if self.config.trains_lora:
-            sd = {k.removeprefix("unet."): v for k, v in load_file(bundle / "pytorch_lora_weights.safetensors").items()}
-            set_peft_model_state_dict(self.unwrap(self.unet), convert_unet_state_dict_to_peft(sd), adapter_name="default")
-        from .bundle import embedding_relpath
+def load_checkpoint(trainer: _Trainer, folder: Path) -> int:
+    """Restore LoRA, class-token rows, optimizer moments and the scaler; returns the step."""
+    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    _restore_weights(trainer, folder / "bundle")
+    _restore_optimizer(trainer, load_file(folder / "optimizer.safetensors"))
+    if state.get("scaler") and getattr(trainer.acc, "scaler", None) is not None:
+        trainer.acc.scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
 
-        emb = self.unwrap(self.text_encoder).get_input_embeddings().weight
-        with torch.no_grad():
-            for token, tid in zip(self.tokens, self.token_ids):
-                emb[tid] = load_file(bundle / embedding_relpath(token))[token].to(emb)
-        tensors = load_file(folder / "optimizer.safetensors")
-        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        for name, p in self.named_params:
-            entry = {}
-            for key in {k.split("/", 1)[1] for k in tensors if k.startswith(name + "/")}:
-                value = tensors[f"{name}/{key}"]
+
+def _restore_weights(trainer: _Trainer, bundle: Path) -> None:
+    """The LoRA and the class tokens' embedding rows of a checkpoint's bundle."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    from .bundle import embedding_relpath
+
+    if trainer.config.trains_lora:
+        sd = {k.removeprefix("unet."): v for k, v in load_file(bundle / "pytorch_lora_weights.safetensors").items()}
+        set_peft_model_state_dict(trainer.unwrap(trainer.unet), convert_unet_state_dict_to_peft(sd),
+                                  adapter_name="default")
+    emb = trainer.unwrap(trainer.text_encoder).get_input_embeddings().weight
+    with torch.no_grad():
+        for token, tid in zip(trainer.tokens, trainer.token_ids):
+            emb[tid] = load_file(bundle / embedding_relpath(token))[token].to(emb)
+
+
+def _torch_optimizer(trainer: _Trainer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+
+
+def _optimizer_tensors(trainer: _Trainer) -> dict[str, torch.Tensor]:
+    """AdamW moments and step counts by parameter name (the embedding: class-token rows only;
+    the others are zero, their gradients being masked)."""
+    state = _torch_optimizer(trainer).state
+    out = {}
+    for name, p in trainer.named_params:
+        for key, value in state.get(p, {}).items():
+            if torch.is_tensor(value):
                 if name == EMBEDDING and value.dim() > 0:
-                    full = torch.zeros_like(p)
-                    full[self.token_ids] = value.to(full)
-                    value = full
-                entry[key] = value if value.dim() == 0 else value.to(p.device)
-            if entry:
-                opt.state[p] = entry
-        if state.get("scaler") and getattr(self.acc, "scaler", None) is not None:
-            self.acc.scaler.load_state_dict(state["scaler"])
-        return int(state["step"])
+                    value = value[trainer.token_ids]
+                out[f"{name}/{key}"] = value.detach().cpu().contiguous()
+    return out
 
-    def sample_grid(self, folder: Path, step: int) -> Path:
-        """One text-to-image sample per class (seed = label) with the checkpoint's bundle, via the engine."""
-        from .bundle import load_bundle
-        from .models import load_pipeline
-        from .translate import Job, translate
 
-        if self.sample_pipe is None:
-            self.sample_pipe = load_pipeline(self.base["model"], revision=self.base["revision"],
-                                             device=str(self.acc.device))
-        bundle = load_bundle(folder / "bundle")
-        config = TranslateConfig(strategy="diff-gen", num_inference_steps=self.config.sample_steps,
-                                 resolution=self.config.resolution)
-        jobs = [Job(None, c, 1.0, seed=i) for i, c in enumerate(bundle.classes)]
-        images = [r.image for r in translate(self.sample_pipe, jobs, config, bundle=bundle, show_progress=False)]
-        return save_png(image_grid(images), folder / "samples.png",
-                        {"step": step, "classes": list(bundle.classes), "seeds": list(range(len(jobs))),
-                         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale})
+def _restore_optimizer(trainer: _Trainer, tensors: dict[str, torch.Tensor]) -> None:
+    """Put :func:`_optimizer_tensors`' moments back (the embedding's other rows: zero)."""
+    opt = _torch_optimizer(trainer)
+    for name, p in trainer.named_params:
+        entry = {}
+        for key in {k.split("/", 1)[1] for k in tensors if k.startswith(name + "/")}:
+            value = tensors[f"{name}/{key}"]
+            if name == EMBEDDING and value.dim() > 0:
+                full = torch.zeros_like(p)
+                full[trainer.token_ids] = value.to(full)
+                value = full
+            entry[key] = value if value.dim() == 0 else value.to(p.device)
+        if entry:
+            opt.state[p] = entry
+
+
+def sample_grid(trainer: _Trainer, folder: Path, step: int) -> Path:
+    """One text-to-image sample per class (seed = label) with the checkpoint's bundle, via the engine."""
+    from .bundle import load_bundle
+    from .models import load_pipeline
+    from .translate import Job, translate
+
+    if trainer.sample_pipe is None:
+        trainer.sample_pipe = load_pipeline(trainer.base["model"], revision=trainer.base["revision"],
+                                            device=str(trainer.acc.device))
+    bundle = load_bundle(folder / "bundle")
+    config = TranslateConfig(strategy="diff-gen", num_inference_steps=trainer.config.sample_steps,
+                             resolution=trainer.config.resolution)
+    jobs = [Job(None, c, 1.0, seed=i) for i, c in enumerate(bundle.classes)]
+    images = [r.image for r in translate(trainer.sample_pipe, jobs, config, bundle=bundle, show_progress=False)]
+    return save_png(image_grid(images), folder / "samples.png",
+                    {"step": step, "classes": list(bundle.classes), "seeds": list(range(len(jobs))),
+                     "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale})
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
@@ -506,7 +543,7 @@ def finetune(
         write_text_atomic(out / RUN_FILE, json.dumps(fingerprint, indent=1, ensure_ascii=False) + "\n")
     trainer = _Trainer(acc, pipe, dataset, config, base_id, _training_meta(config, dataset, split_path, train, acc))
     checkpoint = latest_checkpoint(out) if resume else None
-    start = trainer.load_checkpoint(checkpoint) if checkpoint else 0
+    start = load_checkpoint(trainer, checkpoint) if checkpoint else 0
     log = [r for r in read_jsonl(out / LOG_FILE) if r["step"] <= start] if start and (out / LOG_FILE).is_file() else []
     stop = min(config.max_steps, stop_after or config.max_steps)
     _train(trainer, train, out, start, stop, log, show_progress and main)
@@ -550,7 +587,7 @@ def _train(trainer: _Trainer, train: Dataset, out: Path, start: int, stop: int, 
         if c.checkpoint_every and (step % c.checkpoint_every == 0 or step == c.max_steps):
             if acc.is_main_process:
                 write_jsonl_atomic(out / LOG_FILE, log)
-            trainer.save_checkpoint(out, step)
+            save_checkpoint(trainer, out, step)
         elif acc.is_main_process and (step % 100 == 0 or step == stop):
             write_jsonl_atomic(out / LOG_FILE, log)
     bar.close()
