@@ -282,6 +282,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- synthesize and export
 def add_synthesize_parser(sub) -> None:
     from .config import SynthesizeConfig, Thresholds, TranslateConfig
+    from .export import FORMATS
 
     p = sub.add_parser("synthesize", help="bulk synthetic set from the train split: planned, resumable, sharded",
                        description="Plan M x |train| translations (REFERENCE.md §2), write the plan to --out, then "
@@ -300,8 +301,7 @@ def add_synthesize_parser(sub) -> None:
                    "process index / count, else 0/1)")
     p.add_argument("--merge", action="store_true", help="make nothing; check all planned images and write the "
                    "indexes and exports")
-    p.add_argument("--export", default="", help="comma-separated layouts written by the merge: imagefolder, "
-                   "authors, zip")
+    p.add_argument("--export", default="", help=f"comma-separated layouts written by the merge: {', '.join(FORMATS)}")
     add_config_args(p, Thresholds)
     p.add_argument("--reference", type=Path, default=None, help="reference classifier for scores / --min-p-target "
                    "(default: the bundle's, if it has one)")
@@ -392,13 +392,15 @@ def run_synthesize(args: argparse.Namespace) -> None:
 
 
 def add_export_parser(sub) -> None:
+    from .export import FORMATS
+
     p = sub.add_parser("export", help="write a folder of generated images in training layouts",
                        description="Read a folder written by translate/synthesize (images + records.jsonl; a "
                        "synthesize folder is merged first) and write the Hugging Face imagefolder and/or the "
                        "authors' data/ + meta.csv layout, a sha256 manifest, and optionally a zip.")
     p.add_argument("--from", dest="source", type=Path, required=True, help="folder with records.jsonl (+ plan.jsonl)")
     p.add_argument("--out", type=Path, default=None, help="export folder (default: <from>/export)")
-    p.add_argument("--format", default="imagefolder,authors", help="comma-separated: imagefolder, authors, zip "
+    p.add_argument("--format", default="imagefolder,authors", help=f"comma-separated: {', '.join(FORMATS)} "
                    "(default: imagefolder,authors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not an earlier "
                    "diffmix export (never the working directory, --from or a folder containing it; never a file)")
