@@ -60,8 +60,8 @@ def main() -> None:
             for _ in range(args.repeats):
                 t = time.perf_counter()
                 out = client.predict(path, None, example, cls, target, "0.3, 0.5, 0.7, 0.9", "0, 1",
-                                     profile.get("num_inference_steps", 25), profile.get("guidance_scale", 7.5),
-                                     profile.get("strategy", "diff-mix"), api_name="/sweep")
+                                     profile.num_inference_steps or 25, 7.5 if profile.guidance_scale is None else profile.guidance_scale,
+                                     profile.strategy or "diff-mix", api_name="/sweep")
                 times.append(time.perf_counter() - t)
                 if len(out[3]["data"]) != 8:   # the table: one row per image
                     raise SystemExit(f"expected 8 images, got {len(out[3]['data'])}: {out[6]}")
@@ -70,7 +70,7 @@ def main() -> None:
             proc.wait(30)
     first, later = times[0], sorted(times[1:]) or times
     print(f"bundle: {path} ({len(bundle.classes)} classes, {bundle.resolution} px); {cls} -> {target}, "
-          f"{profile.get('num_inference_steps', 25)} steps, guidance {profile.get('guidance_scale', 7.5)}; "
+          f"{profile.num_inference_steps or 25} steps, guidance {profile.guidance_scale}; "
           f"{os.cpu_count()} cpus")
     print(f"first sweep 4 strengths x 2 seeds, scored (loads the pipeline and reference): {first:.1f} s")
     print(f"later sweeps: best {later[0]:.1f} s, median {later[len(later) // 2]:.1f} s over {len(later)}")

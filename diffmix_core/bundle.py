@@ -43,7 +43,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import save
 
-from .config import STRATEGIES
+from .config import STRATEGIES, Thresholds
 from .weights import check_vectors, lora_file_metadata, read_weights, to_bundle_lora
 from .models import normalise_model_id
 from .records import atomic_path, sha256_file, write_text_atomic
@@ -118,6 +118,12 @@ class Bundle:
         return self.adapter_sha256 or _sha256_bytes((self.path / ADAPTER_JSON).read_bytes())
 
     @property
+    def profile(self) -> Profile:
+        """The bundle's own profile (profiles.load_profile lays a user's saved overlay over it)."""
+        own = self.meta.get("profile")
+        return Profile.from_dict(own, self.path / ADAPTER_JSON, "bundle profile" if own else "")
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 
@@ -157,6 +163,46 @@ class Bundle:
 
         vectors = [read(embedding_relpath(t))[t] for t in self.tokens]
         return vectors, (read(LORA_FILE) if self.lora_file else None)
+
+
+PROFILE_SETTINGS = ("strength", "strategy", "num_inference_steps", "guidance_scale")   # besides thresholds
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A dataset's chosen settings: adapter.json's ``profile``, or a user's saved overlay
+    (profiles.py). The app's controls and `diffmix translate / synthesize` start from it.
+    Read with :meth:`from_dict` (checked like adapter.json), written with :meth:`to_dict`."""
+
+    strength: float | None = None            # s the app's slider and --strength start from
+    thresholds: Thresholds = Thresholds()    # score tests: the app's auto-select, synthesize's filter
+    strategy: str | None = None              # a config.STRATEGIES name
+    num_inference_steps: int | None = None   # sampler steps N
+    guidance_scale: float | None = None      # classifier-free guidance
+    extra: dict = field(default_factory=dict, compare=False)  # other keys, kept as written (bundle, saved...)
+    source: str = ""                         # "saved profile", "bundle profile" or "" (not written)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, file: str | os.PathLike = "profile", source: str = "") -> Profile:
+        """From the JSON object; ValueError naming ``file`` for a value out of range."""
+        data = dict(data or {})
+        check_profile(data, file)
+        try:
+            thresholds = Thresholds.from_dict(data.pop("thresholds", None))
+        except ValueError as err:
+            raise ValueError(f"{file}: profile {err}") from None
+        settings = {k: data.pop(k) for k in PROFILE_SETTINGS if k in data}
+        return cls(thresholds=thresholds, extra=data, source=source, **settings)
+
+    def to_dict(self) -> dict:
+        """The JSON object: strength, thresholds (the tests that are on), sampler settings, extra."""
+        out = {} if self.strength is None else {"strength": self.strength}
+        out["thresholds"] = self.thresholds.as_dict()
+        return {**out, **{k: v for k, v in self.settings().items() if k != "strength"}, **self.extra}
+
+    def settings(self) -> dict:
+        """{name: value} of the PROFILE_SETTINGS that are set (the options they start)."""
+        return {k: getattr(self, k) for k in PROFILE_SETTINGS if getattr(self, k) is not None}
 
 
 def embedding_relpath(token: str) -> str:

@@ -329,25 +329,19 @@ def _pipeline_config(args: argparse.Namespace):
     return config_from_args(PipelineConfig, args, model=args.base or args.base_model or "")
 
 
-# Profile keys (the app's "save as my profile", or the bundle's own) -> translate / synthesize options.
-PROFILE_OPTIONS = ("strength", "strategy", "num_inference_steps", "guidance_scale")
-
-
 def _profile_values(args: argparse.Namespace, bundle, configs: Sequence[type], **options) -> dict:
     """The bundle's profile (the user's saved overlay first, then the bundle's own) as {field: value}
     for the fields of ``configs`` (and the other ``options``, {name: value or None = not written})
     that the command line leaves unset, thresholds included where the command has them."""
-    from .config import Thresholds
     from .profiles import load_profile, profile_path
 
     profile = load_profile(bundle)
-    values = {key: profile[key] for key in PROFILE_OPTIONS if profile.get(key) is not None}
-    values.update(Thresholds.from_dict(profile.get("thresholds")).as_dict())
+    values = {**profile.settings(), **profile.thresholds.as_dict()}
     known = {f.name for cls in configs for f in dataclasses.fields(cls)} | set(options)
     given = {k for cls in configs for k in given_values(cls, args)} | {k for k, v in options.items() if v is not None}
     used = {k: v for k, v in values.items() if k in known and k not in given}
     if used:
-        where = (f"your saved profile {profile_path(bundle)}" if profile.get("source") == "saved profile"
+        where = (f"your saved profile {profile_path(bundle)}" if profile.source == "saved profile"
                  else "the bundle's profile")
         print(f"from {where}: {', '.join(f'{k}={v}' for k, v in used.items())} (override on the command line)")
     return used

@@ -285,7 +285,7 @@ def diffusers_snippet(bundle: Bundle, *, repo_id: str | None = None, sub: str = 
                       source: str = "source.png", source_class: str | None = None) -> str:
     """Python that loads ``bundle`` into a plain diffusers img2img pipeline and translates one
     image toward another class with the bundle's profile settings, as diffmix does."""
-    profile = bundle.meta.get("profile") or {}
+    profile = bundle.profile
     if repo_id is not None:
         fetch = (f"from huggingface_hub import snapshot_download\n\n"
                  f"bundle_dir = os.path.join(snapshot_download({repo_id!r}), {sub!r})")
@@ -295,8 +295,10 @@ def diffusers_snippet(bundle: Bundle, *, repo_id: str | None = None, sub: str = 
     target = next((c for c in bundle.classes if c != source_class), source_class)
     return DIFFUSERS_SNIPPET.format(
         fetch=fetch, source=source, target=target,
-        strength=float(profile.get("strength", bundle.meta.get("recommended_strength") or 0.7)),
-        steps=int(profile.get("num_inference_steps", 25)), guidance=float(profile.get("guidance_scale", 7.5)))
+        strength=float(profile.strength if profile.strength is not None else
+                       bundle.meta.get("recommended_strength") or 0.7),
+        steps=int(profile.num_inference_steps or 25),
+        guidance=float(7.5 if profile.guidance_scale is None else profile.guidance_scale))
 
 
 def model_card_text(bundle: Bundle, repo_id: str, *, sub: str = "", license: str = "other",

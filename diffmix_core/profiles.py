@@ -14,6 +14,7 @@ without the save.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -21,13 +22,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from .bundle import PROFILE_SETTINGS, Profile, check_profile
 from .config import Thresholds
 from .records import safe_name, write_text_atomic
 
 OUTPUT_ENV = "DIFFMIX_OUTPUT"                  # output root: exports/ and profiles/ (default ./outputs)
 SAVE_ENV = "DIFFMIX_ALLOW_PROFILE_SAVE"        # 1: anyone may save a profile in the app, 0: nobody
 PROXY_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
-SETTINGS = ("strategy", "num_inference_steps", "guidance_scale")   # sampler settings a profile may hold
+SETTINGS = tuple(k for k in PROFILE_SETTINGS if k != "strength")   # sampler settings a saved profile may hold
 
 
 def output_root() -> Path:
@@ -41,7 +43,7 @@ def profile_path(bundle, root: str | os.PathLike | None = None) -> Path:
 
 
 def user_profile(bundle, root: str | os.PathLike | None = None) -> dict:
-    """The saved overlay of ``bundle``, {} when none."""
+    """The saved overlay of ``bundle`` as written (checked like a bundle's own profile), {} when none."""
     path = profile_path(bundle, root)
     if not path.is_file():
         return {}
@@ -49,23 +51,16 @@ def user_profile(bundle, root: str | os.PathLike | None = None) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read the saved profile {path} ({err}); delete it to start over") from None
-    from .bundle import check_profile
-
     check_profile(data, path)   # the same bounds as a bundle's own profile
     return data
 
 
-def load_profile(bundle, root: str | os.PathLike | None = None) -> dict:
-    """The profile in force: the user overlay's keys over the bundle's own ``profile``.
+def load_profile(bundle, root: str | os.PathLike | None = None) -> Profile:
+    """The profile in force: the user overlay's keys over the bundle's own ``profile``;
     ``source`` says where it came from ("saved profile" / "bundle profile" / "")."""
     own, overlay = dict(bundle.meta.get("profile") or {}), user_profile(bundle, root)
-    merged = {**own, **overlay}
-    merged["source"] = ("saved profile" if overlay else "bundle profile" if own else "")
-    return merged if (own or overlay) else {}
-
-
-def profile_thresholds(profile: Mapping) -> Thresholds:
-    return Thresholds.from_dict(profile.get("thresholds"))
+    source = "saved profile" if overlay else "bundle profile" if own else ""
+    return Profile.from_dict({**own, **overlay}, profile_path(bundle, root) if overlay else "profile", source)
 
 
 def save_profile(bundle, strength: float, thresholds: Thresholds | dict, settings: Mapping | None = None,
@@ -78,12 +73,11 @@ def save_profile(bundle, strength: float, thresholds: Thresholds | dict, setting
     unknown = set(settings or {}) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown profile setting(s) {sorted(unknown)}; use {', '.join(SETTINGS)}")
-    data = {"strength": float(strength), "thresholds": thresholds.as_dict(), **dict(settings or {}),
-            "bundle": str(bundle.path), "bundle_hash": bundle.hash, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = profile_path(bundle, root)
-    from .bundle import check_profile
-
-    check_profile(data, path)   # NaN / inf / out of range: refused before anything is written
+    profile = Profile.from_dict({"strength": float(strength), **dict(settings or {})}, path)   # NaN, inf, range
+    profile = dataclasses.replace(profile, thresholds=thresholds, extra={
+        "bundle": str(bundle.path), "bundle_hash": bundle.hash, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    data = profile.to_dict()
     try:
         return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     except PermissionError as err:

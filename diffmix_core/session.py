@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import Bundle, bundle_examples, bundle_roots, find_bundles, load_bundle
+from .bundle import Bundle, Profile, bundle_examples, bundle_roots, find_bundles, load_bundle
 from .config import THRESHOLD_TESTS, Thresholds, TranslateConfig, get_strategy
 from .records import csv_cell, read_jsonl, safe_name, save_png, sha256_file, write_jsonl_atomic, write_text_atomic
 from .profiles import load_profile, output_root
@@ -110,20 +110,22 @@ def md_code(text: object) -> str:
     return f"`{text}`"
 
 
-def bundle_status(bundle: Bundle) -> dict:
-    """Plain facts for the bundle panel."""
+def bundle_status(bundle: Bundle, profile: Profile | None = None, examples: int | None = None) -> dict:
+    """Plain facts for the bundle panel (``profile`` / ``examples``: when the caller has them already)."""
     from .demo import PLACEHOLDER_NOTE, is_placeholder
 
     ref = bundle.meta.get("reference_classifier")
     return {"classes": list(bundle.classes), "base_model": bundle.base_model, "revision": bundle.base_revision,
             "steps": bundle.meta.get("steps", 0), "resolution": bundle.resolution,
             "reference": ref, "recommended_strength": bundle.meta.get("recommended_strength"),
-            "profile": load_profile(bundle), "examples": len(bundle_examples(bundle)),
+            "profile": load_profile(bundle) if profile is None else profile,
+            "examples": len(bundle_examples(bundle)) if examples is None else examples,
             "note": PLACEHOLDER_NOTE if is_placeholder(bundle) else ""}
 
 
-def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str) -> str:
-    st = bundle_status(bundle)
+def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str, profile: Profile | None = None,
+                    examples: int | None = None) -> str:
+    st = bundle_status(bundle, profile, examples)
     names = ", ".join(md_text(c) for c in st["classes"][:30]) + (
         f" … (+{len(st['classes']) - 30})" if len(st["classes"]) > 30 else "")
     lines = [f"**{len(st['classes'])} classes**: {names}",
@@ -131,9 +133,9 @@ def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str) -> 
              + f" · trained {st['steps']} steps at {st['resolution']} px",
              f"reference classifier: {reference_status}", clip_status]
     p = st["profile"]
-    if p.get("strength") is not None:   # one starting strength, with where it comes from
-        lines.append(f"strength **{p['strength']}** from the {md_text(p.get('source') or 'profile')} · thresholds "
-                     f"{Thresholds.from_dict(p.get('thresholds')).as_dict() or 'none'}")
+    if p.strength is not None:   # one starting strength, with where it comes from
+        lines.append(f"strength **{p.strength}** from the {md_text(p.source or 'profile')} · thresholds "
+                     f"{p.thresholds.as_dict() or 'none'}")
     elif st["recommended_strength"] is not None:
         lines.append(f"strength **{st['recommended_strength']}** recommended by `diffmix score --set-recommended`")
     else:

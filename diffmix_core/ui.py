@@ -236,9 +236,12 @@ def _save_state(request: gr.Request | None) -> tuple[bool, str]:
 
 
 def bundle_info(path: str, request: gr.Request | None = None) -> str:
-    bundle = load_bundle(path)
+    return _bundle_panel(load_bundle(path), request)
+
+
+def _bundle_panel(bundle, request: gr.Request | None, profile=None, examples: int | None = None) -> str:
     _, ref_status = S.reference_for(bundle)
-    info = S.bundle_markdown(bundle, S.clip_line(S.clip_scorer(bundle)), ref_status)
+    info = S.bundle_markdown(bundle, S.clip_line(S.clip_scorer(bundle)), ref_status, profile, examples)
     allowed, why = _save_state(request)
     return info + ("" if allowed else f"\n\nprofile saving: off ({why})")
 
@@ -250,16 +253,17 @@ def on_bundle(path: str, request: gr.Request = None):
     bundle = load_bundle(path)
     classes = list(bundle.classes)
     profile = load_profile(bundle)
-    th = profile.get("thresholds") or {}
-    strength = profile.get("strength", bundle.meta.get("recommended_strength"))
+    th = profile.thresholds.as_dict()
+    examples = bundle_examples(bundle)   # one load and one scan per bundle change
+    strength = profile.strength if profile.strength is not None else bundle.meta.get("recommended_strength")
     defaults = TranslateConfig()
     allowed, _ = _save_state(request)
-    return (bundle_info(path, request), [(p, c) for p, c in bundle_examples(bundle)],
+    return (_bundle_panel(bundle, request, profile, len(examples)), examples,
             gr.Dropdown(choices=classes, value=classes[0]),
             gr.Dropdown(choices=[S.ALL_OTHER] + classes, value=classes[min(1, len(classes) - 1)]),
             strength, *[th.get(k) for k in TH_KEYS],
-            profile.get("strategy", "diff-mix"), profile.get("num_inference_steps", defaults.num_inference_steps),
-            profile.get("guidance_scale", defaults.guidance_scale), "", None, None,
+            profile.strategy or "diff-mix", profile.num_inference_steps or defaults.num_inference_steps,
+            defaults.guidance_scale if profile.guidance_scale is None else profile.guidance_scale, "", None, None,
             source_card(path, None, None, classes[0]), gr.Button(interactive=allowed))
 
 

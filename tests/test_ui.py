@@ -171,7 +171,7 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
     assert path.parent == world["root"] / "out" / "profiles" and bundle.hash[:16] in path.name
     assert (bundle.path / "adapter.json").read_bytes() == before and load_bundle(bundle.path).hash == bundle.hash
     profile = load_profile(load_bundle(bundle.path))
-    assert (profile["strength"], profile["thresholds"], profile["source"]) == (0.5, {"min_p_target": 0.2},
+    assert (profile.strength, profile.thresholds.as_dict(), profile.source) == (0.5, {"min_p_target": 0.2},
                                                                                  "saved profile")
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         save_profile(bundle, 1.5, {})

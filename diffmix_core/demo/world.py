@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from ..bundle import Profile
 from ..config import DemoWorldConfig, FinetuneConfig, ReferenceConfig, SplitConfig, TranslateConfig
 from ..records import safe_name, save_png, write_text_atomic
 
@@ -351,8 +352,9 @@ def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
         if source not in examples:
             raise ValueError(f"the bundle has no example image of {source!r}; it has {sorted(examples)}")
     profile = load_profile(bundle)
-    config = TranslateConfig(strategy="diff-mix", num_inference_steps=profile.get("num_inference_steps", 25),
-                             guidance_scale=profile.get("guidance_scale", 7.5), resolution=bundle.resolution)
+    config = TranslateConfig(strategy="diff-mix", num_inference_steps=profile.num_inference_steps or 25,
+                             guidance_scale=7.5 if profile.guidance_scale is None else profile.guidance_scale,
+                             resolution=bundle.resolution)
     sources = {s: Source(load_image(examples[s]), s, Path(examples[s]).stem) for s, _ in pairs}
     jobs = [Job(sources[s], t, st, seed) for s, t in pairs for st in strengths]
     results = translate(_pipeline_for(bundle), jobs, config, bundle=bundle, show_progress=show_progress)
@@ -418,7 +420,7 @@ def _slim_tokenizer(folder: Path, tokenizer) -> None:
         raise ValueError(f"the base model's tokenizer is not the CLIP BPE tokenizer; keep its tokenizer.json")
 
 
-def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, base: Path, profile: dict):
+def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, base: Path, profile: Profile):
     """The bundle's shipped files (no checkpoints or logs), its reference weights in fp16, example
     images from the TEST split, pointing at the shipped ``base``, with ``profile`` (the app's sweep
     settings for it). Returns the loaded copy."""
@@ -446,7 +448,7 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
     # The base is named relative to the bundle ('../base'), so assets/demo can be moved or cloned anywhere.
     rel = Path(os.path.relpath(base.resolve(), dest.resolve())).as_posix()
     meta.update(examples="examples", base_model={"model": rel if rel.startswith("../") else f"./{rel}",
-                                                 "revision": None}, profile=profile)
+                                                 "revision": None}, profile=profile.to_dict())
     write_text_atomic(dest / ADAPTER_JSON, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return load_bundle(dest)   # verifies every file again
 
@@ -465,8 +467,8 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
         model.half()
     pipe.save_pretrained(out / "base", safe_serialization=True)
     _slim_tokenizer(out / "base" / "tokenizer", pipe.tokenizer)
-    profile = {"strength": info["recommended_strength"], "thresholds": {}, "strategy": "diff-mix",
-               "num_inference_steps": info["num_inference_steps"], "guidance_scale": info["guidance_scale"]}
+    profile = Profile(strength=info["recommended_strength"], strategy="diff-mix",
+                      num_inference_steps=info["num_inference_steps"], guidance_scale=info["guidance_scale"])
     bundle = _copy_bundle(bundle_dir, out / "bundle", data, per_class, out / "base", profile)
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     info = dict(info, total_bytes=sum(sizes.values()), bundle_hash=bundle.hash)
