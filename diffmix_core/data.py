@@ -47,6 +47,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .config import SplitConfig
+from .layouts import Layout, clean_class_name, detect_layout
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = int(os.environ.get("DIFFMIX_MAX_PIXELS", 40_000_000))
@@ -153,6 +154,9 @@ class Dataset:
     items: tuple[Item, ...]
     skipped: tuple[tuple[str, str], ...] = ()   # (path, reason) of unusable files
     source: Path | None = None              # what was read (the folder, or the CSV file)
+    layout: str = ""                        # the layout detected, e.g. 'imagefolder', 'cub-200-2011'
+    # {image id: 'train' | 'test'}: the dataset's own split, which make_splits keeps (None: it has none)
+    official: dict[str, str] | None = dataclasses.field(default=None, hash=False)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -182,8 +186,8 @@ class Dataset:
 
 
 def folder_class_name(folder: str) -> str:
-    """ImageFolder folder name -> class name ('Black_footed_Albatross' -> 'Black footed Albatross')."""
-    return folder.replace("_", " ").strip()
+    """ImageFolder folder name -> class name ('001.Black_footed_Albatross' -> 'Black footed Albatross')."""
+    return clean_class_name(folder)
 
 
 def _is_image(path: Path) -> bool:
@@ -199,8 +203,9 @@ def _image_files(folder: Path) -> list[Path]:
     return out
 
 
-def _read_imagefolder(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
-    """(path, class name) candidates of an ImageFolder, and files outside class folders."""
+def _read_imagefolder(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]], dict[str, str]]:
+    """(path, class name) candidates of an ImageFolder, files outside class folders, and
+    {class name: its folder name}."""
     candidates, stray = [], []
     names: dict[str, str] = {}
     for entry in sorted(root.iterdir()):
@@ -216,15 +221,12 @@ def _read_imagefolder(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[st
                              f"{name!r} ('_' reads as a space); rename one")
         names[name] = entry.name
         candidates += [(p, name) for p in _image_files(entry)]
-    return candidates, stray
+    return candidates, stray, names
 
 
-def _class_order(names: Iterable[str], folders: bool) -> list[str]:
-    """Label order: by folder name for ImageFolder classes ('_' restored), numeric when every
-    label is an integer, else by name."""
+def _class_order(names: Iterable[str]) -> list[str]:
+    """Label order of classes not named by folders: numeric when every label is an integer, else by name."""
     names = set(names)
-    if folders:
-        return sorted(names, key=lambda n: n.replace(" ", "_"))
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
@@ -254,16 +256,20 @@ def _metadata_rows(folder: Path) -> list[dict] | None:
     return None
 
 
-def _read_hf_imagefolder(root: Path, folders: list[Path]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
-    """(path, class name) candidates of a Hugging Face imagefolder (all splits pooled)."""
-    candidates, problems = [], []
+def _read_hf_imagefolder(root: Path, folders: list[Path]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]],
+                                                                   list[str] | None]:
+    """(path, class name) candidates of a Hugging Face imagefolder (all splits), problems, and the
+    class order when every split names its classes by folders (else None)."""
+    candidates, problems, class_folders, by_metadata = [], [], {}, False
     for folder in folders:
         rows = _metadata_rows(folder)
         if rows is None:  # labels from the class folders inside the split folder
-            sub, stray = _read_imagefolder(folder)
+            sub, stray, names = _read_imagefolder(folder)
             candidates += sub
             problems += stray
+            class_folders.update(names)
             continue
+        by_metadata = True
         for n, row in enumerate(rows, 1):
             name = row.get("file_name")
             label = next((row[c] for c in LABEL_COLUMNS if row.get(c) not in (None, "")), None)
@@ -276,8 +282,18 @@ def _read_hf_imagefolder(root: Path, folders: list[Path]) -> tuple[list[tuple[Pa
             if label is None:
                 problems.append((str(path), f"no label: metadata has none of {LABEL_COLUMNS} and no class folder"))
                 continue
-            candidates.append((path, str(label).strip()))
-    return candidates, problems
+            candidates.append((path, clean_class_name(str(label))))
+    return candidates, problems, None if by_metadata else sorted(class_folders, key=class_folders.get)
+
+
+def _split_folder_official(root: Path, folders: list[Path], candidates: list[tuple[Path, str]]) -> dict | None:
+    """{path: 'train' | 'test'} from the split folders (train, validation, val, valid -> train), when
+    the dataset has both a train and a test folder; else None (the split file then re-splits)."""
+    names = {f.name.lower() for f in folders if f != root}
+    if not {"train", "test"} <= names:
+        return None
+    return {p: "test" if Path(os.path.relpath(p, root)).parts[0].lower() == "test" else "train"
+            for p, _ in candidates}
 
 
 def _read_csv(file: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
@@ -294,27 +310,53 @@ def _read_csv(file: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]
                 problems.append((f"{file}:{n}", "empty path or label"))
                 continue
             path = Path(row["path"])
-            candidates.append((path if path.is_absolute() else file.parent / path, row["label"]))
+            candidates.append((path if path.is_absolute() else file.parent / path, clean_class_name(row["label"])))
     return candidates, problems
 
 
-def _detect(source: Path) -> tuple[str, Path, list[tuple[Path, str]], list[tuple[str, str]]]:
-    """(layout, root, candidates, problems) for a dataset path."""
+@dataclass(frozen=True)
+class _Found:
+    """What :func:`_detect` read from a dataset path, before any image is decoded."""
+
+    layout: str                               # layout name ('csv', 'imagefolder', 'cub-200-2011', ...)
+    root: Path                                # image ids are relative to this folder
+    candidates: list[tuple[Path, str]]        # (image path, class name)
+    problems: list[tuple[str, str]]           # (path, reason) of entries unusable before decoding
+    classes: list[str] | None = None          # label order; None: _class_order decides
+    official: dict[Path, str] | None = None   # {image path: 'train' | 'test'}: the dataset's own split
+
+
+def _from_layout(layout: Layout) -> _Found:
+    """An official layout (layouts.detect_layout) as candidates with their official split."""
+    candidates = [(path, name) for path, name, _ in layout.files]
+    return _Found(layout.name, layout.root, candidates, [], list(layout.classes),
+                  {path: split for path, _, split in layout.files})
+
+
+def _detect(source: Path) -> _Found:
+    """What a dataset path holds: an official layout (layouts.py), a CSV, a Hugging Face
+    imagefolder or an ImageFolder, in that order."""
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise ValueError(f"{source} is a file but not a .csv; give a CSV with header 'path,label', an "
                              "ImageFolder folder (one sub-folder per class) or a Hugging Face imagefolder")
-        return ("csv", source.parent.resolve(), *_read_csv(source))
+        return _Found("csv", source.parent.resolve(), *_read_csv(source))
     if not source.is_dir():
         raise FileNotFoundError(f"dataset {source} does not exist")
     root = source.resolve()
+    layout = detect_layout(root)
+    if layout is not None:
+        return _from_layout(layout)
     if any((root / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
         raise ValueError(f"{source} looks like a datasets.save_to_disk() folder (Arrow files), which holds no "
                          "image files; write it out as an imagefolder (images + metadata.jsonl) first")
     folders = _hf_split_folders(root)
     if folders is not None:
-        return ("hf-imagefolder", root, *_read_hf_imagefolder(root, folders))
-    return ("imagefolder", root, *_read_imagefolder(root))
+        candidates, problems, order = _read_hf_imagefolder(root, folders)
+        return _Found("hf-imagefolder", root, candidates, problems, order,
+                      _split_folder_official(root, folders, candidates))
+    candidates, stray, class_folders = _read_imagefolder(root)
+    return _Found("imagefolder", root, candidates, stray, sorted(class_folders, key=class_folders.get))
 
 
 def _item_id(path: Path, root: Path) -> str:
@@ -326,10 +368,11 @@ def _item_id(path: Path, root: Path) -> str:
 
 
 def _validate(candidates: list[tuple[Path, str]], root: Path, max_pixels: int | None,
-              show_progress: bool) -> tuple[list[tuple[str, Path, str]], list[tuple[str, str]]]:
+              show_progress: bool, layout: str = "") -> tuple[list[tuple[str, Path, str]], list[tuple[str, str]]]:
     """Decode every candidate once; (id, path, class) of the good ones and (path, reason) of the rest."""
     good, bad, seen = [], [], set()
-    for path, name in tqdm(candidates, desc="checking images", unit="img", disable=not show_progress):
+    desc = f"checking images ({layout})" if layout else "checking images"
+    for path, name in tqdm(candidates, desc=desc, unit="img", disable=not show_progress):
         item_id = _item_id(path, root)
         if item_id in seen:
             bad.append((str(path), "listed twice"))
@@ -347,24 +390,8 @@ def _validate(candidates: list[tuple[Path, str]], root: Path, max_pixels: int | 
     return good, bad
 
 
-def read_dataset(source: str | os.PathLike, *, strict: bool = False, max_pixels: int | None = None,
-                 show_progress: bool = True) -> Dataset:
-    """Read and validate a dataset (layouts: see the module docstring).
-
-    Args:
-        source: an ImageFolder folder, a Hugging Face imagefolder folder or a ``path,label`` CSV.
-        strict: raise ValueError listing every unusable file instead of skipping them.
-        max_pixels: refuse larger images (default :data:`MAX_PIXELS`).
-        show_progress: tqdm bar while decoding.
-
-    Raises:
-        FileNotFoundError: ``source`` does not exist.
-        ValueError: fewer than two classes with usable images, bad CSV header, clashing
-            class folders, or (strict) any unusable file.
-    """
-    layout, root, candidates, problems = _detect(Path(source))
-    good, bad = _validate(candidates, root, max_pixels, show_progress)
-    skipped = problems + bad
+def _report_skipped(skipped: list[tuple[str, str]], source: str | os.PathLike, strict: bool) -> None:
+    """Raise (strict) or warn about the unusable files, naming the first ones."""
     if skipped and strict:
         lines = "\n".join(f"  {p}: {r}" for p, r in skipped[:50])
         more = f"\n  ... and {len(skipped) - 50} more" if len(skipped) > 50 else ""
@@ -372,19 +399,54 @@ def read_dataset(source: str | os.PathLike, *, strict: bool = False, max_pixels:
     if skipped:
         shown = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
         warnings.warn(f"skipped {len(skipped)} unusable file(s) in {source}: {shown}"
-                      f"{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
-    declared = {name for _, name in candidates}
-    classes = _class_order({name for _, _, name in good}, folders=layout == "imagefolder")
-    empty = sorted(declared - set(classes))
+                      f"{' ...' if len(skipped) > 5 else ''}", stacklevel=3)
+
+
+def _usable_classes(found: _Found, good: list[tuple[str, Path, str]], source: str | os.PathLike) -> list[str]:
+    """Classes with at least one usable image, in label order; warns about the empty ones, refuses < 2."""
+    present = {name for _, _, name in good}
+    order = found.classes if found.classes is not None else _class_order(present)
+    classes = [c for c in order if c in present]
+    empty = sorted({name for _, name in found.candidates} - present)
     if empty:
-        warnings.warn(f"class(es) without a usable image are left out: {empty[:10]}", stacklevel=2)
+        warnings.warn(f"class(es) without a usable image are left out: {empty[:10]}", stacklevel=3)
     if len(classes) < 2:
-        raise ValueError(f"dataset {source} ({layout}) has {len(classes)} class(es) with usable images "
+        raise ValueError(f"dataset {source} ({found.layout}) has {len(classes)} class(es) with usable images "
                          f"{classes}; Diff-Mix needs at least 2 (ImageFolder: one sub-folder per class)")
+    return classes
+
+
+def read_dataset(source: str | os.PathLike, *, strict: bool = False, max_pixels: int | None = None,
+                 show_progress: bool = True) -> Dataset:
+    """Read and validate a dataset (layouts: see the module docstring and layouts.py).
+
+    Args:
+        source: an official benchmark folder (CUB-200-2011, FGVC-Aircraft, Flowers-102, Stanford
+            Cars, Oxford-IIIT Pet), an ImageFolder folder, a Hugging Face imagefolder folder or a
+            ``path,label`` CSV.
+        strict: raise ValueError listing every unusable file instead of skipping them.
+        max_pixels: refuse larger images (default :data:`MAX_PIXELS`).
+        show_progress: tqdm bar while decoding (it names the layout detected).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist, or an official layout misses one of its files.
+        ValueError: fewer than two classes with usable images, bad CSV header, clashing class
+            folders, a broken official list (unknown image id in line N, ...), or (strict) any
+            unusable file.
+    """
+    found = _detect(Path(source))
+    good, bad = _validate(found.candidates, found.root, max_pixels, show_progress, found.layout)
+    skipped = found.problems + bad
+    _report_skipped(skipped, source, strict)
+    classes = _usable_classes(found, good, source)
     label = {c: i for i, c in enumerate(classes)}
     items = sorted((Item(i, p, label[c], c) for i, p, c in good), key=lambda it: (it.label, it.id))
-    return Dataset(root=root, classes=tuple(classes), items=tuple(items), skipped=tuple(skipped),
-                   source=Path(source).resolve())
+    official = None
+    if found.official is not None:
+        split_of = {_item_id(p, found.root): s for p, s in found.official.items()}
+        official = {it.id: split_of[it.id] for it in items}
+    return Dataset(root=found.root, classes=tuple(classes), items=tuple(items), skipped=tuple(skipped),
+                   source=Path(source).resolve(), layout=found.layout, official=official)
 
 
 # --------------------------------------------------------------------------- splits
@@ -410,30 +472,47 @@ def make_splits(dataset: Dataset, config: SplitConfig) -> dict[str, list[str]]:
     Per class (its own RNG seeded by (seed, class name), so adding a class does
     not reshuffle the others): shuffle, take round(n*test_fraction) for test,
     round(n*val_fraction) for val (at least one each when the fraction is > 0),
-    the rest is the training pool. Few-shot keeps ``shots`` images of each pool;
-    long-tail keeps n_i = n_max * IF**(i/(C-1)) with n_max = ``shots`` or else the
-    smallest pool, so every count is exact. Unused pool images go nowhere: val
-    and test never change with shots / imbalance. Ids come back in dataset order.
+    the rest is the training pool. A dataset with an official split
+    (``dataset.official``) keeps it: test is its test set (``test_fraction`` is
+    not used), val and the pool come from its train images only. Few-shot keeps
+    ``shots`` images of each pool; long-tail keeps n_i = n_max * IF**(i/(C-1))
+    with n_max = ``shots`` or else the smallest pool, so every count is exact.
+    Unused pool images go nowhere: val and test never change with shots /
+    imbalance. Ids come back in dataset order.
     """
     pools: list[list[Item]] = []
     chosen: dict[str, set[str]] = {s: set() for s in SPLITS}
     for name, items in dataset.by_class().items():
-        items = sorted(items, key=lambda it: it.id)
-        random.Random(f"diffmix-split:{config.seed}:{name}").shuffle(items)
-        n_test, n_val = _held_out(len(items), config.test_fraction), _held_out(len(items), config.val_fraction)
-        if n_test + n_val >= len(items):
-            raise ValueError(f"class {name!r} has {len(items)} image(s): too few for val_fraction "
-                             f"{config.val_fraction} and test_fraction {config.test_fraction} to leave a training "
-                             "image; lower the fractions or add images")
-        chosen["test"].update(it.id for it in items[:n_test])
-        chosen["val"].update(it.id for it in items[n_test:n_test + n_val])
-        pools.append(items[n_test + n_val:])
-    for pool, n in zip(pools, _train_counts([len(p) for p in pools], config)):
+        test, val, pool = _class_parts(name, items, config, dataset.official)
+        chosen["test"].update(it.id for it in test)
+        chosen["val"].update(it.id for it in val)
+        pools.append(pool)
+    for name, pool, n in zip(dataset.classes, pools, _train_counts([len(p) for p in pools], config)):
         if n > len(pool):
-            raise ValueError(f"class {pool[0].class_name!r} has {len(pool)} training image(s) after val/test, "
+            raise ValueError(f"class {name!r} has {len(pool)} training image(s) after val/test, "
                              f"fewer than the {n} that shots={config.shots} / imbalance={config.imbalance} ask for")
         chosen["train"].update(it.id for it in pool[:n])
     return {s: [it.id for it in dataset.items if it.id in chosen[s]] for s in SPLITS}
+
+
+def _class_parts(name: str, items: list[Item], config: SplitConfig,
+                 official: dict[str, str] | None) -> tuple[list[Item], list[Item], list[Item]]:
+    """(test, val, training pool) of one class, shuffled by its own RNG; with an official split
+    the test part is its test images and only its train images are shuffled and divided."""
+    items = sorted(items, key=lambda it: it.id)
+    test = [it for it in items if official is not None and official[it.id] == "test"]
+    items = [it for it in items if official is None or official[it.id] != "test"]
+    random.Random(f"diffmix-split:{config.seed}:{name}").shuffle(items)
+    n_test = 0 if official is not None else _held_out(len(items), config.test_fraction)
+    n_val = _held_out(len(items), config.val_fraction)
+    if n_test + n_val >= len(items):
+        if official is not None:
+            raise ValueError(f"class {name!r} has {len(items)} official training image(s): too few for "
+                             f"val_fraction {config.val_fraction} to leave a training image; lower it or add images")
+        raise ValueError(f"class {name!r} has {len(items)} image(s): too few for val_fraction "
+                         f"{config.val_fraction} and test_fraction {config.test_fraction} to leave a training "
+                         "image; lower the fractions or add images")
+    return test + items[:n_test], items[n_test:n_test + n_val], items[n_test + n_val:]
 
 
 def _train_counts(pool_sizes: list[int], config: SplitConfig) -> list[int]:
@@ -450,7 +529,8 @@ def write_split_file(path: str | os.PathLike, dataset: Dataset, splits: dict, co
     """Write the split file (JSON, atomically)."""
     from .records import write_text_atomic
 
-    data = {"format_version": SPLIT_FORMAT_VERSION, "dataset": str(dataset.root), "classes": list(dataset.classes),
+    data = {"format_version": SPLIT_FORMAT_VERSION, "dataset": str(dataset.root), "layout": dataset.layout,
+            "official_split": dataset.official is not None, "classes": list(dataset.classes),
             "config": dataclasses.asdict(config), "splits": {s: list(splits[s]) for s in SPLITS}}
     return write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
@@ -540,7 +620,23 @@ def resolve_splits(dataset: Dataset, split_file: str | os.PathLike | None = None
     if missing:
         raise ValueError(f"split file {path} lists {len(missing)} image(s) the dataset does not have (removed or "
                          f"unreadable), e.g. {missing[:3]}; restore them, or give another --split-file")
+    _check_official(dataset, data["splits"], path)
     return {s: list(data["splits"][s]) for s in SPLITS}
+
+
+def _check_official(dataset: Dataset, splits: dict, path: Path) -> None:
+    """Refuse a split file that does not keep the dataset's official split (test = its test set,
+    train and val from its train set), e.g. one made by a diffmix that pooled every image."""
+    if dataset.official is None:
+        return
+    test = {i for i, s in dataset.official.items() if s == "test"}
+    leaked = [i for s in ("train", "val") for i in splits[s] if i in test]
+    if leaked or set(splits["test"]) != test:
+        problem = (f"puts {len(leaked)} official test image(s) in train/val, e.g. {leaked[:3]}" if leaked else
+                   f"has a test split of {len(splits['test'])} image(s), not the {len(test)} official test images")
+        raise ValueError(f"split file {path} {problem}: this {dataset.layout} dataset has an official train/test "
+                         "split, which every stage keeps. Delete the file (it is made again) or give another "
+                         "--split-file")
 
 
 def split_subset(dataset: Dataset, splits: dict, name: str) -> Dataset:
