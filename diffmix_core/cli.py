@@ -197,8 +197,10 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, splits: bool = True) ->
     """
     from .config import SplitConfig
 
-    parser.add_argument("--data", type=Path, required=True, help="dataset: ImageFolder folder (one sub-folder per "
-                        "class), Hugging Face imagefolder folder, or CSV with header path,label")
+    parser.add_argument("--data", type=Path, required=True, help="dataset: a benchmark's folder in its official "
+                        "layout (CUB-200-2011, FGVC-Aircraft, Flowers-102, Stanford Cars, Oxford-IIIT Pet: its "
+                        "train/test split is kept), ImageFolder folder (one sub-folder per class), Hugging Face "
+                        "imagefolder folder, or CSV with header path,label")
     parser.add_argument("--strict", action="store_true", help="fail on unusable image files instead of skipping them")
     parser.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (default: "
                         "DIFFMIX_MAX_PIXELS or 40M)")
@@ -234,7 +236,9 @@ def run_split(args: argparse.Namespace) -> None:
     dataset = read_dataset(args.data, strict=args.strict, max_pixels=args.max_pixels, show_progress=not args.quiet)
     splits = resolve_splits(dataset, args.split_file, split_config_from_args(args))
     counts = {name: split_subset(dataset, splits, name).counts() for name in splits}
-    print(f"{len(dataset.items)} images, {len(dataset.classes)} classes, {len(dataset.skipped)} skipped")
+    kept = ", official train/test split kept" if dataset.official is not None else ""
+    print(f"{len(dataset.items)} images, {len(dataset.classes)} classes, {len(dataset.skipped)} skipped "
+          f"(layout: {dataset.layout}{kept})")
     for path, reason in dataset.skipped[:20]:
         print(f"  skipped {path}: {reason}")
     width = max(len(c) for c in dataset.classes)
