@@ -347,9 +347,9 @@ def _detect(source: Path) -> _Found:
     layout = detect_layout(root)
     if layout is not None:
         return _from_layout(layout)
-    if any((root / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
-        raise ValueError(f"{source} looks like a datasets.save_to_disk() folder (Arrow files), which holds no "
-                         "image files; write it out as an imagefolder (images + metadata.jsonl) first")
+    if any((root / f).is_file() for f in ("dataset_info.json", "state.json")):
+        raise ValueError(f"{source} looks like a single datasets.save_to_disk() Dataset; diffmix reads a saved "
+                         "DatasetDict with 'train' and 'test' splits, or an imagefolder (images + metadata.jsonl)")
     folders = _hf_split_folders(root)
     if folders is not None:
         candidates, problems, order = _read_hf_imagefolder(root, folders)

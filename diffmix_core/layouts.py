@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 # The 102 Oxford Flowers category names, in label order (label 1 = "pink primrose"): the list
 # the dataset's authors publish with the labels and the Diff-Mix code uses.
 FLOWERS102_CLASSES = (
@@ -242,6 +244,79 @@ def read_pets(root: Path) -> Layout:
     return Layout("oxford-iiit-pet", root, tuple(classes[c] for c in sorted(classes)), tuple(files))
 
 
+# --------------------------------------------------------------------------- datasets.save_to_disk()
+HF_IMAGES = "diffmix_images"     # where the images of a save_to_disk() folder are written as files
+HF_SPLITS = {"train": "train", "validation": "train", "val": "train", "valid": "train", "test": "test"}
+
+
+def read_hf_disk(root: Path) -> Layout:
+    """A ``datasets.save_to_disk()`` DatasetDict with train and test splits (validation is part of
+    train). Every stage reads image files, so its images are written once, as they are stored,
+    to ``<root>/diffmix_images/<split>/<row>.<ext>`` (kept while their size matches)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(root))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{root}: cannot load this datasets.save_to_disk() folder with "
+                         f"datasets.load_from_disk ({err})") from None
+    if not isinstance(saved, datasets.DatasetDict) or not {"train", "test"} <= {k.lower() for k in saved}:
+        found = list(saved) if isinstance(saved, datasets.DatasetDict) else "a single Dataset"
+        raise ValueError(f"{root}: a save_to_disk() folder needs a DatasetDict with 'train' and 'test' splits "
+                         f"(found {found}); save one with both, or write an imagefolder")
+    first = saved[next(k for k in saved if k.lower() == "train")]
+    image, label, classes = _hf_columns(first.features, root)
+    files = []
+    for key in (k for k in saved if k.lower() in HF_SPLITS):
+        rows = saved[key].cast_column(image, datasets.Image(decode=False)).select_columns([image, label])
+        for n, row in enumerate(tqdm(rows, desc=f"writing {key} images", unit="img", leave=False)):
+            name = classes[row[label]] if isinstance(row[label], int) else clean_class_name(str(row[label]))
+            path = _write_stored_image(row[image], root / HF_IMAGES / key / f"{n:06d}", f"{key} row {n}")
+            files.append((path, name, HF_SPLITS[key.lower()]))
+    order = tuple(classes) if classes else tuple(sorted({name for _, name, _ in files}))
+    return Layout("hf-disk", root, order, tuple(files))
+
+
+def _hf_columns(features: dict, root: Path) -> tuple[str, str, list[str]]:
+    """(image column, label column, clean ClassLabel names or [] for a string label column)."""
+    import datasets
+
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    labels += [k for k in ("label", "labels", "class_name", "class") if k in features and k not in labels]
+    if not images or not labels:
+        raise ValueError(f"{root}: the train split needs an Image column and a ClassLabel (or label) column; "
+                         f"it has {dict(features)}")
+    feature = features[labels[0]]
+    return images[0], labels[0], [clean_class_name(n) for n in getattr(feature, "names", [])]
+
+
+def _write_stored_image(value: dict, stem: Path, where: str) -> Path:
+    """The file of one stored image: its own path when only a path is stored, else its bytes
+    written (atomically, once) to ``stem`` + the format's extension."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .records import atomic_path
+
+    data, path = value.get("bytes"), value.get("path")
+    if data is None:
+        if not path:
+            raise ValueError(f"{stem.parent}: {where} stores neither image bytes nor a path")
+        return Path(path)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            ext = {"JPEG": ".jpg", "TIFF": ".tif"}.get(im.format, f".{(im.format or 'png').lower()}")
+    except UnidentifiedImageError:
+        ext = Path(path or "x.png").suffix or ".png"   # left for the decoder to report as unusable
+    target = stem.with_suffix(ext)
+    if not (target.is_file() and target.stat().st_size == len(data)):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+    return target
+
+
 # --------------------------------------------------------------------------- detection
 # (marker file, the folders it may sit in relative to the given folder, reader); first match wins.
 READERS: tuple[tuple[str, tuple[str, ...], Callable[[Path], Layout]], ...] = (
@@ -250,6 +325,7 @@ READERS: tuple[tuple[str, tuple[str, ...], Callable[[Path], Layout]], ...] = (
     ("setid.mat", (".", "flowers102", "oxford-flowers-102"), read_flowers),
     ("devkit/cars_meta.mat", (".", "stanford_cars", "stanford-cars"), read_cars),
     ("annotations/trainval.txt", (".", "oxford-iiit-pet"), read_pets),
+    ("dataset_dict.json", (".",), read_hf_disk),
 )
 
 

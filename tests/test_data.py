@@ -123,7 +123,7 @@ def test_hf_imagefolder_metadata_and_split_folders(tmp_path):
     (flat / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{c}/img_00{j}.png"}) + "\n"
                                                  for c in ("a_cat", "dog") for j in range(2)))
     assert read(flat).classes == ("a cat", "dog")
-    # an Arrow folder from datasets' save_to_disk holds no image files: refused with the way out
+    # a broken datasets.save_to_disk() folder (its splits' Arrow files missing): refused, saying what it is
     (tmp_path / "arrow").mkdir()
     (tmp_path / "arrow" / "dataset_dict.json").write_text('{"splits": ["train"]}')
     with pytest.raises(ValueError, match="save_to_disk"):

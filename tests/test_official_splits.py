@@ -131,6 +131,19 @@ def write_split_folders(root):
     return root
 
 
+def write_hf_disk(root):
+    """datasets.save_to_disk() of a DatasetDict: per class 2 train + 1 validation and 2 test rows."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CUB))})
+    parts = {"train": 2, "validation": 1, "test": 2}
+    rows = {k: {"image": [shape_image(100 * c + j + 10 * len(k)) for c in range(3) for j in range(n)],
+                "label": [c for c in range(3) for _ in range(n)]} for k, n in parts.items()}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in rows.items()}
+                         ).save_to_disk(str(root))
+    return root
+
+
 LAYOUTS = {   # writer, layout name, classes, official train and test images per class
     "cub": (write_cub, "cub-200-2011", ("Black footed Albatross", "Laysan Albatross", "Cardinal"), 3, 2),
     "aircraft": (write_aircraft, "fgvc-aircraft", ("707-320", "F/A-18", "Cessna 172"), 3, 2),
@@ -138,6 +151,7 @@ LAYOUTS = {   # writer, layout name, classes, official train and test images per
                                                       "english marigold"), 4, 2),
     "cars": (write_cars, "stanford-cars", CARS, 3, 2),
     "pets": (write_pets, "oxford-iiit-pet", ("Abyssinian", "american bulldog", "Bengal"), 3, 2),
+    "hf-disk": (write_hf_disk, "hf-disk", ("Black footed Albatross", "Laysan Albatross", "Cardinal"), 3, 2),
     "split-folders": (write_split_folders, "hf-imagefolder", ("Acura TL", "Audi R8"), 3, 2),
 }
 
@@ -215,6 +229,22 @@ def test_clean_class_names_and_imagefolder_order(tmp_path):
     folder = read(tmp_path / "cub" / "CUB_200_2011" / "images")   # the images/ folder alone: an ImageFolder
     assert folder.layout == "imagefolder" and folder.official is None
     assert folder.classes == ("Black footed Albatross", "Laysan Albatross", "Cardinal")   # folder (id) order
+
+
+def test_hf_disk_images_are_written_once(tmp_path):
+    import datasets
+
+    ds = read(write_hf_disk(tmp_path / "hf"))
+    files = sorted((tmp_path / "hf" / "diffmix_images").rglob("*.png"))
+    assert len(files) == len(ds.items) == 15 and ds.items[0].id.startswith("diffmix_images/")
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = read(tmp_path / "hf")
+    assert [f.stat().st_mtime_ns for f in files] == stamps and again.official == ds.official
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [shape_image(0)], "label": [0]},
+                          features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+                              names=["a", "b"])}))}).save_to_disk(str(tmp_path / "trainonly"))
+    with pytest.raises(ValueError, match="'train' and 'test' splits"):
+        read(tmp_path / "trainonly")
 
 
 # --------------------------------------------------------------------------- broken layouts
