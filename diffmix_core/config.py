@@ -149,8 +149,10 @@ class SplitConfig:
     """
 
     seed: int = option(0, "split seed shared by every stage", flags=("--split-seed",))
-    val_fraction: float = option(0.1, "share of each class held out for validation (model selection)")
-    test_fraction: float = option(0.2, "share of each class held out for the final test")
+    val_fraction: float = option(0.1, "share of each class held out for validation (model selection; "
+                                 "drawn from the official train set where there is one)")
+    test_fraction: float = option(0.2, "share of each class held out for the final test (a dataset with an "
+                                  "official test set keeps that one instead)")
     shots: int | None = option(None, "few-shot: k training images per class (paper: 1, 5, 10); none = all")
     imbalance: float | None = option(None, "long-tail: imbalance factor IF, n_i = n_max * IF**(i/(C-1)) "
                                      "(paper: 0.1, 0.02, 0.01)")

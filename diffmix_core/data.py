@@ -7,20 +7,25 @@ Data stage API (other stages code against these names):
 * :func:`read_dataset` -> :class:`Dataset` of :class:`Item` (id = path relative
   to the dataset root, posix). Layouts, detected in this order:
 
+  0. a benchmark in its official layout (layouts.py: CUB-200-2011, FGVC-Aircraft,
+     Flowers-102, Stanford Cars, Oxford-IIIT Pet, a ``save_to_disk()`` DatasetDict):
+     its official train/test split is kept (``Dataset.official``), classes in its
+     class-id order;
   1. a ``.csv`` file with header ``path,label``: paths relative to the CSV's
-     folder (the dataset root), label = class name as written;
+     folder (the dataset root), label = the class name;
   2. a Hugging Face ``imagefolder`` folder: it (or a ``train/`` split folder in
      it) holds ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` plus a
      ``label`` / ``class_name`` / ``class`` column, else the parent folder names
      the class), or every sub-folder is a split name (train, validation, val,
-     valid, test) holding class folders. All splits are pooled: the split file
-     decides train/val/test, never the folder layout;
-  3. otherwise an ImageFolder: one sub-folder per class (searched recursively),
-     ``_`` in folder names becomes a space in class names.
+     valid, test) holding class folders. With both a train and a test folder their
+     split is kept (validation folders count as train), else they are pooled;
+  3. otherwise an ImageFolder: one sub-folder per class (searched recursively).
 
-  Classes are sorted by name (folder name for ImageFolder); labels follow that
-  order. Every image is decoded once; bad files are skipped with a warning and
-  listed in ``Dataset.skipped`` (``strict=True`` raises instead).
+  Class names are cleaned (layouts.clean_class_name: ``001.Black_footed_Albatross``
+  -> ``Black footed Albatross``). Label order: official class ids, else folder
+  names, else numeric or by name. Every image is decoded once; bad files are
+  skipped with a warning and listed in ``Dataset.skipped`` (``strict=True`` raises
+  instead).
 * :class:`~diffmix_core.config.SplitConfig`, :func:`make_splits`,
   :func:`write_split_file`, :func:`read_split_file`, :func:`split_subset`.
 * :func:`resolve_splits` — THE entry every stage uses: reads the split file
