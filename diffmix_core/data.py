@@ -287,7 +287,7 @@ def _read_hf_imagefolder(root: Path, folders: list[Path]) -> tuple[list[tuple[Pa
             if label is None:
                 problems.append((str(path), f"no label: metadata has none of {LABEL_COLUMNS} and no class folder"))
                 continue
-            candidates.append((path, clean_class_name(str(label))))
+            candidates.append((path, str(label).strip()))
     return candidates, problems, None if by_metadata else sorted(class_folders, key=class_folders.get)
 
 
@@ -315,8 +315,20 @@ def _read_csv(file: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]
                 problems.append((f"{file}:{n}", "empty path or label"))
                 continue
             path = Path(row["path"])
-            candidates.append((path if path.is_absolute() else file.parent / path, clean_class_name(row["label"])))
-    return candidates, problems
+            candidates.append((path if path.is_absolute() else file.parent / path, row["label"]))
+    return _clean_names(candidates, file), problems
+
+
+def _clean_names(candidates: list[tuple[Path, str]], source: Path) -> list[tuple[Path, str]]:
+    """Candidates with clean class names (layouts.clean_class_name); ValueError when two labels
+    as written give one name."""
+    written: dict[str, str] = {}
+    for _, raw in candidates:
+        name = clean_class_name(raw)
+        if written.setdefault(name, raw) != raw:
+            raise ValueError(f"labels {written[name]!r} and {raw!r} in {source} both give class name {name!r} "
+                             "('_' reads as a space, a 'NNN.' id prefix is dropped); rename one")
+    return [(path, clean_class_name(raw)) for path, raw in candidates]
 
 
 @dataclass(frozen=True)
@@ -358,6 +370,7 @@ def _detect(source: Path) -> _Found:
     folders = _hf_split_folders(root)
     if folders is not None:
         candidates, problems, order = _read_hf_imagefolder(root, folders)
+        candidates = _clean_names(candidates, root)
         return _Found("hf-imagefolder", root, candidates, problems, order,
                       _split_folder_official(root, folders, candidates))
     candidates, stray, class_folders = _read_imagefolder(root)

@@ -247,6 +247,19 @@ def test_hf_disk_images_are_written_once(tmp_path):
         read(tmp_path / "trainonly")
 
 
+def test_csv_and_metadata_labels_are_cleaned_and_clashes_refused(tmp_path):
+    for j in range(2):
+        save(tmp_path / "ds" / f"{j}.png", j)
+    (tmp_path / "ds" / "list.csv").write_text("path,label\n0.png,001.Black_footed_Albatross\n1.png,017.Cardinal\n")
+    assert read(tmp_path / "ds" / "list.csv").classes == ("Black footed Albatross", "Cardinal")
+    (tmp_path / "ds" / "clash.csv").write_text("path,label\n0.png,a_b\n1.png,a b\n")
+    with pytest.raises(ValueError, match="labels 'a_b' and 'a b' .* both give class name 'a b'"):
+        read(tmp_path / "ds" / "clash.csv")
+    rows = [{"file_name": "0.png", "label": "002.Laysan_Albatross"}, {"file_name": "1.png", "label": "017.Cardinal"}]
+    (tmp_path / "ds" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read(tmp_path / "ds").classes == ("Cardinal", "Laysan Albatross")
+
+
 # --------------------------------------------------------------------------- broken layouts
 def test_broken_cub_names_the_file_and_line(tmp_path):
     cub = write_cub(tmp_path / "a") / "CUB_200_2011"
