@@ -270,7 +270,10 @@ def read_hf_disk(root: Path) -> Layout:
     for key in (k for k in saved if k.lower() in HF_SPLITS):
         rows = saved[key].cast_column(image, datasets.Image(decode=False)).select_columns([image, label])
         for n, row in enumerate(tqdm(rows, desc=f"writing {key} images", unit="img", leave=False)):
-            name = classes[row[label]] if isinstance(row[label], int) else clean_class_name(str(row[label]))
+            value = row[label]   # a ClassLabel index, else the label as stored (a name or a number)
+            if classes and not 0 <= value < len(classes):
+                raise ValueError(f"{root}: {key} row {n} has label {value}; the ClassLabel has {len(classes)} names")
+            name = classes[value] if classes else clean_class_name(str(value))
             path = _write_stored_image(row[image], root / HF_IMAGES / key / f"{n:06d}", f"{key} row {n}")
             files.append((path, name, HF_SPLITS[key.lower()]))
     order = tuple(classes) if classes else tuple(sorted({name for _, name, _ in files}))
