@@ -621,8 +621,9 @@ def add_experiment_parser(sub) -> None:
                        description="Run the design a YAML config names (settings x arms x strengths x seeds): "
                        "synthesize what each arm needs, train a classifier per run (selection on validation), "
                        "and write a results table (markdown + JSON, mean ± std over seeds, each arm's paired "
-                       "difference to the baseline with a 95 % bootstrap interval) and a plot of test accuracy "
-                       "against strength. Resumable: finished runs and synthetic sets are reused.")
+                       "difference to the baseline with a 95 % t-interval over seeds, raw and Holm-adjusted "
+                       "p-values) and a plot of test accuracy against strength. Resumable: finished runs and "
+                       "synthetic sets are reused.")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML (see configs/)")
     p.add_argument("--quick", action="store_true", help="the quick variant: the file's quick: section, else "
                    "2 seeds, 1 epoch, multiplier 1, 4 scheduler steps")
@@ -633,17 +634,28 @@ def add_experiment_parser(sub) -> None:
     p.add_argument("--report-dir", help="override where the table and plot go")
     p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds (each arm runs every seed; "
                    "the paired differences use the seeds an arm shares with the baseline)")
+    p.add_argument("--threads", type=int, help="override the config's torch thread count (recorded in the report)")
+    p.add_argument("--report-only", action="store_true", help="recompute the table, statistics and plot from the "
+                   "config's existing results JSON (<report_dir>/<name>.json); trains nothing")
+    p.add_argument("--dry-run", action="store_true", help="print every run (setting, data, bundle, arm, strength, "
+                   "seed, hyper-parameters, synthetic budget) without loading a model or the data")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_experiment_command)
 
 
 def run_experiment_command(args: argparse.Namespace) -> None:
-    from .experiment import load_experiment, run_experiment
+    from .experiment import describe_runs, load_experiment, recompute_report, run_experiment
 
     config = load_experiment(args.config, quick=args.quick, data=args.data, bundle=args.bundle, base=args.base,
-                             out=args.out, report_dir=args.report_dir, seeds=args.seeds)
-    result = run_experiment(config, device=args.device, show_progress=not args.quiet)
+                             out=args.out, report_dir=args.report_dir, seeds=args.seeds, threads=args.threads)
+    if args.dry_run:
+        print("\n".join(describe_runs(config)))
+        return
+    if args.report_only:
+        result = recompute_report(Path(config.report_dir or config.out) / f"{config.name}.json")
+    else:
+        result = run_experiment(config, device=args.device, show_progress=not args.quiet)
     print(result["files"]["markdown"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(f) for f in result["files"].values()))
 

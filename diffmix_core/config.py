@@ -394,11 +394,17 @@ class ExperimentArm:
     strengths: tuple[float, ...] = ()  # s values to compare (each its own synthetic set); *-gen: s = 1
     mixup: float = 0.0                # mixup alpha for this arm (timm Mixup)
     cutmix: float = 0.0               # cutmix alpha for this arm (timm Mixup)
+    published: tuple[float | None, ...] = ()  # the paper's accuracy (%) per strength, or one value; None = unknown
 
     def __post_init__(self) -> None:
+        if not isinstance(self.published, tuple):   # YAML `published: 59.4` / `published: null`
+            object.__setattr__(self, "published", (self.published,))
         check_numbers(self)
         if not self.name.strip():
             raise ValueError("every arm needs a name")
+        if self.published and len(self.published) != max(1, len(self.strengths)):
+            raise ValueError(f"arm {self.name!r}: published needs one value per strength {list(self.strengths)} "
+                             f"(or one for an arm without strengths), got {list(self.published)}")
         if self.strategy is None:
             if self.strengths:
                 raise ValueError(f"arm {self.name!r}: strengths need a strategy")
@@ -458,9 +464,13 @@ class ExperimentConfig:
     translate: TranslateConfig = TranslateConfig()  # steps, guidance, batch size (strategy set per arm)
     scheduler: str = PipelineConfig.scheduler  # sampler: dpm++ (paper), ddim, native
     dtype: str = ""                   # pipeline dtype: fp16, bf16, fp32 ('' = fp16 on CUDA, fp32 on CPU)
+    threads: int = 2                  # torch.set_num_threads for every run (recorded in the report); 0 = torch's
+    classes: int = 0                  # classes in data, known before it is read: --dry-run's budgets (0 = unknown)
 
     def __post_init__(self) -> None:
         check_numbers(self)
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
         if not str(self.data).strip():
             raise ValueError("experiment needs data: a dataset folder or CSV")
         if not self.seeds or not self.settings or not self.arms:

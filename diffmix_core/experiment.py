@@ -121,6 +121,67 @@ def plan_runs(config: ExperimentConfig) -> list[Run]:
     return runs
 
 
+def train_images(config: ExperimentConfig, setting: ExperimentSetting) -> int | None:
+    """Real train images of a setting, known before the data is read when the config gives the number
+    of classes: shots per class, or the long-tail counts n_i; None for full data or unknown classes."""
+    from .data import long_tail_counts
+
+    if not config.classes or setting.shots is None:
+        return None
+    if setting.imbalance is None:
+        return setting.shots * config.classes
+    return sum(long_tail_counts(setting.shots, config.classes, setting.imbalance))
+
+
+def describe_runs(config: ExperimentConfig) -> list[str]:
+    """``--dry-run``: the design and one line per run (setting, data, bundle, arm, strategy, strength,
+    seed, hyper-parameters, synthetic budget in images, published number); loads no model and no data."""
+    t, tr = config.train, config.translate
+    runs = plan_runs(config)
+    lines = [f"experiment {config.name}: {len(runs)} run(s); data {config.data}; bundle {config.bundle or '-'}; "
+             f"base {config.base or '(the bundle’s)'}; out {config.out}; seeds {list(config.seeds)}; "
+             f"torch threads {config.threads or 'default'}",
+             f"classifier {t.model_name} (pretrained {t.pretrained}) at {t.resolution} px: batch {t.batch_size}, "
+             f"lr {t.lr:g}, {t.epochs} epochs, wd {t.weight_decay:g}, gamma {t.label_gamma:g}, k {t.label_scale:g}; "
+             f"synthesis: {tr.num_inference_steps} steps, guidance {tr.guidance_scale:g}, {config.scheduler}, "
+             f"multiplier {config.synthesize.multiplier:g}, "
+             + ("a new set per seed" if config.resynthesize_per_seed else "one set per arm and strength for all seeds")]
+    sets: dict[tuple, int | None] = {}
+    for run in runs:
+        n = train_images(config, run.setting)
+        budget = None if n is None else int(round(config.synthesize.multiplier * n))
+        p = run.setting.replace_prob if run.setting.replace_prob is not None else t.replace_prob
+        hp = (f"{t.model_name}@{t.resolution} bs {t.batch_size} lr {t.lr:g} ep {t.epochs} wd {t.weight_decay:g} "
+              f"gamma {t.label_gamma:g} k {t.label_scale:g}")
+        if run.arm.strategy is None:
+            extra, synth = f"mixup {run.arm.mixup:g} cutmix {run.arm.cutmix:g}", "synthetic 0"
+        else:
+            plan_seed = run.seed if config.resynthesize_per_seed else config.seeds[0]
+            sets[(run.setting.name, run.arm.strategy, run.strength, plan_seed)] = budget
+            extra = f"p {p:g}"
+            synth = (f"synthetic {budget:,} images" if budget is not None else
+                     f"synthetic {config.synthesize.multiplier:g} x |train| images") + f" (plan seed {plan_seed})"
+        lines.append(f"{run.setting.name} | data {config.data} | train {'?' if n is None else n} | "
+                     f"bundle {config.bundle or '-'} | {run.label} | "
+                     f"strategy {run.arm.strategy or '-'} | s {'-' if run.strength is None else f'{run.strength:g}'} | "
+                     f"seed {run.seed} | {hp} {extra} | {synth} | published {_published(run)}")
+    known = [b for b in sets.values() if b is not None]
+    lines.append(f"synthetic sets: {len(sets)}; images to synthesize: "
+                 + (f"{sum(known):,}" if len(known) == len(sets) else f"{sum(known):,} + {len(sets) - len(known)} "
+                    "set(s) of M x |train| (|train| known once the data is read)"))
+    return lines
+
+
+def _published(run: Run) -> str:
+    """The paper's number for ``run``'s arm and strength ('-' when the config has none, '?' when unknown)."""
+    pub = run.arm.published
+    if not pub:
+        return "-"
+    value = pub[run.arm.strengths.index(run.strength)] if run.arm.strengths and run.strength in run.arm.strengths \
+        else pub[0]
+    return "?" if value is None else f"{value:g}"
+
+
 class Pipelines:
     """At most two pipelines, loaded on first use: the untuned base (real-*) and the bundle's (diff-*, ti-*)."""
 
@@ -202,6 +263,8 @@ def run_one(config: ExperimentConfig, run: Run, dataset, pipes: Pipelines, *, de
            "seed": run.seed, "test_accuracy": report["test_accuracy"],
            "mean_class_accuracy": report["mean_class_accuracy"], "val_accuracy": report["val_accuracy"],
            "run": str(out)}
+    if "test_correct" in report:   # per test image, in test order (the ids go once per setting into the JSON)
+        row.update(test_correct="".join(str(int(c)) for c in report["test_correct"]), test_ids=report["test_ids"])
     for group, value in (report.get("long_tail") or {}).items():
         if group != "thresholds":
             row[group] = value["accuracy"]
@@ -212,10 +275,11 @@ def run_one(config: ExperimentConfig, run: Run, dataset, pipes: Pipelines, *, de
 METRICS = ("test_accuracy", "mean_class_accuracy", "many", "medium", "few")
 
 
-def summarize(rows: list[dict], config: ExperimentConfig | None = None, n_boot: int = 2000) -> list[dict]:
+def summarize(rows: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
     """Mean and sample std (n - 1; None for one seed) over seeds of each (setting, arm, strength);
-    with ``config``, each arm's ``paired`` difference to the setting's baseline arm
-    (:func:`paired_difference` over the seeds both have, on the same test images)."""
+    with ``config``, each arm's ``paired`` difference to the setting's baseline arm over the seeds
+    both have (:func:`paired_t`), its p-value Holm-adjusted across every comparison of the table
+    (:func:`holm`); ``significant`` = Holm-adjusted p < 0.05."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["setting"], r["arm"], r["strength"]), []).append(r)
@@ -229,15 +293,20 @@ def summarize(rows: list[dict], config: ExperimentConfig | None = None, n_boot: 
                 entry[m] = {"mean": float(np.mean(vals)),
                             "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
         out.append(entry)
-    if config is not None:
-        base = baseline_arm(config)
-        for entry in out:
-            if base is None or entry["arm"] == base:
-                continue
-            mine = groups[(entry["setting"], entry["arm"], entry["strength"])]
-            theirs = groups.get((entry["setting"], base, None), [])
-            entry["paired"] = _paired(mine, theirs, n_boot)
+    base = baseline_arm(config) if config is not None else None
+    compared = []
+    for entry in out:
+        theirs = groups.get((entry["setting"], base, None), [])
+        if base is None or entry["arm"] == base or not theirs:
+            continue
+        entry["paired"] = _paired(groups[(entry["setting"], entry["arm"], entry["strength"])], theirs)
+        compared += [entry["paired"]] if entry["paired"]["p"] is not None else []
+    for paired, adjusted in zip(compared, holm([c["p"] for c in compared])):
+        paired.update(p_holm=adjusted, comparisons=len(compared), significant=bool(adjusted < ALPHA))
     return out
+
+
+ALPHA = 0.05   # two-sided level of every interval and test in the table
 
 
 def baseline_arm(config: ExperimentConfig) -> str | None:
@@ -247,64 +316,59 @@ def baseline_arm(config: ExperimentConfig) -> str | None:
     return "baseline" if "baseline" in plain else (plain[0] if plain else None)
 
 
-def _per_image(row: dict) -> tuple[list[str], np.ndarray] | None:
-    """(test ids, 0/1 correctness) of a finished run from its report.json; None when the report
-    predates per-image results."""
-    from .classify import REPORT_FILE
-
-    file = Path(row["run"]) / REPORT_FILE
-    report = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    if "test_correct" not in report:
-        return None
-    return report["test_ids"], np.asarray(report["test_correct"], dtype=np.float64)
-
-
-def _paired(mine: list[dict], theirs: list[dict], n_boot: int) -> dict | None:
-    """paired_difference of two arms' runs over their common seeds (None when it cannot be had)."""
-    base = {r["seed"]: r for r in theirs}
+def _paired(mine: list[dict], theirs: list[dict]) -> dict:
+    """:func:`paired_t` of two arms' test accuracies over their common seeds (each seed's runs
+    are tested on the same images, so a seed's accuracy difference is its mean per-image one)."""
+    base = {r["seed"]: r["test_accuracy"] for r in theirs}
     seeds = sorted(r["seed"] for r in mine if r["seed"] in base)
-    arm = {r["seed"]: r for r in mine}
-    a, b, ids = [], [], None
-    for seed in seeds:
-        pa, pb = _per_image(arm[seed]), _per_image(base[seed])
-        if pa is None or pb is None or pa[0] != pb[0] or (ids is not None and pa[0] != ids):
-            return None
-        ids = pa[0]
-        a.append(pa[1])
-        b.append(pb[1])
-    if not seeds:
-        return None
-    return dict(paired_difference(np.stack(a), np.stack(b), n_boot), seed_list=seeds)
+    arm = {r["seed"]: r["test_accuracy"] for r in mine}
+    images = {len(r["test_correct"]) for r in mine + theirs if r.get("test_correct")}
+    result = paired_t([arm[s] for s in seeds], [base[s] for s in seeds])
+    return dict(result, seed_list=seeds, images=images.pop() if len(images) == 1 else None,
+                p_holm=None, comparisons=None, significant=False)
 
 
-def paired_difference(arm: np.ndarray, base: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The paired difference in accuracy between an arm and the baseline and its 95 % interval.
+def paired_t(arm: typing.Sequence[float], base: typing.Sequence[float]) -> dict:
+    """The paired difference between an arm and the baseline over seeds, with its t-interval.
 
-    Args:
-        arm, base: (seeds, test images) 0/1 correctness; row i of both comes from the same seed
-            (same data order and initial weights), column j from the same test image.
-        n_boot: bootstrap replicates. Each resamples the seeds and, independently, the test
-            images (with replacement), keeping every (seed, image) pair together, and takes the
-            mean difference: the interval covers both seed-to-seed and test-set noise.
+    Each seed gives one difference d_i = arm_i - base_i (same seed: same data order and initial
+    weights; same test images). The interval is mean(d) ± t(0.975, n - 1) · sd(d) / sqrt(n), the
+    two-sided p-value that of H0: E[d] = 0. It treats the seeds as the unit of replication, so the
+    variance of training (and of synthesis, when every seed has its own synthetic set) is in it;
+    with few seeds it is wide, as it should be.
+
     Returns:
-        {"diff": mean of arm - base, "ci": [2.5 %, 97.5 %] percentiles, "seeds", "images",
-        "significant": the interval excludes 0}.
+        {"diff": mean(d), "ci": [low, high] (None for one seed), "p": two-sided p (None for one
+        seed), "seeds": n, "per_seed": d}.
     """
+    from scipy import stats
+
     d = np.asarray(arm, dtype=np.float64) - np.asarray(base, dtype=np.float64)
-    if d.ndim != 2 or d.size == 0:
-        raise ValueError(f"need (seeds, images) arrays of equal shape, got {np.shape(arm)} and {np.shape(base)}")
-    n_seeds, n_images = d.shape
-    rng = np.random.default_rng(seed)
-    reps = np.empty(n_boot)
-    for lo in range(0, n_boot, 500):
-        k = min(500, n_boot - lo)
-        weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=k)   # (k, images)
-        per_seed = d @ weights.T / n_images                                               # (seeds, k)
-        pick = rng.integers(0, n_seeds, size=(k, n_seeds))
-        reps[lo:lo + k] = per_seed[pick, np.arange(k)[:, None]].mean(axis=1)
-    ci = [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))]
-    return {"diff": float(d.mean()), "ci": ci, "seeds": n_seeds, "images": n_images,
-            "significant": bool(ci[0] > 0 or ci[1] < 0)}
+    if d.ndim != 1 or d.size == 0 or np.shape(arm) != np.shape(base):
+        raise ValueError(f"need two equal-length lists of per-seed accuracies, got shapes {np.shape(arm)} "
+                         f"and {np.shape(base)}")
+    n, mean = d.size, float(d.mean())
+    out = {"diff": mean, "ci": None, "p": None, "seeds": n, "per_seed": [float(v) for v in d]}
+    if n < 2:
+        return out
+    se = float(d.std(ddof=1)) / np.sqrt(n)
+    if se == 0:
+        return dict(out, ci=[mean, mean], p=1.0 if mean == 0 else 0.0)
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * se
+    return dict(out, ci=[mean - half, mean + half], p=float(2 * stats.t.sf(abs(mean) / se, n - 1)))
+
+
+def holm(pvalues: typing.Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control over every comparison):
+    the i-th smallest p times (m - i + 1), made non-decreasing, capped at 1; in input order."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.size == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, np.maximum.accumulate(p[order] * (p.size - np.arange(p.size))))
+    adjusted = np.empty_like(p)
+    adjusted[order] = scaled
+    return [float(v) for v in adjusted]
 
 
 def _cell(stat: dict | None) -> str:
@@ -317,35 +381,58 @@ def _cell(stat: dict | None) -> str:
 def _diff_cell(paired: dict | None) -> str:
     if not paired:
         return "-"
-    d, (lo, hi) = 100 * paired["diff"], (100 * v for v in paired["ci"])
-    return f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if paired["significant"] else "")
+    d = f"{100 * paired['diff']:+.1f}"
+    if paired["ci"] is None:
+        return d
+    lo, hi = (100 * v for v in paired["ci"])
+    return f"{d} [{lo:+.1f}, {hi:+.1f}]" + (" *" if paired["significant"] else "")
 
 
-def markdown_table(summary: list[dict], config: ExperimentConfig) -> str:
+def _p_cells(paired: dict | None) -> str:
+    def fmt(p: float | None) -> str:
+        return "-" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+    return "- | -" if not paired else f"{fmt(paired['p'])} | {fmt(paired['p_holm'])}"
+
+
+def _design_lines(config: ExperimentConfig, environment: dict | None) -> list[str]:
+    """The paragraph under the title: data, seeds, classifier, budget, synthesis, threads, machine."""
+    synth = ("a new synthetic set per seed (synthesis variance is in the intervals)" if config.resynthesize_per_seed
+             else "ONE synthetic set per arm and strength, shared by all seeds (the variance of synthesis is "
+             "NOT in the intervals)")
+    env = ("thread count and machine not recorded" if not environment else
+           f"{environment['torch_threads']} torch thread(s), torch {environment['torch']}, "
+           f"{environment['cpu']}")
+    return [f"Data `{config.data}`; {len(config.seeds)} seed(s) {list(config.seeds)}; classifier "
+            f"{config.train.model_name} at {config.train.resolution} px, {config.train.epochs} epoch(s); "
+            f"synthetic budget {config.synthesize.multiplier:g} x train images per arm and strength; {synth}; "
+            f"{env}. Accuracy on the TEST split in %, mean ± sample std over seeds; selection on validation.", ""]
+
+
+def markdown_table(summary: list[dict], config: ExperimentConfig, environment: dict | None = None) -> str:
     """One table per setting: arm, strength, test accuracy (% mean ± std over seeds), the paired
-    difference to the baseline with its 95 % bootstrap interval, mean class accuracy (+ long-tail groups)."""
+    difference to the baseline with its 95 % t-interval over seeds, its raw and Holm-adjusted
+    p-values, mean class accuracy (+ long-tail groups)."""
     base = baseline_arm(config)
-    lines = [f"# {config.name}", "",
-             f"Data `{config.data}`; {len(config.seeds)} seed(s) {list(config.seeds)}; classifier "
-             f"{config.train.model_name} at {config.train.resolution} px, {config.train.epochs} epoch(s); "
-             f"synthetic budget {config.synthesize.multiplier:g} x train images per arm and strength. "
-             "Accuracy on the TEST split in %, mean ± sample std over seeds; selection on validation.", ""]
+    m = next((e["paired"]["comparisons"] for e in summary if e.get("paired", {}).get("comparisons")), 0)
+    lines = [f"# {config.name}", "", *_design_lines(config, environment)]
     if base is not None:
         lines += [f"Δ: the paired difference to `{base}` in points (same seeds, so the same data order, "
-                  "augmentation and initial weights; the same test images), with a 95 % interval from a "
-                  "bootstrap over seeds and test images; * = the interval excludes 0.", ""]
+                  "augmentation and initial weights; the same test images), with a 95 % t-interval over the "
+                  "per-seed differences (seeds are the unit of replication); p: two-sided paired t-test; "
+                  f"p Holm: adjusted across all {m} comparisons of this report; * = p Holm < 0.05.", ""]
     for setting in config.settings:
         entries = [e for e in summary if e["setting"] == setting.name]
         cols = list(METRICS if setting.imbalance is not None else METRICS[:2])   # many/medium/few: long-tail
         header = " | ".join(c.replace("_", " ") for c in cols[1:])
-        n_test = next((e["paired"]["images"] for e in entries if e.get("paired")), None)
+        n_test = next((e["paired"]["images"] for e in entries if (e.get("paired") or {}).get("images")), None)
         lines += [f"## {setting.name}" + (f" ({n_test} test images)" if n_test else ""), "",
-                  f"| arm | strength | test accuracy | Δ vs {base} [95 % CI] | {header} |",
-                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in cols[1:]) + " |"]
+                  f"| arm | strength | test accuracy | Δ vs {base} [95 % CI] | p | p Holm | {header} |",
+                  "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in cols[1:]) + " |"]
         for e in entries:
             s = "-" if e["strength"] is None else f"{e['strength']:g}"
             lines.append(f"| {e['arm']} | {s} | {_cell(e.get(cols[0]))} | {_diff_cell(e.get('paired'))} | "
-                         + " | ".join(_cell(e.get(c)) for c in cols[1:]) + " |")
+                         f"{_p_cells(e.get('paired'))} | " + " | ".join(_cell(e.get(c)) for c in cols[1:]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -391,7 +478,7 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
         entries = [e for e in summary if e["setting"] == setting.name and e.get("paired")]
         for i, e in enumerate(entries):
             p = e["paired"]
-            d, lo, hi = (100 * v for v in (p["diff"], *p["ci"]))
+            d, lo, hi = (100 * v for v in (p["diff"], *(p["ci"] or (p["diff"], p["diff"]))))
             color = f"C{[a.name for a in config.arms].index(e['arm'])}"
             ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3,
                         mfc=color if p["significant"] else "white")
@@ -399,7 +486,7 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
         ax.set_yticks(range(len(entries)), [e["arm"] + ("" if e["strength"] is None else f" s={e['strength']:g}")
                                              for e in entries], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"Δ test accuracy vs {base} (points, 95 % CI; filled: excludes 0)")
+        ax.set_xlabel(f"Δ test accuracy vs {base} (points, 95 % t-interval; filled: Holm p < 0.05)")
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -408,29 +495,99 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
     return path
 
 
+def environment() -> dict:
+    """What the numbers may depend on beyond the config: torch's thread count and version, the CPU
+    model, the platform (recorded in the report: the same seeds can give other numbers elsewhere)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(encoding="utf-8", errors="replace"), re.M)
+        cpu = f"{names[0].strip()} ({len(names)} logical CPUs)" if names else cpu
+    return {"torch_threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None, "cpu": cpu,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def write_report(config: ExperimentConfig, rows: list[dict], *, raw_config: dict | None = None,
+                 environment: dict | None = None, test_ids: dict | None = None,
+                 stem: Path | None = None) -> dict[str, Path]:
+    """Summarize ``rows`` and write the table (.md), the results (.json: config, environment, the
+    test ids of each setting once, every run's row with its per-image 0/1 correctness, the summary)
+    and the plot (.png) as ``stem``.* (default: <report_dir>/<name>)."""
+    from .records import write_text_atomic
+
+    stem = stem or Path(config.report_dir or config.out) / config.name
+    files = {"markdown": stem.with_suffix(".md"), "json": stem.with_suffix(".json"), "plot": stem.with_suffix(".png")}
+    summary = summarize(rows, config)
+    write_text_atomic(files["markdown"], markdown_table(summary, config, environment)
+                      + f"\n![accuracy against strength]({files['plot'].name})\n")
+    result = {"config": raw_config or dataclasses.asdict(config), "environment": environment,
+              "test_ids": test_ids or {}, "rows": rows, "summary": summary}
+    write_text_atomic(files["json"], json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")
+    plot_accuracy(summary, config, files["plot"])
+    return files
+
+
+def recompute_report(path: str | os.PathLike) -> dict:
+    """Rebuild the table, the summary and the plot from a results JSON alone (its config and
+    per-seed rows; no model, no data): ``diffmix experiment --config X --report-only``. Writes
+    the .md/.json/.png beside it. Returns {"rows", "summary", "files"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} does not exist: run the experiment first")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        raw, rows = result["config"], result["rows"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not an experiment results file (needs 'config' and 'rows'): {err}") from None
+    config = experiment_from_dict(raw)
+    files = write_report(config, rows, raw_config=raw, environment=result.get("environment"),
+                         test_ids=result.get("test_ids"), stem=path.with_suffix(""))
+    return {"rows": rows, "summary": json.loads(files["json"].read_text(encoding="utf-8"))["summary"],
+            "files": files}
+
+
+def _test_ids_once(rows: list[dict]) -> dict[str, list[str]]:
+    """Pop every row's test ids into one list per setting (each run of a setting is tested on the same
+    images, in the same order: what the paired statistics rely on)."""
+    ids: dict[str, list[str]] = {}
+    for row in rows:
+        mine = row.pop("test_ids", None)
+        if mine is None:
+            continue
+        if ids.setdefault(row["setting"], mine) != mine:
+            raise ValueError(f"setting {row['setting']!r}: run {row['run']} was tested on other images than the "
+                             "setting's other runs; delete its folder and run again")
+    return ids
+
+
 def run_experiment(config: ExperimentConfig, *, device: str | None = None, show_progress: bool = True) -> dict:
-    """Run every (setting, arm, strength, seed), then write the table, the JSON and the plot.
+    """Run every (setting, arm, strength, seed) with torch pinned to ``config.threads``, then write
+    the table, the JSON and the plot (:func:`write_report`).
 
     Returns {"rows", "summary", "files"}.
     """
+    import torch
     from tqdm.auto import tqdm
 
     from .data import read_dataset
-    from .records import write_text_atomic
 
     dataset = read_dataset(config.data, show_progress=show_progress)
+    if config.classes and config.classes != len(dataset.classes):
+        raise ValueError(f"the config says classes: {config.classes}, but {config.data} has {len(dataset.classes)}")
     pipes = Pipelines(config, device)
-    runs = plan_runs(config)
-    rows = []
-    for run in tqdm(runs, desc="experiment", unit="run", disable=not show_progress):
-        rows.append(run_one(config, run, dataset, pipes, device=device, show_progress=False))
-    summary = summarize(rows, config)
-    report_dir = Path(config.report_dir or config.out)
-    files = {"markdown": report_dir / f"{config.name}.md", "json": report_dir / f"{config.name}.json",
-             "plot": report_dir / f"{config.name}.png"}
-    write_text_atomic(files["markdown"], markdown_table(summary, config) + f"\n![accuracy against strength]"
-                      f"({files['plot'].name})\n")
-    result = {"config": dataclasses.asdict(config), "rows": rows, "summary": summary}
-    write_text_atomic(files["json"], json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")
-    plot_accuracy(summary, config, files["plot"])
-    return {"rows": rows, "summary": summary, "files": files}
+    before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        env = environment()
+        rows = [run_one(config, run, dataset, pipes, device=device, show_progress=False)
+                for run in tqdm(plan_runs(config), desc="experiment", unit="run", disable=not show_progress)]
+    finally:
+        torch.set_num_threads(before)
+    files = write_report(config, rows, environment=env, test_ids=_test_ids_once(rows))
+    return {"rows": rows, "summary": json.loads(files["json"].read_text(encoding="utf-8"))["summary"], "files": files}

@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 
 from diffmix_core import classify
 from diffmix_core.cli import main
-from diffmix_core.experiment import experiment_from_dict, load_experiment, paired_difference, plan_runs, summarize
+from diffmix_core.experiment import (experiment_from_dict, holm, load_experiment, paired_t, plan_runs, recompute_report,
+                                     summarize)
 from diffmix_core.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,22 +52,67 @@ def test_shipped_config_runs_on_the_shipped_birds_without_a_data_build():
     assert len(lt["train"]) == sum(long_tail_counts(10, 10, 0.1)) == 36     # n_i = 10, 7, 5, 4, 3, 2, 2, 1, 1, 1
 
 
-def test_paired_difference_and_its_interval():
-    rng = np.random.default_rng(0)
-    base = (rng.random((5, 1000)) < 0.6).astype(float)
-    same = paired_difference(base, base)
-    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and not same["significant"]
-    better = base.copy()
-    better[:, :100] = 1.0                      # the arm gets 100 more images right... where base was wrong
-    gain = float((better - base).mean())
-    res = paired_difference(better, base)
-    assert res["diff"] == pytest.approx(gain) and res["significant"] and res["ci"][0] > 0 < gain <= res["ci"][1]
-    assert (res["seeds"], res["images"]) == (5, 1000)
-    noise = (rng.random((5, 1000)) < 0.6).astype(float)   # an unrelated arm of equal accuracy: no significance
-    res = paired_difference(noise, base)
-    assert res["ci"][0] < 0 < res["ci"][1] and not res["significant"]
-    with pytest.raises(ValueError, match="seeds, images"):
-        paired_difference(np.zeros(3), np.zeros(3))
+def test_paired_t_interval_and_p_value():
+    base, arm = [0.50, 0.52, 0.47, 0.55, 0.51], [0.56, 0.55, 0.50, 0.60, 0.52]
+    res = paired_t(arm, base)
+    d = np.subtract(arm, base)
+    half = 2.7764451051977987 * d.std(ddof=1) / np.sqrt(5)          # t(0.975, 4)
+    assert res["diff"] == pytest.approx(d.mean()) and res["seeds"] == 5
+    assert res["ci"] == pytest.approx([d.mean() - half, d.mean() + half])
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(5))
+    from scipy import stats
+    assert res["p"] == pytest.approx(2 * stats.t.sf(t, 4)) and res["p"] < 0.05 < paired_t(arm[:2], base[:2])["p"]
+    assert paired_t(base, base) == {"diff": 0.0, "ci": [0.0, 0.0], "p": 1.0, "seeds": 5, "per_seed": [0.0] * 5}
+    one = paired_t([0.6], [0.5])
+    assert one["ci"] is None and one["p"] is None and one["diff"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="per-seed accuracies"):
+        paired_t([0.5, 0.6], [0.5])
+
+
+def test_holm_adjustment():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []
+    assert holm([0.02]) == [0.02]
+
+
+def test_t_interval_holds_95_percent_coverage_under_the_null():
+    """5 seeds, no true difference: each seed's accuracy varies (training + synthesis) and is measured on
+    1,000 test images. The t-interval covers 0 in ~95 % of 4,000 replicates; a percentile bootstrap over
+    the 5 seeds (what the table used before) covers far less."""
+    rng = np.random.default_rng(12345)
+    reps, n_seeds, n_images = 4000, 5, 1000
+    level = 0.55 + rng.normal(0, 0.03, size=(reps, 2, n_seeds))          # seed-level accuracy, arm and base
+    acc = rng.binomial(n_images, np.clip(level, 0, 1)) / n_images          # + test-set noise
+    covered = [paired_t(a, b)["ci"][0] <= 0 <= paired_t(a, b)["ci"][1] for a, b in zip(acc[:, 0], acc[:, 1])]
+    coverage = float(np.mean(covered))
+    d = acc[:, 0] - acc[:, 1]
+    boot = d[np.arange(reps)[:, None, None], rng.integers(0, n_seeds, size=(reps, 1000, n_seeds))].mean(axis=2)
+    lo, hi = np.percentile(boot, 2.5, axis=1), np.percentile(boot, 97.5, axis=1)
+    boot_coverage = float(np.mean((lo <= 0) & (0 <= hi)))
+    print(f"coverage at nominal 95 %: t-interval {coverage:.3f}, seed percentile bootstrap {boot_coverage:.3f}")
+    assert 0.93 <= coverage <= 0.97
+    assert boot_coverage < 0.9
+
+
+def test_summary_pairs_arms_with_the_baseline_and_holm_corrects_the_table():
+    def rows(setting, arm, strategy, strength, accs):
+        return [{"setting": setting, "arm": arm, "strategy": strategy, "strength": strength, "seed": s,
+                 "test_accuracy": a, "mean_class_accuracy": a, "test_correct": "01" * 5} for s, a in enumerate(accs)]
+    base = [0.50, 0.52, 0.47, 0.55, 0.51]
+    data = (rows("a", "baseline", None, None, base) + rows("a", "diff-mix", "diff-mix", 0.9, [0.60, 0.63, 0.57, 0.66, 0.60])
+            + rows("a", "mixup", None, None, [0.51, 0.50, 0.49, 0.56, 0.50])
+            + rows("b", "baseline", None, None, base) + rows("b", "diff-mix", "diff-mix", 0.9, [0.56, 0.55, 0.50, 0.60, 0.52]))
+    config = experiment_from_dict({"data": "d", "bundle": "b", "settings": [{"name": "a"}, {"name": "b"}],
+                                   "arms": [{"name": "baseline"}, {"name": "mixup", "mixup": 0.2},
+                                            {"name": "diff-mix", "strategy": "diff-mix", "strengths": [0.9]}]})
+    summary = {(e["setting"], e["arm"]): e for e in summarize(data, config)}
+    assert "paired" not in summary[("a", "baseline")]
+    paired = [summary[k]["paired"] for k in (("a", "diff-mix"), ("a", "mixup"), ("b", "diff-mix"))]
+    assert [p["p_holm"] for p in paired] == pytest.approx(holm([p["p"] for p in paired]))
+    assert all(p["comparisons"] == 3 and p["images"] == 10 and p["seed_list"] == [0, 1, 2, 3, 4] for p in paired)
+    assert [p["significant"] for p in paired] == [p["p_holm"] < 0.05 for p in paired]
+    assert paired[0]["significant"] and not paired[1]["significant"]
+    assert paired[2]["p"] < 0.05 and paired[2]["p_holm"] > paired[2]["p"]       # raw and adjusted both reported
 
 
 def test_replacement_does_not_change_the_data_order():
@@ -125,6 +171,7 @@ QUICK_YAML = """
 name: quick_table
 seeds: [0, 1, 2]
 resynthesize_per_seed: false
+threads: 1
 split: {seed: 0, val_fraction: 0.125, test_fraction: 0.25}
 settings:
   - {name: 3-shot, shots: 3, replace_prob: 0.5}
@@ -156,7 +203,8 @@ def test_quick_experiment_writes_table_json_and_plot(demo_like, tmp_path, capsys
     table = (docs / "quick_table.md").read_text()
     assert "## 3-shot" in table and "## long-tail IF 0.5" in table and "| diff-mix | 0.5 |" in table
     assert table.count("±") >= 2 * 4 * 2      # 2 seeds -> a std in every cell (4 rows per setting)
-    assert table.count("| test accuracy | Δ vs baseline [95 % CI] | mean class accuracy |") == 2
+    assert table.count("| test accuracy | Δ vs baseline [95 % CI] | p | p Holm | mean class accuracy |") == 2
+    assert "1 torch thread(s), torch " in table and "ONE synthetic set per arm and strength" in table
     assert table.count("| many | medium | few |") == 1          # long-tail groups only where there is a tail
     result = json.loads((docs / "quick_table.json").read_text())
     assert len(result["rows"]) == 2 * (2 + 2 + 2 * 2) and {r["seed"] for r in result["rows"]} == {0, 1}
@@ -167,7 +215,8 @@ def test_quick_experiment_writes_table_json_and_plot(demo_like, tmp_path, capsys
             continue
         p = e["paired"]
         assert p["seeds"] == 2 and p["seed_list"] == [0, 1] and p["images"] == 6
-        assert p["ci"][0] <= p["diff"] <= p["ci"][1]
+        assert p["ci"][0] <= p["diff"] <= p["ci"][1] and 0 <= p["p"] <= p["p_holm"] <= 1
+        assert p["comparisons"] == 2 * 3 and p["significant"] == (p["p_holm"] < 0.05)
         acc = e["test_accuracy"]["mean"]
         base = next(b for b in result["summary"] if b["arm"] == "baseline" and b["setting"] == e["setting"])
         assert p["diff"] == pytest.approx(acc - base["test_accuracy"]["mean"])   # the same images, paired
@@ -175,6 +224,12 @@ def test_quick_experiment_writes_table_json_and_plot(demo_like, tmp_path, capsys
     base0 = json.loads((Path(runs[("baseline", None, 0)]["run"]) / "report.json").read_text())
     mix0 = json.loads((Path(runs[("diff-mix", 0.5, 0)]["run"]) / "report.json").read_text())
     assert base0["test_ids"] == mix0["test_ids"] and len(base0["test_correct"]) == 6
+    # per-image results and the machine are in the JSON: the table can be rebuilt from it alone
+    assert result["environment"]["torch_threads"] == 1 and result["environment"]["torch"]
+    assert set(result["test_ids"]) == {"3-shot", "long-tail IF 0.5"} and len(result["test_ids"]["3-shot"]) == 6
+    row = next(r for r in result["rows"] if r["setting"] == "3-shot" and r["arm"] == "diff-mix")
+    assert set(row["test_correct"]) <= {"0", "1"} and len(row["test_correct"]) == 6
+    assert row["test_accuracy"] == pytest.approx(row["test_correct"].count("1") / 6)
     with Image.open(docs / "quick_table.png") as im:
         assert im.format == "PNG" and im.size[0] > 600
     assert "quick_table.md" in capsys.readouterr().out
@@ -194,3 +249,7 @@ def test_quick_experiment_writes_table_json_and_plot(demo_like, tmp_path, capsys
     monkeypatch.setattr(classify, "train_classifier", lambda *a, **k: pytest.fail("retrained a finished run"))
     assert main(args) == 0
     assert json.loads((docs / "quick_table.json").read_text())["summary"] == result["summary"]
+    (docs / "quick_table.md").unlink()
+    assert main(args + ["--report-only"]) == 0          # from the JSON alone: same summary, table rewritten
+    assert json.loads((docs / "quick_table.json").read_text())["summary"] == result["summary"]
+    assert (docs / "quick_table.md").read_text() == table
