@@ -419,8 +419,9 @@ def markdown_table(summary: list[dict], config: ExperimentConfig, environment: d
     if base is not None:
         lines += [f"Δ: the paired difference to `{base}` in points (same seeds, so the same data order, "
                   "augmentation and initial weights; the same test images), with a 95 % t-interval over the "
-                  "per-seed differences (seeds are the unit of replication); p: two-sided paired t-test; "
-                  f"p Holm: adjusted across all {m} comparisons of this report; * = p Holm < 0.05.", ""]
+                  "per-seed differences (seeds are the unit of replication; the interval is per comparison, not "
+                  "adjusted); p: two-sided paired t-test; p Holm: adjusted across all "
+                  f"{m} comparisons of this report; * = p Holm < 0.05.", ""]
     for setting in config.settings:
         entries = [e for e in summary if e["setting"] == setting.name]
         cols = list(METRICS if setting.imbalance is not None else METRICS[:2])   # many/medium/few: long-tail
@@ -486,7 +487,7 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
         ax.set_yticks(range(len(entries)), [e["arm"] + ("" if e["strength"] is None else f" s={e['strength']:g}")
                                              for e in entries], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"Δ test accuracy vs {base} (points, 95 % t-interval; filled: Holm p < 0.05)")
+        ax.set_xlabel(f"Δ vs {base} (points, 95 % t-interval; filled: Holm p < 0.05)")
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -514,15 +515,20 @@ def environment() -> dict:
 
 def write_report(config: ExperimentConfig, rows: list[dict], *, raw_config: dict | None = None,
                  environment: dict | None = None, test_ids: dict | None = None,
-                 stem: Path | None = None) -> dict[str, Path]:
+                 stem: Path | None = None, test_sizes: dict | None = None) -> dict[str, Path]:
     """Summarize ``rows`` and write the table (.md), the results (.json: config, environment, the
     test ids of each setting once, every run's row with its per-image 0/1 correctness, the summary)
-    and the plot (.png) as ``stem``.* (default: <report_dir>/<name>)."""
+    and the plot (.png) as ``stem``.* (default: <report_dir>/<name>). ``test_sizes``: test images per
+    setting for results that predate per-image rows."""
     from .records import write_text_atomic
 
     stem = stem or Path(config.report_dir or config.out) / config.name
     files = {"markdown": stem.with_suffix(".md"), "json": stem.with_suffix(".json"), "plot": stem.with_suffix(".png")}
     summary = summarize(rows, config)
+    sizes = dict(test_sizes or {}, **{k: len(v) for k, v in (test_ids or {}).items()})
+    for entry in summary:
+        if entry.get("paired") and entry["paired"]["images"] is None:
+            entry["paired"]["images"] = sizes.get(entry["setting"])
     write_text_atomic(files["markdown"], markdown_table(summary, config, environment)
                       + f"\n![accuracy against strength]({files['plot'].name})\n")
     result = {"config": raw_config or dataclasses.asdict(config), "environment": environment,
@@ -545,8 +551,9 @@ def recompute_report(path: str | os.PathLike) -> dict:
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not an experiment results file (needs 'config' and 'rows'): {err}") from None
     config = experiment_from_dict(raw)
+    sizes = {e["setting"]: e["paired"].get("images") for e in result.get("summary") or [] if e.get("paired")}
     files = write_report(config, rows, raw_config=raw, environment=result.get("environment"),
-                         test_ids=result.get("test_ids"), stem=path.with_suffix(""))
+                         test_ids=result.get("test_ids"), stem=path.with_suffix(""), test_sizes=sizes)
     return {"rows": rows, "summary": json.loads(files["json"].read_text(encoding="utf-8"))["summary"],
             "files": files}
 

@@ -115,6 +115,24 @@ def test_summary_pairs_arms_with_the_baseline_and_holm_corrects_the_table():
     assert paired[2]["p"] < 0.05 and paired[2]["p_holm"] > paired[2]["p"]       # raw and adjusted both reported
 
 
+def test_shipped_results_are_recomputed_from_their_json(tmp_path):
+    """docs/experiment_demo.* are what --report-only makes of the shipped JSON (its rows and config alone)."""
+    import shutil
+
+    shutil.copy(ROOT / "docs" / "experiment_demo.json", tmp_path / "experiment_demo.json")
+    result = recompute_report(tmp_path / "experiment_demo.json")
+    shipped = json.loads((ROOT / "docs" / "experiment_demo.json").read_text())
+    assert result["summary"] == shipped["summary"]
+    assert (tmp_path / "experiment_demo.md").read_text() == (ROOT / "docs" / "experiment_demo.md").read_text()
+    e = next(e for e in result["summary"] if e["setting"] == "10-shot" and e["arm"] == "diff-mix" and e["strength"] == 0.9)
+    assert e["paired"]["p"] == pytest.approx(0.054, abs=5e-4) and e["paired"]["comparisons"] == 22
+    with pytest.raises(FileNotFoundError, match="run the experiment first"):
+        recompute_report(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an experiment results file"):
+        recompute_report(tmp_path / "bad.json")
+
+
 def test_replacement_does_not_change_the_data_order():
     """Every arm of a seed sees the real images in the same order (paired runs)."""
     orders = []
