@@ -133,6 +133,44 @@ def test_shipped_results_are_recomputed_from_their_json(tmp_path):
         recompute_report(tmp_path / "bad.json")
 
 
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+def test_paper_configs_cover_the_papers_settings():
+    assert {f.stem for f in PAPER} == {f"{d}_{k}shot" for d in ("cub", "aircraft", "flowers") for k in (5, 10)} | {
+        "cub_full", "cub_lt_if10", "cub_lt_if20", "cub_lt_if100"}
+    cub5 = {a.name: a for a in load_experiment(ROOT / "configs" / "paper" / "cub_5shot.yaml").arms}
+    assert cub5["diff-mix"].strengths == (0.5, 0.7, 0.9) and cub5["diff-mix"].published == (52.9, 57.6, 59.4)
+    assert cub5["mixup"].published == (None,)
+    lt = load_experiment(ROOT / "configs" / "paper" / "cub_lt_if100.yaml")
+    assert lt.settings[0].imbalance == 0.01 and lt.train.lr == 0.005 and lt.synthesize.multiplier == 10
+    with pytest.raises(ValueError, match="one value per strength"):
+        experiment_from_dict({"data": "d", "base": "m", "arms": [{"name": "r", "strategy": "real-mix",
+                                                                   "strengths": [0.5, 0.9], "published": [50.0]}]})
+
+
+@pytest.mark.parametrize("config", PAPER, ids=[f.stem for f in PAPER])
+def test_dry_run_lists_every_run_of_a_paper_config_without_loading_anything(config, capsys, monkeypatch):
+    from diffmix_core import data, models
+
+    for module, name in ((data, "read_dataset"), (models, "load_pipeline_for")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("--dry-run loaded data or a model"))
+    assert main(["experiment", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    design = load_experiment(config)
+    runs = [line for line in out if " | seed " in line]
+    assert len(runs) == len(plan_runs(design)) and out[0].startswith(f"experiment {design.name}: {len(runs)} run(s)")
+    for line in runs:
+        assert f"data {design.data} |" in line and f"bundle {design.bundle} |" in line and "published " in line
+        assert f"{design.train.model_name}@{design.train.resolution} bs {design.train.batch_size} lr " in line
+    synthetic = [line for line in runs if "strategy -" not in line]
+    assert synthetic and all("synthetic " in line and "(plan seed " in line for line in synthetic)
+    if config.stem == "cub_5shot":   # 200 classes x 5 shots x multiplier 5; the paper's number beside the run
+        assert any("diff-mix-s0.9 |" in line and "seed 2 |" in line and "synthetic 5,000 images" in line
+                   and line.endswith("published 59.4") for line in runs)
+    assert out[-1].startswith("synthetic sets: ")
+
+
 def test_replacement_does_not_change_the_data_order():
     """Every arm of a seed sees the real images in the same order (paired runs)."""
     orders = []
