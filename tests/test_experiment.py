@@ -2,6 +2,7 @@
 on generated data with the tiny offline pipeline and the placeholder bundle."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def test_shipped_config_and_its_quick_variant():
     assert [a.name for a in full.arms] == ["baseline", "mixup", "cutmix", "real-mix", "diff-aug", "diff-mix"]
     assert full.seeds == (0, 1, 2, 3, 4) and len(full.settings) == 2 and full.settings[1].imbalance == 0.1
     assert full.settings[0].shots == 10   # the split the shipped bundle was fine-tuned on
+    assert full.resynthesize_per_seed and full.threads == 2 and full.classes == 10
     # 2 settings x (3 plain arms + 3 synthetic arms x 3 strengths) x 5 seeds
     assert len(plan_runs(full)) == 2 * (3 + 3 * 3) * 5
     quick = load_experiment(ROOT / "configs" / "experiment_demo.yaml", quick=True, out="elsewhere")
@@ -246,6 +248,32 @@ quick:
   synthesize: {multiplier: 1}
   translate: {num_inference_steps: 2}
 """
+
+
+def test_runs_are_pinned_to_the_thread_count_and_it_is_recorded(demo_like, tmp_path, monkeypatch):
+    import torch
+
+    from diffmix_core import experiment
+
+    seen = []
+
+    def fake_run(config, run, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return {"setting": run.setting.name, "arm": run.arm.name, "strategy": None, "strength": None, "seed": run.seed,
+                "test_accuracy": 0.5 + run.seed / 100, "mean_class_accuracy": 0.5, "val_accuracy": 0.5, "run": "x",
+                "test_correct": "0110", "test_ids": ["a", "b", "c", "d"]}
+
+    monkeypatch.setattr(experiment, "run_one", fake_run)
+    config = experiment_from_dict({"data": str(demo_like[0]), "out": str(tmp_path), "threads": 3, "seeds": [0, 1],
+                                   "arms": [{"name": "baseline"}, {"name": "mixup", "mixup": 0.2}]})
+    before = torch.get_num_threads()
+    result = experiment.run_experiment(config, show_progress=False)
+    assert seen == [3] * 4 and torch.get_num_threads() == before
+    saved = json.loads(result["files"]["json"].read_text())
+    assert saved["environment"]["torch_threads"] == 3 and saved["environment"]["cpu"]
+    assert saved["test_ids"] == {"5-shot": ["a", "b", "c", "d"]} and "test_ids" not in saved["rows"][0]
+    with pytest.raises(ValueError, match="classes: 7"):
+        experiment.run_experiment(dataclasses.replace(config, classes=7), show_progress=False)
 
 
 def test_quick_experiment_writes_table_json_and_plot(demo_like, tmp_path, capsys, monkeypatch):
