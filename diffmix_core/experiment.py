@@ -9,11 +9,18 @@ arm: equal synthetic budgets), trains through the classify stage, and writes::
     <out>/<setting>/split.json                        the one split of the setting (shared by all arms)
     <out>/<setting>/synth/<strategy>-s<s>-seed<n>/    plan, images, records, export/imagefolder
     <out>/<setting>/runs/<arm>[-s<s>]/seed<n>/        classifier checkpoint + report.json
-    <report_dir>/<name>.md, <name>.json, <name>.png   the table (mean ± std over seeds) and the plot
+    <report_dir>/<name>.md, <name>.json, <name>.png   the table, the results (per-image too) and the plot
 
 Everything is resumable: a finished run (its report.json) or synthetic set is
 reused. Seeds drive the synthesis plan and the classifier; the split seed is
 one for all stages (the generator never sees validation or test images).
+
+Statistics: the seed is the unit of replication. Each arm is compared with the
+baseline through the per-seed paired differences (t-interval, two-sided p),
+and the p-values of every comparison in the report are Holm-adjusted
+(:func:`summarize`). ``--report-only`` (:func:`recompute_report`) rebuilds
+everything from the results JSON; ``--dry-run`` (:func:`describe_runs`) lists
+the runs without loading anything.
 """
 from __future__ import annotations
 
@@ -164,7 +171,7 @@ def describe_runs(config: ExperimentConfig) -> list[str]:
         lines.append(f"{run.setting.name} | data {config.data} | train {'?' if n is None else n} | "
                      f"bundle {config.bundle or '-'} | {run.label} | "
                      f"strategy {run.arm.strategy or '-'} | s {'-' if run.strength is None else f'{run.strength:g}'} | "
-                     f"seed {run.seed} | {hp} {extra} | {synth} | published {_published(run)}")
+                     f"seed {run.seed} | {hp} {extra} | {synth} | published {_published(run.arm, run.strength)}")
     known = [b for b in sets.values() if b is not None]
     lines.append(f"synthetic sets: {len(sets)}; images to synthesize: "
                  + (f"{sum(known):,}" if len(known) == len(sets) else f"{sum(known):,} + {len(sets) - len(known)} "
@@ -172,13 +179,12 @@ def describe_runs(config: ExperimentConfig) -> list[str]:
     return lines
 
 
-def _published(run: Run) -> str:
-    """The paper's number for ``run``'s arm and strength ('-' when the config has none, '?' when unknown)."""
-    pub = run.arm.published
+def _published(arm: ExperimentArm, strength: float | None) -> str:
+    """The published number for an arm at a strength ('-' when the config has none, '?' when unknown)."""
+    pub = arm.published
     if not pub:
         return "-"
-    value = pub[run.arm.strengths.index(run.strength)] if run.arm.strengths and run.strength in run.arm.strengths \
-        else pub[0]
+    value = pub[arm.strengths.index(strength)] if strength in arm.strengths else pub[0]
     return "?" if value is None else f"{value:g}"
 
 
@@ -422,18 +428,23 @@ def markdown_table(summary: list[dict], config: ExperimentConfig, environment: d
                   "per-seed differences (seeds are the unit of replication; the interval is per comparison, not "
                   "adjusted); p: two-sided paired t-test; p Holm: adjusted across all "
                   f"{m} comparisons of this report; * = p Holm < 0.05.", ""]
+    arms = {a.name: a for a in config.arms}
+    published = any(a.published for a in config.arms)   # a column for the published numbers, when there are some
     for setting in config.settings:
         entries = [e for e in summary if e["setting"] == setting.name]
         cols = list(METRICS if setting.imbalance is not None else METRICS[:2])   # many/medium/few: long-tail
-        header = " | ".join(c.replace("_", " ") for c in cols[1:])
+        header = " | ".join(c.replace("_", " ") for c in cols[1:]) + (" | published" if published else "")
         n_test = next((e["paired"]["images"] for e in entries if (e.get("paired") or {}).get("images")), None)
         lines += [f"## {setting.name}" + (f" ({n_test} test images)" if n_test else ""), "",
                   f"| arm | strength | test accuracy | Δ vs {base} [95 % CI] | p | p Holm | {header} |",
-                  "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in cols[1:]) + " |"]
+                  "| --- | --- | --- | --- | --- | --- | " + " | ".join(["---"] * (len(cols) - 1 + published)) + " |"]
         for e in entries:
             s = "-" if e["strength"] is None else f"{e['strength']:g}"
             lines.append(f"| {e['arm']} | {s} | {_cell(e.get(cols[0]))} | {_diff_cell(e.get('paired'))} | "
-                         f"{_p_cells(e.get('paired'))} | " + " | ".join(_cell(e.get(c)) for c in cols[1:]) + " |")
+                         f"{_p_cells(e.get('paired'))} | " + " | ".join(_cell(e.get(c)) for c in cols[1:])
+                         + (f" | {_published(arms[e['arm']], e['strength']) if e['arm'] in arms else '-'}"
+                            if published else "")
+                         + " |")
         lines.append("")
     return "\n".join(lines)
 

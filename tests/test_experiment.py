@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 
 from diffmix_core import classify
 from diffmix_core.cli import main
-from diffmix_core.experiment import (experiment_from_dict, holm, load_experiment, paired_t, plan_runs, recompute_report,
-                                     summarize)
+from diffmix_core.experiment import (experiment_from_dict, holm, load_experiment, markdown_table, paired_t, plan_runs,
+                                     recompute_report, summarize)
 from diffmix_core.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,8 @@ def test_summary_pairs_arms_with_the_baseline_and_holm_corrects_the_table():
             + rows("b", "baseline", None, None, base) + rows("b", "diff-mix", "diff-mix", 0.9, [0.56, 0.55, 0.50, 0.60, 0.52]))
     config = experiment_from_dict({"data": "d", "bundle": "b", "settings": [{"name": "a"}, {"name": "b"}],
                                    "arms": [{"name": "baseline"}, {"name": "mixup", "mixup": 0.2},
-                                            {"name": "diff-mix", "strategy": "diff-mix", "strengths": [0.9]}]})
+                                            {"name": "diff-mix", "strategy": "diff-mix", "strengths": [0.9],
+                                             "published": [59.4]}]})
     summary = {(e["setting"], e["arm"]): e for e in summarize(data, config)}
     assert "paired" not in summary[("a", "baseline")]
     paired = [summary[k]["paired"] for k in (("a", "diff-mix"), ("a", "mixup"), ("b", "diff-mix"))]
@@ -115,6 +116,10 @@ def test_summary_pairs_arms_with_the_baseline_and_holm_corrects_the_table():
     assert [p["significant"] for p in paired] == [p["p_holm"] < 0.05 for p in paired]
     assert paired[0]["significant"] and not paired[1]["significant"]
     assert paired[2]["p"] < 0.05 and paired[2]["p_holm"] > paired[2]["p"]       # raw and adjusted both reported
+    table = markdown_table(list(summary.values()), config)
+    assert "| p | p Holm | mean class accuracy | published |" in table and "adjusted across all 3 comparisons" in table
+    row = next(line for line in table.splitlines() if line.startswith("| diff-mix | 0.9 |"))
+    assert row.endswith("| 59.4 |") and " * |" in row and row.count("|") == 9
 
 
 def test_shipped_results_are_recomputed_from_their_json(tmp_path):
