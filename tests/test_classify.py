@@ -17,7 +17,8 @@ from diffmix_core.export import ExportWriter, read_synthetic, synthetic_layout
 from diffmix_core.labels import label_vector, soft_label
 
 CLASSES = {"snowy owl": (200, 40, 40), "duck": (40, 170, 60), "peacock": (40, 60, 210)}
-FAST = ["--model", "test_resnet", "--resolution", "32", "--batch-size", "8", "--lr", "0.05", "--quiet"]
+FAST = ["--model", "test_resnet", "--pretrained", "none", "--resolution", "32", "--batch-size", "8", "--lr", "0.05",
+        "--quiet"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -266,8 +267,26 @@ def test_mixup_cutmix_baselines(data_dir, export_dir, tmp_path, capsys):
     assert "baselines" in capsys.readouterr().err
 
 
-def test_pretrained_without_weights_is_an_actionable_error(data_dir, tmp_path, capsys):
+def test_pretrained_without_weights_is_an_actionable_error(data_dir, tmp_path, capsys, monkeypatch):
+    """Lite0 under auto needs the Hub or a model with offline weights; a timm tag (the default
+    resnet50.tv_in1k) offline fails at once, before any image is read, with a plain message."""
+    from diffmix_core.config import ClassifyConfig
+
+    base = ["train", "--data", str(data_dir), "--split-file", str(tmp_path / "s.json"), "--out", str(tmp_path / "o"),
+            "--epochs", "1", *FAST]
     with pytest.raises(SystemExit):
-        main(["train", "--data", str(data_dir), "--split-file", str(tmp_path / "s.json"), "--out", str(tmp_path / "o"),
-              "--pretrained", "--epochs", "1", *FAST])
+        main([*base, "--pretrained", "auto"])
     assert "tf_efficientnet_lite0" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert ClassifyConfig().model_name == "resnet50" and ClassifyConfig().pretrained == "tv_in1k"
+    assert classify.weights_name(ClassifyConfig()) == "resnet50.tv_in1k"
+    with pytest.raises(SystemExit):
+        main([*base, "--model", "resnet50", "--pretrained", "tv_in1k"])
+    err = capsys.readouterr().err
+    assert "no ImageNet weights for resnet50.tv_in1k are available offline" in err and "--pretrained none" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="give the tag once"):
+        ClassifyConfig(model_name="resnet50.a1_in1k", pretrained="tv_in1k")
+    assert ClassifyConfig(pretrained=True).pretrained == "auto"      # YAML booleans of older configs
+    assert ClassifyConfig(pretrained=False).pretrained == "none"

@@ -243,7 +243,7 @@ arms:
   - {name: baseline}
   - {name: real-mix, strategy: real-mix, strengths: [1.0]}
   - {name: diff-mix, strategy: diff-mix, strengths: [0.5, 1.0]}
-train: {model_name: test_resnet, resolution: 32, batch_size: 8, lr: 0.05, epochs: 3,
+train: {model_name: test_resnet, pretrained: none, resolution: 32, batch_size: 8, lr: 0.05, epochs: 3,
         many_threshold: 3, few_threshold: 2}
 synthesize: {multiplier: 3}
 translate: {num_inference_steps: 10, batch_size: 8}
