@@ -54,18 +54,33 @@ def synthetic_targets(items: list[SyntheticItem], classes, gamma: float, scale: 
 
 
 # --------------------------------------------------------------------------- epochs with replacement
+def synthetic_draw_weights(items: list[SyntheticItem], classes, train_counts: list[int]) -> np.ndarray:
+    """Per-item draw probabilities (M,) of the inverse-count weighting: a target class c with
+    p ~ 1/(n_c + 1) (n_c: its real train images) among the classes some item targets, then one of
+    that class's items uniformly (the authors' weighted_prob + syn_label_to_indices, dataset/instance/cub.py)."""
+    index = {c: i for i, c in enumerate(classes)}
+    targets = np.asarray([index[it.target_class] for it in items], dtype=np.int64)
+    per_class = np.bincount(targets, minlength=len(classes)).astype(np.float64)
+    class_p = np.where(per_class > 0, 1.0 / (np.asarray(train_counts, dtype=np.float64) + 1.0), 0.0)
+    class_p /= class_p.sum()
+    return class_p[targets] / per_class[targets]
+
+
 def replacement_plan(n_real: int, n_synth: int, p: float, rng: np.random.Generator,
-                     swap_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     swap_rng: np.random.Generator | None = None,
+                     weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One epoch: (order, synth) of length ``n_real``. ``order`` is a permutation of the real
-    items (from ``rng``); ``synth[j]`` is the synthetic item replacing position j (drawn
-    uniformly, with replacement) with probability ``p``, else -1 (from ``swap_rng``, default
-    ``rng``: with its own generator the order does not depend on whether anything is replaced)."""
+    items (from ``rng``); ``synth[j]`` is the synthetic item replacing position j (drawn with
+    replacement, uniformly or with the probabilities ``weights``) with probability ``p``, else -1
+    (from ``swap_rng``, default ``rng``: with its own generator the order does not depend on
+    whether anything is replaced)."""
     order = rng.permutation(n_real)
     swap_rng = rng if swap_rng is None else swap_rng
     synth = np.full(n_real, -1, dtype=np.int64)
     if n_synth and p > 0:
         hit = swap_rng.random(n_real) < p
-        synth[hit] = swap_rng.integers(0, n_synth, size=int(hit.sum()))
+        synth[hit] = swap_rng.choice(n_synth, size=int(hit.sum()), p=weights) if weights is not None \
+            else swap_rng.integers(0, n_synth, size=int(hit.sum()))
     return order, synth
 
 
@@ -126,8 +141,11 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding (8 px at 224, scaled) and horizontal flip; x uint8 (B, 3, H, W)."""
+def augment(x: torch.Tensor, gen: torch.Generator, kind: str = "crop-flip") -> torch.Tensor:
+    """The train augmentation ``kind`` of a uint8 batch (B, 3, H, W): crop-flip (random crop with
+    zero padding, 8 px at 224, scaled, and a horizontal flip) or rrc-jitter (:func:`rrc_jitter`)."""
+    if kind == "rrc-jitter":
+        return rrc_jitter(x, gen)
     b, _, h, w = x.shape
     pad = max(1, round(h / 28))
     padded = F.pad(x, (pad, pad, pad, pad))
@@ -136,6 +154,46 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     out = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offs.tolist())])
     out[flips] = out[flips].flip(-1)
     return out
+
+
+def random_resized_box(h: int, w: int, gen: torch.Generator, scale=(0.08, 1.0),
+                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a RandomResizedCrop box, as torchvision draws it (10 tries at an
+    area share in ``scale`` and a log-uniform aspect ratio in ``ratio``, else the central crop)."""
+    area, log_r = h * w, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(3, generator=gen).tolist()
+        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        r = math.exp(log_r[0] + u[1] * (log_r[1] - log_r[0]))
+        cw, ch = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            return top, left, ch, cw
+    r = min(max(w / h, ratio[0]), ratio[1])
+    cw, ch = (w, round(w / r)) if w / h < ratio[0] else (round(h * r), h) if w / h > ratio[1] else (w, h)
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def rrc_jitter(x: torch.Tensor, gen: torch.Generator, jitter: float = 0.4) -> torch.Tensor:
+    """RandomResizedCrop (scale 0.08-1) back to the input size, a horizontal flip, and ColorJitter
+    (brightness, contrast, saturation each x U[1 - jitter, 1 + jitter], in random order, no hue),
+    per image of a uint8 batch (B, 3, H, W); the authors' long-tail augmentation."""
+    from torchvision.transforms.v2 import functional as TF
+
+    b, _, h, w = x.shape
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    out = []
+    for i in range(b):
+        top, left, ch, cw = random_resized_box(h, w, gen)
+        im = TF.resized_crop(x[i], top, left, ch, cw, [h, w], antialias=True)
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            im = im.flip(-1)
+        factors = (1 - jitter + 2 * jitter * torch.rand(3, generator=gen)).tolist()
+        for k in torch.randperm(3, generator=gen).tolist():
+            im = ops[k](im, factors[k])
+        out.append(im)
+    return torch.stack(out)
 
 
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -193,13 +251,17 @@ def create_model(config: ClassifyConfig, num_classes: int) -> tuple[torch.nn.Mod
     return create_classifier(weights_name(config), num_classes, pretrained="hub")
 
 
-def _schedule(optimizer, total_steps: int, warmup_fraction: float):
-    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine to 0."""
-    warm = max(1, int(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
+def _schedule(optimizer, config: ClassifyConfig, steps_per_epoch: int):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine to 0 (cosine) or the base
+    lr times ``lr_decay`` after each of ``lr_milestones`` epochs (step)."""
+    total_steps = config.epochs * steps_per_epoch
+    warm = max(1, int(config.warmup_fraction * total_steps)) if config.warmup_fraction > 0 else 0
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
+        if config.lr_schedule == "step":
+            return config.lr_decay ** sum(step >= m * steps_per_epoch for m in config.lr_milestones)
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -214,6 +276,7 @@ class TrainData:
     labels: list[int]                        # (N,) class indices of the real items
     synth: ImageBank | None = None
     synth_targets: torch.Tensor | None = None   # (M, C) soft labels
+    synth_weights: np.ndarray | None = None     # (M,) draw probabilities (inverse-count weighting); None = uniform
 
     @property
     def num_synthetic(self) -> int:
@@ -259,11 +322,12 @@ def fit(model: torch.nn.Module, data: TrainData, val: ImageBank, val_labels: lis
     cached = data.real.cache is not None
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scheduler = _schedule(optimizer, config.epochs * -(-len(data.real) // config.batch_size), config.warmup_fraction)
+    scheduler = _schedule(optimizer, config, -(-len(data.real) // config.batch_size))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and str(device).startswith("cuda"))
 
     def one_epoch(epoch: int) -> dict:
-        order, choice = replacement_plan(len(data.real), data.num_synthetic, config.replace_prob, rng, swap_rng)
+        order, choice = replacement_plan(len(data.real), data.num_synthetic, config.replace_prob, rng, swap_rng,
+                                         data.synth_weights)
         loader = torch.utils.data.DataLoader(
             EpochSet(data.real, data.real_targets, data.synth, data.synth_targets, order, choice),
             batch_size=config.batch_size, num_workers=0 if cached else config.num_workers)
@@ -274,7 +338,7 @@ def fit(model: torch.nn.Module, data: TrainData, val: ImageBank, val_labels: lis
                 x, y = x[:-1], y[:-1]
             if len(x) < 2:                          # BatchNorm cannot train on one image
                 continue
-            x, y = normalise(augment(x, gen).to(device), mean, std), y.to(device)
+            x, y = normalise(augment(x, gen, config.augment).to(device), mean, std), y.to(device)
             if mix is not None:
                 x, y = mix(x, y.argmax(-1))
             with autocast:
@@ -350,6 +414,14 @@ def _splits(data, split_file, split_config):
     return dataset, parts, path, SplitConfig(**read_split_file(path)["config"])
 
 
+def default_replace_prob(config: ClassifyConfig, split) -> float:
+    """p: the one asked for, else the paper's for the split's regime: 0.3 few-shot and long-tail,
+    0.1 full data."""
+    if config.replace_prob is not None:
+        return config.replace_prob
+    return 0.3 if (split.shots is not None or split.imbalance is not None) else 0.1
+
+
 def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = ClassifyConfig(), *,
                      synthetic: str | os.PathLike | None = None, split_file: str | os.PathLike | None = None,
                      split_config=None, device: str | None = None, show_progress: bool = True) -> dict:
@@ -369,9 +441,12 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     dataset, parts, split_path, split = _splits(data, split_file, split_config)
     classes, C = dataset.classes, len(dataset.classes)
     layout, synth_items = read_synthetic(synthetic, classes) if synthetic is not None else (None, [])
+    config = dataclasses.replace(config, replace_prob=default_replace_prob(config, split))
     if synth_items and (config.mixup or config.cutmix) and config.replace_prob > 0:
         raise ValueError("mixup/cutmix are baselines: run them without --synthetic (or with --replace-prob 0)")
     long_tail = split.imbalance is not None
+    weighting = config.synthetic_weighting if config.synthetic_weighting != "auto" else \
+        ("inverse-count" if long_tail else "uniform")
     smoothing = config.label_smoothing if config.label_smoothing is not None else (0.0 if long_tail else 0.1)
     device = device or default_device()
     torch.manual_seed(config.seed)   # a from-scratch model's initial weights come from the run's seed too
@@ -390,6 +465,8 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     if synth_items:
         td.synth = bank(synth_items, "synthetic images")
         td.synth_targets = synthetic_targets(synth_items, classes, config.label_gamma, config.label_scale)
+        if weighting == "inverse-count":
+            td.synth_weights = synthetic_draw_weights(synth_items, classes, train.counts())
     val_labels = [it.label for it in val.items]
     result = fit(model, td, bank(val.items, "val images"), val_labels, config, mean=mean, std=std,
                  smoothing=smoothing, device=device, show_progress=show_progress)
@@ -402,7 +479,7 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
                   test_correct=[int(p == y) for p, y in zip(preds.tolist(), test_labels)],
                   val_accuracy=result["val_accuracy"], best_epoch=result["best_epoch"], history=result["history"],
                   counts={"train": len(train), "val": len(val), "test": len(test), "synthetic": len(synth_items)},
-                  label_smoothing=smoothing, pretrained_from=source, model_name=config.model_name,
+                  label_smoothing=smoothing, synthetic_weighting=weighting, pretrained_from=source, model_name=config.model_name,
                   config=dataclasses.asdict(config), dataset=str(dataset.root), split_file=str(split_path),
                   split=dataclasses.asdict(split), classes=list(classes),
                   synthetic={"path": str(synthetic), "layout": layout} if synthetic is not None else None)

@@ -575,10 +575,10 @@ def add_train_parser(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     from .classify import format_report, train_classifier
-    from .config import ClassifyConfig
+    from .config import ClassifyConfig, with_recipe
     from .data import read_dataset
 
-    config = config_from_args(ClassifyConfig, args)
+    config = config_from_args(ClassifyConfig, args, base=with_recipe(given_values(ClassifyConfig, args)))
     dataset = read_dataset(args.data, strict=args.strict, max_pixels=args.max_pixels, show_progress=not args.quiet)
     report = train_classifier(dataset, args.out, config, synthetic=args.synthetic, split_file=args.split_file,
                               split_config=split_config_from_args(args), device=args.device,

@@ -229,6 +229,7 @@ class ScoreConfig:
 
 
 STRENGTH_STRATEGIES = ("fixed", "uniform", "beta")
+PAIRINGS = ("auto", "image-uniform", "class-uniform")
 
 
 @dataclass(frozen=True)
@@ -241,13 +242,21 @@ class SynthesizeConfig:
     strength: float = option(0.5, "s for --strength-strategy fixed (the authors' default; the paper runs 0.7-0.8)")
     strengths: tuple[float, ...] = option((0.3, 0.5, 0.7, 0.9), "choices for --strength-strategy uniform "
                                           "(the authors' set)")
-    long_tail: bool = option(False, "draw the target class with p ~ 1/(n_c + 1) (long-tail data)")
+    long_tail: bool = option(False, "long-tail data: --pairing auto draws sources uniformly over images (the "
+                             "classifier then weights target classes by 1/(n_c + 1)); with --pairing class-uniform "
+                             "the plan draws the target class with p ~ 1/(n_c + 1)")
+    pairing: str = option("auto", "source draw: image-uniform (every train image equally likely, so a class in "
+                          "proportion to its size; the authors' long-tail plan), class-uniform (every class equally "
+                          "likely; the authors' few-shot plan), auto (image-uniform with --long-tail, else "
+                          "class-uniform)", choices=PAIRINGS)
     seed: int = option(0, "plan seed (pairs, source images, strengths, per-job seeds)")
 
     def __post_init__(self) -> None:
         check_numbers(self)
         if not self.multiplier > 0:
             raise ValueError(f"multiplier M must be > 0, got {self.multiplier}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.strength_strategy not in STRENGTH_STRATEGIES:
             raise ValueError(f"strength_strategy must be one of {STRENGTH_STRATEGIES}, got {self.strength_strategy!r}")
         bad = [s for s in (self.strength, *self.strengths) if not 0.0 <= s <= 1.0]
@@ -325,6 +334,35 @@ class FinetuneConfig:
         return self.mode in ("joint", "lora-only")
 
 
+LR_SCHEDULES = ("cosine", "step")
+AUGMENTATIONS = ("crop-flip", "rrc-jitter")
+SYNTHETIC_WEIGHTINGS = ("auto", "uniform", "inverse-count")
+# Named ClassifyConfig settings (--recipe); an option given explicitly wins over its recipe's value.
+# Checked against the authors' code (Zhicaiwww/Diff-Mix): res_mode and the per-dataset lr of
+# scripts/classification.sh (CUB, ResNet-50) at a395a02; the long-tail run of scripts/classification_imb.sh
+# with train_hub_imb.py (adjust_learning_rate: 5 warm-up epochs, x0.01 after epoch 160, x0.0001 after 180).
+CLASSIFY_RECIPES: dict[str, dict] = {
+    "paper-224": dict(model_name="resnet50", pretrained="tv_in1k", resolution=224, batch_size=256, lr=0.05,
+                      epochs=120, weight_decay=5e-4, warmup_fraction=0.1, lr_schedule="cosine", augment="crop-flip",
+                      label_scale=1.0),
+    "paper-448": dict(model_name="resnet50", pretrained="tv_in1k", resolution=448, batch_size=64, lr=0.025,
+                      epochs=120, weight_decay=5e-4, warmup_fraction=0.1, lr_schedule="cosine", augment="crop-flip",
+                      label_scale=1.0),
+    "longtail": dict(model_name="resnet50", pretrained="tv_in1k", resolution=224, batch_size=128, lr=0.005,
+                     epochs=200, weight_decay=2e-4, warmup_fraction=0.025, lr_schedule="step",
+                     lr_milestones=(160, 180), lr_decay=0.01, augment="rrc-jitter", label_smoothing=0.0,
+                     label_scale=1.0, replace_prob=0.3),
+}
+
+
+def with_recipe(values: dict) -> dict:
+    """ClassifyConfig values: those given, over their ``recipe``'s (CLASSIFY_RECIPES), over the defaults."""
+    name = values.get("recipe") or ""
+    if name and name not in CLASSIFY_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; use one of {', '.join(CLASSIFY_RECIPES)}")
+    return {**CLASSIFY_RECIPES.get(name, {}), **values}
+
+
 @dataclass(frozen=True)
 class ClassifyConfig:
     """Downstream classifier training with synthetic replacement and soft labels (REFERENCE.md §3-4)."""
@@ -337,15 +375,32 @@ class ClassifyConfig:
     pretrained_file: str = option("", "local timm checkpoint (.safetensors or weights-only .pth) to start from; "
                                   "overrides --pretrained")
     resolution: int = option(224, "input side in px, images squashed to it (paper: 224 or 448)")
+    recipe: str = option("", "named settings (CLASSIFY_RECIPES) filling every option not given: paper-224, "
+                         "paper-448 (the authors' CUB ResNet-50 runs), longtail (their CUB-LT script)",
+                         choices=("", "paper-224", "paper-448", "longtail"), shown="none")
     epochs: int = option(120, "passes of |real train| items each (paper: about 120)")
-    batch_size: int = option(32, "images per SGD step (the authors' script: 32)")
-    lr: float = option(0.01, "SGD base learning rate, warmed up linearly, then cosine to 0 (the authors' script: "
-                       "0.01)")
+    batch_size: int = option(32, "images per SGD step (a small-GPU default; the authors' res_mode: 256 at 224 px, "
+                             "64 at 448 px, see --recipe)")
+    lr: float = option(0.01, "SGD base learning rate (a default for batch 32; the authors' CUB runs: 0.05 at 224 px, "
+                       "0.025 at 448 px, see --recipe)")
+    lr_schedule: str = option("cosine", "cosine (linear warm-up, then cosine to 0; paper) or step (warm-up, then "
+                              "x --lr-decay after each of --lr-milestones; the authors' long-tail runs)",
+                              choices=LR_SCHEDULES)
+    lr_milestones: tuple[int, ...] = option((160, 180), "step schedule: epochs after which the lr is multiplied by "
+                                            "--lr-decay")
+    lr_decay: float = option(0.1, "step schedule: lr factor at each milestone")
+    augment: str = option("crop-flip", "train augmentation: crop-flip (pad-and-crop + flip, the paper's) or "
+                          "rrc-jitter (RandomResizedCrop + flip + ColorJitter 0.4, the authors' long-tail runs)",
+                          choices=AUGMENTATIONS)
     momentum: float = option(0.9, "SGD momentum (paper: 0.9)")
     weight_decay: float = option(5e-4, "SGD weight decay (paper: 5e-4)")
     warmup_fraction: float = option(0.1, "share of all steps spent warming the lr up linearly (paper: 10%)")
-    replace_prob: float = option(0.1, "p: each train item is replaced by a random synthetic one with this "
-                                 "probability (paper: 0.1 full data, 0.3 few-shot)")
+    replace_prob: float | None = option(None, "p: each train item is replaced by a random synthetic one with this "
+                                        "probability; none = the paper's: 0.3 few-shot and long-tail, 0.1 full data")
+    synthetic_weighting: str = option("auto", "which synthetic item replaces: uniform over the set, or "
+                                      "inverse-count (target class c drawn with p ~ 1/(n_c + 1), n_c its real train "
+                                      "images, then one of its items; the authors' long-tail --use_weighted_syn); "
+                                      "auto = inverse-count on long-tail splits", choices=SYNTHETIC_WEIGHTINGS)
     label_gamma: float = option(0.5, "soft label: target weight = s**gamma (paper: 0.5)", flags=("--gamma", "--label-gamma"))
     label_scale: float = option(0.9, "k: soft-label mass (1-k unassigned: a synthetic item's loss weighs k; the "
                                 "authors: 0.9)")
@@ -381,8 +436,18 @@ class ClassifyConfig:
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError("lr must be > 0, weight_decay >= 0 and momentum in [0, 1)")
         for name in ("warmup_fraction", "replace_prob"):
-            if not 0 <= getattr(self, name) <= 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.recipe and self.recipe not in CLASSIFY_RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; use one of {', '.join(CLASSIFY_RECIPES)}")
+        if self.lr_schedule not in LR_SCHEDULES or self.augment not in AUGMENTATIONS \
+                or self.synthetic_weighting not in SYNTHETIC_WEIGHTINGS:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, augment one of {AUGMENTATIONS} and "
+                             f"synthetic_weighting one of {SYNTHETIC_WEIGHTINGS}")
+        if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones) \
+                or not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_milestones must be increasing epochs >= 1 and lr_decay in (0, 1], got "
+                             f"{self.lr_milestones} and {self.lr_decay}")
         if self.label_gamma <= 0 or not 0 < self.label_scale <= 1:
             raise ValueError("label_gamma must be > 0 and label_scale (k) in (0, 1]")
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:

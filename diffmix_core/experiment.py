@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import (ClassifyConfig, ExperimentArm, ExperimentConfig, ExperimentSetting, PipelineConfig,
-                     SplitConfig, SynthesizeConfig, TranslateConfig, get_strategy)
+                     SplitConfig, SynthesizeConfig, TranslateConfig, get_strategy, with_recipe)
 
 # --quick: what the built-in quick variant changes unless the file's `quick:` section says otherwise.
 QUICK_DEFAULTS = {"seeds_max": 2, "train": {"epochs": 1}, "synthesize": {"multiplier": 1.0},
@@ -75,6 +75,8 @@ def experiment_from_dict(raw: dict, *, quick: bool = False, **overrides) -> Expe
         if seeds_max and "seeds" not in quick_over:
             raw["seeds"] = list(raw.get("seeds", ExperimentConfig.seeds))[:seeds_max]
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(raw.get("train"), dict):   # train: {recipe: longtail, ...}: the recipe fills what is not given
+        raw["train"] = with_recipe(raw["train"])
     values = {k: _build(NESTED[k], v, k) if k in NESTED else v for k, v in raw.items()}
     if "settings" in values:
         values["settings"] = tuple(_build(ExperimentSetting, s, f"settings[{i}]")

@@ -87,14 +87,24 @@ def _draw_strengths(rng: np.random.Generator, n: int, config: SynthesizeConfig) 
     return np.round(np.clip(rng.beta(a, b, size=n), lo, hi), 4)
 
 
+def source_pairing(config: SynthesizeConfig) -> str:
+    """The plan's source draw: ``config.pairing``, with auto = image-uniform for long-tail data
+    (the authors' sample_mp.py, task imbalanced), else class-uniform (their few-shot plan)."""
+    if config.pairing != "auto":
+        return config.pairing
+    return "image-uniform" if config.long_tail else "class-uniform"
+
+
 def make_plan(train, config: SynthesizeConfig, strategy: str) -> list[PlanJob]:
     """The jobs of a synthesis run over the TRAIN split ``train`` (a data.Dataset).
 
-    round(M x |train|) jobs. Source class uniform over classes with train images, a
-    random train image of it as the source; target class drawn independently over all
-    classes (uniform, or long-tail weighted; same-class pairs allowed) for inter-class
-    strategies, equal to the source class for intra-class ones; no source for *-gen
-    (strength 1). Deterministic from ``config.seed``.
+    round(M x |train|) jobs. Sources (:func:`source_pairing`): class-uniform draws a class
+    uniformly over the classes with train images, then a random train image of it; image-uniform
+    draws a train image uniformly (a class in proportion to its size). The target class is drawn
+    independently over all classes (uniform; long-tail weighted only with class-uniform pairing;
+    same-class pairs allowed, as the authors' plan) for inter-class strategies, equal to the
+    source class for intra-class ones; no source for *-gen (strength 1). Deterministic from
+    ``config.seed``.
     """
     pairing = get_strategy(strategy).pairing
     classes, by_class = list(train.classes), train.by_class()
@@ -107,9 +117,16 @@ def make_plan(train, config: SynthesizeConfig, strategy: str) -> list[PlanJob]:
         raise ValueError(f"multiplier {config.multiplier:g} x {len(train):,} train images = {n:,} planned images "
                          f"exceeds the limit of {MAX_PLAN_JOBS:,} per plan; use a smaller --multiplier")
     rng = np.random.default_rng(config.seed)
-    src = np.asarray(sources)[rng.integers(len(sources), size=n)]
-    tgt = rng.choice(len(classes), size=n, p=target_weights(counts, config.long_tail))
-    pick = rng.random(n)
+    if source_pairing(config) == "image-uniform":
+        flat = [(ci, item) for ci, c in enumerate(classes) for item in by_class[c]]
+        picked = [flat[k] for k in rng.integers(len(flat), size=n)]
+        src, images = np.asarray([ci for ci, _ in picked]), [item for _, item in picked]
+        tgt = rng.choice(len(classes), size=n)
+    else:
+        src = np.asarray(sources)[rng.integers(len(sources), size=n)]
+        tgt = rng.choice(len(classes), size=n, p=target_weights(counts, config.long_tail))
+        pick = rng.random(n)
+        images = [by_class[classes[c]][min(int(u * counts[c]), counts[c] - 1)] for c, u in zip(src, pick)]
     strengths = _draw_strengths(rng, n, config)
     jobs = []
     for i in range(n):
@@ -119,8 +136,7 @@ def make_plan(train, config: SynthesizeConfig, strategy: str) -> list[PlanJob]:
             continue
         if pairing == "intra":
             t_cls = s_cls
-        items = by_class[s_cls]
-        item = items[min(int(pick[i] * len(items)), len(items) - 1)]
+        item = images[i]
         jobs.append(PlanJob(i, item.id, str(item.path), s_cls, t_cls, float(strengths[i]), job_seed(config.seed, i)))
     return jobs
 

@@ -245,12 +245,13 @@ def test_cli_report_table_and_checkpoint(data_dir, tmp_path, capsys):
     assert acc == pytest.approx(report["test_accuracy"])
 
 
-def test_long_tail_report_and_plain_soft_ce(data_dir, tmp_path, capsys):
+def test_long_tail_report_and_plain_soft_ce(data_dir, export_dir, tmp_path, capsys):
     out = tmp_path / "lt"
     assert main(["train", "--data", str(data_dir), "--split-file", str(tmp_path / "lt.json"), "--imbalance", "0.2",
                  "--shots", "7", "--out", str(out), "--epochs", "1", "--many-threshold", "5", "--few-threshold", "2",
-                 *FAST]) == 0
+                 "--synthetic", str(export_dir), *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["synthetic_weighting"] == "inverse-count" and report["config"]["replace_prob"] == 0.3
     # n_i = floor(7 * 0.2**(i/2)) in label order
     assert [v["n_train"] for v in report["per_class"].values()] == [7, 3, 1]
     lt = report["long_tail"]
@@ -290,3 +291,81 @@ def test_pretrained_without_weights_is_an_actionable_error(data_dir, tmp_path, c
         ClassifyConfig(model_name="resnet50.a1_in1k", pretrained="tv_in1k")
     assert ClassifyConfig(pretrained=True).pretrained == "auto"      # YAML booleans of older configs
     assert ClassifyConfig(pretrained=False).pretrained == "none"
+
+
+def test_recipes_fill_what_is_not_given(data_dir, tmp_path):
+    """--recipe longtail sets the authors' long-tail settings; an option given explicitly wins; the
+    report records the values that ran, p the regime's default (0.3 few-shot, 0.1 full data)."""
+    from diffmix_core.config import CLASSIFY_RECIPES, ClassifyConfig, with_recipe
+
+    assert with_recipe({}) == {} and ClassifyConfig().batch_size == 32
+    paper = ClassifyConfig(**with_recipe({"recipe": "paper-448", "epochs": 3}))
+    assert (paper.batch_size, paper.lr, paper.resolution, paper.epochs) == (64, 0.025, 448, 3)
+    assert CLASSIFY_RECIPES["paper-224"]["batch_size"] == 256 and CLASSIFY_RECIPES["paper-224"]["lr"] == 0.05
+    with pytest.raises(ValueError, match="unknown recipe"):
+        with_recipe({"recipe": "paper-999"})
+    out = tmp_path / "lt"
+    assert main(["train", "--data", str(data_dir), "--split-file", str(tmp_path / "s.json"), "--out", str(out),
+                 "--recipe", "longtail", "--epochs", "2", "--lr-milestones", "1", *FAST]) == 0
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["recipe"], config["lr_schedule"], config["augment"], config["weight_decay"]) == \
+        ("longtail", "step", "rrc-jitter", 2e-4)
+    assert config["lr_milestones"] == [1] and config["lr"] == 0.05 and config["resolution"] == 32   # given: win
+    assert config["label_smoothing"] == 0.0 and config["label_scale"] == 1.0 and config["replace_prob"] == 0.3
+    full = tmp_path / "full"
+    assert main(["train", "--data", str(data_dir), "--split-file", str(tmp_path / "s.json"), "--out", str(full),
+                 "--epochs", "1", *FAST]) == 0
+    assert json.loads((full / "report.json").read_text())["config"]["replace_prob"] == 0.1
+
+
+def test_step_schedule_decays_at_the_milestones():
+    """Warm-up, then lr x decay after each milestone epoch (the authors' long-tail schedule)."""
+    from diffmix_core.config import ClassifyConfig
+
+    config = ClassifyConfig(pretrained="none", epochs=6, lr=1.0, warmup_fraction=1 / 6, lr_schedule="step",
+                            lr_milestones=(3, 5), lr_decay=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = classify._schedule(opt, config, steps_per_epoch=2)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == pytest.approx([0.5, 1.0])                     # warm-up over the first epoch
+    assert lrs[2:6] == pytest.approx([1.0] * 4) and lrs[6:10] == pytest.approx([0.1] * 4)
+    assert lrs[10:] == pytest.approx([0.01] * 2)
+
+
+def test_rrc_jitter_augmentation_crops_flips_and_jitters():
+    """RandomResizedCrop + flip + ColorJitter: same shape and dtype, deterministic per generator,
+    boxes inside the image with area shares in [0.08, 1], colours changed."""
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    a = classify.augment(x, torch.Generator().manual_seed(0), "rrc-jitter")
+    b = classify.augment(x, torch.Generator().manual_seed(0), "rrc-jitter")
+    assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b) and not torch.equal(a, x)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        top, left, h, w = classify.random_resized_box(32, 48, gen)
+        assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 48 and h * w <= 32 * 48
+    flat = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)   # a flat image: only the jitter changes it
+    outs = {int(classify.rrc_jitter(flat, torch.Generator().manual_seed(s))[0, 0, 4, 4]) for s in range(8)}
+    assert len(outs) > 1
+
+
+def test_inverse_count_synthetic_weighting():
+    """Long-tail: a replacement draws a target class with p ~ 1/(n_c + 1) (n_c real train images),
+    then one of its synthetic items uniformly; the weights drive replacement_plan's draws."""
+    from diffmix_core.export import SyntheticItem
+
+    classes = ["many", "mid", "few"]
+    items = [SyntheticItem(Path(f"{i}.png"), "many", t, 0.5) for i, t in
+             enumerate(["many"] * 6 + ["mid"] * 3 + ["few"] * 1)]
+    w = classify.synthetic_draw_weights(items, classes, [30, 9, 1])
+    class_p = np.array([1 / 31, 1 / 10, 1 / 2]) / (1 / 31 + 1 / 10 + 1 / 2)
+    assert w.sum() == pytest.approx(1.0) and w[0] == pytest.approx(class_p[0] / 6) and w[9] == pytest.approx(class_p[2])
+    _, synth = replacement_plan(20000, len(items), 1.0, np.random.default_rng(0), weights=w)
+    freq = np.bincount([0 if s < 6 else 1 if s < 9 else 2 for s in synth], minlength=3) / len(synth)
+    assert freq == pytest.approx(class_p, abs=0.02)
+    # a class no item targets gets none of the mass
+    w2 = classify.synthetic_draw_weights(items[:9], classes, [30, 9, 1])
+    assert w2.sum() == pytest.approx(1.0) and len(w2) == 9

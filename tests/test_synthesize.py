@@ -50,17 +50,42 @@ def test_plan_counts_sources_and_uniform_pairs():
     assert len(make_plan(train, SynthesizeConfig(multiplier=5), "diff-mix")) == 80   # paper default: 5x
 
 
-def test_plan_long_tail_target_weighting():
+def test_plan_long_tail_target_weighting_with_class_uniform_pairing():
+    """--pairing class-uniform keeps the old long-tail plan: sources uniform over classes, the
+    target class drawn with p ~ 1/(n_c + 1)."""
     counts = {"many": 30, "mid": 9, "few": 1}
     train = fake_train(counts)
     p = target_weights(list(counts.values()), long_tail=True)
     assert p == pytest.approx(np.array([1 / 31, 1 / 10, 1 / 2]) / (1 / 31 + 1 / 10 + 1 / 2))
-    jobs = make_plan(train, SynthesizeConfig(multiplier=100, long_tail=True), "diff-mix")
+    jobs = make_plan(train, SynthesizeConfig(multiplier=100, long_tail=True, pairing="class-uniform"), "diff-mix")
     freq = collections.Counter(j.target_class for j in jobs)
     for c, want in zip(counts, p):
         assert freq[c] / len(jobs) == pytest.approx(want, abs=0.02)
     src = collections.Counter(j.source_class for j in jobs)   # sources stay uniform over classes
     assert all(abs(n / len(jobs) - 1 / 3) < 0.03 for n in src.values())
+
+
+def test_plan_long_tail_sources_uniform_over_images():
+    """The authors' long-tail plan (the default for --long-tail): every train image equally likely
+    as a source, so a class in proportion to its size; targets uniform over all classes (the
+    training loader weights them later)."""
+    counts = {"many": 30, "mid": 9, "few": 1}
+    train = fake_train(counts)
+    jobs = make_plan(train, SynthesizeConfig(multiplier=100, long_tail=True), "diff-mix")   # 4,000 jobs
+    src = collections.Counter(j.source_class for j in jobs)
+    for c, n in counts.items():
+        assert src[c] / len(jobs) == pytest.approx(n / 40, abs=0.03)
+    assert src["few"] < 0.06 * len(jobs)          # class-uniform pairing would use the one tail image ~1/3
+    tgt = collections.Counter(j.target_class for j in jobs)
+    assert all(abs(n / len(jobs) - 1 / 3) < 0.03 for n in tgt.values())
+    ids = {c: {it.id for it in its} for c, its in train.by_class().items()}
+    assert all(j.source_id in ids[j.source_class] for j in jobs)
+    per_image = collections.Counter(j.source_id for j in jobs if j.source_class == "many")
+    assert len(per_image) == 30 and max(per_image.values()) < 2 * min(per_image.values())
+    explicit = make_plan(train, SynthesizeConfig(multiplier=100, pairing="image-uniform", long_tail=True), "diff-mix")
+    assert explicit == jobs
+    with pytest.raises(ValueError, match="pairing"):
+        SynthesizeConfig(pairing="per-class")
 
 
 def test_plan_is_deterministic_and_seeds_derive_from_index():
