@@ -170,7 +170,8 @@ def add_import_parser(sub) -> None:
                        "their attention-processor LoRA safetensors; write an adapter bundle.")
     p.add_argument("--embeddings", type=Path, required=True, help="torch file with learned_embeds_dict, "
                    "name2placeholder, placeholder2name")
-    p.add_argument("--lora", type=Path, required=True, help="pytorch_lora_weights.safetensors or its folder")
+    p.add_argument("--lora", type=Path, help="pytorch_lora_weights.safetensors or its folder; omit it for the "
+                   "embeddings of a TI-only run (a TI-only bundle, for ti-mix / ti-aug)")
     p.add_argument("--base", required=True, help="base model the checkpoint was trained on (Hub id or folder)")
     p.add_argument("--revision", help="Hub revision of the base model")
     p.add_argument("--superclass", required=True, help="super-class word of the prompt (bird, flower, car...)")
@@ -629,6 +630,7 @@ def add_experiment_parser(sub) -> None:
                    "2 seeds, 1 epoch, multiplier 1, 4 scheduler steps")
     p.add_argument("--data", help="override the config's dataset")
     p.add_argument("--bundle", help="override the config's adapter bundle")
+    p.add_argument("--ti-bundle", help="override the config's TI-only bundle (ti-* arms; finetune --mode ti-only)")
     p.add_argument("--base", help="override the config's base model (real-* arms)")
     p.add_argument("--out", help="override the config's work folder")
     p.add_argument("--report-dir", help="override where the table and plot go")
@@ -647,8 +649,9 @@ def add_experiment_parser(sub) -> None:
 def run_experiment_command(args: argparse.Namespace) -> None:
     from .experiment import describe_runs, load_experiment, recompute_report, run_experiment
 
-    config = load_experiment(args.config, quick=args.quick, data=args.data, bundle=args.bundle, base=args.base,
-                             out=args.out, report_dir=args.report_dir, seeds=args.seeds, threads=args.threads)
+    config = load_experiment(args.config, quick=args.quick, data=args.data, bundle=args.bundle,
+                             ti_bundle=args.ti_bundle, base=args.base, out=args.out, report_dir=args.report_dir,
+                             seeds=args.seeds, threads=args.threads)
     if args.dry_run:
         print("\n".join(describe_runs(config)))
         return

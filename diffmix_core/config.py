@@ -525,7 +525,8 @@ class ExperimentConfig:
 
     data: str                         # dataset folder / CSV (every stage's one split is made from it)
     name: str = "experiment"          # stem of the table, JSON and plot files
-    bundle: str = ""                  # adapter bundle for diff-* / ti-* arms
+    bundle: str = ""                  # adapter bundle (tokens + LoRA) for diff-* arms
+    ti_bundle: str = ""               # TI-only bundle (finetune --mode ti-only) for ti-* arms
     base: str = ""                    # base model for real-* arms ('' = the bundle's base model)
     superclass: str = ""              # super-class word of real-* prompts ('' = the bundle's)
     out: str = "runs/experiment"      # work folder: splits, synthetic sets, runs (resumable)
@@ -556,9 +557,13 @@ class ExperimentConfig:
             if len(set(names)) != len(names):
                 raise ValueError(f"{what} names must be unique, got {names}")
         for arm in self.arms:
-            if arm.strategy and get_strategy(arm.strategy).tokens and not self.bundle:
+            if arm.strategy and get_strategy(arm.strategy).tokens and not get_strategy(arm.strategy).lora \
+                    and not self.ti_bundle:
+                raise ValueError(f"arm {arm.name!r} ({arm.strategy}) needs ti_bundle: a TI-only bundle (make one "
+                                 "with `diffmix finetune --mode ti-only ...`)")
+            if arm.strategy and get_strategy(arm.strategy).lora and not self.bundle:
                 raise ValueError(f"arm {arm.name!r} ({arm.strategy}) needs a bundle; real-* arms need only a base")
-            if arm.strategy and not (self.bundle or self.base):
+            if arm.strategy and not (self.bundle or self.ti_bundle or self.base):
                 raise ValueError(f"arm {arm.name!r} ({arm.strategy}) needs a base model (base:) or a bundle")
 
 

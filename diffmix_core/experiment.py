@@ -194,12 +194,20 @@ class Pipelines:
     """At most two pipelines, loaded on first use: the untuned base (real-*) and the bundle's (diff-*, ti-*)."""
 
     def __init__(self, config: ExperimentConfig, device: str | None):
-        self.config, self.device, self.cache = config, device, {}
-        self.bundle = None
-        if config.bundle:
-            from .bundle import load_bundle
+        from .bundle import load_bundle
+        from .translate import check_bundle_for
 
-            self.bundle = load_bundle(config.bundle)
+        self.config, self.device, self.cache = config, device, {}
+        self.bundle = load_bundle(config.bundle) if config.bundle else None
+        self.ti_bundle = load_bundle(config.ti_bundle) if config.ti_bundle else None
+        for arm in config.arms:   # refuse a joint bundle for ti-* before any work
+            if arm.strategy and get_strategy(arm.strategy).tokens:
+                check_bundle_for(arm.strategy, self.bundle_for(arm.strategy))
+
+    def bundle_for(self, strategy: str):
+        """The bundle a strategy's synthesis uses: the TI-only one for ti-*, the joint one for diff-*."""
+        s = get_strategy(strategy)
+        return None if not s.tokens else self.bundle if s.lora else self.ti_bundle
 
     def source(self, tokens: bool) -> PipelineConfig:
         """The pipeline of the diff-*/ti-* arms (tokens: the bundle's base) or of the real-* arms (the
@@ -210,14 +218,14 @@ class Pipelines:
     def model(self, tokens: bool) -> str:
         from .models import pipeline_source
 
-        return pipeline_source(self.source(tokens), self.bundle)[0]
+        return pipeline_source(self.source(tokens), self.bundle or self.ti_bundle)[0]
 
     def get(self, tokens: bool):
         if tokens not in self.cache:
             from .models import load_pipeline_for
 
             # the bundle names the base; translate applies it to the diff-*/ti-* arms' calls
-            self.cache[tokens] = load_pipeline_for(self.source(tokens), self.bundle, apply=False)
+            self.cache[tokens] = load_pipeline_for(self.source(tokens), self.bundle or self.ti_bundle, apply=False)
         return self.cache[tokens]
 
 
@@ -233,9 +241,10 @@ def make_synthetic(config: ExperimentConfig, pipes: Pipelines, train, split_file
                                   long_tail=long_tail)
     tconfig = dataclasses.replace(config.translate, strategy=strategy)
     tokens = get_strategy(strategy).tokens
-    superclass = config.superclass or (pipes.bundle.superclass if pipes.bundle is not None else "")
+    known = pipes.bundle or pipes.ti_bundle
+    superclass = config.superclass or (known.superclass if known is not None else "")
     run_synthesis(train, folder, sconfig, tconfig, PipelineConfig(model=pipes.model(tokens), scheduler=config.scheduler),
-                  split_file=split_file, bundle=pipes.bundle if tokens else None, superclass=superclass, shard=(0, 1),
+                  split_file=split_file, bundle=pipes.bundle_for(strategy), superclass=superclass, shard=(0, 1),
                   export=("imagefolder",), pipe=pipes.get(tokens), show_progress=show_progress)
     return folder
 

@@ -260,9 +260,11 @@ def _stage_import(run: _Run) -> str:
     emb = write_authors_checkpoint(run.work / "authors", run.pipe.unet, CLASSES, width, run.config.rank)
     bundle = import_diffmix(emb, emb.parent, base_model=str(run.model_dir), superclass=SUPERCLASS,
                             out_dir=run.work / "imported", resolution=run.resolution)
+    ti_bundle = import_diffmix(emb, None, base_model=str(run.model_dir), superclass=SUPERCLASS,   # tokens alone
+                               out_dir=run.work / "imported-ti", resolution=run.resolution)
     job = [Job(run.sources[0], CLASSES[1], max(run.config.strengths), 7)]
     with_lora = translate(run.pipe, job, _translate_config(run, "diff-mix", 1), bundle=bundle, show_progress=False)
-    tokens_only = translate(run.pipe, job, _translate_config(run, "ti-mix", 1), bundle=bundle, show_progress=False)
+    tokens_only = translate(run.pipe, job, _translate_config(run, "ti-mix", 1), bundle=ti_bundle, show_progress=False)
     diff = np.abs(np.asarray(with_lora[0].image, np.int16) - np.asarray(tokens_only[0].image, np.int16)).mean()
     if diff == 0:
         raise ValueError("the imported LoRA does not change the output")

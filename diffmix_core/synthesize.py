@@ -456,6 +456,9 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
     formats = parse_formats(export)
     if bundle is None and get_strategy(translate_config.strategy).tokens:
         raise ValueError(f"strategy {translate_config.strategy} needs --bundle; real-* strategies run on --base alone")
+    from .translate import check_bundle_for
+
+    check_bundle_for(translate_config.strategy, bundle)   # ti-*: a TI-only bundle, before any work
     # 1. shard
     state = None
     if shard is None:

@@ -209,6 +209,7 @@ def _records_base(pipe, config: TranslateConfig, bundle) -> dict:
         "resize": config.resize, "base_model": base["model"], "base_revision": base["revision"],
         "bundle": str(bundle.path) if bundle is not None else None,
         "bundle_hash": bundle.hash if bundle is not None else None,
+        "bundle_mode": bundle_mode(bundle) if bundle is not None else None,
         "label_gamma": config.label_gamma, "label_scale": config.label_scale,
         "diffmix_version": __version__,
     }
@@ -238,12 +239,33 @@ def make_record(base: dict, state: _State, resolution: int) -> dict:
     return record
 
 
-def validate_jobs(jobs: Sequence[Job], config: TranslateConfig, bundle=None) -> None:
-    """Refuse bad jobs before any work starts, with a message per problem."""
-    strategy = get_strategy(config.strategy)
+def bundle_mode(bundle) -> str:
+    """What a bundle holds: 'ti-only' (class tokens, no UNet LoRA: a textual-inversion fine-tune or an
+    embeddings-only import) or the fine-tune's mode (joint, lora-only; 'joint' when not recorded)."""
+    if bundle.lora_file is None:
+        return "ti-only"
+    return (bundle.meta.get("training") or {}).get("mode") or "joint"
+
+
+def check_bundle_for(strategy_name: str, bundle) -> None:
+    """Refuse a bundle that does not fit ``strategy_name``: ti-mix / ti-aug use the tokens of a
+    TI-only fine-tune (the paper's; a joint run's tokens were learned together with its LoRA)."""
+    strategy = get_strategy(strategy_name)
     if strategy.tokens and bundle is None:
         raise ValueError(f"strategy {strategy.name!r} needs an adapter bundle (--bundle); "
                          "the real-* strategies run on a base model alone")
+    if strategy.tokens and not strategy.lora and bundle_mode(bundle) != "ti-only":
+        raise ValueError(f"strategy {strategy.name!r} uses the class tokens of a TI-only fine-tune (tokens "
+                         f"without LoRA, as the paper's {strategy.name}), but {bundle.path} is a "
+                         f"{bundle_mode(bundle)} bundle whose tokens were learned with its LoRA. Make a TI-only "
+                         "bundle with `diffmix finetune --mode ti-only --data DATA --base BASE --superclass WORD "
+                         "--out TI_BUNDLE` and pass that one")
+
+
+def validate_jobs(jobs: Sequence[Job], config: TranslateConfig, bundle=None) -> None:
+    """Refuse bad jobs before any work starts, with a message per problem."""
+    strategy = get_strategy(config.strategy)
+    check_bundle_for(strategy.name, bundle)
     for job in jobs:
         check_seed(job.seed, "seed")
         names = [job.target_class, job.from_class]

@@ -94,19 +94,30 @@ def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys)
                  str(tiny_model_dir), "--superclass", "bird", "--resolution", "32", "--out", str(tmp_path / "b")]) == 0
     assert "3 classes" in capsys.readouterr().out
     bundle = load_bundle(tmp_path / "b")
+    # the embeddings alone: a TI-only bundle (the authors' ti-mix uses a separate TI-only fine-tune)
+    assert main(["import-diffmix", "--embeddings", str(emb), "--base", str(tiny_model_dir), "--superclass", "bird",
+                 "--resolution", "32", "--out", str(tmp_path / "ti")]) == 0
+    ti_bundle = load_bundle(tmp_path / "ti")
     img = make_image(tmp_path / "src.png", size=(32, 32))
     outs = {}
     for strategy in ("diff-mix", "ti-mix", "real-mix"):
         out = tmp_path / strategy
-        assert main(["translate", "--bundle", str(bundle.path), "--strategy", strategy, "--image", str(img),
+        used = ti_bundle if strategy == "ti-mix" else bundle
+        assert main(["translate", "--bundle", str(used.path), "--strategy", strategy, "--image", str(img),
                      "--source-class", "Sparrow", "--target", "Tern", "--strength", "0.8", "--steps", "5",
                      "--out", str(out), "--quiet"]) == 0
         (rec,) = read_jsonl(out / "records.jsonl")
-        assert rec["bundle_hash"] == bundle.hash and rec["strategy"] == strategy
+        assert rec["bundle_hash"] == used.hash and rec["strategy"] == strategy
+        assert rec["bundle_mode"] == ("ti-only" if strategy == "ti-mix" else "joint")
         outs[strategy] = (out / rec["file_name"]).read_bytes()
         expected = "a photo of a <class_10> bird" if strategy != "real-mix" else "a photo of a Tern bird"
         assert rec["prompt"] == expected
     assert len(set(outs.values())) == 3   # LoRA and tokens each change the image
+    capsys.readouterr()
+    with pytest.raises(SystemExit):        # ti-* refuse a joint bundle, saying how to make a TI-only one
+        main(["translate", "--bundle", str(bundle.path), "--strategy", "ti-aug", "--image", str(img),
+              "--source-class", "Sparrow", "--target", "Sparrow", "--out", str(tmp_path / "y"), "--quiet"])
+    assert "diffmix finetune --mode ti-only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["translate", "--bundle", str(bundle.path), "--image", str(img), "--source-class", "Sparrow",
               "--target", "Penguin", "--out", str(tmp_path / "x"), "--quiet"])

@@ -200,6 +200,21 @@ def test_config_errors_are_actionable():
                                                                    "strengths": [0.5], "mixup": 0.2}]})
 
 
+def test_ti_arms_take_a_ti_only_bundle():
+    """ti-* arms need ti_bundle (a TI-only fine-tune); a joint bundle there is refused before any work,
+    with the command that makes a TI-only one; a train recipe fills the train settings not given."""
+    from diffmix_core.experiment import Pipelines
+
+    ti_arm = [{"name": "ti", "strategy": "ti-mix", "strengths": [0.5]}]
+    with pytest.raises(ValueError, match="needs ti_bundle"):
+        experiment_from_dict({"data": "d", "bundle": "assets/demo/bundle", "arms": ti_arm})
+    joint = experiment_from_dict({"data": "d", "ti_bundle": "assets/demo/bundle", "arms": ti_arm,
+                                  "train": {"recipe": "longtail", "epochs": 5}})
+    assert (joint.train.lr, joint.train.epochs, joint.train.lr_schedule) == (0.005, 5, "step")
+    with pytest.raises(ValueError, match="diffmix finetune --mode ti-only"):
+        Pipelines(joint, "cpu")
+
+
 def test_summary_mean_and_sample_std():
     rows = [{"setting": "a", "arm": "m", "strategy": "diff-mix", "strength": 0.5, "seed": s, "test_accuracy": v,
              "mean_class_accuracy": v} for s, v in enumerate((0.5, 0.6, 0.7))]

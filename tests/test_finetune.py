@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffmix_core.bundle import load_bundle
+from diffmix_core.bundle import load_bundle, save_bundle
 from diffmix_core.cli import main
 from diffmix_core.config import FinetuneConfig, TranslateConfig
 from diffmix_core.data import read_dataset, read_split_file
@@ -95,7 +95,16 @@ def test_bundle_changes_the_engine(trained, tiny_model_dir):
     jobs = [Job(src, "cardinal", 0.9, 1)]
     run = lambda strategy: np.asarray(translate(pipe, jobs, TranslateConfig(strategy=strategy, num_inference_steps=4),
                                                 bundle=bundle, show_progress=False)[0].image, np.int16)
-    lora_on, lora_off = run("diff-mix"), run("ti-mix")
+    lora_on = run("diff-mix")
+    with pytest.raises(ValueError, match="diffmix finetune --mode ti-only"):   # ti-*: a TI-only bundle only
+        run("ti-mix")
+    vectors, _ = bundle.weights()
+    ti_only = save_bundle(bundle.path.parent / "ti-copy", classes=bundle.classes, tokens=bundle.tokens,
+                          embeddings=dict(zip(bundle.tokens, vectors)), lora_state_dict=None,
+                          base_model=bundle.base_model, superclass=bundle.superclass, template=bundle.template,
+                          resolution=bundle.resolution)
+    lora_off = np.asarray(translate(pipe, jobs, TranslateConfig(strategy="ti-mix", num_inference_steps=4),
+                                    bundle=ti_only, show_progress=False)[0].image, np.int16)
     assert np.abs(lora_on - lora_off).max() > 0                # the learned LoRA changes the image
     # the token moved away from its start (the super-class word's embedding)
     emb = pipe.text_encoder.get_input_embeddings().weight
