@@ -78,6 +78,20 @@ def _read_lora_file(lora: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_weights(path)
 
 
+def native_resolution(model: str, revision: str | None = None) -> int:
+    """The base model's own image side, ``unet sample_size x VAE factor`` (2 ** (VAE levels - 1)),
+    read from its config files (a local folder or the Hub / its cache) without loading weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(model, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the UNet / VAE config of the base model {model} to find its resolution "
+                         f"({type(err).__name__}); give --resolution") from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def import_diffmix(
     embeddings_file: str | os.PathLike,
     lora: str | os.PathLike | None,
@@ -86,7 +100,7 @@ def import_diffmix(
     superclass: str,
     out_dir: str | os.PathLike,
     base_revision: str | None = None,
-    resolution: int = 512,
+    resolution: int | None = None,
 ) -> Bundle:
     """Convert the authors' checkpoint (REFERENCE.md §1) into a bundle.
 
@@ -97,12 +111,16 @@ def import_diffmix(
         base_model / base_revision: the SD model they trained on.
         superclass: e.g. "bird"; the prompt template is the paper's.
         out_dir: where to write the bundle.
+        resolution: the checkpoint's training resolution; None = the base model's own default
+            (:func:`native_resolution`).
     """
     path = Path(embeddings_file)
     classes, tokens, vectors = _parse_authors_embeddings(_load_plain_torch(path), path)
     lora_sd, rank = None, None
     if lora is not None:
         lora_sd, rank = to_bundle_lora(_read_lora_file(lora))
+    if resolution is None:
+        resolution = native_resolution(base_model, base_revision)
     return save_bundle(
         out_dir, classes=classes, tokens=tokens, embeddings=vectors, lora_state_dict=lora_sd,
         base_model=base_model, base_revision=base_revision, superclass=superclass, resolution=resolution,

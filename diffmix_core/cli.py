@@ -175,7 +175,8 @@ def add_import_parser(sub) -> None:
     p.add_argument("--base", required=True, help="base model the checkpoint was trained on (Hub id or folder)")
     p.add_argument("--revision", help="Hub revision of the base model")
     p.add_argument("--superclass", required=True, help="super-class word of the prompt (bird, flower, car...)")
-    p.add_argument("--resolution", type=int, default=512, help="training resolution (default: 512)")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution of the checkpoint (default: "
+                   "the base model's own, unet sample_size x VAE factor: 512 for SD 1.5)")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.set_defaults(run=run_import)
 

@@ -112,8 +112,8 @@ class TranslateConfig:
                                       flags=("--steps",))
     guidance_scale: float = option(7.5, "classifier-free guidance scale w (paper: 7.5)", flags=("--guidance",))
     resize: str = option("squash", "squash (to resolution x resolution, as the paper) or keep-aspect")
-    resolution: int = option(0, "model input side in px; 0 = the bundle's training resolution or the model's "
-                             "native size")
+    resolution: int = option(0, "model input side in px; 0 = the base model's own default (unet sample_size x "
+                             "VAE factor: 512 for SD 1.5, as the authors), whatever the bundle trained at")
     label_gamma: float = option(0.5, "soft label: target weight = s**gamma", flags=("--gamma", "--label-gamma"))
     label_scale: float = option(1.0, "soft label: total mass k (the authors' loaders use 0.9 at training time)")
     batch_size: int = option(8, "jobs per UNet call (each job is 2 rows with classifier-free guidance)")

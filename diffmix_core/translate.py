@@ -144,11 +144,11 @@ def check_strength(strength: float, num_inference_steps: int) -> int:
 
 
 def model_resolution(pipe, config: TranslateConfig, bundle=None) -> int:
-    """Side of the square model input: config, else the bundle's, else the UNet's native size."""
+    """Side of the square model input: config's, else the base pipeline's own default
+    (``unet.config.sample_size x vae_scale_factor``: 512 for SD 1.5, as the authors always
+    sample), whatever resolution the bundle was fine-tuned at."""
     if config.resolution:
         return config.resolution
-    if bundle is not None and getattr(bundle, "resolution", 0):
-        return int(bundle.resolution)
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 

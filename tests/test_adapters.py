@@ -376,6 +376,7 @@ def test_import_authors_checkpoint(tiny_pipe, tmp_path, tiny_model_dir, lora_cas
     assert bundle.classes == ("Black_footed_Albatross", "Sparrow", "Tern")  # by placeholder number, names as given
     assert bundle.tokens == ("<class_0>", "<class_2>", "<class_10>")
     assert bundle.meta["lora"] == {"rank": 4, "alpha": 4.0}
+    assert bundle.resolution == 32      # the tiny base's own default, not a hard-coded 512
     assert bundle.prompt("Tern") == "a photo of a <class_10> bird"
     apply_bundle(tiny_pipe, load_bundle(tmp_path / "bundle"))
     assert torch.allclose(_unet_out(tiny_pipe), lora_case.trained, atol=1e-6)

@@ -96,8 +96,9 @@ def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys)
     bundle = load_bundle(tmp_path / "b")
     # the embeddings alone: a TI-only bundle (the authors' ti-mix uses a separate TI-only fine-tune)
     assert main(["import-diffmix", "--embeddings", str(emb), "--base", str(tiny_model_dir), "--superclass", "bird",
-                 "--resolution", "32", "--out", str(tmp_path / "ti")]) == 0
+                 "--out", str(tmp_path / "ti")]) == 0
     ti_bundle = load_bundle(tmp_path / "ti")
+    assert ti_bundle.resolution == 32      # no --resolution: the base's own (sample_size 16 x VAE factor 2), not 512
     img = make_image(tmp_path / "src.png", size=(32, 32))
     outs = {}
     for strategy in ("diff-mix", "ti-mix", "real-mix"):
@@ -109,6 +110,7 @@ def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys)
         (rec,) = read_jsonl(out / "records.jsonl")
         assert rec["bundle_hash"] == used.hash and rec["strategy"] == strategy
         assert rec["bundle_mode"] == ("ti-only" if strategy == "ti-mix" else "joint")
+        assert rec["resolution"] == 32     # the base pipeline's default
         outs[strategy] = (out / rec["file_name"]).read_bytes()
         expected = "a photo of a <class_10> bird" if strategy != "real-mix" else "a photo of a Tern bird"
         assert rec["prompt"] == expected

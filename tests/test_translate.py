@@ -155,3 +155,19 @@ def test_out_of_memory_batches_are_split_with_identical_images(tiny_pipe, tiny_m
     with pytest.raises(torch.OutOfMemoryError) as info:
         translate(tight, jobs[:2], config, superclass="bird", show_progress=False)
     assert "lower --resolution" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_sampling_resolution_is_the_base_pipelines_unless_given(tiny_pipe):
+    """A bundle fine-tuned at another size (224 px here) samples at the base pipeline's own default
+    (unet sample_size x vae_scale_factor = 32 px for the tiny pipeline); --resolution overrides."""
+    from types import SimpleNamespace
+
+    from diffmix_core.translate import model_resolution
+
+    bundle = SimpleNamespace(resolution=224)
+    native = tiny_pipe.unet.config.sample_size * tiny_pipe.vae_scale_factor
+    assert native == 32 and model_resolution(tiny_pipe, TranslateConfig(), bundle) == 32
+    assert model_resolution(tiny_pipe, TranslateConfig(resolution=48), bundle) == 48
+    (res,) = translate(tiny_pipe, [Job(Source(photo(1, (40, 24)), "a", "x"), "b", 0.5, 3)],
+                       TranslateConfig(strategy="real-mix", num_inference_steps=4), show_progress=False)
+    assert res.record["resolution"] == 32 and res.image.size == (40, 24)
