@@ -46,9 +46,15 @@ CLASSIFIER_FORMAT = "diffmix-classifier/1"
 
 
 # --------------------------------------------------------------------------- synthetic sets
-def synthetic_targets(items: list[SyntheticItem], classes, gamma: float, scale: float) -> torch.Tensor:
-    """Soft-label vectors (N, C): y = k((1 - s**gamma) onehot(src) + s**gamma onehot(tgt))."""
-    rows = [label_vector(soft_label(it.source_class, it.target_class, it.strength, gamma, scale), classes)
+def synthetic_targets(items: list[SyntheticItem], classes, gamma: float, scale: float,
+                      strength: str = "ran") -> torch.Tensor:
+    """Soft-label vectors (N, C): y = k((1 - s**gamma) onehot(src) + s**gamma onehot(tgt)), s the
+    strength that ran (``strength`` 'ran') or the one asked for ('asked', the authors'; as written
+    when a set does not say)."""
+    def s_of(it: SyntheticItem) -> float:
+        return it.strength_asked if strength == "asked" and it.strength_asked is not None else it.strength
+
+    rows = [label_vector(soft_label(it.source_class, it.target_class, s_of(it), gamma, scale), classes)
             for it in items]
     return torch.stack(rows) if rows else torch.zeros(0, len(classes))
 
@@ -464,7 +470,8 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
                    real_targets(labels, C, 0.0 if (config.mixup or config.cutmix) else smoothing), labels)
     if synth_items:
         td.synth = bank(synth_items, "synthetic images")
-        td.synth_targets = synthetic_targets(synth_items, classes, config.label_gamma, config.label_scale)
+        td.synth_targets = synthetic_targets(synth_items, classes, config.label_gamma, config.label_scale,
+                                             config.label_strength)
         if weighting == "inverse-count":
             td.synth_weights = synthetic_draw_weights(synth_items, classes, train.counts())
     val_labels = [it.label for it in val.items]

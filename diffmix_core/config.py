@@ -101,6 +101,9 @@ class PipelineConfig:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
 
 
+REAL_GEN_PROMPTS = ("superclass", "name", "authors")
+
+
 @dataclass(frozen=True)
 class TranslateConfig:
     """One translation run (REFERENCE.md §2, §3)."""
@@ -117,10 +120,16 @@ class TranslateConfig:
     label_gamma: float = option(0.5, "soft label: target weight = s**gamma", flags=("--gamma", "--label-gamma"))
     label_scale: float = option(1.0, "soft label: total mass k (the authors' loaders use 0.9 at training time)")
     batch_size: int = option(8, "jobs per UNet call (each job is 2 rows with classifier-free guidance)")
+    real_gen_prompt: str = option("superclass", "real-gen prompt: superclass ('a photo of a <name> <superclass>', as "
+                                  "every strategy here), name ('a photo of a <name>', the authors' template without "
+                                  "the super-class), or authors (verbatim: 'a photo of a <Name_With_Underscores>' "
+                                  "in angle brackets, as their RealGeneration formats it)", choices=REAL_GEN_PROMPTS)
 
     def __post_init__(self) -> None:
         check_numbers(self)
         get_strategy(self.strategy)
+        if self.real_gen_prompt not in REAL_GEN_PROMPTS:
+            raise ValueError(f"real_gen_prompt must be one of {REAL_GEN_PROMPTS}, got {self.real_gen_prompt!r}")
         if not 1 <= self.num_inference_steps <= 1000:
             raise ValueError(f"num_inference_steps must be from 1 to 1000 (the schedulers' training timesteps), "
                              f"got {self.num_inference_steps}")
@@ -337,6 +346,7 @@ class FinetuneConfig:
 LR_SCHEDULES = ("cosine", "step")
 AUGMENTATIONS = ("crop-flip", "rrc-jitter")
 SYNTHETIC_WEIGHTINGS = ("auto", "uniform", "inverse-count")
+LABEL_STRENGTHS = ("ran", "asked")
 # Named ClassifyConfig settings (--recipe); an option given explicitly wins over its recipe's value.
 # Checked against the authors' code (Zhicaiwww/Diff-Mix): res_mode and the per-dataset lr of
 # scripts/classification.sh (CUB, ResNet-50) at a395a02; the long-tail run of scripts/classification_imb.sh
@@ -402,6 +412,8 @@ class ClassifyConfig:
                                       "images, then one of its items; the authors' long-tail --use_weighted_syn); "
                                       "auto = inverse-count on long-tail splits", choices=SYNTHETIC_WEIGHTINGS)
     label_gamma: float = option(0.5, "soft label: target weight = s**gamma (paper: 0.5)", flags=("--gamma", "--label-gamma"))
+    label_strength: str = option("ran", "soft label's s: ran (the strength that ran, floor(N*s)/N) or asked (the "
+                                 "strength asked for, as the authors' loaders read meta.csv)", choices=LABEL_STRENGTHS)
     label_scale: float = option(0.9, "k: soft-label mass (1-k unassigned: a synthetic item's loss weighs k; the "
                                 "authors: 0.9)")
     label_smoothing: float | None = option(None, "epsilon on real one-hot targets; none = 0.1 for balanced data, 0 "
@@ -441,9 +453,10 @@ class ClassifyConfig:
         if self.recipe and self.recipe not in CLASSIFY_RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; use one of {', '.join(CLASSIFY_RECIPES)}")
         if self.lr_schedule not in LR_SCHEDULES or self.augment not in AUGMENTATIONS \
-                or self.synthetic_weighting not in SYNTHETIC_WEIGHTINGS:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, augment one of {AUGMENTATIONS} and "
-                             f"synthetic_weighting one of {SYNTHETIC_WEIGHTINGS}")
+                or self.synthetic_weighting not in SYNTHETIC_WEIGHTINGS or self.label_strength not in LABEL_STRENGTHS:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, augment one of {AUGMENTATIONS}, "
+                             f"synthetic_weighting one of {SYNTHETIC_WEIGHTINGS} and label_strength one of "
+                             f"{LABEL_STRENGTHS}")
         if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones) \
                 or not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_milestones must be increasing epochs >= 1 and lr_decay in (0, 1], got "

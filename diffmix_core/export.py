@@ -30,6 +30,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -67,9 +68,30 @@ def strength_text(strength: float) -> str:
     return f"{float(strength):g}"
 
 
+_AUTHORS_UNSAFE = re.compile(r'[\x00-\x1f\x7f\\:*?"<>|]')   # not portable in a file name (Windows, macOS)
+
+
+def authors_dir_name(name: str) -> str:
+    """A class's name in the authors' layout, as their sample_mp.py writes it: spaces and '/' become
+    '_' (apostrophes and '-' kept), so their generate_meta_csv (``(.+)`` for the folder,
+    ``(.+)-(\\d+)-(.+).png`` for the file, then '_' -> ' ') reads it back as :func:`authors_label`.
+    A name no file system takes that way (control or reserved characters, leading '.', over 120
+    characters) falls back to records.safe_name (with its hash)."""
+    plain = str(name).replace(" ", "_").replace("/", "_")
+    if _AUTHORS_UNSAFE.search(plain) or plain.startswith(".") or not plain.strip("_") or len(plain) > 120:
+        return safe_name(name)
+    return plain
+
+
+def authors_label(name: str) -> str:
+    """The class name the authors' generate_meta_csv parses back from :func:`authors_dir_name`
+    ('_' and '/' read as spaces, as their loaders normalise names); meta.csv holds this one."""
+    return authors_dir_name(name).replace("_", " ")
+
+
 def authors_relpath(record: dict, number: int) -> str:
     """``<Source_Class>/<Target_Class>-<number:06d>-<s>.png``, relative to ``data/``."""
-    return (f"{safe_name(record['source_class'])}/{safe_name(record['target_class'])}-"
+    return (f"{authors_dir_name(record['source_class'])}/{authors_dir_name(record['target_class'])}-"
             f"{number:06d}-{strength_text(record['strength'])}.png")
 
 
@@ -299,8 +321,8 @@ class ExportWriter:
             if fmt == "imagefolder":
                 self.rows.append(imagefolder_row(record, Path(rel).name, self.classes))
             else:
-                self.meta.append({"First Directory": csv_cell(record["source_class"]),
-                                  "Second Directory": csv_cell(record["target_class"]), "Number": number,
+                self.meta.append({"First Directory": csv_cell(authors_label(record["source_class"])),
+                                  "Second Directory": csv_cell(authors_label(record["target_class"])), "Number": number,
                                   "Strength": float(record["strength"]), "Path": csv_cell(rel.split("/", 2)[2])})
         self.count += 1
 
@@ -486,6 +508,7 @@ class SyntheticItem:
     target_class: str
     strength: float     # the strength that ran when known (imagefolder's strength_run, or the PNG's
     #                     record in the authors' layout), else as written
+    strength_asked: float | None = None   # the strength asked for (the plan's; meta.csv's Strength)
 
 
 def synthetic_layout(path: str | os.PathLike) -> tuple[str, Path]:
@@ -512,11 +535,15 @@ def _read_imagefolder_set(folder: Path) -> list[SyntheticItem]:
             raise ValueError(f"{folder / 'metadata.jsonl'}:{n}: no {', '.join(missing)} (not a diffmix export)")
         strength = row.get("strength_run", row["strength"])
         items.append(SyntheticItem(folder / row["file_name"], str(row["source_class"]), str(row["target_class"]),
-                                   float(strength)))
+                                   float(strength), float(row["strength"])))
     return items
 
 
-def _read_authors_set(folder: Path) -> list[SyntheticItem]:
+def _read_authors_set(folder: Path, classes: Sequence[str] | None = None) -> list[SyntheticItem]:
+    """The items of meta.csv; with ``classes``, a name as the authors' layout writes it
+    (:func:`authors_label`: 'F A-18' for 'F/A-18') maps back to its class."""
+    names = {authors_label(c): c for c in classes or ()}
+    names.update({c: c for c in classes or ()})
     with open(folder / "meta.csv", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in META_CSV_COLUMNS if c not in (reader.fieldnames or [])]
@@ -525,7 +552,8 @@ def _read_authors_set(folder: Path) -> list[SyntheticItem]:
                              f"{META_CSV_COLUMNS}")
         rows = [(folder / "data" / csv_cell_value(row["Path"]), csv_cell_value(row["First Directory"].strip()),
                  csv_cell_value(row["Second Directory"].strip()), float(row["Strength"])) for row in reader]
-        return [SyntheticItem(path, src, tgt, _strength_that_ran(path, s, folder / "data")) for path, src, tgt, s in rows]
+        return [SyntheticItem(path, names.get(src, src), names.get(tgt, tgt),
+                              _strength_that_ran(path, s, folder / "data"), s) for path, src, tgt, s in rows]
 
 
 def _strength_that_ran(image: Path, asked: float, data: Path) -> float:
@@ -549,7 +577,7 @@ def read_synthetic(path: str | os.PathLike, classes: tuple[str, ...] | list[str]
                    ) -> tuple[str, list[SyntheticItem]]:
     """(layout, items) of a synthetic set; with ``classes``, every named class must be one of them."""
     layout, folder = synthetic_layout(path)
-    items = _read_imagefolder_set(folder) if layout == "imagefolder" else _read_authors_set(folder)
+    items = _read_imagefolder_set(folder) if layout == "imagefolder" else _read_authors_set(folder, classes)
     if not items:
         raise ValueError(f"synthetic set {folder} ({layout}) lists no images")
     absent = [str(it.path) for it in items if not it.path.is_file()]

@@ -173,7 +173,12 @@ def model_input_size(image_size: tuple[int, int], resolution: int, resize: str, 
     return tuple(sides)
 
 
-def _prompt(strategy: Strategy, class_name: str, bundle, superclass: str) -> str:
+def _prompt(strategy: Strategy, class_name: str, bundle, superclass: str, real_gen: str = "superclass") -> str:
+    """The target's prompt; ``real_gen`` (TranslateConfig.real_gen_prompt) chooses real-gen's: with the
+    super-class, the name alone, or the authors' verbatim (augmentation/real_mix.py: format_name)."""
+    if strategy.name == "real-gen" and real_gen != "superclass":
+        word = f"<{class_name.replace(' ', '_')}>" if real_gen == "authors" else class_name
+        return f"a photo of a {word}"
     if bundle is not None:
         return bundle.prompt(class_name, use_token=strategy.tokens)
     from .bundle import make_prompt
@@ -318,7 +323,8 @@ def translate(
     resolution = model_resolution(pipe, config, bundle)
     base = _records_base(pipe, config, bundle)
     n = config.num_inference_steps
-    states = [_State(i, job, start=0, prompt=_prompt(strategy, job.target_class, bundle, superclass),
+    states = [_State(i, job, start=0,
+                     prompt=_prompt(strategy, job.target_class, bundle, superclass, config.real_gen_prompt),
                      generator=torch.Generator("cpu").manual_seed(job.seed)) for i, job in enumerate(jobs)]
     results: list[Result | None] = [None] * len(jobs)
     running = []

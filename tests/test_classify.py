@@ -369,3 +369,20 @@ def test_inverse_count_synthetic_weighting():
     # a class no item targets gets none of the mass
     w2 = classify.synthetic_draw_weights(items[:9], classes, [30, 9, 1])
     assert w2.sum() == pytest.approx(1.0) and len(w2) == 9
+
+
+def test_label_strength_asked_or_ran():
+    """--label-strength ran (ours) labels with the strength that ran, asked (the authors') with the one
+    asked for; a set that does not say what was asked falls back to what it holds."""
+    from diffmix_core.config import ClassifyConfig
+    from diffmix_core.export import SyntheticItem
+
+    classes = ["a", "b"]
+    items = [SyntheticItem(Path("x.png"), "a", "b", 0.68, 0.7), SyntheticItem(Path("y.png"), "a", "b", 0.5)]
+    ran = classify.synthetic_targets(items, classes, 1.0, 1.0)
+    asked = classify.synthetic_targets(items, classes, 1.0, 1.0, "asked")
+    assert ran[0].tolist() == pytest.approx([0.32, 0.68]) and asked[0].tolist() == pytest.approx([0.3, 0.7])
+    assert ran[1].tolist() == asked[1].tolist() == pytest.approx([0.5, 0.5])
+    assert ClassifyConfig().label_strength == "ran"
+    with pytest.raises(ValueError, match="label_strength"):
+        ClassifyConfig(label_strength="planned")

@@ -179,3 +179,47 @@ def test_duplicate_numbers_refused(tmp_path):
     with pytest.raises(ValueError, match="used twice"):
         ex.export_records(items, tmp_path / "exp", ["authors"], show_progress=False)
     assert not (tmp_path / "exp").exists() and list(tmp_path.iterdir()) == []
+
+
+def _authors_generate_meta_csv(rootdir: Path) -> list[dict]:
+    """The authors' generate_meta_csv (scripts/sample_mp.py, Zhicaiwww/Diff-Mix), restated: the
+    folder name by ``(.+)``, the file name by ``(.+)-(\\d+)-(.+).png``, '_' read as ' '."""
+    import re
+
+    rows = []
+    for folder in sorted(p for p in rootdir.iterdir() if p.is_dir()):
+        first = re.match(r"(.+)", folder.name).group(1).replace("_", " ")
+        for file in sorted(folder.iterdir()):
+            m = re.match(r"(.+)-(\d+)-(.+).png", file.name)
+            rows.append({"First Directory": first, "Second Directory": m.group(1).replace("_", " "),
+                         "Number": int(m.group(2)), "Strength": float(m.group(3)),
+                         "Path": f"{folder.name}/{file.name}"})
+    return rows
+
+
+def test_authors_layout_names_parse_back_with_their_regex(tmp_path):
+    """Names with '_', an apostrophe, '/', '-' and digits: the authors' regex reads the paths back to
+    meta.csv's names (their convention: '_' and '/' as spaces), and our reader maps them back to the
+    dataset's classes."""
+    classes = ["Chuck will's Widow", "F/A-18", "Black_footed Albatross", "Boeing 737-200"]
+    folder = tmp_path / "gen"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (a, b, s) in enumerate([(0, 1, 0.7), (1, 2, 0.5), (2, 3, 1.0), (3, 0, 0.3), (1, 1, 0.9)]):
+        rec = record(i, classes[a], classes[b], s)
+        save_png(Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)), folder / rec["file_name"], rec)
+        rows.append(rec)
+    write_jsonl_atomic(folder / "records.jsonl", rows)
+    out = ex.export_records(ex.read_generated_folder(folder), tmp_path / "exp", ["authors"], classes=classes,
+                            show_progress=False)
+    with open(out / "authors" / "meta.csv", newline="") as f:
+        ours = [{**r, "Number": int(r["Number"]), "Strength": float(r["Strength"])} for r in csv.DictReader(f)]
+    theirs = _authors_generate_meta_csv(out / "authors" / "data")
+    key = lambda r: r["Number"]  # noqa: E731
+    assert sorted(theirs, key=key) == sorted(ours, key=key)
+    assert {r["First Directory"] for r in ours} >= {"Chuck will's Widow", "F A-18", "Black footed Albatross"}
+    assert (out / "authors" / "data" / "F_A-18" / "Black_footed_Albatross-000001-0.5.png").is_file()
+    _, items = ex.read_synthetic(out / "authors", classes)
+    assert [(it.source_class, it.target_class) for it in items] == \
+        [(r["source_class"], r["target_class"]) for r in rows]
+    assert ex.authors_dir_name('a:b*c') == ex.safe_name('a:b*c')   # not portable: the hashed safe name

@@ -171,3 +171,13 @@ def test_sampling_resolution_is_the_base_pipelines_unless_given(tiny_pipe):
     (res,) = translate(tiny_pipe, [Job(Source(photo(1, (40, 24)), "a", "x"), "b", 0.5, 3)],
                        TranslateConfig(strategy="real-mix", num_inference_steps=4), show_progress=False)
     assert res.record["resolution"] == 32 and res.image.size == (40, 24)
+
+
+@pytest.mark.parametrize("style, prompt", [("superclass", "a photo of a snowy owl bird"),
+                                           ("name", "a photo of a snowy owl"),
+                                           ("authors", "a photo of a <snowy_owl>")])
+def test_real_gen_prompt_options(tiny_pipe, style, prompt):
+    """real-gen: with the super-class (ours), the name alone, or the authors' verbatim string."""
+    config = TranslateConfig(strategy="real-gen", num_inference_steps=2, real_gen_prompt=style)
+    (res,) = translate(tiny_pipe, [Job(None, "snowy owl", 1.0, 0)], config, superclass="bird", show_progress=False)
+    assert res.record["prompt"] == prompt
