@@ -285,7 +285,8 @@ def test_runs_are_pinned_to_the_thread_count_and_it_is_recorded(demo_like, tmp_p
 
     monkeypatch.setattr(experiment, "run_one", fake_run)
     config = experiment_from_dict({"data": str(demo_like[0]), "out": str(tmp_path), "threads": 3, "seeds": [0, 1],
-                                   "arms": [{"name": "baseline"}, {"name": "mixup", "mixup": 0.2}]})
+                                   "arms": [{"name": "baseline"}, {"name": "mixup", "mixup": 0.2}],
+                                   "train": {"pretrained": "none"}})   # offline: no resnet50.tv_in1k weights
     before = torch.get_num_threads()
     result = experiment.run_experiment(config, show_progress=False)
     assert seen == [3] * 4 and torch.get_num_threads() == before
