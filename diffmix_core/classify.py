@@ -234,7 +234,11 @@ def check_pretrained(config: ClassifyConfig) -> None:
     name = weights_name(config)
     import timm
 
-    if not timm.models.get_pretrained_cfg(name):
+    try:
+        known = bool(timm.models.get_pretrained_cfg(name))
+    except RuntimeError:   # timm: "Invalid pretrained tag"
+        known = False
+    if not known:
         raise ValueError(f"timm has no pretrained weights {name!r}; see timm.list_pretrained('{config.model_name}*') "
                          "or use --pretrained none")
     reason = timm_weights_offline_reason(name)

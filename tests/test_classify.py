@@ -290,6 +290,8 @@ def test_pretrained_without_weights_is_an_actionable_error(data_dir, tmp_path, c
     with pytest.raises(SystemExit):        # a model that names its tag (the paper configs' resnet50.tv_in1k)
         main([*base, "--model", "resnet50.tv_in1k", "--pretrained", "auto"])
     assert "no ImageNet weights for resnet50.tv_in1k are available offline" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="timm has no pretrained weights 'resnet50.no_such_tag'"):
+        classify.check_pretrained(ClassifyConfig(pretrained="no_such_tag"))
     with pytest.raises(ValueError, match="give the tag once"):
         ClassifyConfig(model_name="resnet50.a1_in1k", pretrained="tv_in1k")
     assert ClassifyConfig(pretrained=True).pretrained == "auto"      # YAML booleans of older configs
