@@ -6,7 +6,9 @@
    so a bundle that fails leaves the pipeline as it was;
 3. :func:`apply_bundle` loads them through diffusers (``load_textual_inversion``,
    ``load_lora_weights``); :func:`unload_bundle` restores the base exactly;
-   :func:`set_lora_enabled` switches the LoRA off for the ti-* strategies.
+   :func:`set_lora_enabled` switches the LoRA off for the ti-* strategies;
+4. :func:`load_pipeline_for`: the pipeline a stage runs on, its base resolved from the
+   bundle and the bundle applied.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import warnings
 import torch
 
 from .bundle import LORA_FILE, Bundle
-from .models import model_identity, normalise_model_id
+from .config import PipelineConfig
+from .models import load_pipeline, model_identity, normalise_model_id, pipeline_source
 from .weights import check_lora_fits
 
 
@@ -107,3 +110,19 @@ def set_lora_enabled(pipe, enabled: bool) -> None:
     else:
         pipe.unet.disable_lora()
 
+
+def load_pipeline_for(config: PipelineConfig, bundle=None, *, apply: bool = True,
+                      allow_base_mismatch: bool = False):
+    """The pipeline a stage runs on: resolve the base (:func:`pipeline_source`), load it, and
+    (``apply``) check the bundle against it and load the bundle's tokens and LoRA.
+
+    ``apply=False`` loads the bundle's base alone (``translate`` applies the bundle per call,
+    e.g. on the app's shared pipeline). A base other than the bundle's is refused unless
+    ``allow_base_mismatch`` (apply.check_base).
+    """
+    model, revision = pipeline_source(config, bundle)
+    pipe = load_pipeline(model, revision=revision, dtype=config.dtype, device=config.device,
+                         scheduler=config.scheduler)
+    if bundle is not None and apply:
+        apply_bundle(pipe, bundle, allow_base_mismatch=allow_base_mismatch)
+    return pipe

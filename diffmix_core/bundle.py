@@ -17,11 +17,11 @@ never unpickles anything.
 1. prompts: :func:`make_prompt` is the one function that fills a template;
 2. :class:`Bundle`, what :func:`load_bundle` returns;
 3. :func:`save_bundle` writes one (weights first, adapter.json last, atomically);
-4. :func:`load_bundle` reads and verifies one (a folder or a Hub repo id);
-5. :func:`update_bundle_meta` and :func:`attach_reference` change one in place,
-   verified before and after;
-6. :func:`find_bundles`, :func:`resolve_bundle`, :func:`bundle_examples`: where
-   bundles are and what they ship.
+4. :func:`load_bundle` reads and verifies one folder (a Hub repo id is opened one
+   layer up, by ``hub.open_bundle``);
+5. :func:`update_bundle_meta` changes one in place, verified before and after
+   (``reference.attach_reference`` adds a reference classifier through it);
+6. :func:`find_bundles`, :func:`bundle_examples`: where bundles are and what they ship.
 
 Prompt templates use two named fields: ``{word}`` (required: the class token,
 or the class name for real-* strategies) and ``{superclass}`` (optional), e.g.
@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import shutil
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,9 +43,10 @@ import torch
 from safetensors.torch import save
 
 from .config import STRATEGIES, Thresholds
-from .weights import check_vectors, lora_file_metadata, read_weights, to_bundle_lora
+from .data import read_dataset
 from .models import normalise_model_id
 from .records import atomic_path, sha256_file, write_text_atomic
+from .weights import check_vectors, lora_file_metadata, read_weights, to_bundle_lora
 
 FORMAT_VERSION = 1
 DEFAULT_TEMPLATE = "a photo of a {word} {superclass}"  # the paper's prompt
@@ -496,20 +496,14 @@ def _check_embedding_files(folder: Path, tokens: tuple[str, ...], files: dict) -
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Load and verify a bundle folder (or its adapter.json), or a Hub repo id ``owner/name``
-    that is not a local path (fetched through the Hub cache by ``hub.pull_bundle``, then
-    verified the same way). Never unpickles.
+    """Load and verify a bundle folder (or its adapter.json). Never unpickles. (A Hub repo id
+    is resolved one layer up, by ``hub.open_bundle``.)
 
     Raises:
         FileNotFoundError: the folder, adapter.json or a listed file is missing.
         ValueError: anything else wrong (JSON, keys, tokens, embeddings, LoRA, sha256).
     """
     folder = Path(path)
-    if not folder.exists():
-        from .hub import HUB_REPO_ID, pull_bundle
-
-        if HUB_REPO_ID.match(str(path)):
-            return pull_bundle(str(path))
     if folder.name == ADAPTER_JSON and folder.is_file():
         folder = folder.parent
     meta, digest = _read_meta(folder)
@@ -532,9 +526,6 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
 
 
 # --------------------------------------------------------------------------- 5. changes in place
-BUNDLE_REFERENCE_DIR = "reference"   # where attach_reference puts a bundle's reference classifier
-
-
 def update_bundle_meta(bundle_dir: str | os.PathLike, *, add_files: tuple[str, ...] = (), **fields) -> Bundle:
     """Rewrite a bundle's adapter.json atomically with ``fields`` set (optional keys such as
     ``reference_classifier`` or ``recommended_strength``) and the sha256 of ``add_files``
@@ -552,41 +543,6 @@ def update_bundle_meta(bundle_dir: str | os.PathLike, *, add_files: tuple[str, .
     except (ValueError, FileNotFoundError):
         write_text_atomic(file, old.decode("utf-8"))
         raise
-
-
-def attach_reference(bundle_dir: str | os.PathLike, reference_dir: str | os.PathLike) -> Bundle:
-    """Copy a reference classifier (reference.py's folder) into ``<bundle>/reference/`` and point
-    adapter.json at it (``reference_classifier`` + both files' sha256). Returns the updated Bundle."""
-    from .classifier import WEIGHTS_FILE
-    from .reference import META_FILE, load_reference, reference_files
-
-    clf = load_reference(reference_dir, device="cpu")   # refuse a broken one before touching the bundle
-    _, weights = reference_files(reference_dir)
-    dest = Path(bundle_dir) / BUNDLE_REFERENCE_DIR
-    dest.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest / WEIGHTS_FILE) as tmp:
-        shutil.copyfile(weights, tmp)
-    meta = dict(clf.meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(dest / WEIGHTS_FILE)})
-    write_text_atomic(dest / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    rels = (f"{BUNDLE_REFERENCE_DIR}/{WEIGHTS_FILE}", f"{BUNDLE_REFERENCE_DIR}/{META_FILE}")
-    return update_bundle_meta(bundle_dir, add_files=rels, reference_classifier=rels[1])
-
-
-def bundle_reference_path(bundle: Bundle) -> Path | None:
-    """The reference classifier a bundle points to, or None. Its JSON and the weights it names
-    must be files the bundle lists (so the bundle's hash covers them), inside the bundle."""
-    from .reference import reference_files
-
-    rel = bundle.meta.get("reference_classifier")
-    if not rel:
-        return None
-    path = bundle_path(bundle.path, rel, "reference_classifier")
-    listed = {(bundle.path / r).resolve() for r in bundle.meta.get("files", {})}
-    for file in reference_files(path):
-        if file.resolve() not in listed:
-            raise ValueError(f"bundle {bundle.path}: reference file {file} is not listed in adapter.json's files, "
-                             "so the bundle's hash does not cover it; attach it with diffmix train-reference --attach")
-    return path
 
 
 # --------------------------------------------------------------------------- 6. finding bundles
@@ -617,26 +573,9 @@ def find_bundles(roots: Sequence[Path], broken: dict[str, str] | None = None) ->
     return found
 
 
-def resolve_bundle(text: str) -> Path:
-    """A local bundle folder, or a Hub repo id (``owner/name``) fetched into the Hub cache."""
-    text = (text or "").strip()
-    if not text:
-        raise ValueError("give a bundle folder or a Hugging Face Hub repo id (owner/name)")
-    path = Path(text).expanduser()
-    if path.exists():
-        return load_bundle(path).path
-    from .hub import HUB_REPO_ID, pull_bundle
-
-    if not HUB_REPO_ID.match(text):
-        raise FileNotFoundError(f"{text} is neither an existing folder nor a Hub repo id (owner/name)")
-    return pull_bundle(text).path   # downloaded (or from the Hub cache), every file's sha256 checked
-
-
 def bundle_examples(bundle: Bundle) -> list[tuple[str, str]]:
     """(image path, class) of the bundle's example images (``examples`` folder, ImageFolder
     layout), in the bundle's label order; [] when it has none."""
-    from .data import read_dataset
-
     rel = bundle.meta.get("examples")
     if not rel or not (bundle.path / rel).is_dir():
         return []

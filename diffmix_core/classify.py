@@ -35,10 +35,12 @@ from tqdm.auto import tqdm
 
 from .classifier import (create_classifier, model_mean_std, optimizer_step, save_classifier,
                          timm_weights_offline_reason, train_epochs)
-from .config import ClassifyConfig
-from .data import load_image
+from .config import ClassifyConfig, SplitConfig
+from .data import Dataset, default_split_path, load_image, read_dataset, read_split_file, resolve_splits, split_subset
 from .export import SyntheticItem, read_synthetic
 from .labels import label_vector, soft_label
+from .models import default_device
+from .records import write_text_atomic
 
 META_FILE = "classifier.json"
 REPORT_FILE = "report.json"
@@ -418,9 +420,6 @@ def format_report(report: dict) -> str:
 # --------------------------------------------------------------------------- the stage
 def _splits(data, split_file, split_config):
     """(dataset, {split: Dataset}, split file path, its SplitConfig) through the one shared split."""
-    from .config import SplitConfig
-    from .data import Dataset, default_split_path, read_dataset, read_split_file, resolve_splits, split_subset
-
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     path = Path(split_file) if split_file is not None else default_split_path(dataset)
     splits = resolve_splits(dataset, path, split_config)
@@ -453,8 +452,6 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     Returns:
         The report (also in ``<out>/report.json``).
     """
-    from .models import default_device
-
     check_pretrained(config)   # before the images are read
     dataset, parts, split_path, split = _splits(data, split_file, split_config)
     classes, C = dataset.classes, len(dataset.classes)
@@ -509,7 +506,6 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
                           "resize": "squash", "interpolation": "bicubic"},
         "val_accuracy": result["val_accuracy"], "test_accuracy": report["test_accuracy"],
         "best_epoch": result["best_epoch"], "pretrained_from": source}, META_FILE)
-    from .records import write_text_atomic
 
     write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     return report

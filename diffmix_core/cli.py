@@ -120,15 +120,15 @@ def add_translate_parser(sub) -> None:
 
 
 def run_translate(args: argparse.Namespace) -> None:
-    from .bundle import load_bundle
+    from .apply import load_pipeline_for
     from .config import TranslateConfig, check_seed, get_strategy
     from .data import load_image
-    from .models import load_pipeline_for
+    from .hub import open_bundle
     from .translate import Job, Source, check_strength, count_jobs, translate
     from .records import write_translations
     from .session import RANDOM_SEED, resolve_seeds
 
-    bundle = load_bundle(args.bundle) if args.bundle else None
+    bundle = open_bundle(args.bundle) if args.bundle else None
     profile = _profile_values(args, bundle, (TranslateConfig,), strength=args.strength) if bundle else {}
     if args.strength is None:
         args.strength = [profile.get("strength", 0.5)]
@@ -359,9 +359,9 @@ def run_synthesize(args: argparse.Namespace) -> None:
 
     bundle = None
     if args.bundle:
-        from .bundle import load_bundle
+        from .hub import open_bundle
 
-        bundle = load_bundle(args.bundle)
+        bundle = open_bundle(args.bundle)
     configs = (SynthesizeConfig, TranslateConfig, Thresholds)
     profile = _profile_values(args, bundle, configs) if bundle else {}
     if bundle is None and not args.base and not args.merge:
@@ -423,9 +423,9 @@ def run_export(args: argparse.Namespace) -> None:
         return
     classes = read_plan(args.source).classes if planned else None
     if args.bundle:
-        from .bundle import load_bundle
+        from .hub import open_bundle
 
-        classes = load_bundle(args.bundle).classes
+        classes = open_bundle(args.bundle).classes
     out = export_records(read_generated_folder(args.source), args.out or args.source / "export", formats,
                          classes=classes, show_progress=not args.quiet, overwrite=args.overwrite,
                          protect=(args.source,))
@@ -451,8 +451,7 @@ def add_train_reference_parser(sub) -> None:
 def run_train_reference(args: argparse.Namespace) -> None:
     from .config import ReferenceConfig, SplitConfig
     from .data import read_dataset
-    from .bundle import attach_reference
-    from .reference import train_reference
+    from .reference import attach_reference, train_reference
 
     config = config_from_args(ReferenceConfig, args)
     given = split_config_from_args(args)
@@ -491,17 +490,17 @@ def add_score_parser(sub) -> None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from .bundle import load_bundle
+    from .hub import open_bundle
     from .config import ScoreConfig
-    from .bundle import bundle_reference_path, update_bundle_meta
-    from .reference import load_reference
+    from .bundle import update_bundle_meta
+    from .reference import bundle_reference_path, load_reference
     from .scoring import default_clip, format_summary, load_clip, score_folder
 
     if args.clip_checkpoint is not None and not args.clip_checkpoint.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {args.clip_checkpoint} does not exist")
     if args.set_recommended and not args.bundle:
         fail("--set-recommended needs --bundle")
-    bundle = load_bundle(args.bundle) if args.bundle else _records_bundle(args.input)
+    bundle = open_bundle(args.bundle) if args.bundle else _records_bundle(args.input)
     given = given_values(ScoreConfig, args)
     model, pretrained = default_clip(bundle)
     if "clip_model" in given:   # given: its weights are --clip-pretrained's (default ScoreConfig's)
@@ -733,21 +732,21 @@ def run_demo_build(args: argparse.Namespace) -> None:
 
 
 def run_demo_evaluate(args: argparse.Namespace) -> None:
-    from .bundle import load_bundle
-    from .demo import ASSETS
     from .demo.world import SHIPPED_BIRDS, evaluate_world
+    from .hub import open_bundle
+    from .paths import DEMO_ASSETS, DEMO_BUNDLE
     from .records import write_text_atomic
     from .scoring import default_clip, load_clip
 
     if args.per_class < 1:
         fail("--per-class must be >= 1")
-    bundle = load_bundle(args.bundle or ASSETS / "demo" / "bundle")
+    bundle = open_bundle(args.bundle or DEMO_BUNDLE)
     model, pretrained = default_clip(bundle)
     clip = load_clip(args.clip_model if args.clip_model is not None else model,
                      args.clip_pretrained if args.clip_pretrained is not None else pretrained)
     if not clip.available and clip.name:
         print(clip.status)
-    result = evaluate_world(bundle, args.data or ASSETS / "demo" / SHIPPED_BIRDS, strengths=tuple(args.strength),
+    result = evaluate_world(bundle, args.data or DEMO_ASSETS / SHIPPED_BIRDS, strengths=tuple(args.strength),
                             per_class=args.per_class, guidance_scale=args.guidance, num_inference_steps=args.steps,
                             seed=args.seed, base=args.base, clip=clip, show_progress=not args.quiet)
     if args.json:
@@ -848,12 +847,11 @@ def run_space(args: argparse.Namespace) -> None:
 def run_push(args: argparse.Namespace) -> None:
     import tempfile
 
-    from .bundle import load_bundle
-    from .hub import build_push_folder, push_bundle
+    from .hub import build_push_folder, open_bundle, push_bundle
 
     if args.dry_run and args.folder is None:
         fail("--dry-run needs --folder (where the upload folder is built for you to inspect)")
-    bundle = load_bundle(args.bundle)
+    bundle = open_bundle(args.bundle)
     with tempfile.TemporaryDirectory(prefix="diffmix-push-") as tmp:
         samples = None if args.no_samples else args.samples
         if samples is None and not args.no_samples:

@@ -86,7 +86,7 @@ SCHEDULERS = ("dpm++", "ddim", "native")
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """The base pipeline a stage runs on; models.load_pipeline_for loads it (with a bundle's adapters)."""
+    """The base pipeline a stage runs on; apply.load_pipeline_for loads it (with a bundle's adapters)."""
 
     model: str = ""                   # Hub id or diffusers folder; "" = the bundle's base model (CLI: --base, --base-model)
     revision: str | None = option(None, "Hub revision of the base model", shown="")  # None: the bundle's for its own base

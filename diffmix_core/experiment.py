@@ -194,12 +194,12 @@ class Pipelines:
     """At most two pipelines, loaded on first use: the untuned base (real-*) and the bundle's (diff-*, ti-*)."""
 
     def __init__(self, config: ExperimentConfig, device: str | None):
-        from .bundle import load_bundle
+        from .hub import open_bundle
         from .translate import check_bundle_for
 
         self.config, self.device, self.cache = config, device, {}
-        self.bundle = load_bundle(config.bundle) if config.bundle else None
-        self.ti_bundle = load_bundle(config.ti_bundle) if config.ti_bundle else None
+        self.bundle = open_bundle(config.bundle) if config.bundle else None
+        self.ti_bundle = open_bundle(config.ti_bundle) if config.ti_bundle else None
         for arm in config.arms:   # refuse a joint bundle for ti-* before any work
             if arm.strategy and get_strategy(arm.strategy).tokens:
                 check_bundle_for(arm.strategy, self.bundle_for(arm.strategy))
@@ -222,7 +222,7 @@ class Pipelines:
 
     def get(self, tokens: bool):
         if tokens not in self.cache:
-            from .models import load_pipeline_for
+            from .apply import load_pipeline_for
 
             # the bundle names the base; translate applies it to the diff-*/ti-* arms' calls
             self.cache[tokens] = load_pipeline_for(self.source(tokens), self.bundle or self.ti_bundle, apply=False)

@@ -34,11 +34,14 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .bundle import Bundle, make_prompt, save_bundle
-from .weights import lora_state_dict_from_unet
+from . import __version__
+from .bundle import Bundle, embedding_relpath, load_bundle, make_prompt, save_bundle
 from .config import FinetuneConfig, SplitConfig, TranslateConfig
-from .data import Dataset, load_image, read_dataset, resolve_splits, split_subset
+from .data import Dataset, default_split_path, load_image, read_dataset, resolve_splits, split_subset
+from .models import load_pipeline, model_identity
 from .records import read_jsonl, save_png, write_jsonl_atomic, write_text_atomic
+from .translate import Job, translate
+from .weights import lora_state_dict_from_unet
 
 RUN_FILE = "finetune_run.json"     # what the output folder is a run of (refuse to mix runs)
 LOG_FILE = "train_log.jsonl"       # one line per optimizer step
@@ -364,8 +367,6 @@ def _restore_weights(trainer: _Trainer, bundle: Path) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    from .bundle import embedding_relpath
-
     if trainer.config.trains_lora:
         sd = {k.removeprefix("unet."): v for k, v in load_file(bundle / "pytorch_lora_weights.safetensors").items()}
         set_peft_model_state_dict(trainer.unwrap(trainer.unet), convert_unet_state_dict_to_peft(sd),
@@ -413,10 +414,6 @@ def _restore_optimizer(trainer: _Trainer, tensors: dict[str, torch.Tensor]) -> N
 
 def sample_grid(trainer: _Trainer, folder: Path, step: int) -> Path:
     """One text-to-image sample per class (seed = label) with the checkpoint's bundle, via the engine."""
-    from .bundle import load_bundle
-    from .models import load_pipeline
-    from .translate import Job, translate
-
     if trainer.sample_pipe is None:
         trainer.sample_pipe = load_pipeline(trainer.base["model"], revision=trainer.base["revision"],
                                             device=str(trainer.acc.device))
@@ -444,8 +441,6 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
 # --------------------------------------------------------------------------- the run
 def _training_meta(config: FinetuneConfig, dataset: Dataset, split_path: Path, train: Dataset, acc) -> dict:
     """``training`` of adapter.json: every setting, the data and the split it saw."""
-    from . import __version__
-
     split = json.loads(split_path.read_text(encoding="utf-8")) if split_path.is_file() else {}
     return {**dataclasses.asdict(config), "dataset": str(dataset.root), "split_file": str(split_path),
             "split_config": split.get("config"), "train_images": len(train.items), "train_counts": train.counts(),
@@ -516,10 +511,6 @@ def finetune(
         ``stop_after``: the latest checkpoint's bundle, or None when none was written.
     """
     from accelerate import Accelerator
-
-    from .bundle import load_bundle
-    from .data import default_split_path
-    from .models import load_pipeline, model_identity
 
     out = Path(out)
     acc = Accelerator(mixed_precision=_mixed_precision(config), cpu=_multi_cpu(),

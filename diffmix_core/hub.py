@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import ADAPTER_JSON, Bundle, load_bundle
-from .demo import ASSETS, PACKAGE_ROOT
+from .paths import DEMO_BUNDLE, PROJECT_ROOT
 from .records import write_text_atomic
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name
@@ -110,6 +110,27 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, cache_dir: str | o
                          "repo itself is damaged") from None
 
 
+def open_bundle(path_or_id: str | os.PathLike) -> Bundle:
+    """The one way a user-given bundle is opened (CLI ``--bundle``, the app's bundle box, an
+    experiment's ``bundle``): an existing folder (or its adapter.json) is loaded and verified
+    (``bundle.load_bundle``); text that is no local path but a Hub repo id (``owner/name``) is
+    pulled through the Hub cache (:func:`pull_bundle`) and verified the same way.
+
+    Raises:
+        ValueError: empty text, or a bundle that fails its checks.
+        FileNotFoundError: neither an existing folder nor a Hub repo id, or the repo cannot be had.
+    """
+    text = str(path_or_id).strip()
+    if not text:
+        raise ValueError("give a bundle folder or a Hugging Face Hub repo id (owner/name)")
+    path = Path(text).expanduser()
+    if path.exists():
+        return load_bundle(path)
+    if not HUB_REPO_ID.match(text):
+        raise FileNotFoundError(f"{text} is neither an existing folder nor a Hub repo id (owner/name)")
+    return pull_bundle(text)   # downloaded (or from the Hub cache), every file's sha256 checked
+
+
 def _real_files(snapshot: Path) -> Path:
     """The Hub cache stores a snapshot as symlinks into ``blobs/``, which a bundle's own checks
     refuse (no file may leave the bundle through a symlink): copy it, as real files, beside the
@@ -141,7 +162,7 @@ def space_bundle_roots(entries: Sequence[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- the Space folder
 def _requirements_text() -> str:
-    source = PACKAGE_ROOT / "requirements.txt"
+    source = PROJECT_ROOT / "requirements.txt"
     if not source.is_file():
         raise FileNotFoundError(f"{source} is missing: run `diffmix space` from a diffmix checkout "
                                 "(pip install -r requirements.txt -e .)")
@@ -205,7 +226,7 @@ def write_space(out: str | os.PathLike, bundles: Sequence[str] = (), *, title: s
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; give a new folder for the Space")
     local, hub = [], []
-    for entry in bundles or [str(ASSETS / "demo" / "bundle")]:
+    for entry in bundles or [str(DEMO_BUNDLE)]:
         (hub if _is_hub_id(entry) else local).append(entry)
     copies = [bundle_files(b) for b in local]
     stage = out.with_name(f".{out.name}.staging")
@@ -213,7 +234,7 @@ def write_space(out: str | os.PathLike, bundles: Sequence[str] = (), *, title: s
     stage.mkdir(parents=True)
     try:
         shipped = []
-        _copy_tree(PACKAGE_ROOT / "diffmix_core", stage / "diffmix_core")
+        _copy_tree(PROJECT_ROOT / "diffmix_core", stage / "diffmix_core")
         for n, files in enumerate(copies):
             name = "demo" if not bundles else f"b{n}-{files.bundle.path.name}"
             copied = _copy_bundle(files, stage / "bundles" / name)

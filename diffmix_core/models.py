@@ -5,8 +5,8 @@ pipelines of the real architectures (SD 1.5, 2.1, 2.1-base; configs as data in
 
 Every stage gets its pipeline from :func:`load_pipeline`; nothing else in the
 library constructs one from a name. A stage that runs on a bundle calls
-:func:`load_pipeline_for`, the one place that resolves the base model from the
-bundle, loads it and applies the bundle's adapters.
+``apply.load_pipeline_for``, the one place that resolves the base model from the
+bundle (:func:`pipeline_source`), loads it and applies the bundle's adapters.
 """
 from __future__ import annotations
 
@@ -153,25 +153,6 @@ def pipeline_source(config: PipelineConfig, bundle=None) -> tuple[str, str | Non
     if bundle is None:
         raise ValueError("no base model: give a base model (--base) or a bundle")
     return bundle.base_model, config.revision or bundle.base_revision
-
-
-def load_pipeline_for(config: PipelineConfig, bundle=None, *, apply: bool = True,
-                      allow_base_mismatch: bool = False):
-    """The pipeline a stage runs on: resolve the base (:func:`pipeline_source`), load it, and
-    (``apply``) check the bundle against it and load the bundle's tokens and LoRA.
-
-    ``apply=False`` loads the bundle's base alone (``translate`` applies the bundle per call,
-    e.g. on the app's shared pipeline). A base other than the bundle's is refused unless
-    ``allow_base_mismatch`` (apply.check_base).
-    """
-    model, revision = pipeline_source(config, bundle)
-    pipe = load_pipeline(model, revision=revision, dtype=config.dtype, device=config.device,
-                         scheduler=config.scheduler)
-    if bundle is not None and apply:
-        from .apply import apply_bundle   # the bundle stage sits on top of this module
-
-        apply_bundle(pipe, bundle, allow_base_mismatch=allow_base_mismatch)
-    return pipe
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

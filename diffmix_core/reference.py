@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,10 +27,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .bundle import Bundle, bundle_path, update_bundle_meta
 from .classifier import (WEIGHTS_FILE, create_classifier, model_mean_std, optimizer_step, read_state_dict,
                          save_classifier, train_epochs)
 from .config import ReferenceConfig
-from .records import sha256_file, write_text_atomic
+from .data import Dataset, load_image, read_dataset, resolve_splits, split_subset
+from .models import default_device
+from .records import atomic_path, sha256_file, write_text_atomic
 
 META_FILE = "reference.json"
 REFERENCE_FORMAT = "diffmix-reference/1"
@@ -91,8 +95,6 @@ class ReferenceClassifier:
 def _load_items(items, show_progress: bool, side: int | None = None) -> list[Image.Image]:
     """Decode once; with ``side``, squash larger images to side x side to bound memory (training
     only: every crop is squashed to the input size anyway)."""
-    from .data import load_image
-
     images = []
     for it in tqdm(items, desc="load images", disable=not show_progress, leave=False):
         im = load_image(it.path)
@@ -130,8 +132,6 @@ def _train_epoch(clf, images, labels, optimizer, scheduler, config, rng) -> floa
 
 def _splits(data, split_file, split_config) -> tuple:
     """(dataset, train Dataset, val Dataset) through the data stage's one split."""
-    from .data import Dataset, read_dataset, resolve_splits, split_subset
-
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     splits = resolve_splits(dataset, split_file, split_config)
     train, val = split_subset(dataset, splits, "train"), split_subset(dataset, splits, "val")
@@ -155,8 +155,6 @@ def train_reference(data, out: str | os.PathLike, config: ReferenceConfig = Refe
     Returns:
         ``out`` as a Path.
     """
-    from .models import default_device
-
     dataset, train, val = _splits(data, split_file, split_config)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -236,8 +234,6 @@ def load_reference(path: str | os.PathLike, device: str | None = None) -> Refere
     beside a safetensors (or weights-only torch) state dict."""
     import timm
 
-    from .models import default_device
-
     meta_path, meta = _read_reference_meta(Path(path))
     weights = _weights_path(meta_path, meta)
     expected = (meta.get("sha256") or {}).get(weights.name)
@@ -261,3 +257,37 @@ def load_reference(path: str | os.PathLike, device: str | None = None) -> Refere
     return ReferenceClassifier(model.eval().to(device or default_device()), meta["model_name"],
                                tuple(meta["classes"]), side,
                                tuple(pre.get("mean", mean)), tuple(pre.get("std", std)), meta, meta_path.parent)
+
+
+# --------------------------------------------------------------------------- in a bundle
+BUNDLE_REFERENCE_DIR = "reference"   # where attach_reference puts a bundle's reference classifier
+
+
+def attach_reference(bundle_dir: str | os.PathLike, reference_dir: str | os.PathLike) -> Bundle:
+    """Copy a reference classifier (reference.py's folder) into ``<bundle>/reference/`` and point
+    adapter.json at it (``reference_classifier`` + both files' sha256). Returns the updated Bundle."""
+    clf = load_reference(reference_dir, device="cpu")   # refuse a broken one before touching the bundle
+    _, weights = reference_files(reference_dir)
+    dest = Path(bundle_dir) / BUNDLE_REFERENCE_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest / WEIGHTS_FILE) as tmp:
+        shutil.copyfile(weights, tmp)
+    meta = dict(clf.meta, weights=WEIGHTS_FILE, sha256={WEIGHTS_FILE: sha256_file(dest / WEIGHTS_FILE)})
+    write_text_atomic(dest / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    rels = (f"{BUNDLE_REFERENCE_DIR}/{WEIGHTS_FILE}", f"{BUNDLE_REFERENCE_DIR}/{META_FILE}")
+    return update_bundle_meta(bundle_dir, add_files=rels, reference_classifier=rels[1])
+
+
+def bundle_reference_path(bundle: Bundle) -> Path | None:
+    """The reference classifier a bundle points to, or None. Its JSON and the weights it names
+    must be files the bundle lists (so the bundle's hash covers them), inside the bundle."""
+    rel = bundle.meta.get("reference_classifier")
+    if not rel:
+        return None
+    path = bundle_path(bundle.path, rel, "reference_classifier")
+    listed = {(bundle.path / r).resolve() for r in bundle.meta.get("files", {})}
+    for file in reference_files(path):
+        if file.resolve() not in listed:
+            raise ValueError(f"bundle {bundle.path}: reference file {file} is not listed in adapter.json's files, "
+                             "so the bundle's hash does not cover it; attach it with diffmix train-reference --attach")
+    return path

@@ -34,7 +34,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .bundle import DEFAULT_TEMPLATE, make_prompt
 from .config import ScoreConfig
+from .data import ImageError, load_image
+from .models import default_device
+from .records import atomic_path, read_jsonl, write_jsonl_atomic, write_text_atomic
 
 SCORE_KEYS = ("p_target", "p_source", "top1", "clip_target", "clip_source", "distance", "ssim")
 METRICS = ("p_target", "p_source", "clip_target", "clip_source", "clip_win", "distance", "ssim")
@@ -97,8 +101,6 @@ def load_clip(model_name: str, pretrained: str = "", device: str | None = None) 
             has a ``label`` (the demo CLIP's) is named by it.
         pretrained: weights tag (``openai``) or a local checkpoint file (architectures only).
     """
-    from .models import default_device
-
     if not model_name or model_name.lower() == "none":
         return ClipScorer("", reason="no CLIP model given (--clip-model NAME --clip-pretrained TAG, or "
                                      "--clip-checkpoint FILE)")
@@ -198,8 +200,6 @@ def vendi_score(embeddings: np.ndarray | torch.Tensor) -> float:
 # --------------------------------------------------------------------------- per image
 def class_prompt(class_name: str, bundle=None, superclass: str = "") -> str:
     """CLIP prompt of a class: its name in the bundle's template (or the paper's)."""
-    from .bundle import DEFAULT_TEMPLATE, make_prompt
-
     if bundle is not None:
         return make_prompt(class_name, bundle.superclass, bundle.template)
     return make_prompt(class_name, superclass, DEFAULT_TEMPLATE)
@@ -228,8 +228,6 @@ class _Sources:
         self.embed, self.size, self.cache, self.missing = embed, ssim_size, {}, []
 
     def fetch(self, paths: list[str | None]) -> dict[str, tuple[np.ndarray, torch.Tensor | None] | None]:
-        from .data import ImageError, load_image
-
         new = [p for p in dict.fromkeys(paths) if p and p not in self.cache]
         loaded = []
         for p in new:
@@ -292,8 +290,6 @@ def score_records(records: list[dict], folder: str | os.PathLike, *, reference=N
 
     Returns (scores per record, embedding per record, info: embedding kind and missing sources).
     """
-    from .data import load_image
-
     embed = _Embedder(reference, clip)
     sources = _Sources(embed, config.ssim_size)
     scores, embeddings = [], []
@@ -453,8 +449,6 @@ def plot_sweep(summary: dict, title: str = ""):
 
 def save_figure(fig, stem: str | os.PathLike) -> list[Path]:
     """Write ``<stem>.png`` and ``<stem>.svg`` atomically."""
-    from .records import atomic_path
-
     paths = []
     for fmt in ("png", "svg"):
         path = Path(f"{stem}.{fmt}")
@@ -479,8 +473,6 @@ def score_folder(folder: str | os.PathLike, *, reference=None, clip: ClipScorer 
     """Score the images of a ``diffmix translate`` folder: adds ``scores`` to every record of
     ``records.jsonl`` (rewritten atomically), writes ``sweep_summary.json`` and the plot
     (``scores.png`` / ``.svg``) into ``out_dir`` (default: the folder)."""
-    from .records import read_jsonl, write_jsonl_atomic, write_text_atomic
-
     folder = Path(folder)
     index = folder / RECORDS_FILE
     if not index.is_file():

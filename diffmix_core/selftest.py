@@ -33,7 +33,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import SelftestConfig
+from . import models
+from .authors import import_diffmix
+from .bundle import load_bundle
+from .config import FinetuneConfig, SelftestConfig, SplitConfig, SynthesizeConfig, TranslateConfig
+from .data import read_dataset, resolve_splits, split_subset
+from .export import verify_manifest
+from .finetune import finetune
+from .models import (default_device, load_arch, load_pipeline, random_pipeline_dir, random_pipeline_name,
+                     resolve_dtype, scheduler_name)
+from .synthesize import make_plan, merge, plan_header, synthesize, write_plan
+from .translate import Job, Source, _size_multiple, translate
 
 CLASSES = ("duck", "owl")   # label order (sorted folder names); superclass "bird"; one inter-class pair
 SUPERCLASS = "bird"
@@ -98,10 +108,6 @@ def _gib(n: int | None) -> str:
 
 # --------------------------------------------------------------------------- stages
 def _stage_model(run: _Run) -> str:
-    from . import models
-    from .models import load_arch, load_pipeline, random_pipeline_dir, random_pipeline_name
-    from .translate import _size_multiple
-
     spec = load_arch(run.config.arch)
     run.resolution = run.config.resolution or int(spec.get("resolution") or 512)
     folder = models.CACHE_DIR / random_pipeline_name(run.config.arch)   # built once per architecture
@@ -127,8 +133,6 @@ def smooth_image(seed: int, size: int) -> Image.Image:
 
 
 def _stage_dataset(run: _Run) -> str:
-    from .translate import Source
-
     root = run.work / "data"
     for c, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -140,15 +144,10 @@ def _stage_dataset(run: _Run) -> str:
 
 
 def _split_config():
-    from .config import SplitConfig
-
     return SplitConfig(val_fraction=0.0, test_fraction=0.0)   # every image trains: the set is tiny
 
 
 def _stage_finetune(run: _Run) -> str:
-    from .config import FinetuneConfig
-    from .finetune import finetune
-
     run.pipe = None   # fine-tuning loads its own fp32 copy; free this one meanwhile
     _free(run.device)
     config = FinetuneConfig(superclass=SUPERCLASS, max_steps=run.config.finetune_steps, batch_size=2,
@@ -161,9 +160,6 @@ def _stage_finetune(run: _Run) -> str:
 
 def _stage_bundle(run: _Run) -> str:
     from safetensors.torch import load_file
-
-    from .bundle import load_bundle
-    from .models import load_pipeline
 
     bundle = load_bundle(run.work / "bundle")
     if bundle.hash != run.bundle.hash or bundle.classes != CLASSES:
@@ -194,16 +190,12 @@ def _attention_projections(unet) -> dict[str, tuple[int, int]]:
 
 
 def _translate_config(run: _Run, strategy: str, batch_size: int):
-    from .config import TranslateConfig
-
     return TranslateConfig(strategy=strategy, num_inference_steps=run.config.num_inference_steps,
                            guidance_scale=7.5, resolution=run.resolution, batch_size=batch_size)
 
 
 def _stage_translate(run: _Run) -> str:
     from diffusers import StableDiffusionImg2ImgPipeline
-
-    from .translate import Job, translate
 
     jobs = [Job(src, CLASSES[1 - i], s, 10 * i + k) for i, src in enumerate(run.sources)
             for k, s in enumerate(run.config.strengths)]
@@ -253,9 +245,6 @@ def write_authors_checkpoint(folder: Path, unet, classes: tuple[str, ...], width
 
 
 def _stage_import(run: _Run) -> str:
-    from .authors import import_diffmix
-    from .translate import Job, translate
-
     width = run.pipe.text_encoder.get_input_embeddings().weight.shape[1]
     emb = write_authors_checkpoint(run.work / "authors", run.pipe.unet, CLASSES, width, run.config.rank)
     bundle = import_diffmix(emb, emb.parent, base_model=str(run.model_dir), superclass=SUPERCLASS,
@@ -274,12 +263,6 @@ def _stage_import(run: _Run) -> str:
 
 
 def _stage_synthesize(run: _Run) -> str:
-    from .config import SynthesizeConfig
-    from .data import read_dataset, resolve_splits, split_subset
-    from .export import verify_manifest
-    from .models import scheduler_name
-    from .synthesize import make_plan, merge, plan_header, synthesize, write_plan
-
     data = read_dataset(run.work / "data", show_progress=False)
     train = split_subset(data, resolve_splits(data, None, _split_config()), "train")
     sconfig = SynthesizeConfig(multiplier=run.config.synth_images / len(train), strength=0.7)
@@ -324,8 +307,6 @@ def selftest(config: SelftestConfig, *, work: str | Path | None = None, keep: bo
         work: folder for the dataset, bundles and images (default: a temporary one).
         keep: leave ``work`` in place (a temporary one is removed otherwise).
     """
-    from .models import default_device, load_arch, resolve_dtype
-
     name = load_arch(config.arch)["name"]
     device = config.device or default_device()
     dtype = resolve_dtype(config.dtype or ("fp16" if device.startswith("cuda") else "fp32"))

@@ -84,9 +84,10 @@ def app_bundles(broken: dict[str, str] | None = None) -> dict[str, str]:
     """{label: folder} of the bundles the app offers (bundle.find_bundles): DIFFMIX_BUNDLES'
     folders, then the shipped demo world and ``assets/bundles``; the offline placeholder when
     none loads. Bundles that fail to load are recorded in ``broken`` as {folder: reason}."""
-    from .demo import ASSETS, placeholder_bundle
+    from .demo import placeholder_bundle
+    from .paths import DEMO_ASSETS, SHIPPED_BUNDLES
 
-    found = find_bundles(bundle_roots([ASSETS / "demo", ASSETS / "bundles"]), broken)
+    found = find_bundles(bundle_roots([DEMO_ASSETS, SHIPPED_BUNDLES]), broken)
     if not found:
         found["placeholder: tiny random pipeline"] = str(placeholder_bundle().path)
     return found
@@ -153,7 +154,7 @@ _ENGINE_LOCK = threading.Lock()  # one translate() at a time on the shared pipel
 
 def pipeline_for(bundle: Bundle):
     from .config import PipelineConfig
-    from .models import load_pipeline_for
+    from .apply import load_pipeline_for
 
     key = ("pipe", bundle.base_model, bundle.base_revision)
     with _MODEL_LOCK:
@@ -244,8 +245,7 @@ def clip_line(scorer) -> str:
 
 def reference_for(bundle: Bundle) -> tuple[object | None, str]:
     """(the bundle's reference classifier or None, a status line)."""
-    from .bundle import bundle_reference_path
-    from .reference import load_reference
+    from .reference import bundle_reference_path, load_reference
 
     path = bundle_reference_path(bundle)
     if path is None:

@@ -397,8 +397,7 @@ def synthesis_scorer(thresholds: Thresholds, *, score: bool = False, reference: 
     if not (score or thresholds.active):
         return None
     from .config import ScoreConfig
-    from .bundle import bundle_reference_path
-    from .reference import load_reference
+    from .reference import bundle_reference_path, load_reference
     from .scoring import class_prompt, load_clip, score_images
 
     ref_path = reference or (bundle_reference_path(bundle) if bundle else None)
@@ -440,7 +439,7 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
     1. shard: ``shard`` (i, n), else accelerate's process index and count
     2. plan: drawn from ``config``, written to plan.jsonl (or checked against the one there)
     3. this shard's images not made yet: load the pipeline (``pipe`` if given, else
-       models.load_pipeline_for(pipeline, bundle)), bind the scorer, :func:`synthesize`
+       apply.load_pipeline_for(pipeline, bundle)), bind the scorer, :func:`synthesize`
     4. merge (the main process, once no planned image is missing; ``merge_only`` makes nothing
        and merges): records.jsonl and the ``export`` layouts
 
@@ -450,7 +449,8 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
     still to make, "merged": merge's summary or None, "main": this process merges}.
     """
     from .export import parse_formats
-    from .models import load_pipeline_for, normalise_model_id, pipeline_source
+    from .apply import load_pipeline_for
+    from .models import normalise_model_id, pipeline_source
 
     out_dir = Path(out_dir)
     formats = parse_formats(export)

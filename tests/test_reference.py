@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from diffmix_core import cli
 from diffmix_core.bundle import load_bundle, save_bundle
 from diffmix_core.config import ReferenceConfig
-from diffmix_core.bundle import attach_reference, bundle_reference_path, update_bundle_meta
-from diffmix_core.reference import load_reference, train_reference
+from diffmix_core.bundle import update_bundle_meta
+from diffmix_core.reference import attach_reference, bundle_reference_path, load_reference, train_reference
 
 SHAPES = {"circle": (230, 40, 40), "square": (40, 220, 60), "triangle": (50, 80, 240)}
 

@@ -227,7 +227,8 @@ def test_score_cli_errors(tmp_path, capsys):
 
 
 def test_score_cli_with_a_bundle_reference_and_set_recommended(translated, tiny_model_dir, tmp_path, capsys):
-    from diffmix_core.bundle import attach_reference, load_bundle, save_bundle
+    from diffmix_core.bundle import load_bundle, save_bundle
+    from diffmix_core.reference import attach_reference
 
     out, ref_dir = translated
     tokens = [f"<c{i}>" for i in range(len(CLASSES))]
@@ -250,7 +251,7 @@ def test_score_cli_defaults_to_the_clip_the_bundle_names(translated, tiny_model_
     from diffmix_core.bundle import save_bundle
     from diffmix_core.config import DemoClipConfig
     from diffmix_core.demo.clip import CLIP_LABEL, attach_clip, build_model, save_clip
-    from diffmix_core.bundle import attach_reference
+    from diffmix_core.reference import attach_reference
 
     out, ref_dir = translated
     tokens = [f"<c{i}>" for i in range(len(CLASSES))]

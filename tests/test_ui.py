@@ -23,7 +23,7 @@ def make_world(root: Path, cache: Path) -> Path:
     import timm
 
     from diffmix_core.demo import placeholder_bundle
-    from diffmix_core.bundle import attach_reference
+    from diffmix_core.reference import attach_reference
     from diffmix_core.reference import ReferenceClassifier, save_reference
 
     shared = placeholder_bundle(cache / "ui-placeholder")   # built once per test session
@@ -193,7 +193,7 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
 
 
 def test_bundle_panel_and_bundle_field(world):
-    from diffmix_core.bundle import resolve_bundle
+    from diffmix_core.hub import open_bundle
     from diffmix_core.session import app_bundles
     from diffmix_core.ui import on_bundle
 
@@ -204,11 +204,11 @@ def test_bundle_panel_and_bundle_field(world):
     assert len(th) == 6 and (steps, guidance) == (25, 7.5)   # no sampler settings in the profile: the defaults
     assert "10 classes" in info and "CLIP off: none chosen" in info and "test_resnet" in info
     assert len(examples) == 8 and examples[0][1] == "owl"
-    assert resolve_bundle(world["bundle"]) == Path(world["bundle"]).resolve()
+    assert open_bundle(world["bundle"]).path == Path(world["bundle"]).resolve()
     with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
-        resolve_bundle("/no/such/bundle")
+        open_bundle("/no/such/bundle")
     with pytest.raises(FileNotFoundError, match="could not fetch bundle nobody/nothing"):
-        resolve_bundle("nobody/nothing")   # HF_HUB_OFFLINE=1 in tests
+        open_bundle("nobody/nothing")   # HF_HUB_OFFLINE=1 in tests
 
 
 def test_profile_sets_the_sweep_controls(world, tmp_path):

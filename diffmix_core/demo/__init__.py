@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..bundle import load_bundle, save_bundle
 from ..models import CACHE_DIR, load_pipeline, tiny_pipeline_dir
+from ..records import safe_name, save_png
+from ..weights import lora_state_dict_from_unet
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-ASSETS = PACKAGE_ROOT / "assets"
 DEMO_CLASSES = ("owl", "duck", "peacock", "penguin", "flamingo", "turkey", "rooster", "parrot", "goose", "crow")
 PLACEHOLDER_NOTE = ("Offline placeholder: a tiny Stable-Diffusion-architecture pipeline with RANDOM weights. "
                     "Every stage runs for real, but the images are noise until a trained bundle is loaded.")
@@ -26,9 +27,6 @@ PLACEHOLDER_NOTE = ("Offline placeholder: a tiny Stable-Diffusion-architecture p
 def placeholder_bundle(root: str | os.PathLike | None = None, seed: int = 0):
     """Build (once) and return the placeholder bundle on the tiny random pipeline."""
     from peft import LoraConfig
-
-    from ..bundle import load_bundle, save_bundle
-    from ..weights import lora_state_dict_from_unet
 
     root = Path(root or CACHE_DIR / "placeholder-2")
     bundle_dir = root / "bundle"
@@ -56,8 +54,6 @@ def write_example_images(folder: str | os.PathLike, classes, per_class: int = 2,
     """Small coloured-shape PNGs in ImageFolder layout (``<folder>/<class>/<n>.png``): the
     placeholder's example sources (one colour per class, a shape per image)."""
     from PIL import Image, ImageDraw
-
-    from ..records import safe_name, save_png
 
     folder = Path(folder)
     for c, name in enumerate(classes):

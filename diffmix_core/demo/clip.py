@@ -31,8 +31,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..bundle import update_bundle_meta
 from ..config import DemoClipConfig
+from ..data import read_dataset, resolve_splits, split_subset
 from ..records import atomic_path, write_text_atomic
+from ..scoring import LOCAL_DIR, load_clip
+from .data import read_captions
+from .pretrain import load_images, load_state, save_state, state_step
 
 CLIP_LABEL = "demo CLIP (trained on the demo world), not OpenAI's"
 CONFIG_FILE = "open_clip_config.json"
@@ -69,10 +74,6 @@ def training_images(data: str | os.PathLike, config: DemoClipConfig, show_progre
     """(uint8 images (N, 3, S, S), labels (N,), class names) for training: the birds' train split
     (``<data>/birds``, its split file) and, with ``pretrain_birds``, the demo birds of
     ``<data>/pretrain`` (made from other random draws: never a validation or test image)."""
-    from ..data import read_dataset, resolve_splits, split_subset
-    from .data import read_captions
-    from .pretrain import load_images
-
     data = Path(data).resolve()
     birds = read_dataset(data / "birds", show_progress=False)
     train = split_subset(birds, resolve_splits(birds), "train")
@@ -156,8 +157,6 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, config: DemoClip
     write it to ``out`` as an open_clip folder (fp32). A finished one with the same settings is
     kept. Returns ``out``."""
     import open_clip
-
-    from .pretrain import load_state, save_state, state_step
 
     out = Path(out)
     if is_trained(out, config):
@@ -282,9 +281,6 @@ def attach_clip(bundle_dir: str | os.PathLike, clip_dir: str | os.PathLike):
     (``clip``: "clip", both files' sha256 under ``files``), so the app and ``diffmix score`` use it
     by default for this bundle (scoring.default_clip). Refuses a CLIP that does not load. Returns
     the updated Bundle."""
-    from ..bundle import update_bundle_meta
-    from ..scoring import LOCAL_DIR, load_clip
-
     clip_dir = Path(clip_dir)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (clip_dir / name).is_file():

@@ -35,8 +35,9 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from tqdm.auto import tqdm
 
 from ..config import DemoDataConfig
+from ..data import load_image
 from ..models import CACHE_DIR
-from ..records import safe_name, save_png, write_jsonl_atomic, write_text_atomic
+from ..records import read_jsonl, safe_name, save_png, write_jsonl_atomic, write_text_atomic
 from . import DEMO_CLASSES
 
 TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -179,8 +180,6 @@ def load_foregrounds(sources: Sources = Sources()) -> tuple[dict, dict]:
 def load_backgrounds() -> dict[str, list[Image.Image]]:
     """{'photos': [...], 'textures': [...]} RGB images from scikit-image and scikit-learn."""
     import skimage.data
-
-    from ..data import load_image
 
     root = Path(skimage.data.__file__).parent
     photos = [load_image(root / n) for n in SKIMAGE_PHOTOS if (root / n).is_file()]
@@ -369,8 +368,6 @@ def _pretrain_set(folder: Path, birds: dict, others: dict, backgrounds: dict, co
 
 def read_captions(folder: str | os.PathLike) -> list[dict]:
     """Rows of ``<folder>/captions.jsonl`` ({file_name, caption, ...}); FileNotFoundError if absent."""
-    from ..records import read_jsonl
-
     file = Path(folder) / "captions.jsonl"
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist; build the demo dataset first (`diffmix demo build`)")

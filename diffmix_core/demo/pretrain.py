@@ -34,7 +34,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import PretrainConfig
+from ..data import load_image
+from ..models import clip_tokenizer
 from ..records import atomic_path, write_text_atomic
+from .data import read_captions
 
 WORK = "work"
 LOG = "pretrain_log.jsonl"
@@ -96,8 +99,6 @@ def sampler():
 def load_images(folder: str | os.PathLike, rows: list[dict], size: int, show_progress: bool) -> torch.Tensor:
     """All images as one uint8 tensor (N, 3, size, size) (14k images at 64 px: ~170 MB)."""
     from PIL import Image
-
-    from ..data import load_image
 
     out = torch.empty((len(rows), 3, size, size), dtype=torch.uint8)
     for i, row in enumerate(tqdm(rows, desc="load images", disable=not show_progress, leave=False)):
@@ -311,8 +312,6 @@ def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet(latents: dict, scaling: float, captions: list[str], out: Path, config: PretrainConfig,
                *, show_progress: bool = True) -> tuple:
     """Stage 4; returns (unet, text_encoder, tokenizer) holding the EMA weights."""
-    from ..models import clip_tokenizer
-
     tokenizer = clip_tokenizer()
     torch.manual_seed(config.seed)
     unet, text = build_unet(config), build_text_encoder(config, len(tokenizer))
@@ -386,8 +385,6 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, config: PretrainCo
     VAE PSNR, scaling factor) and ``pretrain_log.jsonl``; ``out/work`` the resumable
     checkpoints. A finished run (``pretrain.json`` with the same settings) is returned as is.
     """
-    from .data import read_captions
-
     out = Path(out)
     done = out / "pretrain.json"
     if done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("config") == _jsonable(config):

@@ -33,20 +33,33 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ..bundle import Profile
-from ..config import DemoWorldConfig, FinetuneConfig, ReferenceConfig, SplitConfig, TranslateConfig
-from ..records import safe_name, save_png, write_text_atomic
+from ..apply import load_pipeline_for
+from ..bundle import ADAPTER_JSON, Bundle, Profile, bundle_examples, load_bundle, update_bundle_meta
+from ..classifier import WEIGHTS_FILE, quantize_int8
+from ..config import (DemoClipConfig, DemoDataConfig, DemoWorldConfig, FinetuneConfig, PipelineConfig, PretrainConfig,
+                      ReferenceConfig, ScoreConfig, SplitConfig, TranslateConfig)
+from ..data import (SPLITS, SPLIT_FILE, SPLIT_FORMAT_VERSION, default_split_path, load_image, make_splits as split_ids,
+                    read_dataset, read_split_file, resolve_splits, split_subset, write_split_file)
+from ..finetune import RUN_FILE, finetune
+from ..models import load_pipeline, write_clip_tokenizer_files
+from ..paths import DEMO_ASSETS_REL
+from ..profiles import load_profile
+from ..records import atomic_path, safe_name, save_png, sha256_file, write_text_atomic
+from ..reference import (BUNDLE_REFERENCE_DIR, META_FILE, attach_reference, bundle_reference_path, load_reference,
+                         train_reference)
+from ..scoring import class_prompt, score_images, summarize
+from ..translate import Job, Source, translate
+from .clip import CONFIG_FILE, attach_clip, spearman, train_clip, zero_shot_accuracy
+from .data import build_dataset, build_heldout
+from .pretrain import pretrain
 
 FEWSHOT_SPLIT = "fewshot_split.json"
-ASSETS = "assets/demo"
 DEMO_JSON = "demo.json"
 EVAL_STRENGTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def quick_config() -> DemoWorldConfig:
     """Tiny settings: every stage runs for real in about a minute (tests, `demo build --quick`)."""
-    from ..config import DemoClipConfig, DemoDataConfig, PretrainConfig
-
     return DemoWorldConfig(
         data=DemoDataConfig(image_size=32, birds_per_class=6, pretrain_per_class=3, pretrain_per_other=0),
         pretrain=PretrainConfig(resolution=32, vae_channels=(8, 16), vae_steps=2, vae_crop=16, vae_batch_size=4,
@@ -63,8 +76,6 @@ def quick_config() -> DemoWorldConfig:
 # --------------------------------------------------------------------------- splits and bundle
 def make_splits(birds: Path, out: Path, settings: DemoWorldConfig) -> tuple[Path, Path]:
     """(full split file, few-shot split file) of the birds, one seed."""
-    from ..data import default_split_path, read_dataset, resolve_splits
-
     dataset = read_dataset(birds, show_progress=False)
     full = default_split_path(dataset)
     resolve_splits(dataset, full, SplitConfig(seed=settings.split_seed))
@@ -84,9 +95,6 @@ def finetune_config(settings: DemoWorldConfig) -> FinetuneConfig:
 def make_bundle(birds: Path, base: Path, fewshot: Path, out: Path, settings: DemoWorldConfig,
                 show_progress: bool = True):
     """``finetune.finetune`` over the base on the few-shot split (resumed when a run is there)."""
-    from ..bundle import load_bundle
-    from ..finetune import RUN_FILE, finetune
-
     if (out / "adapter.json").is_file():
         bundle = load_bundle(out)
         if bundle.meta["steps"] == settings.finetune_steps:
@@ -118,9 +126,6 @@ def augmented_reference_data(birds: Path, base: Path, out: Path, settings: DemoW
     """An ImageFolder of the birds plus generator-like copies, with its own split file: train =
     train originals + their VAE round trips + blurred copies; val = val originals + round trips;
     test = test originals (never used here)."""
-    from ..data import load_image, read_dataset, resolve_splits, split_subset, write_split_file
-    from ..models import load_pipeline
-
     if (out / "diffmix_split.json").is_file():
         return out
     dataset = read_dataset(birds, show_progress=False)
@@ -148,8 +153,6 @@ def augmented_reference_data(birds: Path, base: Path, out: Path, settings: DemoW
 
 def make_reference(birds: Path, base: Path, out: Path, settings: DemoWorldConfig, show_progress: bool = True) -> Path:
     """Train (once) the reference classifier on the augmented copy of the birds."""
-    from ..reference import META_FILE, train_reference
-
     if (out / "reference" / META_FILE).is_file():
         return out / "reference"
     data = augmented_reference_data(birds, base, out / "reference-data", settings)
@@ -161,9 +164,6 @@ def make_reference(birds: Path, base: Path, out: Path, settings: DemoWorldConfig
 # --------------------------------------------------------------------------- translations
 def sources_of(data: str | os.PathLike, split: str, per_class: int):
     """``per_class`` images of each class from a split of the demo birds, as translate Sources."""
-    from ..data import load_image, read_dataset, resolve_splits, split_subset
-    from ..translate import Source
-
     dataset = read_dataset(data, show_progress=False)
     subset = split_subset(dataset, resolve_splits(dataset), split)
     out = []
@@ -187,11 +187,6 @@ def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int =
     strength; score with the bundle's reference classifier (and, with an available ``clip``
     scorer, its ``clip_target`` / ``clip_source``). Returns (records with scores,
     reference-feature embeddings)."""
-    from ..bundle import bundle_reference_path
-    from ..reference import load_reference
-    from ..scoring import score_images
-    from ..translate import Job, translate
-
     ref_path = bundle_reference_path(bundle)
     if ref_path is None:
         raise ValueError(f"bundle {bundle.path} has no reference classifier; attach one first")
@@ -202,8 +197,6 @@ def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int =
     records, embeddings = [], []
     texts = None
     if clip is not None and clip.available:
-        from ..scoring import class_prompt
-
         texts = dict(zip(bundle.classes, clip.encode_texts([class_prompt(c, bundle) for c in bundle.classes])))
     for i in range(0, len(results), 64):
         chunk = results[i:i + 64]
@@ -254,9 +247,6 @@ def format_table(rows: list[dict]) -> str:
 
 def _pipeline_for(bundle, base: str | os.PathLike | None = None):
     """The bundle's base pipeline (or ``base``: e.g. the shipped copy) with the bundle applied."""
-    from ..config import PipelineConfig
-    from ..models import load_pipeline_for
-
     return load_pipeline_for(PipelineConfig(model=str(base or ""), device="cpu", dtype="fp32"), bundle,
                              allow_base_mismatch=base is not None)
 
@@ -264,8 +254,6 @@ def _pipeline_for(bundle, base: str | os.PathLike | None = None):
 def clip_agreement(records: list[dict]) -> dict:
     """Spearman rank correlation of the CLIP target score with the reference's P(target) over
     the translations that have both: {'spearman', 'n'} (spearman None when fewer than 3)."""
-    from .clip import spearman
-
     pairs = [(r["scores"]["clip_target"], r["scores"]["p_target"]) for r in records
              if r["scores"].get("clip_target") is not None and r["scores"].get("p_target") is not None]
     rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else None
@@ -275,10 +263,6 @@ def clip_agreement(records: list[dict]) -> dict:
 def clip_zero_shot(clip, bundle, data: str | os.PathLike, split: str = "test") -> dict:
     """The CLIP's zero-shot top-1 over the bundle's class prompts on every image of a split of
     ``data`` (clip.zero_shot_accuracy)."""
-    from ..data import load_image, read_dataset, resolve_splits, split_subset
-    from .clip import zero_shot_accuracy
-    from ..scoring import class_prompt
-
     dataset = read_dataset(data, show_progress=False)
     items = split_subset(dataset, resolve_splits(dataset), split).items
     prompts = {c: class_prompt(c, bundle) for c in bundle.classes}
@@ -300,8 +284,6 @@ def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS,
             line gives its zero-shot accuracy on every test image of ``data`` and the Spearman
             correlation of its target score with the reference's P(target) over the sweep.
     """
-    from ..bundle import Bundle, load_bundle
-
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pipe = _pipeline_for(bundle, base)
     config = TranslateConfig(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -334,12 +316,6 @@ def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
     then its diff-mix translations at ``strengths``, labelled. Sampler settings from the bundle's
     profile. ``pairs`` default: each class to the next one in label order."""
     from PIL import ImageDraw
-
-    from ..bundle import Bundle, load_bundle
-    from ..data import load_image
-    from ..bundle import bundle_examples
-    from ..profiles import load_profile
-    from ..translate import Job, Source, translate
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     classes = list(bundle.classes)
@@ -375,10 +351,6 @@ def translation_grid(bundle, pairs: list[tuple[str, str]] | None = None, *,
 def recommend(bundle, data: Path, settings: DemoWorldConfig, show_progress: bool = True) -> tuple[float, dict]:
     """Recommended strength from a sweep of validation images (scoring.recommend_strength);
     written into the bundle. Returns (strength, {'rows': ..., 'reason': ...})."""
-    from ..config import ScoreConfig
-    from ..bundle import update_bundle_meta
-    from ..scoring import summarize
-
     pipe = _pipeline_for(bundle)
     config = TranslateConfig(num_inference_steps=settings.num_inference_steps,
                              guidance_scale=settings.guidance_scale, resolution=bundle.resolution)
@@ -397,9 +369,6 @@ def _int8_file(src: Path, dest: Path) -> None:
     On the demo test split: top-1 0.990 int8 vs 0.995 fp32, the same prediction for 99.5 % of images."""
     from safetensors.torch import load_file, save_file
 
-    from ..classifier import quantize_int8
-    from ..records import atomic_path
-
     with atomic_path(dest) as tmp:
         save_file(quantize_int8(load_file(str(src))), str(tmp))
 
@@ -409,8 +378,6 @@ def _slim_tokenizer(folder: Path, tokenizer) -> None:
     (3.6 MB) that save_pretrained writes; CLIPTokenizer.from_pretrained reads either. Refuses
     unless the slim files give ``tokenizer``'s vocabulary and ids."""
     from transformers import CLIPTokenizer
-
-    from ..models import write_clip_tokenizer_files
 
     write_clip_tokenizer_files(folder)
     (folder / "tokenizer.json").unlink(missing_ok=True)
@@ -424,12 +391,6 @@ def _copy_bundle(src: Path, dest: Path, examples_from: Path, per_class: int, bas
     """The bundle's shipped files (no checkpoints or logs), its reference weights in fp16, example
     images from the TEST split, pointing at the shipped ``base``, with ``profile`` (the app's sweep
     settings for it). Returns the loaded copy."""
-    from ..bundle import ADAPTER_JSON, load_bundle
-    from ..classifier import WEIGHTS_FILE
-    from ..records import sha256_file
-    from ..bundle import BUNDLE_REFERENCE_DIR
-    from ..reference import META_FILE
-
     skip = shutil.ignore_patterns("checkpoints", "finetune_run.json", "train_log.jsonl", ".*")
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest, ignore=skip)
@@ -458,8 +419,6 @@ def write_assets(out: Path, base: Path, bundle_dir: Path, data: Path, info: dict
     """``out/base`` (the pipeline in fp16 safetensors; it loads as fp32 with the same output),
     ``out/bundle`` (pointing at it; with ``clip`` and ``settings``, the demo CLIP attached and
     the shipped birds: :func:`ship_extras`) and ``out/demo.json``. Returns ``out``."""
-    from ..models import load_pipeline
-
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "base", ignore_errors=True)
     pipe = load_pipeline(base, device="cpu", dtype="fp32", scheduler="native")
@@ -484,10 +443,6 @@ def ship_extras(assets: str | os.PathLike, data: str | os.PathLike, clip: str | 
     to the bundle: clip.attach_clip) and the shipped birds with the held-out test set
     (:func:`ship_birds` from the build's ``data`` folder); refresh demo.json (sizes, bundle hash,
     the CLIP's and the birds' figures). Returns demo.json's content."""
-    from ..bundle import load_bundle
-    from ..data import SPLIT_FILE, read_split_file
-    from .clip import CONFIG_FILE, attach_clip
-
     assets = Path(assets)
     bundle = attach_clip(assets / "bundle", clip)
     birds = ship_birds(assets / SHIPPED_BIRDS, data, settings, settings.heldout_per_class, show_progress)
@@ -515,8 +470,6 @@ TEST_JPEG_QUALITY = 95               # held-out images are stored as JPEG (a thi
 
 
 def _split_json(dataset_name: str, classes, splits: dict, config: SplitConfig) -> str:
-    from ..data import SPLIT_FORMAT_VERSION, SPLITS
-
     return json.dumps({"format_version": SPLIT_FORMAT_VERSION, "dataset": dataset_name, "classes": list(classes),
                        "config": dataclasses.asdict(config), "splits": {k: list(splits[k]) for k in SPLITS}},
                       indent=1) + "\n"
@@ -537,15 +490,11 @@ def ship_birds(dest: str | os.PathLike, data: str | os.PathLike, settings: DemoW
     Written to a temporary folder and renamed into place. Returns ``dest``."""
     from PIL import Image
 
-    from ..data import SPLIT_FILE, read_dataset, resolve_splits, split_subset
-    from .data import build_heldout
-
     data, dest = Path(data), Path(dest)
     birds = read_dataset(data / "birds", show_progress=False)
     few_config = SplitConfig(seed=settings.split_seed, shots=settings.shots)
     few = resolve_splits(birds, data / FEWSHOT_SPLIT, few_config)
     lt_config = SplitConfig(seed=settings.split_seed, shots=settings.shots, imbalance=LONGTAIL_IMBALANCE)
-    from ..data import make_splits as split_ids
 
     long_tail = split_ids(birds, lt_config)
     assert long_tail["val"] == few["val"] and long_tail["test"] == few["test"]
@@ -587,12 +536,6 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
     Returns:
         The shipped bundle (bundle.Bundle), reference attached; None with ``data_only``.
     """
-    from ..bundle import load_bundle
-    from .clip import train_clip
-    from .data import build_dataset
-    from .pretrain import pretrain
-    from ..bundle import attach_reference
-
     out = Path(out)
     say = print if show_progress else (lambda *a, **k: None)
     say(f"[1/8] dataset -> {out / 'data'}")
@@ -618,7 +561,7 @@ def build_world(out: str | os.PathLike, settings: DemoWorldConfig = DemoWorldCon
         strength, rec = recommend(bundle, birds, settings, show_progress)
         write_text_atomic(state, json.dumps({"recommended_strength": strength, **rec}, indent=1) + "\n")
     rec = json.loads(state.read_text(encoding="utf-8"))
-    target = Path(assets) if assets is not None else out / ASSETS
+    target = Path(assets) if assets is not None else out / DEMO_ASSETS_REL
     say(f"[8/8] assets -> {target}")
     pre = json.loads((base / "pretrain.json").read_text(encoding="utf-8"))
     info = {"guidance_scale": settings.guidance_scale, "num_inference_steps": settings.num_inference_steps,
