@@ -25,7 +25,7 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name
 SPACE_BUNDLES_ENV = "DIFFMIX_SPACE_BUNDLES"   # os.pathsep-separated Hub ids a Space fetches at start-up
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx", "*.png", "*.jpg", "*.jpeg",
                 "*.webp", "*.gif", "*.zip")
-APP_REQUIREMENTS_SKIP = ("pytest", "playwright")   # test-only lines of requirements.txt
+APP_REQUIREMENTS_SKIP = ("pytest", "playwright", "import-linter")   # test-only lines of requirements.txt
 
 
 # --------------------------------------------------------------------------- what travels with a bundle

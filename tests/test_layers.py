@@ -1,0 +1,38 @@
+"""The module layering holds: the import-linter contracts of pyproject.toml (layers from the
+ground floor up to the app and the CLI; no import circle) are kept by this checkout's
+``diffmix_core``, and they do fail when an import runs back up."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lint_imports(root: Path, config: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` (this interpreter's) on the ``diffmix_core`` under ``root``, no cache written."""
+    env = dict(os.environ, PYTHONPATH=str(root))   # this tree's package, not an installed one
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", code, "--no-cache", "--no-logo", str(config)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_layers_and_acyclic_contracts_are_kept():
+    res = lint_imports(ROOT, ROOT / "pyproject.toml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Contracts: 2 kept, 0 broken." in res.stdout, res.stdout
+
+
+def test_an_import_running_back_up_breaks_the_contracts(tmp_path):
+    """A ground-floor module importing the app closes a circle: both contracts break."""
+    shutil.copytree(ROOT / "diffmix_core", tmp_path / "diffmix_core", ignore=shutil.ignore_patterns("__pycache__"))
+    config = tmp_path / "diffmix_core" / "config.py"
+    config.write_text(config.read_text(encoding="utf-8") + "\n\ndef _back_up():\n    from . import ui  # noqa\n",
+                      encoding="utf-8")
+    res = lint_imports(tmp_path, ROOT / "pyproject.toml")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Contracts: 0 kept, 2 broken." in res.stdout, res.stdout
+    assert "diffmix_core.config -> diffmix_core.ui" in res.stdout, res.stdout
