@@ -35,7 +35,7 @@ def main() -> None:
 
     from diffmix_core.bundle import bundle_examples, load_bundle
     from diffmix_core.profiles import load_profile
-    from diffmix_core.session import app_bundles
+    from diffmix_core.app.cache import app_bundles
     from diffmix_core.ui import wait_until_served
 
     url = f"http://127.0.0.1:{args.port}/"

@@ -124,9 +124,9 @@ def run_translate(args: argparse.Namespace) -> None:
     from .config import TranslateConfig, check_seed, get_strategy
     from .data import load_image
     from .hub import open_bundle
-    from .translate import Job, Source, check_strength, count_jobs, translate
+    from .translate import Source, check_strength, count_jobs, translate
     from .records import write_translations
-    from .session import RANDOM_SEED, resolve_seeds
+    from .jobs import RANDOM_SEED, make_jobs, resolve_seeds
 
     bundle = open_bundle(args.bundle) if args.bundle else None
     profile = _profile_values(args, bundle, (TranslateConfig,), strength=args.strength) if bundle else {}
@@ -151,11 +151,7 @@ def run_translate(args: argparse.Namespace) -> None:
         check_seed(seed, "--seed")
     sources = [Source(load_image(p, max_pixels=args.max_pixels), args.source_class, p.stem, str(p.resolve()))
                for p in args.image or []]
-    if strategy.pairing == "gen":
-        jobs = [Job(None, t, 1.0, seed, source_class=t) for t in args.target for seed in args.seed]
-    else:
-        jobs = [Job(src, t, s, seed) for src in sources for t in args.target for s in args.strength
-                for seed in args.seed]
+    jobs = make_jobs(sources, args.target, args.strength, args.seed, strategy.pairing)
     pipe = load_pipeline_for(_pipeline_config(args), bundle, allow_base_mismatch=args.allow_base_mismatch)
     results = translate(pipe, jobs, config, bundle=bundle, superclass=args.superclass,
                         show_progress=not args.quiet)

@@ -1,7 +1,8 @@
 """The Gradio app: pick a bundle and a source image, sweep strength, look at the
 labelled grid and the scores, curate, tune the dataset's profile, export.
 
-Nothing here computes: the handlers collect settings and call session.py (which
+Nothing here computes: the handlers collect settings and call the app package
+(diffmix_core/app: the session store, the process's cache, the sweep, the views; it
 calls the same translate(), scoring and export writers as the CLI), then shape
 the results for the components. Sessions keep only a token (gr.State, mirrored
 in gr.BrowserState so a page reload finds the session again); images and
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import html
+import inspect
 import logging
 import os
 import shutil
@@ -28,13 +30,19 @@ import gradio as gr
 from PIL import Image
 
 from . import grid as G
-from . import session as S
-from .bundle import bundle_examples, load_bundle
-from .config import STRATEGIES, THRESHOLD_TESTS, TranslateConfig
+from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, reference_for
+from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
+from .app.sweep import SweepRequest, clean_thresholds, passing, plan_sweep, run_sweep
+from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
+                        write_csv)
+from .bundle import Bundle, bundle_examples
+from .config import STRATEGIES, THRESHOLD_TESTS, Thresholds, TranslateConfig
 from .data import load_image
 from .hub import open_bundle
+from .jobs import ALL_OTHER
 from .profiles import load_profile, save_profile, saving_allowed
-from .session import md_code, md_text
+from .records import save_png
+from .scoring import plot_sweep
 from .translate import Source
 
 try:   # ZeroGPU on Hugging Face Spaces; a no-op elsewhere
@@ -45,9 +53,10 @@ except ImportError:
     def GPU(fn=None, **_):
         return fn if fn is not None else (lambda f: f)
 
-_generate = GPU(S.generate)
+_generate = GPU(generate)
+# The six threshold boxes, in Thresholds' field order (THRESHOLD_TESTS' keys): "min P(target)", ...
 TH_KEYS = tuple(THRESHOLD_TESTS)
-TH_LABELS = ("min P(target)", "max P(source)", "min CLIP(target)", "min distance", "max distance", "max SSIM")
+TH_LABELS = tuple(f"{key.split('_')[0]} {THRESHOLD_TESTS[key][2]}" for key in TH_KEYS)
 log = logging.getLogger("diffmix.app")
 
 
@@ -69,15 +78,42 @@ def _errors(fn):
     return wrapped
 
 
+def takes_thresholds(fn):
+    """Gradio passes a handler its inputs by position and names the API's parameters after the
+    handler's: ``fn`` takes one ``thresholds: Thresholds`` parameter, and Gradio sees in its
+    place the six threshold boxes (TH_KEYS, in Thresholds' field order; empty = off)."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    at = [p.name for p in params].index("thresholds")
+    boxes = [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="float | None")
+             for k in TH_KEYS]
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        values = args[at:at + len(TH_KEYS)]
+        thresholds = Thresholds.from_dict(dict(zip(TH_KEYS, values)))
+        return fn(*args[:at], thresholds, *args[at + len(TH_KEYS):], **kwargs)
+
+    wrapped.__signature__ = sig.replace(parameters=params[:at] + boxes + params[at + 1:])
+    wrapped.__annotations__ = {**{k: "float | None" for k in TH_KEYS},
+                               **{k: v for k, v in fn.__annotations__.items() if k != "thresholds"}}
+    return wrapped
+
+
+def threshold_values(thresholds: Thresholds) -> list[float | None]:
+    """The six boxes' values (TH_KEYS order) of a Thresholds."""
+    return [getattr(thresholds, k) for k in TH_KEYS]
+
+
 # --------------------------------------------------------------------------- views
-def curated_views(store: S.Store) -> tuple:
+def curated_views(store: Store) -> tuple:
     """(count, curated gallery, curated checkboxes, this-sweep checkboxes) of a session."""
     state, records = store.state(), store.records()
     cur = [i for i in state["curated"] if i in records]
-    items = [(store.image_path(records[i]), S.caption(records[i])) for i in cur]
+    items = [(store.image_path(records[i]), caption(records[i])) for i in cur]
     choices = [(_short(records[i]), i) for i in cur]
     in_sweep = [i for i in state["last_sweep"] if i in set(cur)]
-    count = f"**Curated batch: {len(cur)} image(s)** (limit {S.Limits.from_env().max_curated})"
+    count = f"**Curated batch: {len(cur)} image(s)** (limit {Limits.from_env().max_curated})"
     return count, items, gr.CheckboxGroup(choices=choices, value=cur), gr.CheckboxGroup(value=in_sweep)
 
 
@@ -85,7 +121,7 @@ def _short(r: dict) -> str:
     return f"{r['source_class']}→{r['target_class']} s={r['strength']:.2f} seed {r['seed']} ({r['id'][:6]})"
 
 
-def sweep_grid(store: S.Store) -> tuple[str | None, G.GridLayout | None, list[dict]]:
+def sweep_grid(store: Store) -> tuple[str | None, G.GridLayout | None, list[dict]]:
     """The last sweep as a labelled grid PNG in the session folder: (path, layout, records)."""
     state, records = store.state(), store.records()
     recs = [records[i] for i in state["last_sweep"] if i in records]
@@ -99,8 +135,6 @@ def sweep_grid(store: S.Store) -> tuple[str | None, G.GridLayout | None, list[di
     picture, layout = G.render(recs, lambda r: load_image(store.image_path(r)), source,
                                int(recs[0].get("resolution") or 64), set(state["curated"]), title, bar)
     path = store.root / "grid" / f"sweep-{state['sweeps']}.png"
-    from .records import save_png
-
     save_png(picture, path)
     return str(path), layout, recs
 
@@ -108,7 +142,7 @@ def sweep_grid(store: S.Store) -> tuple[str | None, G.GridLayout | None, list[di
 def source_line(record: dict) -> str:
     """Which source a record's image was made from."""
     where = record.get("source_path") or ""
-    kind = "upload" if where.startswith(f"{S.UPLOADS}/") else "example"
+    kind = "upload" if where.startswith(f"{UPLOADS}/") else "example"
     name = Path(where).name if where else "none (text-to-image)"
     return (f"{kind} {md_code(name)} (id {md_code(record.get('source_id'))}), "
             f"class **{md_text(record['source_class'])}**")
@@ -129,18 +163,16 @@ def recommendation(summary: dict | None) -> str:
     return f"recommended strength (this sweep): **{s}** — {summary.get('recommendation')}"
 
 
-def sweep_views(store: S.Store, figure=None) -> tuple:
+def sweep_views(store: Store, figure=None) -> tuple:
     """(grid picture, grid download, sweep checkboxes, table, plot, CSV path, status) of the last sweep."""
     state = store.state()
     path, _, recs = sweep_grid(store)
     box = gr.CheckboxGroup(choices=[(_short(r), r["id"]) for r in recs],
                            value=[r["id"] for r in recs if r["id"] in set(state["curated"])])
-    rows = S.table(recs, set(state["curated"]))
-    csv = str(S.write_csv(store.root / f"sweep-{state['sweeps']}.csv", rows)) if recs else None
+    rows = table(recs, set(state["curated"]))
+    csv = str(write_csv(store.root / f"sweep-{state['sweeps']}.csv", rows)) if recs else None
     summary = state.get("summary")
     if figure is None and summary:
-        from .scoring import plot_sweep
-
         figure = plot_sweep(summary)
     status = ""
     if recs:
@@ -151,7 +183,7 @@ def sweep_views(store: S.Store, figure=None) -> tuple:
     return path, path, box, rows, figure, csv, status
 
 
-def inspect_views(store: S.Store, record: dict | None, sweep: list[dict] = ()) -> tuple:
+def inspect_views(store: Store, record: dict | None, sweep: list[dict] = ()) -> tuple:
     """(image, description, PNG download, command) of one result."""
     if record is None:
         return None, "", None, ""
@@ -167,20 +199,20 @@ def inspect_views(store: S.Store, record: dict | None, sweep: list[dict] = ()) -
             f"strength {record['strength']} "
             f"(ran {record['strength_run']:.2f}: {record.get('steps_run')}/{record['num_inference_steps']} steps), "
             f"seed {record['seed']}, guidance {record['guidance_scale']}, {record['strategy']}\n\n"
-            f"{S.caption(record).splitlines()[1]} · soft label "
+            f"{caption(record).splitlines()[1]} · soft label "
             + ", ".join(f"{md_text(k)} {v:.2f}" for k, v in record["soft_label"].items())
             + f" · id `{record['id']}` · {'curated' if record['id'] in store.state()['curated'] else 'not curated'}")
-    return str(zoom), text, path, S.command_for(record, sweep)
+    return str(zoom), text, path, command_for(record, sweep)
 
 
 # --------------------------------------------------------------------------- source
 def _examples(bundle_path: str) -> list[tuple[str, str]]:
-    return bundle_examples(load_bundle(bundle_path))
+    return bundle_examples(open_bundle_cached(bundle_path))
 
 
-def _example_class(bundle_path: str, example: str) -> str | None:
+def _example_class(bundle: Bundle, example: str) -> str | None:
     target = str(Path(example).resolve())
-    return next((c for p, c in _examples(bundle_path) if str(Path(p).resolve()) == target), None)
+    return next((c for p, c in bundle_examples(bundle) if str(Path(p).resolve()) == target), None)
 
 
 def source_card(bundle_path: str, upload: str | None, example: str | None, source_class: str) -> str:
@@ -189,7 +221,7 @@ def source_card(bundle_path: str, upload: str | None, example: str | None, sourc
         return (f"**Source that will run:** upload {md_code(Path(upload).name)} as class **{md_text(source_class)}** "
                 "(you set the class of an upload)")
     if example:
-        folder = _example_class(bundle_path, example)
+        folder = _example_class(open_bundle_cached(bundle_path), example)
         line = f"**Source that will run:** example {md_code(Path(example).parent.name + '/' + Path(example).name)}, " \
                f"class **{md_text(source_class)}**"
         if folder and folder != source_class:
@@ -203,7 +235,7 @@ def _decode_upload(upload: str) -> Image.Image:
     """An uploaded image, decoded; a refused one (too large, not an image) is deleted from
     Gradio's upload cache at once, so a refused upload leaves nothing behind."""
     try:
-        S.check_upload(upload, S.Limits.from_env())
+        check_upload(upload, Limits.from_env())
         return load_image(upload)
     except (ValueError, FileNotFoundError):
         path = Path(upload).resolve()
@@ -214,7 +246,7 @@ def _decode_upload(upload: str) -> Image.Image:
         raise
 
 
-def _source(store: S.Store, bundle, upload: str | None, example: str | None, source_class: str) -> Source | None:
+def _source(store: Store, bundle, upload: str | None, example: str | None, source_class: str) -> Source | None:
     """The one source that runs: an upload or a bundle example (never both)."""
     if upload and example:
         raise ValueError("give an uploaded image or an example, not both")
@@ -237,42 +269,50 @@ def _save_state(request: gr.Request | None) -> tuple[bool, str]:
 
 
 def bundle_info(path: str, request: gr.Request | None = None) -> str:
-    return _bundle_panel(load_bundle(path), request)
+    return _bundle_panel(open_bundle_cached(path), request)
 
 
 def _bundle_panel(bundle, request: gr.Request | None, profile=None, examples: int | None = None) -> str:
-    _, ref_status = S.reference_for(bundle)
-    info = S.bundle_markdown(bundle, S.clip_line(S.clip_scorer(bundle)), ref_status, profile, examples)
+    _, ref_status = reference_for(bundle)
+    info = bundle_markdown(bundle, clip_line(clip_scorer(bundle)), ref_status, profile, examples)
     allowed, why = _save_state(request)
     return info + ("" if allowed else f"\n\nprofile saving: off ({why})")
+
+
+# What choosing a bundle refreshes, in order: on_bundle's values and _bundle_outputs' components
+# (``th`` stands for the six threshold boxes, TH_KEYS).
+BUNDLE_OUTPUTS = ("info", "examples", "source_class", "target", "tune", "th", "strategy", "steps", "guidance",
+                  "example", "upload", "preview", "card", "profile_btn")
 
 
 @_errors
 def on_bundle(path: str, request: gr.Request = None):
     """Bundle panel, example gallery, class dropdowns, the profile's strength / thresholds; the
     source is cleared (a new bundle has its own examples)."""
-    bundle = load_bundle(path)
+    bundle = open_bundle_cached(path)
     classes = list(bundle.classes)
     profile = load_profile(bundle)
-    th = profile.thresholds.as_dict()
     examples = bundle_examples(bundle)   # one load and one scan per bundle change
     strength = profile.strength if profile.strength is not None else bundle.meta.get("recommended_strength")
     defaults = TranslateConfig()
     allowed, _ = _save_state(request)
-    return (_bundle_panel(bundle, request, profile, len(examples)), examples,
-            gr.Dropdown(choices=classes, value=classes[0]),
-            gr.Dropdown(choices=[S.ALL_OTHER] + classes, value=classes[min(1, len(classes) - 1)]),
-            strength, *[th.get(k) for k in TH_KEYS],
-            profile.strategy or "diff-mix", profile.num_inference_steps or defaults.num_inference_steps,
-            defaults.guidance_scale if profile.guidance_scale is None else profile.guidance_scale, "", None, None,
-            source_card(path, None, None, classes[0]), gr.Button(interactive=allowed))
+    values = {"info": _bundle_panel(bundle, request, profile, len(examples)), "examples": examples,
+              "source_class": gr.Dropdown(choices=classes, value=classes[0]),
+              "target": gr.Dropdown(choices=[ALL_OTHER] + classes, value=classes[min(1, len(classes) - 1)]),
+              "tune": strength, "th": threshold_values(profile.thresholds),
+              "strategy": profile.strategy or "diff-mix",
+              "steps": profile.num_inference_steps or defaults.num_inference_steps,
+              "guidance": defaults.guidance_scale if profile.guidance_scale is None else profile.guidance_scale,
+              "example": "", "upload": None, "preview": None, "card": source_card(path, None, None, classes[0]),
+              "profile_btn": gr.Button(interactive=allowed)}
+    return tuple(v for name in BUNDLE_OUTPUTS for v in (values[name] if name == "th" else [values[name]]))
 
 
 @_errors
 def on_bundle_text(text: str):
     """Add a bundle folder or Hub repo id to the dropdown and select it."""
     path = str(open_bundle(text).path)
-    choices = [(k, v) for k, v in S.app_bundles().items() if v != path]
+    choices = [(k, v) for k, v in app_bundles().items() if v != path]
     return gr.Dropdown(choices=choices + [(f"{text.strip()} ({path})", path)], value=path)
 
 
@@ -298,16 +338,25 @@ def on_source_change(path: str, upload: str | None, example: str | None, source_
         return f"⚠️ {err}"
 
 
+def _sweep_request(bundle_path: str, upload: str | None, example: str | None, source_class: str, target: str,
+                   strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str):
+    """The sweep inputs (the /sweep API's parameters, in order) read once: (store, bundle loaded
+    once for the request, the source that runs, the SweepRequest)."""
+    store = open_store(token)
+    bundle = open_bundle_cached(bundle_path)
+    source = _source(store, bundle, upload, example, source_class)
+    return store, bundle, source, SweepRequest(source_class, target, strengths, seeds, int(steps), float(guidance),
+                                               strategy)
+
+
 def check_sweep(bundle_path: str, upload: str | None, example: str | None, source_class: str, target: str,
                 strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str) -> None:
     """Everything a sweep needs, checked before anything runs: a mistake is a message, and the
     previous grid, plot, table and curated batch stay as they were."""
     try:
-        store = S.open_store(token)
-        bundle = load_bundle(bundle_path)
-        source = _source(store, bundle, upload, example, source_class)
-        S.plan_sweep(bundle, source, source_class, target, strengths, seeds, int(steps), float(guidance), strategy,
-                     S.Limits.from_env())
+        _, bundle, source, request = _sweep_request(bundle_path, upload, example, source_class, target, strengths,
+                                                    seeds, steps, guidance, strategy, token)
+        plan_sweep(bundle, source, request, Limits.from_env())
     except (ValueError, FileNotFoundError) as err:
         raise _user_error(err, "sweep") from None
 
@@ -328,20 +377,17 @@ def on_sweep(bundle_path: str, upload: str | None, example: str | None, source_c
              strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str,
              progress=gr.Progress()):
     """One sweep through the engine; rows = strength, columns = seed (or target)."""
-    store = S.open_store(token)
-    bundle = load_bundle(bundle_path)
-    source = _source(store, bundle, upload, example, source_class)
-    limits = S.Limits.from_env()
-    plan = S.plan_sweep(bundle, source, source_class, target, strengths, seeds, int(steps), float(guidance),
-                        strategy, limits)
+    store, bundle, source, request = _sweep_request(bundle_path, upload, example, source_class, target, strengths,
+                                                    seeds, steps, guidance, strategy, token)
+    limits = Limits.from_env()
+    plan = plan_sweep(bundle, source, request, limits)
     progress(0, desc=f"{len(plan.jobs)} image(s): loading the model")
-    out = S.run_sweep(store, bundle, source, source_class, target, strengths, seeds, int(steps), float(guidance),
-                      strategy, limits=limits, generate_fn=_generate,
-                      callback=_progress_callback(progress, len(plan.jobs)))
+    out = run_sweep(store, bundle, source, request, limits=limits, generate_fn=_generate, plan=plan,
+                    callback=_progress_callback(progress, len(plan.jobs)))
     picture, download, box, rows, fig, csv, status = sweep_views(store, out.figure)
     flag = ""
     if example and not upload:
-        folder = _example_class(bundle_path, example)
+        folder = _example_class(bundle, example)
         if folder and folder != source_class:
             flag = (f"\n\n⚠️ ran as class **{md_text(source_class)}** although the example's folder is "
                     f"**{md_text(folder)}**")
@@ -354,22 +400,22 @@ def on_sweep(bundle_path: str, upload: str | None, example: str | None, source_c
 @_errors
 def on_select(token: str, ids: str, mode: str):
     """API: change the curated batch by ids (comma-separated); mode add / remove / toggle / set."""
-    store = S.open_store(token)
-    S.update_curated(store, [i for i in ids.replace(",", " ").split() if i], mode or "add", S.Limits.from_env())
+    store = open_store(token)
+    update_curated(store, [i for i in ids.replace(",", " ").split() if i], mode or "add", Limits.from_env())
     return (store.token, *curated_views(store))
 
 
 @_errors
 def on_grid_click(token: str, mode: str, evt: gr.SelectData):
     """A click on a tile shows it below and, in curate mode, toggles it in the curated batch."""
-    store = S.open_store(token)
+    store = open_store(token)
     _, layout, recs = sweep_grid(store)
     hit = G.cell_at(layout, *evt.index[:2]) if layout is not None and evt.index else None
     rid = layout.cells[hit[0]][hit[1]] if hit else None
     if rid is None:   # between tiles, on a label or on the source
         return (store.token, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), *curated_views(store))
     if mode != "inspect":
-        S.update_curated(store, [rid], "toggle", S.Limits.from_env())
+        update_curated(store, [rid], "toggle", Limits.from_env())
     path, _, _ = sweep_grid(store)
     record = next(r for r in recs if r["id"] == rid)
     return (store.token, path, *inspect_views(store, record, recs), *curated_views(store))
@@ -377,58 +423,53 @@ def on_grid_click(token: str, mode: str, evt: gr.SelectData):
 
 @_errors
 def on_sweep_box(token: str, ids: list[str]):
-    store = S.open_store(token)
-    S.update_curated(store, ids or [], "set", S.Limits.from_env())
+    store = open_store(token)
+    update_curated(store, ids or [], "set", Limits.from_env())
     return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
 @_errors
 def on_curated_box(token: str, ids: list[str]):
-    store = S.open_store(token)
+    store = open_store(token)
     removed = [i for i in store.state()["curated"] if i not in set(ids or [])]
-    S.update_curated(store, removed, "remove")
+    update_curated(store, removed, "remove")
     return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
 @_errors
-def on_auto(token: str, min_p_target: float | None, max_p_source: float | None, min_clip_target: float | None,
-            min_distance: float | None, max_distance: float | None, max_ssim: float | None):
+@takes_thresholds
+def on_auto(token: str, thresholds: Thresholds):
     """Add every image of the last sweep that meets the thresholds (empty = off)."""
-    store = S.open_store(token)
+    store = open_store(token)
     records = store.records()
     recs = [records[i] for i in store.state()["last_sweep"] if i in records]
-    thresholds = dict(zip(TH_KEYS, (min_p_target, max_p_source, min_clip_target, min_distance, max_distance,
-                                    max_ssim)))
-    ids, notes = S.passing(recs, thresholds)
-    S.update_curated(store, ids, "add", S.Limits.from_env())
+    ids, notes = passing(recs, thresholds)
+    update_curated(store, ids, "add", Limits.from_env())
     msg = f"auto-selected {len(ids)} of {len(recs)} image(s) of the last sweep" + "".join(f"\n\n{n}" for n in notes)
     return (store.token, msg, sweep_grid(store)[0], *curated_views(store))
 
 
 @_errors
+@takes_thresholds
 def on_save_profile(bundle_path: str, strength: float, strategy: str, steps: float, guidance: float,
-                    min_p_target: float | None, max_p_source: float | None, min_clip_target: float | None,
-                    min_distance: float | None, max_distance: float | None, max_ssim: float | None,
-                    request: gr.Request = None):
+                    thresholds: Thresholds, request: gr.Request = None):
     """Save the chosen strength, thresholds and sampler settings as this bundle's user profile
     (under the output root; the bundle's own files are never written)."""
     allowed, why = _save_state(request)
     if not allowed:
         raise ValueError(why)
-    thresholds = dict(zip(TH_KEYS, (min_p_target, max_p_source, min_clip_target, min_distance, max_distance,
-                                    max_ssim)))
-    bundle = load_bundle(bundle_path)
+    bundle = open_bundle_cached(bundle_path)
     path = save_profile(bundle, strength, thresholds, {
         "strategy": strategy, "num_inference_steps": int(steps), "guidance_scale": float(guidance)})
-    return (f"saved to `{path}`: strength {strength}, thresholds {S.clean_thresholds(thresholds) or 'none'} "
+    return (f"saved to `{path}`: strength {strength}, thresholds {clean_thresholds(thresholds) or 'none'} "
             f"(the bundle itself is unchanged; `diffmix translate` / `synthesize` start from it)")
 
 
 @_errors
 def on_export(token: str):
     """Export the curated batch (imagefolder + meta.csv + manifest + zip) into a new folder."""
-    store = S.open_store(token)
-    folder, zip_path = S.export_curated(store)
+    store = open_store(token)
+    folder, zip_path = export_curated(store)
     served = store.root / "downloads" / zip_path.name   # served from the session folder (temp dir)
     served.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -441,14 +482,14 @@ def on_export(token: str):
 
 @_errors
 def on_clear(token: str):
-    store = S.open_store(token)
-    S.update_curated(store, store.state()["curated"], "remove")
+    store = open_store(token)
+    update_curated(store, store.state()["curated"], "remove")
     return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
 def on_restore(saved: str, token: str):
     """Page (re)load: find the session of the browser's token, else start one."""
-    store = S.open_store(token or saved)
+    store = open_store(token or saved)
     views = sweep_views(store) if store.state()["last_sweep"] else (None, None, gr.CheckboxGroup(),
                                                                     None, None, None, "")
     return (store.token, store.token, *views, *curated_views(store)[:3])
@@ -496,7 +537,7 @@ class _Blocks(gr.Blocks):
     DIFFMIX_MAX_UPLOAD_MB is refused by Gradio's upload route, before any handler or disk sees it."""
 
     def launch(self, *args, **kwargs):
-        kwargs.setdefault("max_file_size", f"{S.Limits.from_env().max_upload_mb}mb")
+        kwargs.setdefault("max_file_size", f"{Limits.from_env().max_upload_mb}mb")
         return super().launch(*args, **kwargs)
 
 
@@ -512,11 +553,12 @@ def broken_markdown(broken: dict[str, str]) -> str:
 def build_demo() -> gr.Blocks:
     """The app: the page's components (:func:`_layout`), then their events (:func:`_wire`)."""
     broken: dict[str, str] = {}
-    bundles = S.app_bundles(broken)
+    bundles = app_bundles(broken)
     first = next(iter(bundles.values()))
-    S.clip_scorer(load_bundle(first))   # start loading its CLIP in the background now, not on the first sweep
-    classes = list(load_bundle(first).classes)
-    limits = S.Limits.from_env()
+    bundle = open_bundle_cached(first)
+    clip_scorer(bundle)   # start loading its CLIP in the background now, not on the first sweep
+    classes = list(bundle.classes)
+    limits = Limits.from_env()
     # Gradio's own upload cache follows the session policy (uploads of expired sessions go too).
     with _Blocks(title="diffmix", delete_cache=(3600, limits.session_ttl_h * 3600)) as demo:
         ui = _layout(bundles, first, classes, limits, broken)
@@ -525,7 +567,7 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
-def _layout(bundles: dict[str, str], first: str, classes: list[str], limits: S.Limits,
+def _layout(bundles: dict[str, str], first: str, classes: list[str], limits: Limits,
             broken: dict[str, str]) -> SimpleNamespace:
     """Every component of the page, top to bottom, by name; no events (:func:`_wire`)."""
     ui = SimpleNamespace()
@@ -554,7 +596,7 @@ def _layout(bundles: dict[str, str], first: str, classes: list[str], limits: S.L
     return ui
 
 
-def _source_panel(ui: SimpleNamespace, classes: list[str], limits: S.Limits) -> None:
+def _source_panel(ui: SimpleNamespace, classes: list[str], limits: Limits) -> None:
     """The left column: the source image, the classes and the sweep's settings."""
     ui.examples = gr.Gallery(label="Example sources (click one)", columns=6, height=180, format="png",
                              allow_preview=False, elem_id="examples")
@@ -565,7 +607,7 @@ def _source_panel(ui: SimpleNamespace, classes: list[str], limits: S.Limits) -> 
     # Choices follow the bundle; the library validates names, so API callers may type any bundle's.
     ui.source_class = gr.Dropdown(classes, value=classes[0], label="Source class", filterable=True,
                                   allow_custom_value=True)
-    ui.target = gr.Dropdown([S.ALL_OTHER] + classes, value=classes[1], label="Target class",
+    ui.target = gr.Dropdown([ALL_OTHER] + classes, value=classes[1], label="Target class",
                             filterable=True, allow_custom_value=True,
                             info="one class, all other classes, or several typed with commas (duck, owl)")
     ui.strategy = gr.Dropdown(choices=list(STRATEGIES), value="diff-mix", label="Strategy")
@@ -603,7 +645,7 @@ def _results_panel(ui: SimpleNamespace) -> None:
     with gr.Accordion("What the scores and the plot mean", open=False):
         gr.Markdown(LEGEND)
     ui.plot = gr.Plot(label="Faithfulness / diversity vs strength", elem_id="plot")
-    ui.table = gr.Dataframe(headers=list(S.TABLE_COLUMNS), label="Scores and records", max_height=300)
+    ui.table = gr.Dataframe(headers=list(TABLE_COLUMNS), label="Scores and records", max_height=300)
     ui.csv = gr.DownloadButton("Download table (CSV)")
 
 
@@ -644,9 +686,8 @@ def _wire(demo: gr.Blocks, ui: SimpleNamespace) -> None:
 
 
 def _bundle_outputs(ui: SimpleNamespace) -> list:
-    """What choosing a bundle refreshes (on_bundle's outputs, in order)."""
-    return [ui.info, ui.examples, ui.source_class, ui.target, ui.tune, *ui.th, ui.strategy, ui.steps, ui.guidance,
-            ui.example, ui.upload, ui.preview, ui.card, ui.profile_btn]
+    """What choosing a bundle refreshes (on_bundle's outputs, in BUNDLE_OUTPUTS' order)."""
+    return [c for name in BUNDLE_OUTPUTS for c in (ui.th if name == "th" else [getattr(ui, name)])]
 
 
 def _curated(ui: SimpleNamespace) -> list:

@@ -43,7 +43,7 @@ def main() -> None:
         os.environ.update({"DIFFMIX_OUTPUT": f"{tmp}/out", "DIFFMIX_SESSIONS": f"{tmp}/sessions",
                            "DIFFMIX_CLIP_MODEL": "none", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
         os.environ.pop("DIFFMIX_BUNDLES", None)
-        from diffmix_core.session import Store
+        from diffmix_core.app.store import Store
         from diffmix_core.ui import build_demo
 
         demo = build_demo()

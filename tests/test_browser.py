@@ -110,7 +110,7 @@ def _sweep(page, n: int, strengths: str = "0.5, 0.9", seeds: str = "0", progress
 
     from playwright.sync_api import expect
 
-    from diffmix_core.session import Store
+    from diffmix_core.app.store import Store
 
     page.get_by_label("Strengths").fill(strengths)
     page.get_by_label("Seeds").fill(seeds)

@@ -55,7 +55,7 @@ def test_shipped_world_is_complete_small_and_attributed(shipped):
 
 
 def test_app_starts_on_the_shipped_world(monkeypatch):
-    from diffmix_core.session import app_bundles
+    from diffmix_core.app.cache import app_bundles
 
     monkeypatch.delenv("DIFFMIX_BUNDLES", raising=False)
     first = next(iter(app_bundles().values()))
@@ -171,7 +171,7 @@ def test_demo_evaluate_runs_with_no_data_arguments(capsys, monkeypatch):
 def test_the_app_scores_the_demo_world_with_the_demo_clip(shipped, monkeypatch):
     """Out of the box (no DIFFMIX_CLIP_MODEL) the app's sweep on the demo world has CLIP scores from the
     demo CLIP; DIFFMIX_CLIP_MODEL=none still turns CLIP off."""
-    from diffmix_core import session
+    from diffmix_core.app import cache, sweep
     from diffmix_core.bundle import bundle_examples
     from diffmix_core.config import TranslateConfig
     from diffmix_core.demo.clip import CLIP_LABEL
@@ -179,15 +179,15 @@ def test_the_app_scores_the_demo_world_with_the_demo_clip(shipped, monkeypatch):
 
     bundle, pipe = shipped
     monkeypatch.delenv("DIFFMIX_CLIP_MODEL", raising=False)
-    assert session.clip_scorer(bundle, wait=True).name == CLIP_LABEL
+    assert cache.clip_scorer(bundle, wait=True).name == CLIP_LABEL
     (path, cls), = bundle_examples(bundle)[:1]
     from diffmix_core.data import load_image
 
     jobs = [Job(Source(load_image(path), cls, Path(path).stem, str(path)), "owl" if cls != "owl" else "duck", 0.9, 0)]
     results = translate(pipe, jobs, TranslateConfig(num_inference_steps=4), bundle=bundle, show_progress=False)
-    summary, _, notes = session.score_results(results, bundle)
+    summary, _, notes = sweep.score_results(results, bundle)
     scores = results[0].record["scores"]
     assert scores["clip_target"] is not None and scores["distance"] is not None
     assert notes[0] == f"CLIP: {CLIP_LABEL}" and summary["clip"] == f"CLIP: {CLIP_LABEL}"
     monkeypatch.setenv("DIFFMIX_CLIP_MODEL", "none")
-    assert not session.clip_scorer(bundle, wait=True).available
+    assert not cache.clip_scorer(bundle, wait=True).available

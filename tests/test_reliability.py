@@ -499,7 +499,7 @@ def test_queue_bound_answers_overload_quickly(app_world, monkeypatch):
     from gradio_client import Client
     from gradio_client.utils import QueueError
 
-    import diffmix_core.session as S
+    import diffmix_core.app.cache as S
 
     real = S.translate
 

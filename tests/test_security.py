@@ -539,7 +539,7 @@ def world(tmp_path_factory, tiny_model_dir):
     meta["template"] = "{word:>100000000}"
     (evil / "adapter.json").write_text(json.dumps(meta))
     tokens: list[str] = []
-    import diffmix_core.session as S
+    import diffmix_core.app.store as S
 
     real_new_token = S.new_token
 
@@ -637,7 +637,7 @@ def test_session_token_never_leaks_and_what_leaks_opens_nothing(world, tmp_path)
 
 
 def test_idle_sessions_expire_and_sessions_and_exports_are_bounded(world, monkeypatch):
-    import diffmix_core.session as S
+    import diffmix_core.app.store as S
     from gradio_client import Client
 
     client = Client(world["url"], verbose=False)

@@ -1,4 +1,4 @@
-"""The app: handlers as plain functions (session.py), then the launched app driven
+"""The app: handlers as plain functions (diffmix_core/app), then the launched app driven
 through gradio_client as a remote user drives it."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def world(tmp_path_factory):
 
 # --------------------------------------------------------------------------- plain handlers
 def test_parse_strengths_and_seeds():
-    from diffmix_core.session import parse_seeds, parse_strengths
+    from diffmix_core.jobs import parse_seeds, parse_strengths
 
     assert parse_strengths("0.3, 0.5 0.7") == [0.3, 0.5, 0.7]
     assert parse_strengths("0.1:0.9:5") == [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -70,23 +70,23 @@ def test_parse_strengths_and_seeds():
 
 def test_jobs_matrix_intra_and_gen(world):
     from diffmix_core.bundle import load_bundle
-    from diffmix_core.session import ALL_OTHER, make_jobs
+    from diffmix_core.jobs import ALL_OTHER, sweep_jobs
     from diffmix_core.translate import Source
 
     bundle = load_bundle(world["bundle"])
     src = Source(Image.new("RGB", (8, 8)), "owl", "x")
-    jobs = make_jobs(bundle, src, "owl", ALL_OTHER, [0.5, 0.9], [0, 1], "diff-mix")
+    jobs = sweep_jobs(bundle, src, "owl", ALL_OTHER, [0.5, 0.9], [0, 1], "diff-mix")
     assert len(jobs) == (len(bundle.classes) - 1) * 4 and "owl" not in {j.target_class for j in jobs}
     assert [(j.strength, j.seed) for j in jobs[:4]] == [(0.5, 0), (0.5, 1), (0.9, 0), (0.9, 1)]
-    assert {j.target_class for j in make_jobs(bundle, src, "owl", "duck", [0.5], [0], "diff-aug")} == {"owl"}
-    several = make_jobs(bundle, src, "owl", "duck, crow", [0.5], [0, 1], "diff-mix")   # side by side
+    assert {j.target_class for j in sweep_jobs(bundle, src, "owl", "duck", [0.5], [0], "diff-aug")} == {"owl"}
+    several = sweep_jobs(bundle, src, "owl", "duck, crow", [0.5], [0, 1], "diff-mix")   # side by side
     assert [(j.target_class, j.seed) for j in several] == [("duck", 0), ("duck", 1), ("crow", 0), ("crow", 1)]
-    gen = make_jobs(bundle, None, "owl", "duck", [0.3, 0.5], [0, 1], "diff-gen")
+    gen = sweep_jobs(bundle, None, "owl", "duck", [0.3, 0.5], [0, 1], "diff-gen")
     assert len(gen) == 2 and all(j.source is None and j.strength == 1.0 for j in gen)
     with pytest.raises(ValueError, match="example image or upload"):
-        make_jobs(bundle, None, "owl", "duck", [0.5], [0], "diff-mix")
+        sweep_jobs(bundle, None, "owl", "duck", [0.5], [0], "diff-mix")
     with pytest.raises(ValueError, match="unknown class 'emu'"):
-        make_jobs(bundle, src, "owl", "emu", [0.5], [0], "diff-mix")
+        sweep_jobs(bundle, src, "owl", "emu", [0.5], [0], "diff-mix")
 
 
 def test_one_threshold_vocabulary():
@@ -106,7 +106,7 @@ def test_one_threshold_vocabulary():
 
 
 def test_thresholds_select_and_say_what_they_ignore():
-    from diffmix_core.session import passing
+    from diffmix_core.app.sweep import passing
 
     recs = [{"id": "a", "scores": {"p_target": 0.9, "ssim": 0.2}}, {"id": "b", "scores": {"p_target": 0.1, "ssim": 0.1}},
             {"id": "c", "scores": {"p_target": 0.8, "ssim": 0.9}}]
@@ -118,7 +118,7 @@ def test_thresholds_select_and_say_what_they_ignore():
 
 
 def test_curate_modes_limits_and_isolation(world, monkeypatch):
-    from diffmix_core.session import Limits, open_store, update_curated
+    from diffmix_core.app.store import Limits, open_store, update_curated
     from diffmix_core.translate import Result
 
     a, b = open_store(""), open_store(None)
@@ -145,16 +145,19 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
     from diffmix_core.export import verify_manifest
     from diffmix_core.records import read_jsonl, read_png_record
     from diffmix_core.profiles import load_profile, save_profile
-    from diffmix_core.session import (Limits, bundle_markdown, caption, clip_scorer, export_curated, open_store,
-                                      reference_for, run_sweep, update_curated)
+    from diffmix_core.app.cache import clip_scorer, reference_for
+    from diffmix_core.app.store import Limits, export_curated, open_store, update_curated
+    from diffmix_core.app.sweep import SweepRequest, run_sweep
+    from diffmix_core.app.views import bundle_markdown, caption
     from diffmix_core.translate import Source
 
     bundle = load_bundle(world["bundle"])
     store = open_store("")
     src = Source(load_image(world["example"]), "owl", "owl0", world["example"])
     with pytest.raises(ValueError, match="limit of 3 per .*DIFFMIX_MAX_JOBS"):
-        run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "n=2", 2, 5.0, "diff-mix", limits=Limits(max_jobs=3))
-    out = run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "0, 1", 2, 5.0, "diff-mix")
+        run_sweep(store, bundle, src, SweepRequest("owl", "duck", "0.5, 1.0", "n=2", 2, 5.0, "diff-mix"),
+                  limits=Limits(max_jobs=3))
+    out = run_sweep(store, bundle, src, SweepRequest("owl", "duck", "0.5, 1.0", "0, 1", 2, 5.0, "diff-mix"))
     assert out.columns == 2 and [(r["strength"], r["seed"]) for r in out.records] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
     sc = out.records[0]["scores"]
     assert 0 <= sc["p_target"] <= 1 and sc["clip_target"] is None and sc["ssim"] is not None
@@ -194,7 +197,7 @@ def test_sweep_scores_profile_and_export(world, monkeypatch):
 
 def test_bundle_panel_and_bundle_field(world):
     from diffmix_core.hub import open_bundle
-    from diffmix_core.session import app_bundles
+    from diffmix_core.app.cache import app_bundles
     from diffmix_core.ui import on_bundle
 
     assert world["bundle"] in app_bundles().values()
@@ -235,7 +238,7 @@ def test_profile_sets_the_sweep_controls(world, tmp_path):
 
 
 def test_upload_limit_message(world, tmp_path):
-    from diffmix_core.session import Limits, check_upload
+    from diffmix_core.app.store import Limits, check_upload
 
     big = tmp_path / "big.png"
     big.write_bytes(b"x" * (2 * 2**20))
@@ -366,7 +369,8 @@ def test_clip_loads_in_the_background(monkeypatch):
     the page nor a sweep: the scorer says it is still loading, then becomes what loaded."""
     import threading
 
-    from diffmix_core import scoring, session
+    from diffmix_core import scoring
+    from diffmix_core.app import cache
 
     release = threading.Event()
 
@@ -376,10 +380,10 @@ def test_clip_loads_in_the_background(monkeypatch):
 
     monkeypatch.setattr(scoring, "load_clip", slow_load)
     monkeypatch.setenv("DIFFMIX_CLIP_MODEL", "slow-test-model")
-    first = session.clip_scorer()
+    first = cache.clip_scorer()
     assert not first.available and "still loading" in first.status
     release.set()
-    assert "weights not found (test)" in session.clip_scorer(wait=True).status
+    assert "weights not found (test)" in cache.clip_scorer(wait=True).status
 
 
 def test_clip_offline_is_one_quiet_line_at_once(monkeypatch):
@@ -388,7 +392,8 @@ def test_clip_offline_is_one_quiet_line_at_once(monkeypatch):
     import time
 
     from diffmix_core.scoring import ClipScorer
-    from diffmix_core.session import clip_line, clip_offline_reason
+    from diffmix_core.app.cache import clip_offline_reason
+    from diffmix_core.app.views import clip_line
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
@@ -408,13 +413,15 @@ def test_copy_as_command_makes_the_same_pixels(world, tmp_path):
     from diffmix_core.cli import main
     from diffmix_core.data import load_image
     from diffmix_core.records import read_jsonl
-    from diffmix_core.session import command_for, open_store, run_sweep
+    from diffmix_core.app.store import open_store
+    from diffmix_core.app.sweep import SweepRequest, run_sweep
+    from diffmix_core.app.views import command_for
     from diffmix_core.translate import Source
 
     bundle = load_bundle(world["bundle"])
     store = open_store("")
     src = Source(load_image(world["example"]), "owl", "0", world["example"])
-    out = run_sweep(store, bundle, src, "owl", "duck", "0.5, 1.0", "0, -1", 3, 5.0, "diff-mix")
+    out = run_sweep(store, bundle, src, SweepRequest("owl", "duck", "0.5, 1.0", "0, -1", 3, 5.0, "diff-mix"))
     assert len(out.records) == 4 and out.records[3]["seed"] not in (-1, 0)
     again = tmp_path / "again"
     cmd = command_for(out.records[2], out.records, str(again))
