@@ -168,6 +168,9 @@ class Bundle:
 PROFILE_SETTINGS = ("strength", "strategy", "num_inference_steps", "guidance_scale")   # besides thresholds
 
 
+DEFAULT_START_STRENGTH = 0.5   # Profile.start_strength when neither a profile nor the bundle names one
+
+
 @dataclass(frozen=True)
 class Profile:
     """A dataset's chosen settings: adapter.json's ``profile``, or a user's saved overlay
@@ -203,6 +206,15 @@ class Profile:
     def settings(self) -> dict:
         """{name: value} of the PROFILE_SETTINGS that are set (the options they start)."""
         return {k: getattr(self, k) for k in PROFILE_SETTINGS if getattr(self, k) is not None}
+
+    def start_strength(self, bundle: Bundle | None = None) -> float:
+        """The one rule for the strength the app's slider, `diffmix translate` (no --strength)
+        and the Hub's diffusers snippet start from: this profile's strength; else the bundle's
+        ``recommended_strength`` (`diffmix score --set-recommended`); else 0.5."""
+        if self.strength is not None:
+            return float(self.strength)
+        recommended = bundle.meta.get("recommended_strength") if bundle is not None else None
+        return float(recommended) if recommended is not None else DEFAULT_START_STRENGTH
 
 
 def embedding_relpath(token: str) -> str:

@@ -121,17 +121,19 @@ def add_translate_parser(sub) -> None:
 
 def run_translate(args: argparse.Namespace) -> None:
     from .apply import load_pipeline_for
+    from .bundle import Profile
     from .config import TranslateConfig, check_seed, get_strategy
     from .data import load_image
     from .hub import open_bundle
     from .translate import Source, check_strength, count_jobs, translate
     from .records import write_translations
     from .jobs import RANDOM_SEED, make_jobs, resolve_seeds
+    from .profiles import load_profile
 
     bundle = open_bundle(args.bundle) if args.bundle else None
     profile = _profile_values(args, bundle, (TranslateConfig,), strength=args.strength) if bundle else {}
-    if args.strength is None:
-        args.strength = [profile.get("strength", 0.5)]
+    if args.strength is None:   # Profile.start_strength: the profile's, else the bundle's recommended, else 0.5
+        args.strength = [(load_profile(bundle) if bundle else Profile()).start_strength(bundle)]
     # -1: a random seed, recorded; other values are checked below with the request's numbers
     args.seed = [resolve_seeds([seed])[0] if seed == RANDOM_SEED else seed for seed in args.seed]
     config = config_from_args(TranslateConfig, args, base=profile)

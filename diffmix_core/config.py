@@ -118,7 +118,8 @@ class TranslateConfig:
     resolution: int = option(0, "model input side in px; 0 = the base model's own default (unet sample_size x "
                              "VAE factor: 512 for SD 1.5, as the authors), whatever the bundle trained at")
     label_gamma: float = option(0.5, "soft label: target weight = s**gamma", flags=("--gamma", "--label-gamma"))
-    label_scale: float = option(1.0, "soft label: total mass k (the authors' loaders use 0.9 at training time)")
+    # k's default is labels.LABEL_SCALE (1.0), the same at translation and in training (see labels.py)
+    label_scale: float = option(1.0, "soft label: total mass k (1.0: the authors' paper-era training script)")
     batch_size: int = option(8, "jobs per UNet call (each job is 2 rows with classifier-free guidance)")
     real_gen_prompt: str = option("superclass", "real-gen prompt: superclass ('a photo of a <name> <superclass>', as "
                                   "every strategy here), name ('a photo of a <name>', the authors' template without "
@@ -225,7 +226,9 @@ class ScoreConfig:
     clip_pretrained: str = option("openai", "open_clip weights tag (e.g. openai) or a local checkpoint file")
     batch_size: int = option(32, "images per classifier / CLIP call")
     ssim_size: int = option(128, "SSIM on grayscale images squashed to this side in px")
-    min_p_target: float = option(0.5, "recommendation: mean P(target) a strength must reach")
+    # the bar for RECOMMENDING a strength (a mean over a sweep), not Thresholds.min_p_target (a per-image reject)
+    recommend_min_p_target: float = option(0.5, "recommendation: mean P(target) a strength must reach",
+                                           flags=("--recommend-min-p-target", "--min-p-target"))
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -233,8 +236,8 @@ class ScoreConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.ssim_size < 7:
             raise ValueError(f"ssim_size must be >= 7 px (SSIM's 7x7 window), got {self.ssim_size}")
-        if not 0 <= self.min_p_target <= 1:
-            raise ValueError(f"min_p_target must be in [0, 1], got {self.min_p_target}")
+        if not 0 <= self.recommend_min_p_target <= 1:
+            raise ValueError(f"recommend_min_p_target must be in [0, 1], got {self.recommend_min_p_target}")
 
 
 STRENGTH_STRATEGIES = ("fixed", "uniform", "beta")
@@ -414,8 +417,9 @@ class ClassifyConfig:
     label_gamma: float = option(0.5, "soft label: target weight = s**gamma (paper: 0.5)", flags=("--gamma", "--label-gamma"))
     label_strength: str = option("ran", "soft label's s: ran (the strength that ran, floor(N*s)/N) or asked (the "
                                  "strength asked for, as the authors' loaders read meta.csv)", choices=LABEL_STRENGTHS)
-    label_scale: float = option(0.9, "k: soft-label mass (1-k unassigned: a synthetic item's loss weighs k; the "
-                                "authors: 0.9)")
+    # k's default is labels.LABEL_SCALE (1.0), the same as at translation (see labels.py)
+    label_scale: float = option(1.0, "k: soft-label mass (1-k unassigned: a synthetic item's loss weighs k; 1.0: "
+                                "the authors' paper-era training script; their later loaders: 0.9)")
     label_smoothing: float | None = option(None, "epsilon on real one-hot targets; none = 0.1 for balanced data, 0 "
                                            "for long-tail (paper)")
     mixup: float = option(0.0, "mixup alpha (timm Mixup baseline); 0 = off")

@@ -316,8 +316,7 @@ def diffusers_snippet(bundle: Bundle, *, repo_id: str | None = None, sub: str = 
     target = next((c for c in bundle.classes if c != source_class), source_class)
     return DIFFUSERS_SNIPPET.format(
         fetch=fetch, source=source, target=target,
-        strength=float(profile.strength if profile.strength is not None else
-                       bundle.meta.get("recommended_strength") or 0.7),
+        strength=profile.start_strength(bundle),
         steps=int(profile.num_inference_steps or 25),
         guidance=float(7.5 if profile.guidance_scale is None else profile.guidance_scale))
 

@@ -340,14 +340,14 @@ def _rows(recs: list[dict], embs: list) -> list[dict]:
     return [_row(s, [r for r, _ in v], [e for _, e in v]) for s, v in sorted(by_s.items())]
 
 
-def recommend_strength(rows: list[dict], min_p_target: float = 0.5) -> tuple[float | None, str]:
+def recommend_strength(rows: list[dict], bar: float = 0.5) -> tuple[float | None, str]:
     """The recommended strength of a sweep and why.
 
     Rule: faithfulness f(s) is the mean P(target) when the reference classifier scored
     the images, else the share of images CLIP finds closer to the target prompt than to
     the source prompt (``clip_win``). Diversity d(s) is the mean distance to the source,
-    else 1 - mean SSIM. Among strengths with f(s) >= ``min_p_target``, take the one with
-    the largest d(s) (ties: the smaller strength). Fallbacks: no strength reaches the
+    else 1 - mean SSIM. Among strengths with f(s) >= ``bar`` (ScoreConfig.recommend_min_p_target),
+    take the one with the largest d(s) (ties: the smaller strength). Fallbacks: no strength reaches the
     threshold -> the most faithful strength; no diversity measure -> the most faithful
     eligible strength; no faithfulness measure -> None.
     """
@@ -358,19 +358,19 @@ def recommend_strength(rows: list[dict], min_p_target: float = 0.5) -> tuple[flo
     diversity = (lambda r: r.get("distance")) if d_key == "distance" else (  # noqa: E731
         lambda r: None if r.get("ssim") is None else 1 - r["ssim"])
     scored = [r for r in rows if r.get(f_key) is not None]
-    eligible = [r for r in scored if r[f_key] >= min_p_target]
+    eligible = [r for r in scored if r[f_key] >= bar]
     if not eligible:
         best = max(scored, key=lambda r: (r[f_key], -r["strength"]))
-        return best["strength"], (f"no strength reaches mean {f_key} >= {min_p_target}; the most faithful "
+        return best["strength"], (f"no strength reaches mean {f_key} >= {bar}; the most faithful "
                                   f"strength ({f_key} = {best[f_key]:.3f})")
     with_d = [r for r in eligible if diversity(r) is not None]
     if not with_d:
         best = max(eligible, key=lambda r: (r[f_key], -r["strength"]))
-        return best["strength"], f"no diversity measure; the most faithful strength with {f_key} >= {min_p_target}"
+        return best["strength"], f"no diversity measure; the most faithful strength with {f_key} >= {bar}"
     best = max(with_d, key=lambda r: (diversity(r), -r["strength"]))
     d_name = "distance" if d_key == "distance" else "1 - SSIM"
     return best["strength"], (f"largest mean {d_name} to the source ({diversity(best):.3f}) among strengths "
-                              f"with mean {f_key} >= {min_p_target}")
+                              f"with mean {f_key} >= {bar}")
 
 
 def summarize(records: list[dict], embeddings: list | None = None, config: ScoreConfig = ScoreConfig(),
@@ -382,11 +382,18 @@ def summarize(records: list[dict], embeddings: list | None = None, config: Score
     for rec, e in zip(records, embeddings):
         by_target[rec["target_class"]][0].append(rec)
         by_target[rec["target_class"]][1].append(e)
-    strength, reason = recommend_strength(pooled, config.min_p_target)
+    strength, reason = recommend_strength(pooled, config.recommend_min_p_target)
     return {"n_images": len(records), "strengths": pooled,
             "by_target": {t: _rows(r, e) for t, (r, e) in sorted(by_target.items())},
             "recommended_strength": strength, "recommendation": reason,
-            "min_p_target": config.min_p_target, **info}
+            "recommend_min_p_target": config.recommend_min_p_target, **info}
+
+
+def recommendation_bar(summary: dict | None) -> float:
+    """The mean P(target) a strength had to reach to be recommended in ``summary`` (read also
+    from the key summaries written before the rename, ``min_p_target``)."""
+    summary = summary or {}
+    return summary.get("recommend_min_p_target", summary.get("min_p_target", ScoreConfig.recommend_min_p_target))
 
 
 def format_summary(summary: dict) -> str:
@@ -424,7 +431,7 @@ def plot_sweep(summary: dict, title: str = ""):
         ax.set_xlim(-0.02, 1.02)
     ax_f.plot(*_series(pooled, "p_source" if f_key == "p_target" else "clip_source"), ls="--", color="gray",
               label="P(source)" if f_key == "p_target" else "CLIP sim. to source prompt")
-    ax_f.axhline(summary.get("min_p_target", 0.5), color="red", lw=0.8, ls=":")
+    ax_f.axhline(recommendation_bar(summary), color="red", lw=0.8, ls=":")
     ssim_x, ssim_y = _series(pooled, "ssim")
     ax_d.plot(ssim_x, [1 - v for v in ssim_y], ls="--", color="gray", label="1 - SSIM")
     ax_v = ax_d.twinx()

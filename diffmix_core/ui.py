@@ -42,7 +42,7 @@ from .hub import open_bundle
 from .jobs import ALL_OTHER
 from .profiles import load_profile, save_profile, saving_allowed
 from .records import save_png
-from .scoring import plot_sweep
+from .scoring import plot_sweep, recommendation_bar
 from .translate import Source
 
 try:   # ZeroGPU on Hugging Face Spaces; a no-op elsewhere
@@ -131,7 +131,7 @@ def sweep_grid(store: Store) -> tuple[str | None, G.GridLayout | None, list[dict
     source = load_image(src_file) if src_file is not None and src_file.is_file() else None
     targets = list(dict.fromkeys(r["target_class"] for r in recs))
     title = f"{recs[0]['source_class']} -> " + (targets[0] if len(targets) == 1 else f"{len(targets)} targets")
-    bar = (state.get("summary") or {}).get("min_p_target", 0.5)
+    bar = recommendation_bar(state.get("summary"))
     picture, layout = G.render(recs, lambda r: load_image(store.image_path(r)), source,
                                int(recs[0].get("resolution") or 64), set(state["curated"]), title, bar)
     path = store.root / "grid" / f"sweep-{state['sweeps']}.png"
@@ -152,7 +152,7 @@ def recommendation(summary: dict | None) -> str:
     """One recommended strength, from this sweep, saying plainly whether it passes the bar."""
     if not summary:
         return "no scores for this sweep (see the notes)"
-    s, bar = summary.get("recommended_strength"), summary.get("min_p_target", 0.5)
+    s, bar = summary.get("recommended_strength"), recommendation_bar(summary)
     rows = {r["strength"]: r for r in summary.get("strengths", [])}
     p = (rows.get(s) or {}).get("p_target")
     if s is None:
@@ -293,7 +293,7 @@ def on_bundle(path: str, request: gr.Request = None):
     classes = list(bundle.classes)
     profile = load_profile(bundle)
     examples = bundle_examples(bundle)   # one load and one scan per bundle change
-    strength = profile.strength if profile.strength is not None else bundle.meta.get("recommended_strength")
+    strength = profile.start_strength(bundle)
     defaults = TranslateConfig()
     allowed, _ = _save_state(request)
     values = {"info": _bundle_panel(bundle, request, profile, len(examples)), "examples": examples,

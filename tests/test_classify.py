@@ -163,7 +163,7 @@ def test_replacement_counts_match_the_loss(data_dir, export_dir, tmp_path, monke
                  "--synthetic", str(export_dir), "--replace-prob", "0.5", "--epochs", "3", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     replaced = [h["replaced"] for h in report["history"]]
-    want = expected_rows(0.5, 0.9)   # defaults: gamma 0.5, k 0.9; export dir -> imagefolder
+    want = expected_rows(0.5, 1.0)   # defaults: gamma 0.5, k 1.0 (labels.LABEL_SCALE); export dir -> imagefolder
     synthetic_rows = sum(is_member(r, want) for r in torch.cat(seen))
     assert synthetic_rows == sum(replaced) and 0 < sum(replaced) < 3 * 21
     assert report["counts"]["synthetic"] == 4 and report["synthetic"]["layout"] == "imagefolder"

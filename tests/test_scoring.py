@@ -116,7 +116,7 @@ def test_summary_means_vendi_and_plot(tmp_path):
                                                                    "ssim": 1 - strength, "clip_target": None}})
                 # 0.3: identical embeddings across seeds (Vendi 1); 0.7: orthogonal (Vendi 3)
                 embs.append(np.eye(3)[0] if strength == 0.3 else np.eye(3)[seed])
-    summary = summarize(recs, embs, ScoreConfig(min_p_target=0.5))
+    summary = summarize(recs, embs, ScoreConfig(recommend_min_p_target=0.5))
     pooled = {r["strength"]: r for r in summary["strengths"]}
     assert pooled[0.3]["n"] == 6 and pooled[0.3]["p_target"] == pytest.approx(0.2)
     assert pooled[0.3]["vendi"] == pytest.approx(1.0) and pooled[0.7]["vendi"] == pytest.approx(3.0)
