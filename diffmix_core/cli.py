@@ -14,6 +14,11 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import (ClassifyConfig, DemoWorldConfig, FinetuneConfig, PipelineConfig, ReferenceConfig, ScoreConfig,
+                     SelftestConfig, SplitConfig, SynthesizeConfig, Thresholds, TranslateConfig, check_seed,
+                     get_strategy, with_recipe)
+from .paths import DEMO_ASSETS, DEMO_BUNDLE
+
 
 # --------------------------------------------------------------------------- helpers
 def add_config_args(parser: argparse.ArgumentParser, cls, *, prefix: str = "", skip: Sequence[str] = ()) -> None:
@@ -91,8 +96,6 @@ TRANSLATE_MAX_JOBS = 4096   # one `diffmix translate` call holds all its images 
 
 
 def add_translate_parser(sub) -> None:
-    from .config import TranslateConfig
-
     p = sub.add_parser("translate", help="translate real images toward other classes (img2img)",
                        description="Translate source images toward target classes at chosen strengths. "
                        "Writes one PNG per (image, target, strength, seed) with its record in the PNG "
@@ -122,7 +125,6 @@ def add_translate_parser(sub) -> None:
 def run_translate(args: argparse.Namespace) -> None:
     from .apply import load_pipeline_for
     from .bundle import Profile
-    from .config import TranslateConfig, check_seed, get_strategy
     from .data import load_image
     from .hub import open_bundle
     from .translate import Source, check_strength, count_jobs, translate
@@ -195,8 +197,6 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, splits: bool = True) ->
     and a given option that disagrees with the file is refused (data.resolve_splits).
     Use :func:`split_config_from_args` to read them back. Other stages reuse this.
     """
-    from .config import SplitConfig
-
     parser.add_argument("--data", type=Path, required=True, help="dataset: a benchmark's folder in its official "
                         "layout (CUB-200-2011, FGVC-Aircraft, Flowers-102, Stanford Cars, Oxford-IIIT Pet: its "
                         "train/test split is kept), ImageFolder folder (one sub-folder per class), Hugging Face "
@@ -214,8 +214,6 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, splits: bool = True) ->
 def split_config_from_args(args: argparse.Namespace) -> dict | None:
     """The split settings the user gave, as {field: value} for data.resolve_splits (None: none given;
     'none' counts as not given)."""
-    from .config import SplitConfig
-
     given = {k: v for k, v in given_values(SplitConfig, args, prefix="split_").items() if v is not None}
     SplitConfig(**given)  # validate now: a clear error before any work
     return given or None
@@ -250,8 +248,6 @@ def run_split(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- finetune
 def add_finetune_parser(sub) -> None:
-    from .config import FinetuneConfig
-
     p = sub.add_parser("finetune", help="learn class tokens + a UNet LoRA; write an adapter bundle",
                        description="Fine-tune one token per class (textual inversion) and a UNet LoRA on the "
                        "train split of a dataset (Diff-Mix, REFERENCE.md §1). Runs under accelerate: "
@@ -270,7 +266,6 @@ def add_finetune_parser(sub) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from .config import FinetuneConfig
     from .finetune import finetune
 
     bundle = finetune(args.data, args.base, args.out, config_from_args(FinetuneConfig, args),
@@ -285,7 +280,6 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- synthesize and export
 def add_synthesize_parser(sub) -> None:
-    from .config import SynthesizeConfig, Thresholds, TranslateConfig
     from .export import FORMATS
 
     p = sub.add_parser("synthesize", help="bulk synthetic set from the train split: planned, resumable, sharded",
@@ -319,8 +313,6 @@ def add_synthesize_parser(sub) -> None:
 def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     """--base-model, --allow-base-mismatch and the PipelineConfig options (with --base or --bundle
     added by the command: read back with :func:`_pipeline_config`)."""
-    from .config import PipelineConfig
-
     parser.add_argument("--base-model", help="with --bundle: load this base model instead of the one the bundle names")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         help="apply the bundle even though --base-model differs from the one it was trained on")
@@ -328,8 +320,6 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _pipeline_config(args: argparse.Namespace):
-    from .config import PipelineConfig
-
     return config_from_args(PipelineConfig, args, model=args.base or args.base_model or "")
 
 
@@ -352,7 +342,6 @@ def _profile_values(args: argparse.Namespace, bundle, configs: Sequence[type], *
 
 
 def run_synthesize(args: argparse.Namespace) -> None:
-    from .config import SynthesizeConfig, Thresholds, TranslateConfig
     from .synthesize import parse_shard, run_synthesis, train_split
 
     bundle = None
@@ -432,8 +421,6 @@ def run_export(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- train-reference and score
 def add_train_reference_parser(sub) -> None:
-    from .config import ReferenceConfig
-
     p = sub.add_parser("train-reference", help="fine-tune the reference classifier that scores faithfulness",
                        description="Fine-tune a timm classifier on the real TRAIN split (model selection on the "
                        "validation split, never test). Writes model.safetensors + reference.json.")
@@ -447,7 +434,6 @@ def add_train_reference_parser(sub) -> None:
 
 
 def run_train_reference(args: argparse.Namespace) -> None:
-    from .config import ReferenceConfig, SplitConfig
     from .data import read_dataset
     from .reference import attach_reference, train_reference
 
@@ -467,8 +453,6 @@ def run_train_reference(args: argparse.Namespace) -> None:
 
 
 def add_score_parser(sub) -> None:
-    from .config import ScoreConfig
-
     p = sub.add_parser("score", help="score generated images: faithfulness, diversity, recommended strength",
                        description="Score a folder written by `diffmix translate`: adds a `scores` object to "
                        "every record of records.jsonl, writes sweep_summary.json and scores.png/.svg.")
@@ -489,7 +473,6 @@ def add_score_parser(sub) -> None:
 
 def run_score(args: argparse.Namespace) -> None:
     from .hub import open_bundle
-    from .config import ScoreConfig
     from .bundle import update_bundle_meta
     from .reference import bundle_reference_path, load_reference
     from .scoring import default_clip, format_summary, load_clip, score_folder
@@ -555,8 +538,6 @@ def _records_bundle(folder: Path):
 
 # --------------------------------------------------------------------------- train (downstream classifier)
 def add_train_parser(sub) -> None:
-    from .config import ClassifyConfig
-
     p = sub.add_parser("train", help="train and evaluate a classifier, optionally with synthetic replacement",
                        description="Train a timm classifier on the real TRAIN split; each item is replaced by a "
                        "random synthetic image with probability --replace-prob, whose soft label is recomputed "
@@ -574,7 +555,6 @@ def add_train_parser(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     from .classify import format_report, train_classifier
-    from .config import ClassifyConfig, with_recipe
     from .data import read_dataset
 
     config = config_from_args(ClassifyConfig, args, base=with_recipe(given_values(ClassifyConfig, args)))
@@ -717,7 +697,6 @@ def add_demo_parser(sub) -> None:
 
 
 def run_demo_build(args: argparse.Namespace) -> None:
-    from .config import DemoWorldConfig
     from .demo.world import build_world, quick_config
 
     bundle = build_world(args.out, quick_config() if args.quick else DemoWorldConfig(), assets=args.assets,
@@ -732,7 +711,6 @@ def run_demo_build(args: argparse.Namespace) -> None:
 def run_demo_evaluate(args: argparse.Namespace) -> None:
     from .demo.world import SHIPPED_BIRDS, evaluate_world
     from .hub import open_bundle
-    from .paths import DEMO_ASSETS, DEMO_BUNDLE
     from .records import write_text_atomic
     from .scoring import default_clip, load_clip
 
@@ -769,8 +747,6 @@ def run_demo_grid(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- selftest
 def add_selftest_parser(sub) -> None:
-    from .config import SelftestConfig
-
     p = sub.add_parser("selftest", help="the whole chain on a real SD architecture with random weights "
                        "(no download): check a machine before spending GPU hours",
                        description="Builds (once, cached) a RANDOM-weight pipeline of the real architecture, "
@@ -785,7 +761,6 @@ def add_selftest_parser(sub) -> None:
 
 
 def run_selftest(args: argparse.Namespace) -> None:
-    from .config import SelftestConfig
     from .selftest import selftest
 
     ok, _ = selftest(config_from_args(SelftestConfig, args), work=args.work)

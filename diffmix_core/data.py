@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .config import SplitConfig
 from .layouts import Layout, clean_class_name, detect_layout
+from .records import read_jsonl, write_text_atomic
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = int(os.environ.get("DIFFMIX_MAX_PIXELS", 40_000_000))
@@ -252,8 +253,6 @@ def _hf_split_folders(root: Path) -> list[Path] | None:
 def _metadata_rows(folder: Path) -> list[dict] | None:
     """Rows of metadata.jsonl / metadata.csv in ``folder``, or None when it has none."""
     if (folder / "metadata.jsonl").is_file():
-        from .records import read_jsonl
-
         return read_jsonl(folder / "metadata.jsonl")
     if (folder / "metadata.csv").is_file():
         with open(folder / "metadata.csv", newline="", encoding="utf-8") as f:
@@ -545,8 +544,6 @@ def _train_counts(pool_sizes: list[int], config: SplitConfig) -> list[int]:
 
 def write_split_file(path: str | os.PathLike, dataset: Dataset, splits: dict, config: SplitConfig) -> Path:
     """Write the split file (JSON, atomically)."""
-    from .records import write_text_atomic
-
     data = {"format_version": SPLIT_FORMAT_VERSION, "dataset": str(dataset.root), "layout": dataset.layout,
             "official_split": dataset.official is not None, "classes": list(dataset.classes),
             "config": dataclasses.asdict(config), "splits": {s: list(splits[s]) for s in SPLITS}}

@@ -33,8 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (ClassifyConfig, ExperimentArm, ExperimentConfig, ExperimentSetting, PipelineConfig,
-                     SplitConfig, SynthesizeConfig, TranslateConfig, get_strategy, with_recipe)
+from .apply import load_pipeline_for
+from .classify import REPORT_FILE, check_pretrained, train_classifier
+from .config import (ClassifyConfig, ExperimentArm, ExperimentConfig, ExperimentSetting, PipelineConfig, SplitConfig,
+                     SynthesizeConfig, TranslateConfig, get_strategy, with_recipe)
+from .data import long_tail_counts, read_dataset, resolve_splits, split_subset
+from .hub import open_bundle
+from .models import pipeline_source
+from .records import atomic_path, write_text_atomic
+from .synthesize import run_synthesis
+from .translate import check_bundle_for
 
 # --quick: what the built-in quick variant changes unless the file's `quick:` section says otherwise.
 QUICK_DEFAULTS = {"seeds_max": 2, "train": {"epochs": 1}, "synthesize": {"multiplier": 1.0},
@@ -133,8 +141,6 @@ def plan_runs(config: ExperimentConfig) -> list[Run]:
 def train_images(config: ExperimentConfig, setting: ExperimentSetting) -> int | None:
     """Real train images of a setting, known before the data is read when the config gives the number
     of classes: shots per class, or the long-tail counts n_i; None for full data or unknown classes."""
-    from .data import long_tail_counts
-
     if not config.classes or setting.shots is None:
         return None
     if setting.imbalance is None:
@@ -194,9 +200,6 @@ class Pipelines:
     """At most two pipelines, loaded on first use: the untuned base (real-*) and the bundle's (diff-*, ti-*)."""
 
     def __init__(self, config: ExperimentConfig, device: str | None):
-        from .hub import open_bundle
-        from .translate import check_bundle_for
-
         self.config, self.device, self.cache = config, device, {}
         self.bundle = open_bundle(config.bundle) if config.bundle else None
         self.ti_bundle = open_bundle(config.ti_bundle) if config.ti_bundle else None
@@ -216,14 +219,10 @@ class Pipelines:
                               device=self.device, scheduler=self.config.scheduler)
 
     def model(self, tokens: bool) -> str:
-        from .models import pipeline_source
-
         return pipeline_source(self.source(tokens), self.bundle or self.ti_bundle)[0]
 
     def get(self, tokens: bool):
         if tokens not in self.cache:
-            from .apply import load_pipeline_for
-
             # the bundle names the base; translate applies it to the diff-*/ti-* arms' calls
             self.cache[tokens] = load_pipeline_for(self.source(tokens), self.bundle or self.ti_bundle, apply=False)
         return self.cache[tokens]
@@ -233,8 +232,6 @@ def make_synthetic(config: ExperimentConfig, pipes: Pipelines, train, split_file
                    strategy: str, strength: float, plan_seed: int, long_tail: bool, show_progress: bool) -> Path:
     """The synthetic set of one (setting, strategy, strength, plan seed), through the synthesize
     stage; an already merged folder is reused. Returns the folder (its export/imagefolder is read)."""
-    from .synthesize import run_synthesis
-
     if (folder / "summary.json").is_file() and (folder / "export" / "imagefolder" / "metadata.jsonl").is_file():
         return folder
     sconfig = dataclasses.replace(config.synthesize, strength_strategy="fixed", strength=strength, seed=plan_seed,
@@ -252,9 +249,6 @@ def make_synthetic(config: ExperimentConfig, pipes: Pipelines, train, split_file
 def run_one(config: ExperimentConfig, run: Run, dataset, pipes: Pipelines, *, device: str | None,
             show_progress: bool) -> dict:
     """Synthesize what ``run`` needs, train (or reuse a finished run), return its result row."""
-    from .classify import REPORT_FILE, train_classifier
-    from .data import resolve_splits, split_subset
-
     root = Path(config.out) / slug(run.setting.name)
     split_file = Path(run.setting.split_file) if run.setting.split_file else root / "split.json"
     if run.setting.split_file and not split_file.is_file():
@@ -470,8 +464,6 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .records import atomic_path
-
     n = len(config.settings)
     rows_per = max(1, max((sum(1 for e in summary if e["setting"] == st.name and e.get("paired"))
                            for st in config.settings), default=1))
@@ -542,8 +534,6 @@ def write_report(config: ExperimentConfig, rows: list[dict], *, raw_config: dict
     test ids of each setting once, every run's row with its per-image 0/1 correctness, the summary)
     and the plot (.png) as ``stem``.* (default: <report_dir>/<name>). ``test_sizes``: test images per
     setting for results that predate per-image rows."""
-    from .records import write_text_atomic
-
     stem = stem or Path(config.report_dir or config.out) / config.name
     files = {"markdown": stem.with_suffix(".md"), "json": stem.with_suffix(".json"), "plot": stem.with_suffix(".png")}
     summary = summarize(rows, config)
@@ -602,9 +592,6 @@ def run_experiment(config: ExperimentConfig, *, device: str | None = None, show_
     """
     import torch
     from tqdm.auto import tqdm
-
-    from .classify import check_pretrained
-    from .data import read_dataset
 
     check_pretrained(config.train)   # offline without the classifier's weights: say so before any synthesis
     dataset = read_dataset(config.data, show_progress=show_progress)

@@ -42,6 +42,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .data import ImageError, load_image
 from .records import (atomic_path, csv_cell, csv_cell_value, read_jsonl, read_png_record, safe_name, save_png,
                       sha256_file, user_mode, write_jsonl_atomic, write_text_atomic)
 
@@ -458,8 +459,6 @@ def owned_image(folder: Path, name: object, where: str) -> Path:
     """The image ``name`` (a path from a records file) inside ``folder``, checked: a relative
     path that resolves inside ``folder`` with no symlink on the way, a regular file that
     decodes as an image. Anything else is a ValueError (FileNotFoundError when absent)."""
-    from .data import ImageError, load_image
-
     root = folder.resolve()
     if not isinstance(name, str) or not name or "\x00" in name:
         raise ValueError(f"{where}: file_name {name!r} is not a file name")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .records import atomic_path
+
 # The 102 Oxford Flowers category names, in label order (label 1 = "pink primrose"): the list
 # the dataset's authors publish with the labels and the Diff-Mix code uses.
 FLOWERS102_CLASSES = (
@@ -300,8 +302,6 @@ def _write_stored_image(value: dict, stem: Path, where: str) -> Path:
     import io
 
     from PIL import Image, UnidentifiedImageError
-
-    from .records import atomic_path
 
     data, path = value.get("bytes"), value.get("path")
     if data is None:

@@ -31,9 +31,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import PipelineConfig, SynthesizeConfig, Thresholds, TranslateConfig, get_strategy
+from .apply import load_pipeline_for
+from .config import PipelineConfig, ScoreConfig, SynthesizeConfig, Thresholds, TranslateConfig, get_strategy
+from .data import default_split_path, load_image, read_dataset, resolve_splits, split_subset
+from .export import export_records, parse_formats
 from .labels import steps_run
+from .models import normalise_model_id, pipeline_source
 from .records import read_jsonl, read_png_record, save_png, write_jsonl_atomic, write_text_atomic
+from .reference import bundle_reference_path, load_reference
+from .scoring import class_prompt, load_clip, score_images
+from .translate import Job, Source, check_bundle_for, check_strength, translate
 
 PLAN_FILE = "plan.jsonl"
 PLAN_VERSION = 1
@@ -280,8 +287,6 @@ def batch_order(jobs: Sequence[PlanJob], num_inference_steps: int, batch_size: i
 
 
 def _engine_jobs(group: Sequence[PlanJob], load_image: Callable) -> list:
-    from .translate import Job, Source
-
     sources: dict[str, Source] = {}
     out = []
     for job in group:
@@ -317,8 +322,6 @@ def _judge(results, scorer, filter_config) -> list[dict]:
 
 def check_jobs(jobs: Sequence[PlanJob], config: TranslateConfig, bundle=None) -> None:
     """Refuse, before any work, strengths that run no step and classes the bundle lacks."""
-    from .translate import check_strength
-
     for s in sorted({j.strength for j in jobs if j.source_id is not None}):
         check_strength(s, config.num_inference_steps)
     if bundle is not None:
@@ -337,9 +340,6 @@ def synthesize(pipe, plan: Plan, out_dir: str | os.PathLike, config: TranslateCo
     (e.g. scoring.score_images bound to a reference classifier) fills ``record["scores"]``;
     images failing ``filter_config`` (a config.Thresholds) go to ``rejected/`` with the reason.
     """
-    from .data import load_image
-    from .translate import translate
-
     out_dir = Path(out_dir)
     jobs = shard_jobs(plan.jobs, shard)
     check_jobs(jobs, config, bundle)
@@ -381,8 +381,6 @@ def train_split(data: str | os.PathLike, split_file: str | os.PathLike | None = 
                 strict: bool = False, max_pixels: int | None = None, show_progress: bool = True):
     """(the TRAIN split of the dataset at ``data``, the split file it comes from): the split file
     is made on first use (data.resolve_splits; ``split_config`` = the settings the user gave)."""
-    from .data import default_split_path, read_dataset, resolve_splits, split_subset
-
     dataset = read_dataset(data, strict=strict, max_pixels=max_pixels, show_progress=show_progress)
     split_file = Path(split_file) if split_file else default_split_path(dataset)
     return split_subset(dataset, resolve_splits(dataset, split_file, split_config), "train"), split_file
@@ -396,9 +394,6 @@ def synthesis_scorer(thresholds: Thresholds, *, score: bool = False, reference: 
     A threshold whose score cannot be had is a ValueError, before any model loads."""
     if not (score or thresholds.active):
         return None
-    from .config import ScoreConfig
-    from .reference import bundle_reference_path, load_reference
-    from .scoring import class_prompt, load_clip, score_images
 
     ref_path = reference or (bundle_reference_path(bundle) if bundle else None)
     for name in ("min_p_target", "max_p_source"):
@@ -448,15 +443,10 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
     Returns {"shard": (i, n), "made": synthesize's summary or None, "missing": planned images
     still to make, "merged": merge's summary or None, "main": this process merges}.
     """
-    from .export import parse_formats
-    from .apply import load_pipeline_for
-    from .models import normalise_model_id, pipeline_source
-
     out_dir = Path(out_dir)
     formats = parse_formats(export)
     if bundle is None and get_strategy(translate_config.strategy).tokens:
         raise ValueError(f"strategy {translate_config.strategy} needs --bundle; real-* strategies run on --base alone")
-    from .translate import check_bundle_for
 
     check_bundle_for(translate_config.strategy, bundle)   # ti-*: a TI-only bundle, before any work
     # 1. shard
@@ -513,8 +503,6 @@ def merge(out_dir: str | os.PathLike, plan: Plan | None = None, *, export: Seque
     Raises ValueError when planned images are missing or broken (run the missing shards,
     or rerun: broken ones are made again).
     """
-    from .export import export_records, parse_formats
-
     out_dir = Path(out_dir)
     plan = plan or read_plan(out_dir)
     formats = parse_formats(export)

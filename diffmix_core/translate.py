@@ -27,6 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
+from .apply import apply_bundle, set_lora_enabled
+from .bundle import make_prompt
 from .config import Strategy, TranslateConfig, check_seed, get_strategy
 from .labels import effective_strength, soft_label, steps_run
 from .models import model_identity, scheduler_name
@@ -181,7 +183,6 @@ def _prompt(strategy: Strategy, class_name: str, bundle, superclass: str, real_g
         return f"a photo of a {word}"
     if bundle is not None:
         return bundle.prompt(class_name, use_token=strategy.tokens)
-    from .bundle import make_prompt
 
     return make_prompt(class_name, superclass)
 
@@ -311,8 +312,6 @@ def translate(
         callback: called with (job-steps done, total) after every UNet call.
         prompt_cache: a dict to keep text embeddings in across calls (e.g. one per synthesis run).
     """
-    from .apply import apply_bundle, set_lora_enabled
-
     validate_jobs(jobs, config, bundle)
     strategy = get_strategy(config.strategy)
     if bundle is not None:
