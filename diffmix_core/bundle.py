@@ -182,6 +182,7 @@ class Profile:
     strategy: str | None = None              # a config.STRATEGIES name
     num_inference_steps: int | None = None   # sampler steps N
     guidance_scale: float | None = None      # classifier-free guidance
+    calibration: dict | None = None          # summary of the calibration the strength came from (calibrate.py)
     extra: dict = field(default_factory=dict, compare=False)  # other keys, kept as written (bundle, saved...)
     source: str = ""                         # "saved profile", "bundle profile" or "" (not written)
 
@@ -195,13 +196,35 @@ class Profile:
         except ValueError as err:
             raise ValueError(f"{file}: profile {err}") from None
         settings = {k: data.pop(k) for k in PROFILE_SETTINGS if k in data}
-        return cls(thresholds=thresholds, extra=data, source=source, **settings)
+        return cls(thresholds=thresholds, calibration=data.pop("calibration", None), extra=data, source=source,
+                   **settings)
 
     def to_dict(self) -> dict:
-        """The JSON object: strength, thresholds (the tests that are on), sampler settings, extra."""
+        """The JSON object: strength, thresholds (the tests that are on), sampler settings, the
+        calibration summary (when there is one), extra."""
         out = {} if self.strength is None else {"strength": self.strength}
         out["thresholds"] = self.thresholds.as_dict()
-        return {**out, **{k: v for k, v in self.settings().items() if k != "strength"}, **self.extra}
+        out.update({k: v for k, v in self.settings().items() if k != "strength"})
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return {**out, **self.extra}
+
+    def strength_source(self) -> str:
+        """Where the strength came from, in one line for the bundle panel: a calibration (its date,
+        sources x targets x strengths x seeds, the recommendation's interval), else the profile."""
+        if self.strength is None:
+            return "no strength in the profile"
+        where = {"saved profile": "your saved profile", "bundle profile": "the bundle's profile"}.get(
+            self.source, "the profile")
+        cal = self.calibration
+        if not cal:
+            return f"strength {self.strength} from {where}"
+        low, high = (cal.get("interval") or [None, None])[:2]
+        span = f", {cal.get('confidence', 0.95):.0%} interval {low}-{high}" if None not in (low, high) else ""
+        return (f"strength {self.strength} from a calibration on {cal.get('date', '?')} ({where}): "
+                f"{cal.get('sources', '?')} sources of {len(cal.get('classes') or [])} classes x "
+                f"{cal.get('targets_per_source', '?')} targets x {len(cal.get('strengths') or [])} strengths x "
+                f"{len(cal.get('seeds') or [])} seed(s) = {cal.get('images', '?')} images{span}")
 
     def settings(self) -> dict:
         """{name: value} of the PROFILE_SETTINGS that are set (the options they start)."""
@@ -472,6 +495,9 @@ def check_profile(profile: object, file: str | os.PathLike) -> None:
         raise ValueError(f"{file}: profile num_inference_steps must be an integer")
     if profile.get("strategy") is not None and profile["strategy"] not in STRATEGIES:
         raise ValueError(f"{file}: profile strategy {profile['strategy']!r} is not one of {list(STRATEGIES)}")
+    calibration = profile.get("calibration")
+    if calibration is not None and not (isinstance(calibration, dict) and len(json.dumps(calibration)) <= 2**20):
+        raise ValueError(f"{file}: profile calibration must be null or an object (at most 1 MB as JSON)")
     thresholds = profile.get("thresholds")
     if thresholds is not None and not (isinstance(thresholds, dict) and len(thresholds) <= 64 and all(
             isinstance(k, str) and (v is None or _finite(v)) for k, v in thresholds.items())):

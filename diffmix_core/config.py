@@ -240,6 +240,43 @@ class ScoreConfig:
             raise ValueError(f"recommend_min_p_target must be in [0, 1], got {self.recommend_min_p_target}")
 
 
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """A calibration sweep (calibrate.py): the dataset's strength from many sources x targets."""
+
+    per_class: int = option(2, "K: source images per class (from --data's split, else the bundle's example images)")
+    targets: int = option(3, "M: target classes per source, the next M classes in label order (every class is "
+                          "reached equally often); 0 = all other classes", shown="3; 'all' = every other class")
+    strengths: tuple[float, ...] = option((0.3, 0.5, 0.7, 0.9), "strengths s compared (the authors' set)")
+    seeds: tuple[int, ...] = option((0,), "seeds: one image per (source, target, strength, seed)")
+    split: str = option("train", "with --data: the split the sources are drawn from (train: what synthesize "
+                        "translates)", choices=("train", "val", "test"))
+    draw_seed: int = option(0, "seed of the draw of K sources per class")
+    confidence: float = option(0.95, "level of every interval (t-intervals across sources; bootstrap percentiles)")
+    bootstrap: int = option(1000, "resamples of the sources for the recommended strength's interval")
+    grid_sources: int = option(6, "sources (columns) in the sample grid")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        check_seed(self.draw_seed, "draw_seed")
+        if self.per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {self.per_class}")
+        if self.targets < 0:
+            raise ValueError(f"targets must be >= 0 (0 = all other classes), got {self.targets}")
+        bad = [s for s in self.strengths if not 0.0 < s <= 1.0]
+        if bad or not self.strengths:
+            raise ValueError(f"strengths must be in (0, 1] and at least one, got {bad or 'none'}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        if len(set(self.strengths)) < len(self.strengths) or len(set(self.seeds)) < len(self.seeds):
+            raise ValueError(f"strengths and seeds must not repeat, got {self.strengths} and {self.seeds}")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        if self.bootstrap < 0 or self.grid_sources < 1:
+            raise ValueError(f"bootstrap must be >= 0 and grid_sources >= 1, got {self.bootstrap}, "
+                             f"{self.grid_sources}")
+
+
 STRENGTH_STRATEGIES = ("fixed", "uniform", "beta")
 PAIRINGS = ("auto", "image-uniform", "class-uniform")
 

@@ -66,10 +66,24 @@ def screen_point(grid: GridLayout, row: int, col: int, rect: tuple[float, float,
     return left + (width - natural_w / scale) / 2 + x / scale, top + (height - natural_h / scale) / 2 + y / scale
 
 
-def layout(records: Sequence[dict], resolution: int) -> GridLayout:
+def _row_label(records: Sequence[dict], strength: float) -> str:
+    rec = next(r for r in records if r["strength"] == strength)
+    return f"s {strength:.2f}\n{rec.get('steps_run', '?')}/{rec.get('num_inference_steps', '?')} steps"
+
+
+def layout(records: Sequence[dict], resolution: int,
+           column: Callable[[dict], str] | None = None) -> GridLayout:
     """Rows: strengths in ascending order. Columns: (target, seed) in the sweep's order,
-    labelled by what differs (seed, target or both); the source first when there is one."""
+    labelled by what differs (seed, target or both); the source first when there is one.
+    ``column`` (record -> label) sets other columns instead, one per label (a calibration's
+    sources, each with its own source image in its records); then there is no source column."""
     strengths = sorted({r["strength"] for r in records})
+    rows = tuple(_row_label(records, s) for s in strengths)
+    if column is not None:
+        by_col = {(r["strength"], column(r)): r["id"] for r in records}
+        labels = list(dict.fromkeys(column(r) for r in records))
+        cells = tuple(tuple(by_col.get((s, c)) for c in labels) for s in strengths)
+        return GridLayout(rows, tuple(labels), cells, tile_size(resolution), False)
     columns = list(dict.fromkeys((r["target_class"], r["seed"]) for r in records))
     targets = {t for t, _ in columns}
     seeds = {s for _, s in columns}
@@ -81,14 +95,12 @@ def layout(records: Sequence[dict], resolution: int) -> GridLayout:
 
     by_key = {(r["strength"], r["target_class"], r["seed"]): r for r in records}
     has_source = any(r.get("source_path") for r in records)
-    rows, cells = [], []
+    cells = []
     for s in strengths:
-        rec = next(r for r in records if r["strength"] == s)
-        rows.append(f"s {s:.2f}\n{rec.get('steps_run', '?')}/{rec.get('num_inference_steps', '?')} steps")
         ids = [by_key[(s, t, seed)]["id"] if (s, t, seed) in by_key else None for t, seed in columns]
         cells.append(tuple(([None] if has_source else []) + ids))
     labels = (["source"] if has_source else []) + [col_label(t, s) for t, s in columns]
-    return GridLayout(tuple(rows), tuple(labels), tuple(cells), tile_size(resolution), has_source)
+    return GridLayout(rows, tuple(labels), tuple(cells), tile_size(resolution), has_source)
 
 
 def cell_at(grid: GridLayout, x: float, y: float) -> tuple[int, int] | None:
@@ -120,7 +132,8 @@ def _fit(image: Image.Image, side: int) -> Image.Image:
 
 def render(records: Sequence[dict], load: Callable[[dict], Image.Image], source: Image.Image | None,
            resolution: int, curated: set[str] = frozenset(), title: str = "",
-           min_p_target: float = 0.5) -> tuple[Image.Image, GridLayout]:
+           min_p_target: float = 0.5, column: Callable[[dict], str] | None = None
+           ) -> tuple[Image.Image, GridLayout]:
     """The labelled grid picture of a sweep and its layout.
 
     Args:
@@ -131,8 +144,9 @@ def render(records: Sequence[dict], load: Callable[[dict], Image.Image], source:
         curated: ids shown framed and ticked.
         title: written in the top-left corner (e.g. "owl -> duck").
         min_p_target: a P(target) badge is green at or above this, red below.
+        column: record -> column label, instead of (target, seed) columns (see :func:`layout`).
     """
-    grid = layout(records, resolution)
+    grid = layout(records, resolution, column)
     if source is None and grid.has_source:
         grid = GridLayout(grid.rows, grid.columns[1:], tuple(c[1:] for c in grid.cells), grid.tile, False)
     by_id = {r["id"]: r for r in records}

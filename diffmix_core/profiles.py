@@ -64,8 +64,10 @@ def load_profile(bundle, root: str | os.PathLike | None = None) -> Profile:
 
 
 def save_profile(bundle, strength: float, thresholds: Thresholds | dict, settings: Mapping | None = None,
-                 root: str | os.PathLike | None = None) -> Path:
-    """Write the overlay of ``bundle`` atomically; returns its path. The bundle is not touched."""
+                 root: str | os.PathLike | None = None, calibration: Mapping | None = None) -> Path:
+    """Write the overlay of ``bundle`` atomically; returns its path. The bundle is not touched.
+    ``calibration``: the summary of the calibration the strength came from
+    (calibrate.Calibration.profile_summary); without one, a saved profile holds none."""
     if strength is None or not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"the profile strength must be in [0, 1], got {strength}")
     if not isinstance(thresholds, Thresholds):
@@ -74,7 +76,8 @@ def save_profile(bundle, strength: float, thresholds: Thresholds | dict, setting
     if unknown:
         raise ValueError(f"unknown profile setting(s) {sorted(unknown)}; use {', '.join(SETTINGS)}")
     path = profile_path(bundle, root)
-    profile = Profile.from_dict({"strength": float(strength), **dict(settings or {})}, path)   # NaN, inf, range
+    profile = Profile.from_dict({"strength": float(strength), **dict(settings or {}),   # NaN, inf, range
+                                 "calibration": None if calibration is None else dict(calibration)}, path)
     profile = dataclasses.replace(profile, thresholds=thresholds, extra={
         "bundle": str(bundle.path), "bundle_hash": bundle.hash, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")})
     data = profile.to_dict()

@@ -176,9 +176,9 @@ def sources_of(data: str | os.PathLike, split: str, per_class: int):
 
 def _targets(classes: tuple[str, ...], source_class: str, k: int | None) -> list[str]:
     """The other classes, starting after the source's in label order; the first ``k`` (None: all)."""
-    i = classes.index(source_class)
-    others = [c for c in classes[i + 1:] + classes[:i]]
-    return others[:k] if k else others
+    from ..calibrate import target_classes
+
+    return target_classes(classes, source_class, k or 0)
 
 
 def sweep(pipe, bundle, sources, strengths, config: TranslateConfig, seed: int = 0, show_progress: bool = True,
@@ -271,10 +271,11 @@ def clip_zero_shot(clip, bundle, data: str | os.PathLike, split: str = "test") -
 
 def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS, per_class: int = 2,
                    guidance_scale: float = 2.5, num_inference_steps: int = 25, seed: int = 0,
-                   base: str | os.PathLike | None = None, clip=None, show_progress: bool = True) -> dict:
-    """Translate ``per_class`` held-out TEST images of each class to every other class at each
-    strength; print and return the per-strength table ({'rows': [...], 'text': str, 'records',
-    'clip'}).
+                   base: str | os.PathLike | None = None, clip=None, show_progress: bool = True,
+                   targets_per_source: int | None = None) -> dict:
+    """Translate ``per_class`` held-out TEST images of each class to every other class (or the
+    next ``targets_per_source`` in label order) at each strength; print and return the
+    per-strength table ({'rows': [...], 'text': str, 'records', 'clip'}).
 
     Args:
         bundle: a bundle folder or bundle.Bundle with a reference classifier attached.
@@ -290,7 +291,7 @@ def evaluate_world(bundle, data: str | os.PathLike, *, strengths=EVAL_STRENGTHS,
                              resolution=bundle.resolution)
     clip = clip if clip is not None and clip.available else None
     records, _ = sweep(pipe, bundle, sources_of(data, "test", per_class), strengths, config, seed, show_progress,
-                       clip=clip)
+                       targets_per_source=targets_per_source, clip=clip)
     rows = strength_table(records)
     text = format_table(rows)
     result = {"rows": rows, "records": records, "clip": None}
