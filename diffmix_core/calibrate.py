@@ -373,7 +373,7 @@ class Calibration:
         return {"date": s["date"], "sources": s["n_sources"], "source_origin": s["source_origin"],
                 "classes": s["classes"], "targets_per_source": s["targets_per_source"], "strengths": s["strengths"],
                 "seeds": s["seeds"], "images": s["images"], "recommended": r["strength"],
-                "interval": [r["low"], r["high"]], "confidence": r["confidence"], "rule": r["reason"],
+                "interval": [r["low"], r["high"]], "confidence": r["confidence"], "reason": r["reason"],
                 "curves": [{"strength": c["strength"], **{k: c[k] for k in keep if c.get(k)}} for c in self.curves]}
 
     def figure(self):
@@ -423,7 +423,7 @@ def plot_calibration(cal: Calibration):
         ax.set_xlabel("strength s")
         ax.set_xlim(-0.02, 1.02)
         ax.set_title(title)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     s = cal.settings
     fig.suptitle(f"{s['n_sources']} sources x {s['targets_per_source']} targets x {len(s['seeds'])} seed(s); "

@@ -536,6 +536,103 @@ def _records_bundle(folder: Path):
     return bundle
 
 
+# --------------------------------------------------------------------------- calibrate
+def _targets_option(value: str) -> int:
+    """--targets: a count M >= 1, or 'all' (= 0: every other class)."""
+    if value.strip().lower() == "all":
+        return 0
+    try:
+        m = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--targets takes a count or 'all', got {value!r}") from None
+    if m < 1:
+        raise argparse.ArgumentTypeError(f"--targets must be >= 1 or 'all', got {m}")
+    return m
+
+
+def add_calibrate_parser(sub) -> None:
+    from .calibrate import MAX_JOBS, MAX_JOBS_ENV
+    from .config import CalibrateConfig, ScoreConfig, TranslateConfig
+
+    p = sub.add_parser("calibrate", help="the dataset's strength from many sources x targets, with 95%% intervals",
+                       description="Draw K sources per class (--data's split, else the bundle's example images), "
+                       "send each to M other classes at every strength and seed in one batched run, score them "
+                       "(reference classifier, CLIP), and write calibration.json (per-strength means with "
+                       "intervals across sources, a per-target-class table, the recommended strength and its "
+                       "bootstrap interval), calibration.png (the curves) and calibration_grid.png.")
+    p.add_argument("--bundle", type=Path, required=True, help="adapter bundle folder")
+    p.add_argument("--data", type=Path, help="dataset (ImageFolder, CSV, HF imagefolder) to draw the sources from "
+                   "(default: the bundle's example images)")
+    p.add_argument("--split-file", type=Path, help="with --data: its split file (default: the dataset's own)")
+    add_config_args(p, CalibrateConfig, skip=("targets",))
+    targets = CalibrateConfig.__dataclass_fields__["targets"].metadata
+    p.add_argument("--targets", type=_targets_option, default=argparse.SUPPRESS,
+                   help=f"{targets['help']} (default: {targets['shown']})")
+    add_config_args(p, TranslateConfig, skip=("label_gamma", "label_scale"))
+    add_config_args(p, ScoreConfig, prefix="score_", skip=("batch_size", "ssim_size"))
+    p.add_argument("--reference", type=Path, help="reference classifier folder (default: the bundle's)")
+    add_pipeline_args(p)
+    p.add_argument("--max-jobs", type=int, default=None, help=f"refuse a calibration of more images than this "
+                   f"(sources x targets x strengths x seeds) before any work (default: {MAX_JOBS_ENV} or {MAX_JOBS})")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--save-profile", action="store_true", help="store the recommended strength with the calibration "
+                   "summary in your saved profile of the bundle (under DIFFMIX_OUTPUT/profiles)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_calibrate, base=None)
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    from .bundle import load_bundle
+    from .calibrate import calibrate, save_to_profile, write_calibration
+    from .config import CalibrateConfig, ScoreConfig, TranslateConfig
+
+    bundle = load_bundle(args.bundle)
+    profile = _profile_values(args, bundle, (TranslateConfig,))
+    translate_config = config_from_args(TranslateConfig, args, base=profile)
+    config = config_from_args(CalibrateConfig, args)
+    score_config = config_from_args(ScoreConfig, args, prefix="score_")
+    reference, clip = _calibrate_scorers(args)
+
+    def generate(bundle, jobs, config, callback=None):   # called once calibrate has checked the request
+        from .models import load_pipeline_for
+        from .translate import translate
+
+        pipe = load_pipeline_for(_pipeline_config(args), bundle, allow_base_mismatch=args.allow_base_mismatch)
+        return translate(pipe, jobs, config, bundle=bundle, show_progress=not args.quiet, callback=callback)
+
+    # calibrate checks the request (sources x targets x strengths x seeds) before generate loads the pipeline
+    cal = calibrate(bundle, None, config, data=args.data, split_file=args.split_file,
+                    translate_config=translate_config, score_config=score_config,
+                    reference=reference, clip=clip, generate=generate, limit=args.max_jobs,
+                    show_progress=not args.quiet)
+    files = write_calibration(cal, args.out)
+    print(cal.clip)
+    print(cal.text())
+    print("wrote " + ", ".join(str(f) for f in files))
+    if args.save_profile:
+        from .profiles import load_profile
+
+        path = save_to_profile(bundle, cal)
+        print(f"saved {path}: {load_profile(bundle).strength_source()}")
+
+
+def _calibrate_scorers(args: argparse.Namespace) -> tuple[object | None, object | None]:
+    """(reference, CLIP) named on the command line; None = the bundle's (calibrate loads it)."""
+    from .config import ScoreConfig
+    from .scoring import load_clip
+
+    reference = None
+    if args.reference:
+        from .reference import load_reference
+
+        reference = load_reference(args.reference)
+    given = given_values(ScoreConfig, args, prefix="score_")
+    clip = None
+    if "clip_model" in given:
+        clip = load_clip(given["clip_model"], given.get("clip_pretrained", ScoreConfig.clip_pretrained))
+    return reference, clip
+
+
 # --------------------------------------------------------------------------- train (downstream classifier)
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train and evaluate a classifier, optionally with synthetic replacement",
@@ -852,7 +949,7 @@ def run_pull(args: argparse.Namespace) -> None:
 PARSERS: list[Callable] = [add_translate_parser, add_import_parser, add_split_parser, add_synthesize_parser,
                            add_export_parser, add_train_reference_parser, add_score_parser,
                            add_finetune_parser, add_train_parser, add_experiment_parser, add_app_parser,
-                           add_demo_parser, add_selftest_parser, add_hub_parsers]
+                           add_demo_parser, add_selftest_parser, add_hub_parsers, add_calibrate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
