@@ -124,6 +124,9 @@ def plan_jobs(bundle, sources: Sequence[Source], config: CalibrateConfig, transl
                          "(use diff-mix, ti-mix or real-mix)")
     if not sources:
         raise ValueError("no source images to calibrate with")
+    unknown = sorted({s.source_class for s in sources} - set(bundle.classes))
+    if unknown:
+        raise ValueError(f"source class(es) {unknown[:5]} are not classes of the bundle {list(bundle.classes)[:10]}")
     m = min(config.targets or len(bundle.classes) - 1, len(bundle.classes) - 1)
     count_jobs({"sources": len(sources), "targets": m, "strengths": len(config.strengths),
                 "seeds": len(config.seeds)}, max_jobs() if limit is None else limit,

@@ -104,6 +104,8 @@ def test_over_the_limit_is_refused_naming_every_factor(monkeypatch):
     monkeypatch.setenv(MAX_JOBS_ENV, "48")
     jobs = plan_jobs(_Bundle(), sources, config, TranslateConfig(num_inference_steps=10))
     assert len(jobs) == 48 and [j.target_class for j in jobs[::8]] == ["b", "c", "c", "a", "a", "b"]
+    with pytest.raises(ValueError, match=r"source class\(es\) \['z'\] are not classes of the bundle"):
+        plan_jobs(_Bundle(), [Source(Image.new("RGB", (8, 8)), "z", "z")], config, TranslateConfig())
     with pytest.raises(ValueError, match="strategy 'diff-aug' does not"):
         plan_jobs(_Bundle(), sources, config, TranslateConfig(strategy="diff-aug"))
 
