@@ -24,7 +24,7 @@ import torch
 from diffmix_core.bundle import load_bundle
 from diffmix_core.calibrate import calibrate, translate_config_for, write_calibration
 from diffmix_core.config import CalibrateConfig, PipelineConfig
-from diffmix_core.models import load_pipeline_for
+from diffmix_core.apply import load_pipeline_for
 from diffmix_core.translate import translate
 
 BUNDLE = Path(__file__).resolve().parents[1] / "assets" / "demo" / "bundle"

@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import json
 import os
+import textwrap
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -37,15 +38,25 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
-from .config import CalibrateConfig, ScoreConfig, TranslateConfig, get_strategy
-from .translate import Job, Result, Source, count_jobs, validate_jobs
+from . import __version__
+from .apply import load_pipeline_for
+from .bundle import bundle_examples
+from .config import (CALIBRATE_MAX_JOBS, CALIBRATE_MAX_JOBS_ENV, CalibrateConfig, PipelineConfig, ScoreConfig,
+                     TranslateConfig, get_strategy)
+from .data import load_image, read_dataset, resolve_splits, split_subset
+from .grid import render
+from .profiles import load_profile, save_profile
+from .records import atomic_path, save_png, write_text_atomic
+from .reference import bundle_reference_path, load_reference
+from .scoring import class_prompt, default_clip, load_clip, recommend_strength, score_images, summarize
+from .translate import Job, Result, Source, count_jobs, translate, validate_jobs
 
 CALIBRATION_FILE = "calibration.json"
 PLOT_FILE = "calibration.png"
 GRID_FILE = "calibration_grid.png"
-MAX_JOBS_ENV = "DIFFMIX_MAX_CALIBRATION_JOBS"   # images per calibration (default MAX_JOBS)
-MAX_JOBS = 2048
+MAX_JOBS_ENV, MAX_JOBS = CALIBRATE_MAX_JOBS_ENV, CALIBRATE_MAX_JOBS   # images per calibration: env, default
 # metric -> the range its interval is clipped to
 CURVES = {"p_target": (0.0, 1.0), "p_source": (0.0, 1.0), "target_hit": (0.0, 1.0), "source_keep": (0.0, 1.0),
           "clip_target": (-1.0, 1.0), "clip_win": (0.0, 1.0), "distance": (0.0, 2.0), "ssim": (-1.0, 1.0)}
@@ -74,18 +85,12 @@ def draw_sources(bundle, data: str | os.PathLike | None = None, config: Calibrat
     (``config.draw_seed``) from ``config.split`` of the dataset ``data`` (data.read_dataset: an
     ImageFolder, a CSV, a Hugging Face imagefolder), else from the bundle's example images. A
     class with fewer images gives all it has; images of classes the bundle lacks are skipped."""
-    from .data import load_image
-
     if data is not None:
-        from .data import read_dataset, resolve_splits, split_subset
-
         dataset = read_dataset(data, show_progress=False)
         items = split_subset(dataset, resolve_splits(dataset, split_file), config.split).items
         pool = [(str(it.path), it.class_name, it.id) for it in items]
         where = f"the {config.split} split of {data}"
     else:
-        from .bundle import bundle_examples
-
         pool = [(path, cls, f"{cls}/{Path(path).name}") for path, cls in bundle_examples(bundle)]
         where = f"bundle {bundle.path}'s example images (give --data DATASET to draw from a dataset)"
     by_class: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -140,8 +145,6 @@ def plan_jobs(bundle, sources: Sequence[Source], config: CalibrateConfig, transl
 def translate_config_for(bundle) -> TranslateConfig:
     """The sampler settings of the bundle's profile (the user's saved one first), diff-mix
     unless the profile names another inter-class strategy."""
-    from .profiles import load_profile
-
     settings = {k: v for k, v in load_profile(bundle).settings().items() if k != "strength"}
     if get_strategy(settings.get("strategy", "diff-mix")).pairing != "inter":
         settings.pop("strategy")
@@ -154,10 +157,6 @@ def _engine(bundle, jobs: list[Job], config: TranslateConfig, generate: Generate
     callback = (lambda done, total: progress("translate", done, total)) if progress else None
     if generate is not None:
         return generate(bundle, jobs, config, callback=callback)
-    from .config import PipelineConfig
-    from .models import load_pipeline_for
-    from .translate import translate
-
     pipe = load_pipeline_for(PipelineConfig(), bundle)
     return translate(pipe, jobs, config, bundle=bundle, show_progress=show_progress, callback=callback)
 
@@ -166,10 +165,6 @@ def _score(results: list[Result], bundle, reference, clip, config: ScoreConfig, 
            show_progress: bool) -> list:
     """Fill each record's ``scores`` in chunks (jobs are ordered by source, so a source is
     read and embedded about once); returns one embedding per image."""
-    from tqdm.auto import tqdm
-
-    from .scoring import class_prompt, score_images
-
     embeddings = []
     bar = tqdm(total=len(results), desc="score", unit="img", disable=not show_progress)
     for i in range(0, len(results), SCORE_CHUNK):
@@ -188,14 +183,9 @@ def _score(results: list[Result], bundle, reference, clip, config: ScoreConfig, 
 
 def _scorers(bundle, reference, clip) -> tuple[object | None, object, str]:
     """(reference classifier or None, CLIP scorer, reference status): the bundle's where not given."""
-    from .bundle import bundle_reference_path
-    from .scoring import default_clip, load_clip
-
     if reference is None:
         path = bundle_reference_path(bundle)
         if path is not None:
-            from .reference import load_reference
-
             reference = load_reference(path)
     status = "none (no reference classifier attached)" if reference is None else \
         f"{reference.model_name} ({reference.path})"
@@ -257,12 +247,10 @@ def curves(matrices: dict[str, np.ndarray], strengths: Sequence[float], counts: 
             for j, s in enumerate(strengths)]
 
 
-def bootstrap_recommendation(matrices: dict[str, np.ndarray], strengths: Sequence[float], min_p_target: float,
+def bootstrap_recommendation(matrices: dict[str, np.ndarray], strengths: Sequence[float], bar: float,
                              resamples: int, confidence: float, seed: int = 0) -> dict:
     """The sweep's rule (scoring.recommend_strength) on ``resamples`` resamples of the sources:
     {low, high, shares: {strength: share}, resamples}; low/high None with fewer than 2 sources."""
-    from .scoring import recommend_strength
-
     n = next(iter(matrices.values())).shape[0]
     if n < 2 or resamples < 1:
         return {"low": None, "high": None, "shares": {}, "resamples": 0}
@@ -274,7 +262,7 @@ def bootstrap_recommendation(matrices: dict[str, np.ndarray], strengths: Sequenc
     for b in range(resamples):
         rows = [{"strength": float(s), **{k: None if np.isnan(means[k][b, j]) else float(means[k][b, j])
                                           for k in RULE_KEYS}} for j, s in enumerate(strengths)]
-        picks.append(recommend_strength(rows, min_p_target)[0])
+        picks.append(recommend_strength(rows, bar)[0])
     picks = np.array([p for p in picks if p is not None], dtype=float)
     if picks.size == 0:
         return {"low": None, "high": None, "shares": {}, "resamples": resamples}
@@ -295,10 +283,10 @@ def _mean(values) -> float | None:
 
 
 def target_table(records: Sequence[dict], classes: Sequence[str], strengths: Sequence[float],
-                 min_p_target: float) -> list[dict]:
+                 bar: float) -> list[dict]:
     """Per target class: per strength the images, the hit rate and the mean faithfulness
     (:func:`faithfulness_key`); the lowest strength whose mean faithfulness reaches
-    ``min_p_target`` (``reaches_at``) and ``hard_to_reach`` when none does."""
+    ``bar`` (``reaches_at``) and ``hard_to_reach`` when none does."""
     f_key = faithfulness_key(records)
     rows = []
     for target in classes:
@@ -312,7 +300,7 @@ def target_table(records: Sequence[dict], classes: Sequence[str], strengths: Seq
                         "hit": _mean(image_value(r, "target_hit") for r in at),
                         "faithfulness": _mean(image_value(r, f_key) for r in at) if f_key else None})
         reach = next((p["strength"] for p in per if p["faithfulness"] is not None
-                      and p["faithfulness"] >= min_p_target), None)
+                      and p["faithfulness"] >= bar), None)
         rows.append({"target": target, "n": len(recs), "faithfulness_measure": f_key, "by_strength": per,
                      "reaches_at": reach, "hard_to_reach": f_key is not None and reach is None})
     return rows
@@ -333,7 +321,7 @@ class Calibration:
     settings: dict            # what ran: bundle, classes, sources, targets per source, strengths, seeds, sampler, date
     curves: list[dict]        # per strength: n_images, n_sources, {metric: {mean, low, high, n} or None}
     by_target: list[dict]     # per target class (target_table)
-    recommendation: dict      # strength, reason, rule, low, high, confidence, shares, min_p_target
+    recommendation: dict      # strength, reason, rule, low, high, confidence, shares, recommend_min_p_target
     clip: str                 # the CLIP scorer's status (why CLIP-target is absent, when it is)
     records: list[dict] = field(default_factory=list, repr=False)       # every image's record, with scores
     images: list[Image.Image] = field(default_factory=list, repr=False)  # in record order
@@ -356,8 +344,8 @@ class Calibration:
                 f"{self.settings['images']} images = {self.settings['n_sources']} sources x "
                 f"{self.settings['targets_per_source']} targets x {len(self.settings['strengths'])} strengths x "
                 f"{len(self.settings['seeds'])} seed(s)."
-                + (f" Hard to reach (never at mean {r['measure']} >= {r['min_p_target']:g}): {', '.join(hard)}."
-                   if hard else ""))
+                + (f" Hard to reach (never at mean {r['measure']} >= {r['recommend_min_p_target']:g}): "
+                   f"{', '.join(hard)}." if hard else ""))
 
     def table(self) -> tuple[list[str], list[list]]:
         """(header, rows) of the per-target-class table: hit rate per strength, the lowest strength
@@ -417,7 +405,8 @@ def plot_calibration(cal: Calibration):
             ax.text(0.5, 0.5, "\n".join(_wrap(cal.clip, 40)), ha="center", va="center", transform=ax.transAxes,
                     fontsize=8, color="gray")
         if title == "faithfulness":
-            ax.axhline(rec["min_p_target"], color="red", lw=0.8, ls=":", label=f"bar {rec['min_p_target']:g}")
+            ax.axhline(rec["recommend_min_p_target"], color="red", lw=0.8, ls=":",
+                       label=f"bar {rec['recommend_min_p_target']:g}")
             ax.set_ylim(-0.02, 1.02)
         if rec["strength"] is not None:
             ax.axvline(rec["strength"], color="green", lw=1, ls="-.")
@@ -436,16 +425,12 @@ def plot_calibration(cal: Calibration):
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, width) or [""]
 
 
 def sample_grid(cal: Calibration) -> Image.Image:
     """Rows = strengths (the source itself first, as s = 0), columns = up to ``grid_sources``
     sources spread over the classes, each to its first target at the first seed (grid.render)."""
-    from .grid import render
-
     n = len(cal.sources)
     picked = dict.fromkeys(int(round(i)) for i in np.linspace(0, n - 1, min(n, cal.settings["grid_sources"])))
     first: dict[int, dict] = {}   # source -> the record of its first job
@@ -463,7 +448,7 @@ def sample_grid(cal: Calibration) -> Image.Image:
         shown.append({**rec, "id": rid, "strength": 0.0, "steps_run": 0, "scores": None})
         images[rid], column[rid] = cal.sources[i].image, label[i]
     picture, _ = render(shown, lambda r: images[r["id"]], None, int(shown[0].get("resolution") or 64),
-                        title="", min_p_target=cal.recommendation["min_p_target"],
+                        title="", min_p_target=cal.recommendation["recommend_min_p_target"],
                         column=lambda r: column[r["id"]])
     return picture
 
@@ -482,7 +467,7 @@ def calibrate(bundle, sources: Sequence[Source] | None = None, config: Calibrate
             bundle's examples), K per class.
         config: K, M, strengths, seeds, interval level, bootstrap resamples, grid columns.
         translate_config: sampler settings; default the bundle's profile's (translate_config_for).
-        score_config: ``min_p_target``, the recommendation's bar (CLIP is ``clip``, not its fields).
+        score_config: ``recommend_min_p_target``, the recommendation's bar (CLIP is ``clip``, not its fields).
         reference: a reference classifier; default the bundle's (none: P(target) is absent).
         clip: a scoring.ClipScorer; default scoring.default_clip (an unavailable one says why).
         generate: ``generate(bundle, jobs, config, callback=...)`` -> results (the app's engine on
@@ -490,8 +475,6 @@ def calibrate(bundle, sources: Sequence[Source] | None = None, config: Calibrate
         limit: most images (default :func:`max_jobs`); above it, ValueError before any work.
         progress: ``progress(stage, done, total)``: "translate" job-steps, then "score" images.
     """
-    from .scoring import summarize
-
     # 1. what to run, checked before any model is loaded
     translate_config = translate_config or translate_config_for(bundle)
     origin = "given" if sources is not None else (f"{data} ({config.split} split)" if data is not None
@@ -510,23 +493,22 @@ def calibrate(bundle, sources: Sequence[Source] | None = None, config: Calibrate
     matrices = {m: source_means(records, source_index, strengths, m) for m in CURVES}
     counts = [sum(float(r["strength"]) == s for r in records) for s in strengths]
     summary = summarize(records, embeddings, score_config)
-    boot = bootstrap_recommendation(matrices, strengths, score_config.min_p_target, config.bootstrap,
+    boot = bootstrap_recommendation(matrices, strengths, score_config.recommend_min_p_target, config.bootstrap,
                                     config.confidence, seed=config.draw_seed)
     recommendation = {"strength": summary["recommended_strength"], "reason": summary["recommendation"],
-                      "measure": faithfulness_key(records), "min_p_target": score_config.min_p_target,
+                      "measure": faithfulness_key(records),
+                      "recommend_min_p_target": score_config.recommend_min_p_target,
                       "rule": RULE, "interval_method": INTERVAL.format(lo=50 * (1 - config.confidence),
                                                                        hi=50 * (1 + config.confidence)),
                       "confidence": config.confidence, **boot}
     settings = _settings(bundle, sources, origin, jobs, config, translate_config, ref_status, clip.status)
     return Calibration(settings, curves(matrices, strengths, counts, config.confidence),
-                       target_table(records, bundle.classes, strengths, score_config.min_p_target),
+                       target_table(records, bundle.classes, strengths, score_config.recommend_min_p_target),
                        recommendation, clip.status, records, [r.image for r in results], sources, source_index)
 
 
 def _settings(bundle, sources: list[Source], origin: str, jobs: list[Job], config: CalibrateConfig,
               translate_config: TranslateConfig, reference: str, clip: str) -> dict:
-    from . import __version__
-
     targets = {(id(j.source), j.target_class) for j in jobs}
     return {"bundle": str(bundle.path), "bundle_hash": bundle.hash, "classes": list(bundle.classes),
             "source_origin": origin, "n_sources": len(sources), "targets_per_source": len(targets) // len(sources),
@@ -542,8 +524,6 @@ def _settings(bundle, sources: list[Source], origin: str, jobs: list[Job], confi
 def write_calibration(cal: Calibration, out: str | os.PathLike) -> list[Path]:
     """``calibration.json``, ``calibration.png`` (the curves) and ``calibration_grid.png`` in
     ``out``, each written atomically; returns their paths."""
-    from .records import atomic_path, save_png, write_text_atomic
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [write_text_atomic(out / CALIBRATION_FILE, json.dumps(cal.to_json(), indent=1, ensure_ascii=False) + "\n")]
@@ -557,8 +537,6 @@ def write_calibration(cal: Calibration, out: str | os.PathLike) -> list[Path]:
 def save_to_profile(bundle, cal: Calibration, root: str | os.PathLike | None = None) -> Path:
     """Store the recommended strength, the sampler settings it was found with and the calibration
     summary in the user's saved profile of ``bundle`` (profiles.save_profile; thresholds kept)."""
-    from .profiles import load_profile, save_profile
-
     if cal.recommendation["strength"] is None:
         raise ValueError(f"the calibration recommends no strength ({cal.recommendation['reason']}); nothing to save")
     t = cal.settings["translate"]

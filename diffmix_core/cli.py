@@ -551,8 +551,7 @@ def _targets_option(value: str) -> int:
 
 
 def add_calibrate_parser(sub) -> None:
-    from .calibrate import MAX_JOBS, MAX_JOBS_ENV
-    from .config import CalibrateConfig, ScoreConfig, TranslateConfig
+    from .config import CALIBRATE_MAX_JOBS, CALIBRATE_MAX_JOBS_ENV, CalibrateConfig, ScoreConfig, TranslateConfig
 
     p = sub.add_parser("calibrate", help="the dataset's strength from many sources x targets, with 95%% intervals",
                        description="Draw K sources per class (--data's split, else the bundle's example images), "
@@ -573,7 +572,8 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--reference", type=Path, help="reference classifier folder (default: the bundle's)")
     add_pipeline_args(p)
     p.add_argument("--max-jobs", type=int, default=None, help=f"refuse a calibration of more images than this "
-                   f"(sources x targets x strengths x seeds) before any work (default: {MAX_JOBS_ENV} or {MAX_JOBS})")
+                   f"(sources x targets x strengths x seeds) before any work (default: {CALIBRATE_MAX_JOBS_ENV} or "
+                   f"{CALIBRATE_MAX_JOBS})")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--save-profile", action="store_true", help="store the recommended strength with the calibration "
                    "summary in your saved profile of the bundle (under DIFFMIX_OUTPUT/profiles)")
@@ -594,7 +594,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     reference, clip = _calibrate_scorers(args)
 
     def generate(bundle, jobs, config, callback=None):   # called once calibrate has checked the request
-        from .models import load_pipeline_for
+        from .apply import load_pipeline_for
         from .translate import translate
 
         pipe = load_pipeline_for(_pipeline_config(args), bundle, allow_base_mismatch=args.allow_base_mismatch)

@@ -240,6 +240,10 @@ class ScoreConfig:
             raise ValueError(f"recommend_min_p_target must be in [0, 1], got {self.recommend_min_p_target}")
 
 
+CALIBRATE_MAX_JOBS_ENV = "DIFFMIX_MAX_CALIBRATION_JOBS"   # images one calibration may make ...
+CALIBRATE_MAX_JOBS = 2048                                 # ... when it is unset (calibrate.max_jobs)
+
+
 @dataclass(frozen=True)
 class CalibrateConfig:
     """A calibration sweep (calibrate.py): the dataset's strength from many sources x targets."""

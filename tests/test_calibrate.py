@@ -46,7 +46,8 @@ def test_t_interval_matches_the_textbook_and_clips_to_the_range():
 
 def test_source_means_average_each_sources_targets_and_seeds():
     recs = [{"strength": s, "target_class": t, "source_class": "x", "scores": {"p_target": p, "top1": top}}
-            for s, t, p, top in [(0.5, "a", 0.2, "a"), (0.5, "b", 0.4, "x"), (0.9, "a", 0.8, "a"), (0.5, "a", 1.0, "a")]]
+            for s, t, p, top in [(0.5, "a", 0.2, "a"), (0.5, "b", 0.4, "x"), (0.9, "a", 0.8, "a"),
+                                 (0.5, "a", 1.0, "a")]]
     index = [0, 0, 0, 1]
     p = source_means(recs, index, [0.5, 0.9], "p_target")
     assert p[0].tolist() == pytest.approx([0.3, 0.8]) and p[1, 0] == 1.0 and np.isnan(p[1, 1])
@@ -145,12 +146,12 @@ def test_cli_refuses_over_the_limit_before_loading_a_model(capsys):
 def demo():
     """One calibration of the demo world: the first test image of each class, to the next class,
     at two strengths (20 images), with the progress it reported."""
-    from diffmix_core.bundle import bundle_reference_path, load_bundle
+    from diffmix_core.apply import load_pipeline_for
+    from diffmix_core.bundle import load_bundle
     from diffmix_core.calibrate import calibrate
     from diffmix_core.config import PipelineConfig
     from diffmix_core.demo.world import sources_of
-    from diffmix_core.models import load_pipeline_for
-    from diffmix_core.reference import load_reference
+    from diffmix_core.reference import bundle_reference_path, load_reference
     from diffmix_core.translate import translate
 
     bundle = load_bundle(DEMO_BUNDLE)
@@ -183,7 +184,7 @@ def test_calibration_outputs_on_the_demo_world(demo):
     # the per-class table: every class a target once per strength, its flag consistent with its row
     assert [row["target"] for row in cal.by_target] == list(bundle.classes)
     for row in cal.by_target:
-        reached = [p["strength"] for p in row["by_strength"] if p["faithfulness"] >= rec["min_p_target"]]
+        reached = [p["strength"] for p in row["by_strength"] if p["faithfulness"] >= rec["recommend_min_p_target"]]
         assert row["reaches_at"] == (min(reached) if reached else None)
         assert row["hard_to_reach"] == (not reached)
     header, rows = cal.table()

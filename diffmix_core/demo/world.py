@@ -35,6 +35,7 @@ from PIL import Image, ImageFilter
 
 from ..apply import load_pipeline_for
 from ..bundle import ADAPTER_JSON, Bundle, Profile, bundle_examples, load_bundle, update_bundle_meta
+from ..calibrate import target_classes
 from ..classifier import WEIGHTS_FILE, quantize_int8
 from ..config import (DemoClipConfig, DemoDataConfig, DemoWorldConfig, FinetuneConfig, PipelineConfig, PretrainConfig,
                       ReferenceConfig, ScoreConfig, SplitConfig, TranslateConfig)
@@ -176,8 +177,6 @@ def sources_of(data: str | os.PathLike, split: str, per_class: int):
 
 def _targets(classes: tuple[str, ...], source_class: str, k: int | None) -> list[str]:
     """The other classes, starting after the source's in label order; the first ``k`` (None: all)."""
-    from ..calibrate import target_classes
-
     return target_classes(classes, source_class, k or 0)
 
 
