@@ -125,6 +125,8 @@ class TranslateConfig:
                                   "every strategy here), name ('a photo of a <name>', the authors' template without "
                                   "the super-class), or authors (verbatim: 'a photo of a <Name_With_Underscores>' "
                                   "in angle brackets, as their RealGeneration formats it)", choices=REAL_GEN_PROMPTS)
+    cache_interval: int = option(1, "feature cache (DeepCache): the whole UNet every N-th step of a job, only its "
+                                 "outermost branch on cached deep features between; 1 = off (docs/fastpath.md)")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -142,6 +144,8 @@ class TranslateConfig:
             raise ValueError(f"resolution must be 0 (model default) or a positive multiple of 8, got {self.resolution}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.cache_interval < 1:
+            raise ValueError(f"cache_interval must be >= 1 (1 = no feature cache), got {self.cache_interval}")
         if self.label_gamma <= 0 or not 0 < self.label_scale <= 1:
             raise ValueError("label_gamma must be > 0 and label_scale (k) in (0, 1]")
 

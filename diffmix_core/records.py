@@ -22,7 +22,7 @@ RECORD_KEYS = (
     "id", "file_name", "source_id", "source_path", "source_sha256", "source_class", "target_class", "strategy",
     "strength", "strength_run", "num_inference_steps", "steps_run", "guidance_scale", "seed",
     "scheduler", "resize", "resolution", "prompt", "base_model", "base_revision", "bundle",
-    "bundle_hash", "label_gamma", "label_scale", "soft_label", "scores", "diffmix_version",
+    "bundle_hash", "label_gamma", "label_scale", "cache_interval", "soft_label", "scores", "diffmix_version",
 )
 
 

@@ -13,6 +13,7 @@ for the same prompt, image, strength, steps, guidance and seed
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -26,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, feature_cache
 from .apply import apply_bundle, set_lora_enabled
 from .bundle import make_prompt
 from .config import Strategy, TranslateConfig, check_seed, get_strategy
@@ -95,6 +96,7 @@ class _State:
     size: tuple[int, int] = (0, 0)        # output (width, height)
     model_size: tuple[int, int] = (0, 0)  # model input (width, height)
     extra: dict = field(default_factory=dict)
+    deep: torch.Tensor | None = None      # cache_interval > 1: deep UNet features of the last full step
 
 
 # Outputs are resized back to their source's size, but to at most this many pixels (aspect kept):
@@ -217,6 +219,7 @@ def _records_base(pipe, config: TranslateConfig, bundle) -> dict:
         "bundle_hash": bundle.hash if bundle is not None else None,
         "bundle_mode": bundle_mode(bundle) if bundle is not None else None,
         "label_gamma": config.label_gamma, "label_scale": config.label_scale,
+        "cache_interval": config.cache_interval,
         "diffmix_version": __version__,
     }
 
@@ -241,6 +244,8 @@ def make_record(base: dict, state: _State, resolution: int) -> dict:
                                   "strength", "seed",
                                   "num_inference_steps", "guidance_scale", "scheduler", "resize", "resolution",
                                   "base_model", "bundle_hash")}
+    if record.get("cache_interval", 1) != 1:   # off (1) keeps the ids records had before the option
+        key["cache_interval"] = record["cache_interval"]
     record["id"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return record
 
@@ -313,6 +318,8 @@ def translate(
         prompt_cache: a dict to keep text embeddings in across calls (e.g. one per synthesis run).
     """
     validate_jobs(jobs, config, bundle)
+    if config.cache_interval > 1:
+        feature_cache.check_cacheable(pipe.unet)
     strategy = get_strategy(config.strategy)
     if bundle is not None:
         apply_bundle(pipe, bundle)
@@ -349,12 +356,15 @@ def translate(
             unet_limit = _batch_limit(pipe, ("unet", size, embed.cfg), config.batch_size)
             for k in range(n):
                 active = [st for st in group if st.start <= k]
-                step = lambda chunk: _denoise_step(pipe, chunk, k, config.guidance_scale, embed)  # noqa: E731
-                for chunk, _ in fit_batches(active, unet_limit, step):
-                    done += len(chunk)
-                    bar.update(len(chunk))
-                    if callback:
-                        callback(done, total)
+                for mode, members in feature_cache.step_groups(active, k, config.cache_interval):
+                    step = functools.partial(_denoise_step, pipe, k=k, guidance_scale=config.guidance_scale,
+                                             embed=embed, mode=mode)
+                    for chunk, _ in fit_batches(members, unet_limit, step):
+                        done += len(chunk)
+                        bar.update(len(chunk))
+                        if callback:
+                            callback(done, total)
+            feature_cache.release(group)
             vae_limit = _batch_limit(pipe, ("vae", size), config.batch_size)
             for chunk, images in fit_batches(group, vae_limit, lambda c: _decode(pipe, c)):
                 for st, image in zip(chunk, images):
@@ -483,8 +493,10 @@ def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
     return kwargs
 
 
-def _denoise_step(pipe, chunk: list[_State], k: int, guidance_scale: float, embed: _PromptCache) -> None:
-    """One UNet call at grid index k for every job in ``chunk``, then each job's scheduler step."""
+def _denoise_step(pipe, chunk: list[_State], k: int, guidance_scale: float, embed: _PromptCache,
+                  mode: str = feature_cache.PLAIN) -> None:
+    """One UNet call at grid index k for every job in ``chunk``, then each job's scheduler step.
+    ``mode``: the whole UNet, or with the feature cache a full or shallow step (feature_cache)."""
     t = chunk[0].scheduler.timesteps[k * getattr(chunk[0].scheduler, "order", 1)]
     cfg = guidance_scale > 1
     latents = torch.cat([st.scheduler.scale_model_input(st.latents, t) for st in chunk])  # (B, 4, h, w)
@@ -493,7 +505,7 @@ def _denoise_step(pipe, chunk: list[_State], k: int, guidance_scale: float, embe
     if cfg:
         latents = torch.cat([latents, latents])
         text = torch.cat([torch.cat([p[1] for p in prompts]), text])                        # (2B, 77, D)
-    noise = pipe.unet(latents, t, encoder_hidden_states=text, return_dict=False)[0]
+    noise = feature_cache.unet_call(pipe.unet, chunk, mode, latents, t, text)
     if cfg:
         uncond, cond = noise.chunk(2)
         noise = uncond + guidance_scale * (cond - uncond)
