@@ -6,8 +6,10 @@
 (b) bulk synthesis throughput, images per GPU-hour, at s = 0.7, 25 DPM-Solver++ steps, guidance 7.5
     (17 steps run), one source image per job, through the engine (diffmix synthesize's batches;
     PNG writing runs on other threads there and is not timed here): several batch sizes with the
-    defaults (SDPA on, channels_last off, no compile), then at the best batch size each of
-    SDPA off, channels_last on, torch.compile on, and compile + channels_last;
+    defaults (SDPA on, channels_last off, no compile), then at the best batch size the feature
+    cache (--cache-interval N = 2, 3, 5: benchmarks/fastpath.py's rows; images differ a little,
+    so these rows never count as "best"), then each of SDPA off, channels_last on, torch.compile
+    on, and compile + channels_last;
 (c) peak GPU memory (torch.cuda.max_memory_allocated) of every setting.
 
 A time guard stops before --max-seconds (default 450 s, leaving room for start-up inside 8 min)
@@ -117,10 +119,11 @@ def set_compile(pipe, on: bool, backend: str) -> None:
         pipe.unet._compiled_call_impl = None
 
 
-def synthesis_rate(pipe, images: list[Image.Image], batch: int, reps: int, steps: int) -> dict:
+def synthesis_rate(pipe, images: list[Image.Image], batch: int, reps: int, steps: int,
+                   cache_interval: int = 1) -> dict:
     """Images per second of the engine at ``batch`` jobs per call (after one warm-up call)."""
     config = TranslateConfig(strategy="real-mix", num_inference_steps=steps, guidance_scale=GUIDANCE,
-                             batch_size=batch)
+                             batch_size=batch, cache_interval=cache_interval)
 
     def jobs(offset: int) -> list[Job]:
         return [Job(Source(images[(offset + i) % len(images)], "duck", f"s{offset + i}"), "owl", STRENGTH, offset + i)
@@ -152,7 +155,7 @@ def run_setting(pipe, images, setting: dict, reps: int, steps: int, clock: Clock
         set_attention(pipe, setting["sdpa"])
         set_channels_last(pipe, setting["channels_last"])
         set_compile(pipe, setting["compile"], backend)
-        row.update(synthesis_rate(pipe, images, setting["batch"], reps, steps))
+        row.update(synthesis_rate(pipe, images, setting["batch"], reps, steps, setting.get("cache_interval", 1)))
     except TimeGuard:
         row["skipped"] = "time guard (stopped mid-setting)"
     except Exception as err:  # a failing setting (compile without a compiler, OOM at batch 1) is a result
@@ -208,6 +211,22 @@ def settings(batch_sizes: list[int]) -> list[dict]:
     """The batch-size rows; the toggles are filled in at the best batch once it is known."""
     return [{"name": f"batch {b}", "batch": b, "sdpa": True, "channels_last": False, "compile": False}
             for b in batch_sizes]
+
+
+def cache_rows(batch: int) -> list[dict]:
+    """The feature cache at the best batch size (benchmarks/fastpath.py measures its quality cost)."""
+    return [{"name": f"cache N={n}", "batch": batch, "sdpa": True, "channels_last": False, "compile": False,
+             "cache_interval": n} for n in (2, 3, 5)]
+
+
+def cache_summary(rows: list[dict]) -> str:
+    """'cache: N=2 x1.71, ...': each cache row's images/s over the best uncached row's."""
+    plain = [r for r in rows if "img_per_s" in r and r.get("cache_interval", 1) == 1]
+    cached = [r for r in rows if "img_per_s" in r and r.get("cache_interval", 1) > 1]
+    if not plain or not cached:
+        return "cache: n/a"
+    base = max(plain, key=lambda r: r["img_per_s"])
+    return "cache: " + ", ".join(f"N={r['cache_interval']} x{r['img_per_s'] / base['img_per_s']:.2f}" for r in cached)
 
 
 def toggles(batch: int) -> list[dict]:
@@ -289,20 +308,22 @@ def main(argv=None) -> int:
         rows.append(run_setting(pipe, images, setting, reps, steps, clock, reserve, backend))
     measured = [r for r in rows if "img_per_s" in r]
     best_batch = max(measured, key=lambda r: r["img_per_s"])["batch"] if measured else batch_sizes[0]
-    for setting in toggles(best_batch):
+    for setting in cache_rows(best_batch) + toggles(best_batch):
         rows.append(run_setting(pipe, images, setting, reps, steps, clock, reserve, backend))
     result["synthesis"] = rows
     result["seconds"] = round(clock.max_seconds - clock.left(), 1)
     print_table(rows)
 
-    measured = [r for r in rows if "img_per_s" in r]
+    measured = [r for r in rows if "img_per_s" in r and r.get("cache_interval", 1) == 1]
     best = max(measured, key=lambda r: r["img_per_s"]) if measured else None
     result["best"] = best
+    result["cache"] = cache_summary(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(args.out)
     print(f"wrote {args.out} ({result['seconds']} s)")
+    print(result["cache"])
     speed = sw.get("speedup", "n/a")
     print(f"gpu: sweep_speedup={speed} synth_img_per_gpu_hour={best['img_per_gpu_hour'] if best else 'n/a'} "
           f"peak_gib={best['peak_gib'] if best and best['peak_gib'] is not None else 'n/a'}")

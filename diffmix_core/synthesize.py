@@ -174,7 +174,9 @@ def plan_header(config: SynthesizeConfig, translate_config: TranslateConfig, tra
     return {
         "format": "diffmix-plan", "version": PLAN_VERSION, "num_jobs": num_jobs,
         "synthesize": dataclasses.asdict(config),
-        "translate": {k: v for k, v in dataclasses.asdict(translate_config).items() if k != "batch_size"},
+        # cache_interval only when on: plans written before the option resume unchanged
+        "translate": {k: v for k, v in dataclasses.asdict(translate_config).items()
+                      if k != "batch_size" and (k, v) != ("cache_interval", 1)},
         "scheduler": scheduler, "base_model": base_model, "bundle_hash": bundle_hash,
         "data": str(train.root), "split_file": str(split_file) if split_file else None,
         "train_images": len(train), "classes": list(train.classes),

@@ -149,7 +149,7 @@ def test_cli_cache_interval_and_remaking_from_the_record(tiny_model_dir, tmp_pat
     assert exit_info.value.code == 2 and "cache_interval must be >= 1" in capsys.readouterr().err
 
 
-def test_a_unet_the_shallow_path_does_not_know_is_refused(tiny_pipe):
+def test_a_unet_the_shallow_path_does_not_know_is_refused():
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,

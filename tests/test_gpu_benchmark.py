@@ -28,11 +28,13 @@ def test_gpu_benchmark_smoke_runs_every_part(tmp_path):
     assert float(m.group(1)) == result["sweep"]["speedup"] > 0
     assert 0 < result["sweep"]["efficiency"] and result["sweep"]["unet_rows"] == 2 * 4 * (1 + 2 + 2 + 3)
     names = [r["name"] for r in result["synthesis"]]
-    assert names == ["batch 2", "batch 4", "SDPA off", "channels_last", "torch.compile", "compile + channels_last"]
+    assert names == ["batch 2", "batch 4", "cache N=2", "cache N=3", "cache N=5", "SDPA off", "channels_last",
+                     "torch.compile", "compile + channels_last"]
     for row in result["synthesis"]:
         assert "error" not in row and row["images"] == row["batch"], row
         assert abs(row["img_per_gpu_hour"] - 3600 * row["images"] / row["seconds"]) <= 0.01 * row["img_per_gpu_hour"]
-    assert int(m.group(2)) == max(r["img_per_gpu_hour"] for r in result["synthesis"])
+    assert int(m.group(2)) == max(r["img_per_gpu_hour"] for r in result["synthesis"] if "cache_interval" not in r)
+    assert re.fullmatch(r"cache: N=2 x[\d.]+, N=3 x[\d.]+, N=5 x[\d.]+", stdout.strip().splitlines()[-2])
     assert "img/GPU-h" in stdout   # the table
 
 
