@@ -277,18 +277,21 @@ def report(name: str, part: dict) -> None:
     print(f"  shallow step / full UNet: {costs['shallow_gflop']:.3f} / {costs['full_gflop']:.3f} GFLOP "
           f"({100 * costs['flop_share']:.1f} %), {costs['shallow_ms']:.2f} / {costs['full_ms']:.2f} ms "
           f"({100 * costs['time_share']:.1f} %); outside the UNet: {100 * runs[1]['outside_unet']:.1f} % of the N=1 run")
-    head = f"  {'N':>3}{'img/s':>9}{'speedup':>9}{'peak MiB':>10}{'cache MiB':>11}{'pixel diff':>12}"
-    demo = "target_hit" in runs[1]
-    print(head + (f"{'target-hit':>12}{'lost/gained':>13}{'source-keep':>13}" if demo else ""))
     print(f"  the most N can give with these shares (every UNet call of a job's steps but the first of each N "
           f"shallow): " + ", ".join(f"N={n}: {bound(runs[1]['outside_unet'], costs['time_share'], n):.2f}x"
                                     for n in INTERVALS[1:]))
+    head = f"  {'N':>3}{'img/s':>9}{'speedup':>9}{'peak MiB':>10}{'cache MiB':>11}{'pixel diff':>12}"
+    demo = "target_hit" in runs[1]
+    print(head + (f"{'target-hit':>12}{'lost/gained':>13}{'source-keep':>13}" if demo else ""))
     for n, row in runs.items():
         line = (f"  {n:>3}{row['img_per_s']:>9.3f}{row['img_per_s'] / runs[1]['img_per_s']:>9.2f}"
                 f"{row['peak_mib']:>10.0f}{row['cache_mib']:>11.2f}{row['pixel_diff']:>12.2f}")
         if demo:
             line += f"{row['target_hit']:>12.3f}{row['hit_lost']:>6}/{row['hit_gained']:<6}{row['source_keep']:>13.3f}"
         print(line)
+    for n, row in runs.items() if demo else ():
+        print(f"  N={n} by strength: " + ", ".join(f"s={r['strength']:g} hit {r['target_hit']:.3f} keep "
+                                                  f"{r['source_keep']:.3f}" for r in row["by_strength"]))
 
 
 def main(argv=None) -> int:

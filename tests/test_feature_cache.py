@@ -158,3 +158,26 @@ def test_a_unet_the_shallow_path_does_not_know_is_refused():
                                 norm_num_groups=4, num_class_embeds=3)
     with pytest.raises(ValueError, match="class embeddings.*--cache-interval 1"):
         feature_cache.check_cacheable(unet)
+
+
+def test_synthesize_with_the_cache_records_it_and_resumes_only_with_it(tiny_model_dir, tmp_path, capsys):
+    from diffmix_core.synthesize import read_plan
+
+    data = tmp_path / "data"
+    for c, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (data / c).mkdir(parents=True)
+        for i in range(4):
+            im = photo(10 + i)
+            im.paste(colour, (4 + i, 6, 24, 26 - i))
+            im.save(data / c / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["synthesize", "--base", str(tiny_model_dir), "--superclass", "shape", "--data", str(data), "--out", str(out),
+            "--strategy", "real-mix", "--multiplier", "1", "--steps", "4", "--strength-strategy", "uniform",
+            "--strengths", "0.5", "1.0", "--quiet"]
+    assert main(args + ["--cache-interval", "2"]) == 0
+    records = read_jsonl(out / "records.jsonl")
+    assert records and all(r["cache_interval"] == 2 for r in records)
+    assert read_plan(out).header["translate"]["cache_interval"] == 2
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--cache-interval", "3"])
+    assert info.value.code == 2 and "holds another plan (differs in translate)" in capsys.readouterr().err
