@@ -276,26 +276,62 @@ def bundle_path(folder: Path, rel: str, what: str) -> Path:
 
 
 # --------------------------------------------------------------------------- 3. save
+MAX_CLASSES_ENV = "DIFFMIX_MAX_CLASSES"   # the most classes a bundle may have (default 10,000)
+MAX_ADAPTER_BYTES = 64 * 2**20           # an adapter.json larger than this is refused before it is parsed
+
+
+def max_classes() -> int:
+    """The class cap: ``DIFFMIX_MAX_CLASSES`` (a positive integer) or 10,000."""
+    text = os.environ.get(MAX_CLASSES_ENV, "").strip()
+    if not text:
+        return 10_000
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{MAX_CLASSES_ENV}={text!r} must be a positive integer")
+    return int(text)
+
+
+def _check_class_count(classes: object, tokens: object) -> None:
+    """Refuse more classes or tokens than :func:`max_classes` before any other work on them."""
+    cap = max_classes()
+    for kind, names in (("classes", classes), ("tokens", tokens)):
+        if isinstance(names, (list, tuple)) and len(names) > cap:
+            raise ValueError(f"{len(names):,} {kind}: a bundle may have at most {cap:,} classes "
+                             f"(set {MAX_CLASSES_ENV} to allow more)")
+
+
+def _repeated(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once, sorted (one pass)."""
+    seen, dupes = set(), set()
+    for n in names:
+        (dupes if n in seen else seen).add(n)
+    return sorted(dupes)
+
+
 def _check_names(classes, tokens) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Class names and tokens: capped in count, non-empty strings, unique, one token per class,
+    no whitespace, distinct embedding file names. Linear in the number of classes."""
+    _check_class_count(classes, tokens)
     classes, tokens = tuple(classes), tuple(tokens)
     if not classes:
         raise ValueError("a bundle needs at least one class")
     for kind, names in (("class name", classes), ("token", tokens)):
-        if any(not isinstance(n, str) or not n.strip() for n in names):
-            raise ValueError(f"every {kind} must be a non-empty string, got {list(names)}")
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise ValueError(f"every {kind} must be a non-empty string, got {bad[:10]!r}")
+        dupes = _repeated(names)
         if dupes:
-            raise ValueError(f"{kind}s must be unique; repeated: {dupes}")
+            raise ValueError(f"{kind}s must be unique; repeated: {dupes[:20]}")
     if len(tokens) < len(classes):
         raise ValueError(f"class(es) without a token: {list(classes[len(tokens):])[:10]}; give one token per class")
     if len(tokens) > len(classes):
         raise ValueError(f"{len(tokens)} tokens for {len(classes)} classes; give one token per class")
     spaced = [t for t in tokens if len(t.split()) != 1 or t != t.strip()]
     if spaced:
-        raise ValueError(f"tokens must not contain whitespace: {spaced}")
-    files = [embedding_relpath(t).lower() for t in tokens]  # case-insensitive file systems
-    if len(set(files)) != len(files):
-        raise ValueError(f"tokens {list(tokens)} map to clashing embedding file names; make them differ in letters/digits")
+        raise ValueError(f"tokens must not contain whitespace: {spaced[:20]}")
+    clashing = _repeated([embedding_relpath(t).lower() for t in tokens])  # case-insensitive file systems
+    if clashing:
+        raise ValueError(f"tokens map to clashing embedding file names {clashing[:20]}; make them differ in "
+                         "letters/digits")
     return classes, tokens
 
 
@@ -407,6 +443,9 @@ def _read_meta(folder: Path) -> tuple[dict, str]:
     file = folder / ADAPTER_JSON
     if not file.is_file():
         raise FileNotFoundError(f"{folder} has no {ADAPTER_JSON}: not an adapter bundle")
+    if file.stat().st_size > MAX_ADAPTER_BYTES:
+        raise ValueError(f"{file} is {file.stat().st_size:,} bytes; an adapter.json may be at most "
+                         f"{MAX_ADAPTER_BYTES:,} bytes")
     data = file.read_bytes()
     try:
         meta = json.loads(data.decode("utf-8"))
@@ -414,6 +453,10 @@ def _read_meta(folder: Path) -> tuple[dict, str]:
         raise ValueError(f"{file} is not JSON ({err}); it must be the adapter.json written by save_bundle") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{file} must hold a JSON object, not {type(meta).__name__}")
+    try:
+        _check_class_count(meta.get("classes"), meta.get("tokens"))   # before any other work on it
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
     unknown = sorted(set(meta) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
     if unknown:
         raise ValueError(f"{file} has unknown key(s) {unknown}; allowed: {list(_REQUIRED_KEYS + _OPTIONAL_KEYS)}")

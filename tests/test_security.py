@@ -760,3 +760,59 @@ def test_profile_writes_from_anonymous_clients_are_refused(world, monkeypatch):
     assert not target.exists()
     msg = Client(world["url"], verbose=False).predict(*args, api_name="/save_profile")
     assert "saved" in msg and target.is_file() and (Path(world["bundle"]) / "adapter.json").read_bytes() == adapter
+
+
+# =========================================================================== issue 25: third round (library)
+def _adapter_with_classes(folder: Path, n: int) -> Path:
+    """A hostile adapter.json with ``n`` classes (nothing else in it is valid: the class cap is
+    checked before any other work)."""
+    folder.mkdir(parents=True)
+    names = [f"c{i}" for i in range(n)]
+    (folder / "adapter.json").write_text(json.dumps({
+        "format_version": 1, "base_model": {"model": "x/y", "revision": None}, "classes": names,
+        "tokens": [f"<{c}>" for c in names], "superclass": "", "template": "{word}", "resolution": 512,
+        "lora": None, "training": {}, "steps": 0, "files": {f"embeddings/{c}.safetensors": "0" * 64 for c in names}}))
+    return folder
+
+
+def test_class_count_is_capped_before_any_other_work(tmp_path, capsys, monkeypatch):
+    from diffmix_core.bundle import load_bundle
+
+    big = _adapter_with_classes(tmp_path / "big", 16_000)
+    with pytest.raises(ValueError, match="16,000 classes: a bundle may have at most 10,000 classes"):
+        load_bundle(big)
+    err = refused(capsys, "translate", "--bundle", str(big), "--image", str(big / "adapter.json"),
+                  "--source-class", "c0", "--target", "c1", "--out", str(tmp_path / "o"), "--quiet")
+    assert "at most 10,000 classes" in err and "DIFFMIX_MAX_CLASSES" in err and "Traceback" not in err
+    # configurable: with a higher cap the same file gets past the count (and fails on its missing files)
+    monkeypatch.setenv("DIFFMIX_MAX_CLASSES", "20000")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_bundle(big)
+    monkeypatch.setenv("DIFFMIX_MAX_CLASSES", "3")
+    with pytest.raises(ValueError, match="at most 3 classes"):
+        load_bundle(_adapter_with_classes(tmp_path / "four", 4))
+
+
+class _CountingName(str):
+    """A class name that counts how often it is compared for equality."""
+
+    compared = 0
+
+    def __eq__(self, other):
+        type(self).compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_name_checks_are_linear_in_the_class_count():
+    from diffmix_core.bundle import _check_names
+
+    n = 9_000
+    classes = [_CountingName(f"class {i}") for i in range(n)]
+    tokens = [_CountingName(f"<c{i}>") for i in range(n)]
+    _CountingName.compared = 0
+    assert len(_check_names(classes, tokens)[0]) == n
+    assert _CountingName.compared <= 4 * n, _CountingName.compared   # a pairwise check makes ~n**2 = 81,000,000
+    with pytest.raises(ValueError, match=r"repeated: \['class 7'\]"):
+        _check_names(classes + [_CountingName("class 7")], tokens + [_CountingName("<extra>")])
