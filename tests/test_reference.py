@@ -37,12 +37,20 @@ def shape_image(kind: str, seed: int, size: int = 32) -> Image.Image:
     return im
 
 
+# Enough images and epochs that the kept epoch is a clear optimum, not a knife edge: with 12 per
+# class (18 training images, 24 steps, the best of 8 epochs picked on 9 validation images) the
+# result moved with the BLAS thread count and the CPU's kernels as it moves with the seed
+# (fresh accuracy 0.67 to 1.0 over seeds 0-12); with 30 per class and 10 epochs it is >= 0.93
+# on every one of seeds 0-15, with 1 or 2 threads.
+PER_CLASS, EPOCHS = 30, 10
+
+
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes") / "data"
     for k, kind in enumerate(SHAPES):
         (root / kind).mkdir(parents=True)
-        for i in range(12):
+        for i in range(PER_CLASS):
             shape_image(kind, 100 * k + i).save(root / kind / f"{i:02d}.png")
     return root
 
@@ -51,7 +59,7 @@ def shapes_dir(tmp_path_factory):
 def trained(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "reference"
     assert cli.main(["train-reference", "--data", str(shapes_dir), "--out", str(out), "--model-name", "test_resnet",
-                     "--pretrained", "none", "--image-size", "32", "--epochs", "8", "--batch-size", "8",
+                     "--pretrained", "none", "--image-size", "32", "--epochs", str(EPOCHS), "--batch-size", "8",
                      "--learning-rate", "3e-3", "--val-fraction", "0.25", "--test-fraction", "0.25",
                      "--device", "cpu", "--quiet"]) == 0
     return out
@@ -60,20 +68,24 @@ def trained(shapes_dir, tmp_path_factory):
 def test_trains_above_chance_and_reloads_to_the_same_predictions(trained, shapes_dir):
     meta = json.loads((trained / "reference.json").read_text())
     assert meta["classes"] == ["circle", "square", "triangle"]
-    assert meta["counts"] == {"train": 18, "val": 9}           # test images never seen
-    assert meta["val_accuracy"] >= 0.75, meta["history"]        # chance: 1/3
-    assert meta["preprocessing"]["input_size"] == 32 and meta["pretrained_from"] == "none"
     split = json.loads((shapes_dir / "diffmix_split.json").read_text())
+    assert meta["counts"] == {s: len(split["splits"][s]) for s in ("train", "val")}   # test images never seen
+    assert meta["counts"]["val"] >= 20 and meta["val_accuracy"] >= 0.75, meta["history"]   # chance: 1/3
+    assert meta["preprocessing"]["input_size"] == 32 and meta["pretrained_from"] == "none"
     used = {p for s in ("train", "val") for p in split["splits"][s]}
     assert not used & set(split["splits"]["test"])
     clf = load_reference(trained, device="cpu")
-    images = [shape_image(kind, 1000 + i) for kind in SHAPES for i in range(3)]
+    # fresh images: a different seed for every image (the same seeds for every shape would give
+    # three layouts in three colours, nine correlated draws rather than nine images)
+    images = [shape_image(kind, 1000 + 10 * k + i) for k, kind in enumerate(SHAPES) for i in range(10)]
     p1, f1 = clf.predict(images)
     p2, f2 = load_reference(trained / "reference.json", device="cpu").predict(images)
     assert torch.equal(p1, p2) and torch.equal(f1, f2)
-    assert p1.shape == (9, 3) and torch.allclose(p1.sum(-1), torch.ones(9), atol=1e-5)
-    accuracy = float((p1.argmax(-1) == torch.arange(3).repeat_interleave(3)).float().mean())
-    assert accuracy > 0.5   # fresh images of the same shapes
+    assert p1.shape == (30, 3) and torch.allclose(p1.sum(-1), torch.ones(30), atol=1e-5)
+    predicted = p1.argmax(-1)
+    accuracy = float((predicted == torch.arange(3).repeat_interleave(10)).float().mean())
+    assert accuracy >= 0.7, predicted.tolist()   # fresh images of the same shapes (chance 1/3)
+    assert set(predicted.tolist()) == {0, 1, 2}, predicted.tolist()   # never one class for all
 
 
 def test_tampered_weights_refused(trained, tmp_path):
