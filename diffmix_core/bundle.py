@@ -35,6 +35,7 @@ import math
 import os
 import re
 import string
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -45,7 +46,7 @@ from safetensors.torch import save
 from .config import STRATEGIES, Thresholds
 from .data import read_dataset
 from .models import normalise_model_id
-from .records import atomic_path, sha256_file, write_text_atomic
+from .records import atomic_path, contained_file, sha256_file, write_text_atomic
 from .weights import check_vectors, lora_file_metadata, read_weights, to_bundle_lora
 
 FORMAT_VERSION = 1
@@ -656,14 +657,30 @@ def find_bundles(roots: Sequence[Path], broken: dict[str, str] | None = None) ->
 
 def bundle_examples(bundle: Bundle) -> list[tuple[str, str]]:
     """(image path, class) of the bundle's example images (``examples`` folder, ImageFolder
-    layout), in the bundle's label order; [] when it has none."""
+    layout or a metadata.jsonl), in the bundle's label order; [] when it has none. Only regular
+    files inside the bundle count: a symlink, or a metadata ``file_name`` that is absolute or
+    goes up with '..', is skipped with a warning. Every consumer of examples reads them here."""
     rel = bundle.meta.get("examples")
     if not rel or not (bundle.path / rel).is_dir():
         return []
     try:
-        data = read_dataset(bundle.path / rel, show_progress=False)
+        data = read_dataset(bundle.path / rel, show_progress=False)   # warns of metadata names outside
     except ValueError:
         return []
-    items = [it for it in data.items if it.class_name in bundle.classes]
+    skipped, items = [], []
+    for it in data.items:
+        inside = Path(it.path).is_relative_to(bundle.path)
+        try:
+            if not inside:
+                raise ValueError(f"example {it.id!r} is outside the bundle")
+            contained_file(bundle.path, Path(it.path).relative_to(bundle.path).as_posix(), "example")
+        except (ValueError, FileNotFoundError) as err:
+            skipped.append(str(err))
+            continue
+        if it.class_name in bundle.classes:
+            items.append(it)
+    if skipped:
+        warnings.warn(f"bundle {bundle.path.name}: {len(skipped)} example(s) skipped, examples must be regular "
+                      f"files inside the bundle: {'; '.join(skipped[:3])}", stacklevel=2)
     items.sort(key=lambda it: (bundle.class_index(it.class_name), it.id))
     return [(str(it.path), it.class_name) for it in items]

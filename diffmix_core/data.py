@@ -280,6 +280,10 @@ def _read_hf_imagefolder(root: Path, folders: list[Path]) -> tuple[list[tuple[Pa
             if not name:
                 problems.append((f"{folder}/metadata line {n}", "no file_name"))
                 continue
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                problems.append((f"{folder}/metadata line {n}", f"file_name {name!r} is outside the folder "
+                                 "(absolute or '..'); metadata names only the folder's own files"))
+                continue
             path = folder / name
             if label is None:  # the datasets library's rule: the parent folder names the class
                 label = folder_class_name(path.parent.name) if path.parent != folder else None

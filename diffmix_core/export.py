@@ -43,8 +43,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import ImageError, load_image
-from .records import (atomic_path, csv_cell, csv_cell_value, read_jsonl, read_png_record, safe_name, save_png,
-                      sha256_file, user_mode, write_jsonl_atomic, write_text_atomic)
+from .records import (atomic_path, contained_file, csv_cell, csv_cell_value, read_jsonl, read_png_record, safe_name,
+                      save_png, sha256_file, user_mode, write_jsonl_atomic, write_text_atomic)
 
 FORMATS = ("imagefolder", "authors", "zip")
 META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength", "Path")  # REFERENCE.md §2
@@ -459,21 +459,7 @@ def owned_image(folder: Path, name: object, where: str) -> Path:
     """The image ``name`` (a path from a records file) inside ``folder``, checked: a relative
     path that resolves inside ``folder`` with no symlink on the way, a regular file that
     decodes as an image. Anything else is a ValueError (FileNotFoundError when absent)."""
-    root = folder.resolve()
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise ValueError(f"{where}: file_name {name!r} is not a file name")
-    path = folder / name
-    if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(root):
-        raise ValueError(f"{where}: image {name!r} is outside {folder}; an export reads only the folder's own files")
-    if not path.exists() and not path.is_symlink():
-        raise FileNotFoundError(f"{where}: image {name!r} is missing from {folder}")
-    part = root
-    for piece in Path(name).parts:   # no symlink anywhere below the folder
-        part = part / piece
-        if part.is_symlink():
-            raise ValueError(f"{where}: {part} is a symlink; an export copies only the folder's regular files")
-    if not path.is_file():
-        raise ValueError(f"{where}: {path} is not a regular file")
+    path = contained_file(folder, name, where)
     try:
         load_image(path).close()
     except (ImageError, OSError) as err:
@@ -533,9 +519,20 @@ def _read_imagefolder_set(folder: Path) -> list[SyntheticItem]:
         if missing:
             raise ValueError(f"{folder / 'metadata.jsonl'}:{n}: no {', '.join(missing)} (not a diffmix export)")
         strength = row.get("strength_run", row["strength"])
-        items.append(SyntheticItem(folder / row["file_name"], str(row["source_class"]), str(row["target_class"]),
-                                   float(strength), float(row["strength"])))
+        path = _listed_image(folder, row["file_name"], f"{folder / 'metadata.jsonl'}:{n}")
+        items.append(SyntheticItem(path, str(row["source_class"]), str(row["target_class"]), float(strength),
+                                   float(row["strength"])))
     return items
+
+
+def _listed_image(folder: Path, name: object, where: str) -> Path:
+    """A synthetic set's image: inside ``folder`` as a regular file (:func:`records.contained_file`;
+    an absolute or '../' name, or a symlink, is refused); a missing one is returned as it is,
+    for :func:`read_synthetic` to list with the others."""
+    try:
+        return contained_file(folder, name, where)
+    except FileNotFoundError:
+        return folder / str(name)
 
 
 def _read_authors_set(folder: Path, classes: Sequence[str] | None = None) -> list[SyntheticItem]:
@@ -549,8 +546,9 @@ def _read_authors_set(folder: Path, classes: Sequence[str] | None = None) -> lis
         if missing:
             raise ValueError(f"{folder / 'meta.csv'} lacks column(s) {missing}; the authors' layout has "
                              f"{META_CSV_COLUMNS}")
-        rows = [(folder / "data" / csv_cell_value(row["Path"]), csv_cell_value(row["First Directory"].strip()),
-                 csv_cell_value(row["Second Directory"].strip()), float(row["Strength"])) for row in reader]
+        rows = [(_listed_image(folder / "data", csv_cell_value(row["Path"]), f"{folder / 'meta.csv'}:{n}"),
+                 csv_cell_value(row["First Directory"].strip()), csv_cell_value(row["Second Directory"].strip()),
+                 float(row["Strength"])) for n, row in enumerate(reader, 2)]
         return [SyntheticItem(path, names.get(src, src), names.get(tgt, tgt),
                               _strength_that_ran(path, s, folder / "data"), s) for path, src, tgt, s in rows]
 

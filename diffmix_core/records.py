@@ -129,6 +129,30 @@ def safe_name(name: str, max_len: int = 80) -> str:
     return cleaned
 
 
+def contained_file(folder: str | os.PathLike, name: object, where: str) -> Path:
+    """``folder / name`` for a file name read from a records file (metadata.jsonl, meta.csv,
+    records.jsonl), checked to be a relative path with no '..', no symlink on the way, naming a
+    regular file inside ``folder``. ValueError otherwise; FileNotFoundError when it is absent.
+    The one rule for every reader of such names: a listed file never leads outside its folder."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise ValueError(f"{where}: file_name {name!r} is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not (folder / rel).resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{where}: {name!r} is outside {folder}; only the folder's own files are read")
+    path = folder / rel
+    if not path.exists() and not path.is_symlink():
+        raise FileNotFoundError(f"{where}: {name!r} is missing from {folder}")
+    part = folder
+    for piece in rel.parts:   # no symlink anywhere below the folder
+        part = part / piece
+        if part.is_symlink():
+            raise ValueError(f"{where}: {part} is a symlink; only the folder's own regular files are read")
+    if not path.is_file():
+        raise ValueError(f"{where}: {path} is not a regular file")
+    return path
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

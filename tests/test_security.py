@@ -816,3 +816,104 @@ def test_name_checks_are_linear_in_the_class_count():
     assert _CountingName.compared <= 4 * n, _CountingName.compared   # a pairwise check makes ~n**2 = 81,000,000
     with pytest.raises(ValueError, match=r"repeated: \['class 7'\]"):
         _check_names(classes + [_CountingName("class 7")], tokens + [_CountingName("<extra>")])
+
+
+def _png(path: Path, colour=(200, 40, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), colour).save(path)
+    return path
+
+
+def test_bundle_examples_are_regular_files_inside_the_bundle(tiny_model_dir, tmp_path):
+    """A symlinked example, an absolute or '../' file_name in examples/metadata.jsonl: skipped with
+    a warning by the one examples scan every consumer (the app, the demo grid) reads."""
+    import shutil
+
+    from diffmix_core.bundle import bundle_examples, load_bundle
+    from test_reliability import _bundle
+
+    secret = _png(tmp_path / "outside" / "secret.png", (1, 2, 3))
+    good = _bundle(tmp_path, tiny_model_dir, lora=False)
+    classes = load_bundle(good).classes
+    # ImageFolder examples with a symlinked file and a symlinked class folder
+    b = tmp_path / "linked"
+    shutil.copytree(good, b)
+    _png(b / "examples" / classes[0] / "own.png")
+    (b / "examples" / classes[0] / "leak.png").symlink_to(secret)
+    (b / "examples" / classes[1]).symlink_to(secret.parent)
+    _edit(b, examples="examples")
+    with pytest.warns(UserWarning, match="example.* skipped.*(symlink|outside)"):
+        found = bundle_examples(load_bundle(b))
+    assert found == [(str((b / "examples" / classes[0] / "own.png").resolve()), classes[0])]
+    # metadata.jsonl naming files outside the examples folder
+    m = tmp_path / "meta"
+    shutil.copytree(good, m)
+    _png(m / "examples" / "own.png")
+    _png(m / "examples" / "own2.png", (9, 9, 9))
+    _png(m / "ex-up.png")
+    rows = [{"file_name": "own.png", "label": classes[0]}, {"file_name": "own2.png", "label": classes[1]},
+            {"file_name": str(secret), "label": classes[1]},
+            {"file_name": "../ex-up.png", "label": classes[1]}]
+    write_jsonl_atomic(m / "examples" / "metadata.jsonl", rows)
+    _edit(m, examples="examples")
+    with pytest.warns(UserWarning, match="outside the folder"):
+        found = bundle_examples(load_bundle(m))
+    assert [Path(p).name for p, _ in found] == ["own.png", "own2.png"]
+
+
+def _synthetic_set(root: Path) -> Path:
+    from diffmix_core.export import ExportWriter
+
+    with ExportWriter(root, ("imagefolder", "authors"), classes=CLASSES) as w:
+        for n in range(4):
+            src, tgt = CLASSES[n % 3], CLASSES[(n + 1) % 3]
+            w.add(Image.new("RGB", (32, 32), (60 * n, 90, 30)),
+                  {"id": f"r{n}", "source_class": src, "target_class": tgt, "strength": 0.5, "strength_run": 0.5,
+                   "seed": n, "soft_label": soft_label(src, tgt, 0.5)}, number=n)
+    return root
+
+
+def test_synthetic_sets_never_follow_names_outside_their_folder(tmp_path, capsys):
+    """`diffmix train --synthetic`: an absolute or '../' file_name in metadata.jsonl, a meta.csv Path
+    with '..', or a symlinked image is refused before any training, naming the line."""
+    import shutil
+
+    from diffmix_core.export import read_synthetic
+
+    data = tmp_path / "data"
+    for k, name in enumerate(CLASSES):
+        for i in range(4):
+            _png(data / name / f"{i}.png", (80 * k, 200 - 50 * k, 40 + i))
+    secret = _png(tmp_path / "secret.png", (1, 2, 3))
+    good = _synthetic_set(tmp_path / "good")
+    cases = {}
+    for name, value in (("absolute", str(secret)), ("up", "../../secret.png")):
+        case = tmp_path / name
+        shutil.copytree(good, case)
+        meta = case / "imagefolder" / "metadata.jsonl"
+        rows = [json.loads(line) for line in meta.read_text().splitlines()]
+        rows[1]["file_name"] = value
+        write_jsonl_atomic(meta, rows)
+        cases[name] = case / "imagefolder"
+    link = tmp_path / "link"
+    shutil.copytree(good, link)
+    first = sorted((link / "imagefolder").glob("*.png"))[0]
+    first.unlink()
+    first.symlink_to(secret)
+    cases["symlink"] = link / "imagefolder"
+    csv_up = tmp_path / "csv"
+    shutil.copytree(good, csv_up)
+    text = (csv_up / "authors" / "meta.csv").read_text().splitlines()
+    cells = text[1].split(",")
+    cells[-1] = "../../secret.png"
+    (csv_up / "authors" / "meta.csv").write_text("\n".join([text[0], ",".join(cells), *text[2:]]) + "\n")
+    cases["meta.csv up"] = csv_up / "authors"
+    for name, folder in cases.items():
+        with pytest.raises(ValueError, match="outside|symlink"):
+            read_synthetic(folder)
+        err = refused(capsys, "train", "--data", str(data), "--synthetic", str(folder), "--out",
+                      str(tmp_path / f"run-{name}"), "--epochs", "1", "--model", "test_resnet", "--resolution", "32",
+                      "--quiet")
+        assert ("outside" in err or "symlink" in err) and "Traceback" not in err, (name, err)
+        assert not (tmp_path / f"run-{name}" / "report.json").exists()
+    assert len(read_synthetic(good)[1]) == 4
