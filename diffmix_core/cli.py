@@ -409,13 +409,16 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"exported {m['kept']} image(s) ({', '.join(formats)}) to {args.source / 'export'}")
         return
     classes = read_plan(args.source).classes if planned else None
+    sealed = []
     if args.bundle:
         from .hub import open_bundle
 
-        classes = open_bundle(args.bundle).classes
+        bundle = open_bundle(args.bundle)
+        base = [bundle.base_model] if Path(bundle.base_model).is_dir() else []   # a local base: sealed too
+        classes, sealed = bundle.classes, [bundle.path, *base]
     out = export_records(read_generated_folder(args.source), args.out or args.source / "export", formats,
                          classes=classes, show_progress=not args.quiet, overwrite=args.overwrite,
-                         protect=(args.source,))
+                         protect=(args.source,), sealed=sealed)
     print(f"exported ({', '.join(formats)}) to {out}")
 
 

@@ -43,8 +43,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import ImageError, load_image
-from .records import (atomic_path, contained_file, csv_cell, csv_cell_value, read_jsonl, read_png_record, safe_name,
-                      save_png, sha256_file, user_mode, write_jsonl_atomic, write_text_atomic)
+from .records import (atomic_path, check_apart, contained_file, csv_cell, csv_cell_value, read_jsonl, read_png_record,
+                      safe_name, save_png, sha256_file, user_mode, write_jsonl_atomic, write_text_atomic)
 
 FORMATS = ("imagefolder", "authors", "zip")
 META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength", "Path")  # REFERENCE.md §2
@@ -222,11 +222,14 @@ def _is_export_zip(path: Path, name: str) -> bool:
 
 
 def check_target(out_dir: str | os.PathLike, *, overwrite: bool = False,
-                 protect: Sequence[str | os.PathLike] = (), zip_too: bool = False) -> Path:
+                 protect: Sequence[str | os.PathLike] = (), zip_too: bool = False,
+                 sealed: Sequence[str | os.PathLike] = ()) -> Path:
     """Where an export may go, resolved; ValueError when writing there could destroy data.
 
     Refused always: a file (or anything not a folder) at ``out_dir``; the working directory,
-    a folder in ``protect`` (the sources) or any folder that contains one of them. Refused
+    a folder in ``protect`` (the sources: the records' folder, every folder holding an image
+    being exported) or any folder that contains one of them; a folder in ``sealed`` (a bundle,
+    its base), a folder containing one, or one inside one (:func:`records.check_apart`). Refused
     unless ``overwrite``: an existing folder that is neither empty nor an earlier diffmix
     export (:func:`is_export`), and (with ``zip_too``) an existing ``<out>.zip`` that is not
     the zip of such an export.
@@ -235,13 +238,9 @@ def check_target(out_dir: str | os.PathLike, *, overwrite: bool = False,
     if Path(out_dir).is_symlink() or out.exists() and not out.is_dir():
         raise ValueError(f"export target {out} exists and is not a folder; choose another --out "
                          "(a file is never replaced by an export)")
-    guarded = [Path.cwd().resolve(), Path.home().resolve()] + [Path(p).resolve() for p in protect]
-    for g in guarded:
-        if g == out or g.is_relative_to(out):
-            what = "the working directory" if g == guarded[0] else ("your home folder" if g == guarded[1]
-                                                                      else f"the source folder {g}")
-            raise ValueError(f"export target {out} is or contains {what}; an export would replace it. "
-                             "Choose a new folder for --out (even --overwrite never replaces it)")
+    check_apart(out, [("the working directory", Path.cwd()), ("your home folder", Path.home())]
+                + [("the source folder", p) for p in protect], inside=False)
+    check_apart(out, [("the bundle", p) for p in sealed])
     if out.is_dir() and any(out.iterdir()) and not is_export(out) and not overwrite:
         raise ValueError(f"export target {out} exists and is not an earlier diffmix export (it has files a "
                          "diffmix manifest does not list); choose a new or empty --out, or pass --overwrite "
@@ -270,12 +269,13 @@ class ExportWriter:
 
     def __init__(self, out_dir: str | os.PathLike, formats: Sequence[str] = ("imagefolder", "authors"),
                  *, classes: Sequence[str] | None = None, overwrite: bool = False,
-                 protect: Sequence[str | os.PathLike] = ()):
+                 protect: Sequence[str | os.PathLike] = (), sealed: Sequence[str | os.PathLike] = ()):
         self.formats = parse_formats(formats)
         if not self.formats:
             raise ValueError("no export format given")
-        self.overwrite, self.protect = overwrite, tuple(protect)
-        self.out_dir = check_target(out_dir, overwrite=overwrite, protect=protect, zip_too="zip" in self.formats)
+        self.overwrite, self.protect, self.sealed = overwrite, tuple(protect), tuple(sealed)
+        self.out_dir = check_target(out_dir, overwrite=overwrite, protect=protect, zip_too="zip" in self.formats,
+                                    sealed=sealed)
         self.classes = list(classes) if classes is not None else None
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.staging-", dir=self.out_dir.parent))
@@ -300,6 +300,12 @@ class ExportWriter:
         the running count); it names the files and fills meta.csv's ``Number``.
         """
         number = int(record.get("plan_idx", self.count) if number is None else number)
+        if not isinstance(image, Image.Image):   # the folder of an image being exported is never replaced
+            try:
+                check_apart(self.out_dir, [("the folder holding the image", Path(image).parent)], inside=False)
+            except ValueError:
+                self.abort()
+                raise
         if number in self.numbers:
             raise ValueError(f"export number {number} used twice (record {record.get('id')})")
         self.numbers.add(number)
@@ -350,7 +356,7 @@ class ExportWriter:
             for folder in (self.stage, *(p for p in self.stage.rglob("*") if p.is_dir())):
                 user_mode(folder)   # mkdtemp made the stage 0700
             check_target(self.out_dir, overwrite=self.overwrite, protect=self.protect,
-                         zip_too="zip" in self.formats)   # nothing appeared there meanwhile
+                         zip_too="zip" in self.formats, sealed=self.sealed)   # nothing appeared there meanwhile
             if "zip" in self.formats:   # the zip lands right after the folder, or neither does
                 with atomic_path(self.out_dir.with_name(self.out_dir.name + ".zip")) as tmp:
                     write_zip(self.stage, tmp, arc_root=self.out_dir.name)
@@ -445,11 +451,14 @@ def write_zip(root: str | os.PathLike, zip_path: str | os.PathLike, arc_root: st
 def export_records(items: Iterable[tuple[object, dict]], out_dir: str | os.PathLike,
                    formats: Sequence[str] = ("imagefolder", "authors"), *, classes: Sequence[str] | None = None,
                    show_progress: bool = True, overwrite: bool = False,
-                   protect: Sequence[str | os.PathLike] = ()) -> Path:
+                   protect: Sequence[str | os.PathLike] = (), sealed: Sequence[str | os.PathLike] = ()) -> Path:
     """Export (image, record) pairs; see the module docstring for the layout, and
-    :func:`check_target` for ``overwrite`` and ``protect`` (the source folders)."""
+    :func:`check_target` for ``overwrite``, ``protect`` (the source folders) and ``sealed``
+    (a bundle). The folder of every image given as a file is protected too."""
     items = list(items)
-    with ExportWriter(out_dir, formats, classes=classes, overwrite=overwrite, protect=protect) as writer:
+    protect = (*protect, *{Path(image).parent for image, _ in items if not isinstance(image, Image.Image)})
+    with ExportWriter(out_dir, formats, classes=classes, overwrite=overwrite, protect=protect,
+                      sealed=sealed) as writer:
         for image, record in tqdm(items, desc="export", unit="img", disable=not show_progress):
             writer.add(image, record)
     return writer.out_dir

@@ -39,7 +39,7 @@ from .bundle import Bundle, embedding_relpath, load_bundle, make_prompt, save_bu
 from .config import FinetuneConfig, SplitConfig, TranslateConfig
 from .data import Dataset, default_split_path, load_image, read_dataset, resolve_splits, split_subset
 from .models import load_pipeline, model_identity
-from .records import read_jsonl, save_png, write_jsonl_atomic, write_text_atomic
+from .records import check_apart, read_jsonl, save_png, write_jsonl_atomic, write_text_atomic
 from .translate import Job, translate
 from .weights import lora_state_dict_from_unet
 
@@ -513,6 +513,8 @@ def finetune(
     from accelerate import Accelerator
 
     out = Path(out)
+    root = Path(data).parent if Path(data).is_file() else Path(data)   # a CSV dataset: its folder
+    check_apart(out, [("the dataset", root)] + ([("the base model", base)] if Path(base).is_dir() else []))
     acc = Accelerator(mixed_precision=_mixed_precision(config), cpu=_multi_cpu(),
                       gradient_accumulation_steps=config.gradient_accumulation_steps)
     main = acc.is_main_process

@@ -153,6 +153,24 @@ def contained_file(folder: str | os.PathLike, name: object, where: str) -> Path:
     return path
 
 
+def check_apart(out: str | os.PathLike, sources: Iterable[tuple[str, str | os.PathLike]], *,
+                inside: bool = True) -> Path:
+    """``out`` resolved; ValueError when it is, contains or (with ``inside``) sits inside one of
+    ``sources`` ((what, folder) pairs: the images being written out, a bundle, the records), so
+    that no writer that replaces its target (``--overwrite``) or fills it can destroy or change
+    what it reads. The one rule for every writer with an output folder."""
+    target = Path(out).resolve()
+    for what, source in sources:
+        src = Path(source).resolve()
+        if src == target or src.is_relative_to(target):
+            raise ValueError(f"output folder {target} is or contains {what} {src}; writing there would replace "
+                             "it. Choose a folder outside it (even --overwrite never replaces it)")
+        if inside and target.is_relative_to(src):
+            raise ValueError(f"output folder {target} is inside {what} {src}; writing there would change it. "
+                             "Choose a folder outside it")
+    return target
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

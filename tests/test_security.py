@@ -917,3 +917,59 @@ def test_synthetic_sets_never_follow_names_outside_their_folder(tmp_path, capsys
         assert ("outside" in err or "symlink" in err) and "Traceback" not in err, (name, err)
         assert not (tmp_path / f"run-{name}" / "report.json").exists()
     assert len(read_synthetic(good)[1]) == 4
+
+
+def test_no_writer_replaces_or_writes_into_what_it_reads(tiny_model_dir, tmp_path, capsys):
+    """export --overwrite never replaces the folder holding the images, the records or the bundle
+    (nor writes inside the bundle); finetune --overwrite never writes into or over its dataset."""
+    import shutil
+
+    from diffmix_core.bundle import load_bundle
+    from test_reliability import _bundle
+
+    syn = make_generated(tmp_path / "syn", n=6)   # laid out as synthesize does: images/ + records.jsonl
+    (syn / "images").mkdir()
+    rows = [json.loads(line) for line in (syn / "records.jsonl").read_text().splitlines()]
+    for row in rows:
+        shutil.move(syn / row["file_name"], syn / "images" / row["file_name"])
+        row["file_name"] = f"images/{row['file_name']}"
+    write_jsonl_atomic(syn / "records.jsonl", rows)
+    before = tree(syn)
+    for out in (syn / "images", syn):
+        err = refused(capsys, "export", "--from", str(syn), "--out", str(out), "--overwrite", "--quiet")
+        assert "contains" in err and "Traceback" not in err, err
+    assert tree(syn) == before
+    bundle = _bundle(tmp_path, tiny_model_dir, lora=False)
+    bundle_before = tree(bundle)
+    classes = list(load_bundle(bundle).classes)
+    _rewrite_classes(syn, classes)
+    for out in (bundle, bundle / "export", bundle.parent):
+        err = refused(capsys, "export", "--from", str(syn), "--out", str(out), "--bundle", str(bundle),
+                      "--overwrite", "--quiet")
+        assert "the bundle" in err or "source folder" in err, err
+    assert tree(bundle) == bundle_before and load_bundle(bundle).num_classes == 3
+    assert main(["export", "--from", str(syn), "--out", str(tmp_path / "exp"), "--bundle", str(bundle),
+                 "--quiet"]) == 0   # the same export to its own folder works
+    data = tmp_path / "data"
+    for k, name in enumerate(classes):
+        for i in range(2):
+            Image.new("RGB", (32, 32), (80 * k, 40, 9 * i)).save(_mkdir(data / name.replace(" ", "_")) / f"{i}.png")
+    data_before = tree(data)
+    for out in (data, data / "bundle"):
+        err = refused(capsys, "finetune", "--data", str(data), "--base", str(tiny_model_dir), "--out", str(out),
+                      "--overwrite", "--max-steps", "1", "--quiet")
+        assert "the dataset" in err, err
+    assert tree(data) == data_before
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _rewrite_classes(folder: Path, classes: list[str]) -> None:
+    rows = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["source_class"], row["target_class"] = classes[i % 3], classes[(i + 1) % 3]
+        row["soft_label"] = soft_label(row["source_class"], row["target_class"], 0.5)
+    write_jsonl_atomic(folder / "records.jsonl", rows)
