@@ -942,10 +942,15 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> None:
-    from .hub import pull_bundle
+    from .hub import pull_bundle, unlisted_files
 
     bundle = pull_bundle(args.repo, revision=args.revision)
-    print(f"{args.repo}: {bundle.num_classes} classes, every file matches its sha256; bundle folder {bundle.path}")
+    extra = unlisted_files(bundle)
+    print(f"{args.repo}: {bundle.num_classes} classes, every file adapter.json lists matches its sha256; "
+          f"bundle folder {bundle.path}")
+    if extra:
+        print(f"not covered by adapter.json (no hash; diffmix neither reads nor publishes them): "
+              f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
 
 
 # --------------------------------------------------------------------------- main

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .bundle import ADAPTER_JSON, Bundle, load_bundle
 from .paths import DEMO_BUNDLE, PROJECT_ROOT
-from .records import write_text_atomic
+from .records import check_apart, write_text_atomic
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name
 SPACE_BUNDLES_ENV = "DIFFMIX_SPACE_BUNDLES"   # os.pathsep-separated Hub ids a Space fetches at start-up
@@ -54,7 +54,8 @@ def bundle_files(bundle: Bundle | str | os.PathLike) -> BundleFiles:
 
 
 def _copy_tree(src: Path, dst: Path, only: Sequence[str] | None = None) -> None:
-    """Copy ``src`` to ``dst`` (following the Hub cache's symlinks); ``only``: top-level names."""
+    """Copy ``src`` to ``dst`` (following symlinks); ``only``: top-level names. For the package's
+    own code; bundles are published file by file (:func:`published_files`)."""
     dst.mkdir(parents=True, exist_ok=True)
     for item in sorted(src.iterdir()):
         if item.name.startswith(".") or item.name == "__pycache__" or (only is not None and item.name not in only):
@@ -66,14 +67,98 @@ def _copy_tree(src: Path, dst: Path, only: Sequence[str] | None = None) -> None:
             shutil.copy2(item, dst / item.name)
 
 
+EXAMPLE_FILES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", "metadata.jsonl", "metadata.csv")   # published examples
+
+
+def _refuse_leaving(root: Path, path: Path, what: str) -> None:
+    """ValueError when ``path`` (below ``root``) leads outside ``root`` through a symlink:
+    nothing outside a bundle (or its base) is ever published."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{what} {root}: {path.relative_to(root).as_posix()} is a symlink to {path.resolve()}, "
+                         "outside it; refused (only files inside the bundle and its base are published). Replace "
+                         "the link by the file itself")
+
+
+def _inside(root: Path, rel: str, what: str) -> Path:
+    """``root / rel``: a regular file inside ``root`` once symlinks are resolved."""
+    path = root / rel
+    _refuse_leaving(root, path, what)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {root}: {rel} is not a regular file")
+    return path
+
+
+def _walk_files(root: Path, top: Path, what: str) -> list[str]:
+    """Files below ``top`` (hidden ones skipped) as paths relative to ``root``; a symlinked folder
+    that leaves ``root`` is refused, one inside it skipped (its files are published where they are)."""
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                _refuse_leaving(root, here / d, what)
+            if d.startswith(".") or (here / d).is_symlink():
+                dirnames.remove(d)
+        rels += [(here / f).relative_to(root).as_posix() for f in sorted(filenames) if not f.startswith(".")]
+    return sorted(rels)
+
+
+def _example_files(bundle: Bundle) -> list[str]:
+    """The bundle's example images (and their metadata file), relative to the bundle."""
+    rel = bundle.meta.get("examples")
+    if not rel or not (bundle.path / rel).is_dir():
+        return []
+    return [r for r in _walk_files(bundle.path, bundle.path / rel, "bundle") if r.lower().endswith(EXAMPLE_FILES)]
+
+
+def _base_files(base: Path) -> list[str]:
+    """A local diffusers base: model_index.json and the files of the components it names."""
+    try:
+        index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"base model {base} has no readable model_index.json ({err}); it is not a diffusers "
+                         "folder that can be published") from None
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]
+             and (base / k).is_dir()]
+    return ["model_index.json"] + [r for k in sorted(parts) for r in _walk_files(base, base / k, "base model")]
+
+
+def published_files(files: BundleFiles) -> list[tuple[Path, str]]:
+    """(file, path in the upload) of everything a Space or Hub repo gets from a bundle:
+    adapter.json, the files it lists, its example images and, with a local ``../base``, that
+    base's model_index.json and component files; each a regular file inside the bundle (or
+    base) once symlinks are resolved. Anything else in the folders (notes, caches) stays."""
+    bundle = files.bundle
+    prefix = f"{files.bundle_rel}/" if files.bundle_rel else ""
+    rels = dict.fromkeys([ADAPTER_JSON, *bundle.meta["files"], *_example_files(bundle)])
+    out = [(_inside(bundle.path, rel, "bundle"), prefix + rel) for rel in rels]
+    if files.bundle_rel:
+        base = Path(bundle.base_model)
+        out += [(_inside(base, rel, "base model"), f"{base.name}/{rel}") for rel in _base_files(base)]
+    return out
+
+
 def _copy_bundle(files: BundleFiles, dst: Path) -> Path:
-    """Copy a bundle (with its base when local) to ``dst``; returns the copied bundle folder."""
-    if not files.bundle_rel:
-        _copy_tree(files.root, dst)
-        return dst
-    base = Path(str(files.bundle.meta["base_model"]["model"])).parts[1]
-    _copy_tree(files.root, dst, only=(files.bundle_rel, base))
-    return dst / files.bundle_rel
+    """Copy a bundle's published files (with its base when local) to ``dst`` as regular files;
+    returns the copied bundle folder."""
+    for src, rel in published_files(files):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst / rel)
+    return dst / files.bundle_rel if files.bundle_rel else dst
+
+
+def unlisted_files(bundle: Bundle) -> list[str]:
+    """Files in a bundle's folder that no hash covers and diffmix never publishes (not
+    adapter.json, not listed in it, not an example image), and every symlink in it."""
+    listed = {ADAPTER_JSON, *bundle.meta["files"], *_example_files(bundle)}
+    extra = []
+    for path in sorted(bundle.path.rglob("*")):
+        rel = path.relative_to(bundle.path).as_posix()
+        if path.is_symlink():
+            extra.append(f"{rel} (symlink)")
+        elif path.is_file() and rel not in listed:
+            extra.append(rel)
+    return extra
 
 
 def find_bundle_in(folder: str | os.PathLike) -> Path:
@@ -103,7 +188,8 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, cache_dir: str | o
                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
                                 "check the repo id and your connection, or download it and give the folder") from None
     try:
-        return load_bundle(find_bundle_in(_real_files(Path(folder))))
+        root = _real_files(Path(folder))
+        return _check_hub_base(load_bundle(find_bundle_in(root)), root)
     except ValueError as err:
         raise ValueError(f"bundle {repo_id} (downloaded to {folder}) failed its checks: {err} "
                          "Delete it from the Hub cache (`hf cache rm`) and pull again; if it fails again, the "
@@ -131,12 +217,29 @@ def open_bundle(path_or_id: str | os.PathLike) -> Bundle:
     return pull_bundle(text)   # downloaded (or from the Hub cache), every file's sha256 checked
 
 
+def _check_hub_base(bundle: Bundle, root: Path) -> Bundle:
+    """A downloaded bundle's base model is a Hub id, or a folder of the same repo (``../base``):
+    never an absolute path nor one that leads out of the download (``../../x``) to a local folder."""
+    stored = str(bundle.meta["base_model"]["model"])
+    if Path(stored).is_absolute() or stored.startswith("~") or (
+            stored.startswith(("./", "../")) and not Path(bundle.base_model).is_relative_to(root.resolve())):
+        raise ValueError(f"its base model {stored!r} is a folder outside the downloaded repo; a Hub bundle's base "
+                         "must be a Hub id or a folder in the same repo (../base).")
+    return bundle
+
+
 def _real_files(snapshot: Path) -> Path:
     """The Hub cache stores a snapshot as symlinks into ``blobs/``, which a bundle's own checks
     refuse (no file may leave the bundle through a symlink): copy it, as real files, beside the
     snapshots (``<repo cache>/diffmix-files/<revision>``), afresh on every pull so the hashes
     are checked against what is in the cache now."""
-    dest = snapshot.parent.parent / "diffmix-files" / snapshot.name
+    repo_cache = snapshot.parent.parent
+    for path in snapshot.rglob("*"):   # huggingface_hub's links point into blobs/; any other is refused
+        if path.is_symlink() and not path.resolve().is_relative_to(repo_cache.resolve()):
+            raise ValueError(f"Hub cache snapshot {snapshot}: {path.relative_to(snapshot).as_posix()} is a symlink "
+                             f"to {path.resolve()}, outside the cache; refused. Delete the repo from the cache "
+                             "(`hf cache rm`) and pull again")
+    dest = repo_cache / "diffmix-files" / snapshot.name
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(snapshot, tmp, symlinks=False)
@@ -229,6 +332,7 @@ def write_space(out: str | os.PathLike, bundles: Sequence[str] = (), *, title: s
     for entry in bundles or [str(DEMO_BUNDLE)]:
         (hub if _is_hub_id(entry) else local).append(entry)
     copies = [bundle_files(b) for b in local]
+    check_apart(out, [("the bundle folder", f.root) for f in copies])
     stage = out.with_name(f".{out.name}.staging")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -409,6 +513,7 @@ def build_push_folder(bundle: Bundle | str | os.PathLike, out: str | os.PathLike
     ``bundle/`` + ``base/``), ``README.md`` (the model card) and ``samples.png``."""
     files = bundle_files(bundle)
     out = Path(out)
+    check_apart(out, [("the bundle folder", files.root)])
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty")
     copied = _copy_bundle(files, out)

@@ -115,7 +115,7 @@ def test_pull_and_load_by_id_offline_through_the_hub_cache(tmp_path, samples, mo
     res = subprocess.run([sys.executable, "-m", "diffmix_core", "pull", REPO], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     files = repo_dir / "diffmix-files" / REV   # the snapshot as real files (the cache holds symlinks)
-    assert "every file matches its sha256" in res.stdout and str(files / "bundle") in res.stdout
+    assert "every file adapter.json lists matches its sha256" in res.stdout and str(files / "bundle") in res.stdout
     # Loading by id (the CLI's --bundle, the app's bundle box) takes the same path.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     bundle = open_bundle(REPO)
@@ -151,3 +151,103 @@ def test_space_with_a_hub_bundle_fetches_it_at_start_up(tmp_path, samples):
     out = run_app_and_sweep(space, bare_python(tmp_path), tmp_path, (files / "bundle").resolve(),
                             HF_HUB_CACHE=str(cache))
     assert out["strengths"] == [0.5, 0.9] and Path(out["grid"]).is_file(), out["status"]
+
+
+# --------------------------------------------------------------------------- issue 25: nothing leaves a bundle
+def _world_copy(tmp_path: Path) -> Path:
+    """The demo bundle and its ../base, copied, so a test may plant files in them."""
+    world = tmp_path / "world"
+    shutil.copytree(DEMO_BUNDLE, world / "bundle")
+    shutil.copytree(DEMO_BUNDLE.parent / "base", world / "base")
+    return world / "bundle"
+
+
+def _files(folder: Path) -> dict[str, bool]:
+    """{relative path: is a regular file (not a link)} of everything in ``folder``."""
+    return {p.relative_to(folder).as_posix(): p.is_file() and not p.is_symlink() for p in folder.rglob("*")
+            if not p.is_dir()}
+
+
+def test_push_and_space_publish_only_the_bundles_own_listed_files(tmp_path, samples, capsys):
+    import json
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOKEN=hunter2")
+    bundle = _world_copy(tmp_path)
+    (bundle / "leak.txt").symlink_to(secret)                    # unlisted links and files: never published
+    (bundle / "notes").mkdir()
+    (bundle / "notes" / "plan.txt").write_text("private notes")
+    (bundle.parent / "base" / "leak.txt").symlink_to(secret)
+    (bundle.parent / "base" / "notes.md").write_text("private")
+    upload = tmp_path / "upload"
+    assert main(["push", "--bundle", str(bundle), "--repo", REPO, "--samples", str(samples), "--folder", str(upload),
+                 "--dry-run"]) == 0
+    space = tmp_path / "space"
+    assert main(["space", "--out", str(space), "--bundle", str(bundle)]) == 0
+    meta = json.loads((bundle / "adapter.json").read_text())
+    for folder, root in ((upload, upload), (space, space / "bundles" / f"b0-{bundle.name}")):
+        files = _files(root)
+        assert all(files.values()), [k for k, v in files.items() if not v]   # regular files only
+        published = {k for k in files if k.startswith("bundle/")}
+        assert published >= {f"bundle/{rel}" for rel in meta["files"]} | {"bundle/adapter.json"}
+        assert not [k for k in files if "leak" in k or "notes" in k], files
+        assert all("hunter2" not in p.read_text(errors="ignore") for p in folder.rglob("*") if p.is_file()
+                   and p.stat().st_size < 100_000)
+    # a symlink out of the bundle, out of its base, or out of an example, among what is published: refused
+    planted = [bundle / "embeddings" / sorted(os.listdir(bundle / "embeddings"))[0],
+               bundle.parent / "base" / "unet" / "config.json",
+               next((bundle / "examples").rglob("*.png"))]
+    for n, victim in enumerate(planted):
+        keep = victim.read_bytes()
+        victim.unlink()
+        victim.symlink_to(secret)
+        for cmd in (["push", "--bundle", str(bundle), "--repo", REPO, "--samples", str(samples), "--folder",
+                     str(tmp_path / f"up{n}"), "--dry-run"], ["space", "--out", str(tmp_path / f"sp{n}"),
+                                                              "--bundle", str(bundle)]):
+            with pytest.raises(SystemExit):
+                main(cmd)
+            err = capsys.readouterr().err
+            assert ("outside" in err or "leaves the bundle" in err) and "Traceback" not in err, err
+            assert not (tmp_path / f"sp{n}").exists()
+        victim.unlink()
+        victim.write_bytes(keep)
+    # the upload and Space folders never sit inside the bundle they copy
+    for cmd in (["push", "--bundle", str(bundle), "--repo", REPO, "--samples", str(samples), "--folder",
+                 str(bundle / "up"), "--dry-run"], ["space", "--out", str(bundle.parent / "sp"), "--bundle", str(bundle)]):
+        with pytest.raises(SystemExit):
+            main(cmd)
+        assert "bundle folder" in capsys.readouterr().err
+
+
+def _pull(cache: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HOME"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "diffmix_core", "pull", REPO], env=env, capture_output=True,
+                          text=True)
+
+
+def test_pull_refuses_links_out_of_the_cache_and_names_unlisted_files(tmp_path, samples):
+    import json
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOKEN=hunter2")
+    upload = build(tmp_path, samples, "--dry-run")
+    (upload / "bundle" / "notes").mkdir()
+    (upload / "bundle" / "notes" / "todo.txt").write_text("unlisted")
+    snapshot = hub_cache(upload, tmp_path / "hub") / "snapshots" / REV
+    res = _pull(tmp_path / "hub")
+    assert res.returncode == 0, res.stderr
+    assert "not covered by adapter.json" in res.stdout and "notes/todo.txt" in res.stdout
+    (snapshot / "bundle" / "leak.txt").symlink_to(secret)
+    res = _pull(tmp_path / "hub")
+    assert res.returncode == 2 and "outside the cache" in res.stderr and "every file" not in res.stdout, res.stderr
+    # a Hub bundle's base must be a Hub id or a folder of the same repo, never a local folder outside
+    for n, base in enumerate(("../../x", "../../../../../../tmp", "/usr")):
+        up = tmp_path / f"up{n}"
+        shutil.copytree(upload, up)
+        meta = json.loads((up / "bundle" / "adapter.json").read_text())
+        meta["base_model"]["model"] = base
+        (up / "bundle" / "adapter.json").write_text(json.dumps(meta))
+        hub_cache(up, tmp_path / f"hub{n}")
+        res = _pull(tmp_path / f"hub{n}")
+        assert res.returncode == 2 and "outside the downloaded repo" in res.stderr, (base, res.stdout, res.stderr)
