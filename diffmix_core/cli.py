@@ -526,10 +526,11 @@ def _records_bundle(folder: Path):
             print(f"the records name {len(named)} bundles; give --bundle to score with one")
         return None
     path, digest = next(iter(named))
-    try:
-        bundle = load_bundle(path)
+    try:   # a Hub id the records name is taken from the Hub cache only, never downloaded
+        bundle = load_bundle(path) if Path(str(path)).exists() else _cached_hub_bundle(str(path))
     except (ValueError, FileNotFoundError, OSError):
-        print(f"the records' bundle {path} is not there; give --bundle")
+        print(f"the records' bundle {path} is not there (a Hub bundle is used only when already in the Hub "
+              "cache); give --bundle")
         return None
     if digest and bundle.hash != digest:
         print(f"the bundle at {path} has changed since these images were made (hash differs); give --bundle "
@@ -537,6 +538,15 @@ def _records_bundle(folder: Path):
         return None
     print(f"bundle: {path} (named in the records)")
     return bundle
+
+
+def _cached_hub_bundle(repo_id: str):
+    """The bundle ``repo_id`` from the local Hub cache (FileNotFoundError when it is not there)."""
+    from .hub import HUB_REPO_ID, pull_bundle
+
+    if not HUB_REPO_ID.match(repo_id):
+        raise FileNotFoundError(repo_id)
+    return pull_bundle(repo_id, local_only=True)
 
 
 # --------------------------------------------------------------------------- calibrate

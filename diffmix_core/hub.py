@@ -171,9 +171,12 @@ def find_bundle_in(folder: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------- pull
-def pull_bundle(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Bundle:
+def pull_bundle(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                local_only: bool = False) -> Bundle:
     """Download a bundle repo from the Hub (or take it from the Hub cache when offline) and
-    load it, which checks every weight file against the sha256 in ``adapter.json``.
+    load it, which checks every weight file against the sha256 in ``adapter.json``. With
+    ``local_only``, only the Hub cache is used: nothing is downloaded (for a repo id read from a
+    file rather than given by the user).
 
     Raises:
         FileNotFoundError: the repo cannot be had (offline and not cached, unknown, gated).
@@ -182,7 +185,7 @@ def pull_bundle(repo_id: str, *, revision: str | None = None, cache_dir: str | o
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir)
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_only)
     except Exception as err:   # offline and not cached, unknown repo, gated, network
         raise FileNotFoundError(f"could not fetch bundle {repo_id} from the Hugging Face Hub "
                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "

@@ -4,6 +4,7 @@ pulling / loading by repo id through huggingface_hub's real cache code path, off
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -251,3 +252,46 @@ def test_pull_refuses_links_out_of_the_cache_and_names_unlisted_files(tmp_path, 
         hub_cache(up, tmp_path / f"hub{n}")
         res = _pull(tmp_path / f"hub{n}")
         assert res.returncode == 2 and "outside the downloaded repo" in res.stderr, (base, res.stdout, res.stderr)
+
+
+def test_score_never_downloads_the_bundle_its_records_name(tmp_path, samples):
+    """`diffmix score --input F`: a Hub id in F's records is used from the Hub cache when there,
+    and never fetched: a recording stand-in for the Hub sees no request."""
+    import http.server
+    import threading
+
+    from test_security import make_generated
+    from diffmix_core.records import write_jsonl_atomic
+
+    requests = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):   # noqa: N802 (http.server's name)
+            requests.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gen = make_generated(tmp_path / "gen")
+    rows = [json.loads(line) for line in (gen / "records.jsonl").read_text().splitlines()]
+    write_jsonl_atomic(gen / "records.jsonl", [dict(r, bundle=REPO, bundle_hash="") for r in rows])
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", PYTHONPATH=str(ROOT))
+    try:
+        for cache, found in ((tmp_path / "empty", False), (tmp_path / "hub", True)):
+            if found:
+                hub_cache(build(tmp_path, samples, "--dry-run"), cache)
+            res = subprocess.run([sys.executable, "-m", "diffmix_core", "score", "--input", str(gen), "--clip-model",
+                                  "none", "--quiet"], env=dict(env, HF_HUB_CACHE=str(cache)), capture_output=True,
+                                 text=True, timeout=300)
+            assert res.returncode == 0, res.stderr
+            assert ("(named in the records)" in res.stdout) == found, res.stdout
+            assert requests == [], requests
+    finally:
+        server.shutdown()
