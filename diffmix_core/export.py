@@ -43,8 +43,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import ImageError, load_image
-from .records import (atomic_path, check_apart, contained_file, csv_cell, csv_cell_value, read_jsonl, read_png_record,
-                      safe_name, save_png, sha256_file, user_mode, write_jsonl_atomic, write_text_atomic)
+from .records import (atomic_path, check_apart, contained_file, csv_cell, csv_cell_value, md_text, read_jsonl,
+                      read_png_record, safe_name, save_png, sha256_file, user_mode, write_jsonl_atomic,
+                      write_text_atomic)
 
 FORMATS = ("imagefolder", "authors", "zip")
 META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength", "Path")  # REFERENCE.md §2
@@ -157,11 +158,10 @@ def dataset_card_text(metadata_jsonl: str | os.PathLike, classes: Sequence[str])
     try:
         config["features"] = dataset_features(metadata_jsonl, classes)._to_yaml_list()
     except (ValueError, TypeError) as err:   # columns datasets cannot type: the card still lists the classes
-        note = f"\n(`label` loads as an integer here: the columns could not be typed: {str(err)[:200]})\n"
+        note = f"\n(`label` loads as an integer here: the columns could not be typed: {md_text(str(err)[:200])})\n"
     meta = {"configs": [config], "tags": ["synthetic", "diffmix", "image-classification"],
             "task_categories": ["image-classification"]}
-    cell = [" ".join(str(c).split()).replace("|", "\\|") for c in classes]   # one line, no column breaks
-    order = "\n".join(f"| {i} | {c} |" for i, c in enumerate(cell))
+    order = "\n".join(f"| {i} | {md_text(c)} |" for i, c in enumerate(classes))   # one line, inert
     return (f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n"
             "# Synthetic images made with diffmix (Diff-Mix)\n\n"
             "Each row is one translated image and its record.\n\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .bundle import ADAPTER_JSON, Bundle, load_bundle
 from .paths import DEMO_BUNDLE, PROJECT_ROOT
-from .records import check_apart, write_text_atomic
+from .records import check_apart, md_fence, md_text, write_text_atomic
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name
 SPACE_BUNDLES_ENV = "DIFFMIX_SPACE_BUNDLES"   # os.pathsep-separated Hub ids a Space fetches at start-up
@@ -353,9 +354,10 @@ def write_space(out: str | os.PathLike, bundles: Sequence[str] = (), *, title: s
         models = [h for h in hub] + [f.bundle.base_model for f in copies if _is_hub_id(f.bundle.base_model)]
         suggested = hardware or ("cpu-basic" if not hub and all(f.bundle_rel for f in copies) else "t4-small")
         meta = space_front_matter(title=title, models=list(dict.fromkeys(models)), hardware=suggested)
-        lines = [f"- `{s}` (shipped)" for s in shipped] + [f"- `{h}` (fetched from the Hub at start-up)" for h in hub]
+        lines = [f"- {md_text(s)} (shipped)" for s in shipped] + [f"- {md_text(h)} (fetched from the Hub at start-up)"
+                                                                   for h in hub]
         (stage / "README.md").write_text(
-            f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n# {title}\n\n"
+            f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n# {md_text(title)}\n\n"
             "Diff-Mix (Wang et al., CVPR 2024): translate an image of one class toward another at a chosen "
             "strength, score the results, curate them and export labelled training sets.\n\nBundles:\n\n"
             + "\n".join(lines) + "\n\n## Push this folder\n\n```bash\n"
@@ -443,29 +445,37 @@ def model_card_text(bundle: Bundle, repo_id: str, *, sub: str = "", license: str
         tags=["diffmix", "diff-mix", "lora", "textual-inversion", "stable-diffusion", "diffusers",
               "data-augmentation", bundle.superclass or "image-classification"])
     training = meta.get("training") or {}
-    settings = ", ".join(f"{k} = {v}" for k, v in training.items()   # not the maker's local paths
+    settings = ", ".join(f"{md_text(k)} = {md_text(v)}" for k, v in training.items()   # not the maker's local paths
                          if not isinstance(v, (dict, list)) and not (isinstance(v, str) and os.path.isabs(v)))
     profile = meta.get("profile") or {}
     reference = _reference_summary(bundle)
-    classes = "\n".join(f"| {i} | {c} | `{t}` |" for i, (c, t) in enumerate(zip(bundle.classes, bundle.tokens)))
+    classes = "\n".join(f"| {i} | {md_text(c)} | {md_text(t)} |" for i, (c, t) in enumerate(zip(bundle.classes,
+                                                                                                 bundle.tokens)))
+    base = (md_text(bundle.base_model) if not local_base else
+            f"included in this repo ({md_text(Path(str(meta['base_model']['model'])).name + '/')})")
+    revision = f" (revision {md_text(bundle.base_revision)})" if bundle.base_revision else ""
+    pull = shlex.join(["diffmix", "pull", repo_id])
+    translate = shlex.join(["diffmix", "translate", "--bundle", repo_id, "--image", "x.png", "--source-class",
+                            bundle.classes[0], "--target", bundle.classes[1 % bundle.num_classes], "--strength",
+                            "0.5", "0.7", "0.9", "--out", "out/"])
     prefix = f"{sub}/" if sub else ""
     body = f"""
-# Diff-Mix adapter bundle: {bundle.num_classes} {bundle.superclass or ''} classes
+# Diff-Mix adapter bundle: {bundle.num_classes} {md_text(bundle.superclass)} classes
 
 Class tokens (textual inversion) and a UNet LoRA that personalise a Stable-Diffusion-architecture
 pipeline to a dataset, for Diff-Mix inter-class image translation (Wang et al., CVPR 2024), made with
 diffmix. Translating a real image of one class toward another at strength s gives
 a training image with the soft label k((1 − s^γ) onehot(source) + s^γ onehot(target)).
 
-- **Base model**: {'`' + bundle.base_model + '`' if not local_base else 'included in this repo (`' + Path(str(meta['base_model']['model'])).name + '/`)'}{' (revision ' + str(bundle.base_revision) + ')' if bundle.base_revision else ''}
-- **Prompt**: `{bundle.template}` (word = the class token, superclass = `{bundle.superclass}`), resolution {bundle.resolution} px
+- **Base model**: {base}{revision}
+- **Prompt**: {md_text(bundle.template)} (word = the class token, superclass = {md_text(bundle.superclass)}), resolution {bundle.resolution} px
 - **LoRA**: rank {(meta.get('lora') or {}).get('rank', '-')}, alpha {(meta.get('lora') or {}).get('alpha', '-')}
 - **Training**: {meta.get('steps', '-')} steps; {settings or '-'}
 - **Recommended strength**: {meta.get('recommended_strength', '-')}
-- **Profile** (saved sweep settings): {json.dumps(profile) if profile else '-'}
+- **Profile** (saved sweep settings): {md_text(json.dumps(profile)) if profile else '-'}
 - **Reference classifier**: {reference}
-- **Files**: `{prefix}adapter.json` (classes, tokens, settings, sha256 of every weight file),
-  `{prefix}pytorch_lora_weights.safetensors` (diffusers LoRA), `{prefix}embeddings/<token>.safetensors`
+- **Files**: {md_text(prefix + 'adapter.json')} (classes, tokens, settings, sha256 of every weight file),
+  {md_text(prefix + 'pytorch_lora_weights.safetensors')} (diffusers LoRA), {md_text(prefix + 'embeddings/<token>.safetensors')}
 
 ## Classes
 
@@ -478,16 +488,10 @@ a training image with the soft label k((1 − s^γ) onehot(source) + s^γ onehot
     body += f"""
 ## Use with diffmix
 
-```bash
-diffmix pull {repo_id}                                  # download and check every file's sha256
-diffmix translate --bundle {repo_id} --image x.png --source-class "{bundle.classes[0]}" \\
-    --target "{bundle.classes[1 % bundle.num_classes]}" --strength 0.5 0.7 0.9 --out out/
-```
-
+{md_fence(pull + "   # download and check every file's sha256" + chr(10) + translate, "bash")}
 ## Use with plain diffusers
 
-```python
-{diffusers_snippet(bundle, repo_id=repo_id, sub=sub)}```
+{md_fence(diffusers_snippet(bundle, repo_id=repo_id, sub=sub), "python")}
 
 This is diffmix's translation at the same seed, strength, steps and guidance: diffmix's engine
 batches many such jobs through one denoising loop and gives the same image as this pipeline.
@@ -503,10 +507,10 @@ def _reference_summary(bundle: Bundle) -> str:
     try:
         ref = json.loads((bundle.path / rel).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return f"`{rel}`"
+        return md_text(rel)
     acc = ref.get("val_accuracy")
     acc_text = f"validation accuracy {acc:.3f}" if isinstance(acc, (int, float)) else "validation accuracy unknown"
-    return f"`{ref.get('model_name', '?')}` ({acc_text}; `{rel}`)"
+    return f"{md_text(ref.get('model_name', '?'))} ({acc_text}; {md_text(rel)})"
 
 
 def build_push_folder(bundle: Bundle | str | os.PathLike, out: str | os.PathLike, repo_id: str, *,

@@ -184,6 +184,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")   # inline Markdown: escapes, code, emphasis, links, cells
+
+
+def md_text(text: object) -> str:
+    """Untrusted text (a class name, a token, a setting) made inert for a generated Markdown card
+    or table: one line (runs of whitespace, newlines included, become one space), HTML escaped
+    (``<img onerror>`` shows as text) and inline Markdown punctuation backslash-escaped (no
+    link, image, emphasis, code span or table cell break; with no newline left, no block
+    marker can start a line). The one helper every generated card and table uses."""
+    import html
+
+    line = " ".join(str(text).split())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(line, quote=False))   # no &#x27; (its # would be escaped)
+
+
+def md_fence(code: str, lang: str = "") -> str:
+    """``code`` in a fenced block whose fence is longer than any run of backticks in it (so
+    nothing in the code can close the block)."""
+    longest = max((len(m) for m in re.findall(r"`+", code)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{code.rstrip(chr(10))}\n{fence}\n"
+
+
 def csv_cell(text: object) -> str:
     """A TEXT cell (class name, path, id) safe to open in a spreadsheet: one starting with
     ``= + - @``, tab, CR (or ``'``) gets a leading ``'``. Numbers are written as numbers,

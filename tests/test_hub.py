@@ -69,9 +69,9 @@ def test_push_folder_and_model_card(tmp_path, samples):
     assert card.data.license == "gpl-2.0" and card.data.library_name == "diffusers"
     assert "diffmix" in card.data.tags and card.data.pipeline_tag == "image-to-image"
     text = card.text
-    for needle in ("| 4 | owl | `<class_4>` |", "1500 steps", "Recommended strength**: 0.9", "validation accuracy 0.990",
+    for needle in ("| 4 | owl | &lt;class\\_4&gt; |", "1500 steps", "Recommended strength**: 0.9", "validation accuracy 0.990",
                    "![samples](samples.png)", "diffmix pull someone/demo-birds", "load_lora_weights",
-                   "load_textual_inversion", '"strategy": "diff-mix"', "included in this repo (`base/`)"):
+                   "load_textual_inversion", '"strategy": "diff-mix"', "included in this repo (base/)"):
         assert needle in text, needle
     with pytest.raises(SystemExit):
         build(tmp_path, samples, "--dry-run")       # never over an existing folder
@@ -295,3 +295,80 @@ def test_score_never_downloads_the_bundle_its_records_name(tmp_path, samples):
             assert requests == [], requests
     finally:
         server.shutdown()
+
+
+HOSTILE = ["crow$(touch PWNED)", "duck`touch PWNED2`\n| x | y |", "<img src=x onerror=alert(1)>",
+           "[click](javascript:alert(1))", "it's \"quoted\" & *bold*"]
+
+
+def _rendered(markdown: str):
+    """The HTML the Hub would show (CommonMark + GFM tables), and its table rows."""
+    from markdown_it import MarkdownIt
+
+    body = markdown.split("\n---\n", 1)[1] if markdown.startswith("---\n") else markdown
+    md = MarkdownIt("commonmark").enable("table")
+    rows, row = [], None
+    for t in md.parse(body):
+        if t.type == "tr_open":
+            row = []
+        elif t.type == "inline" and row is not None:
+            row.append(t.content)
+        elif t.type == "tr_close":
+            rows.append(row)
+            row = None
+    return md.render(body), rows
+
+
+def _assert_inert(html: str) -> None:
+    assert "<img" not in html and "<b>" not in html and 'href="javascript:' not in html, html
+
+
+def test_cards_quote_shell_arguments_and_escape_markdown_and_html(tmp_path, monkeypatch):
+    """A bundle whose class names are shell and Markdown/HTML payloads: the model card's bash
+    block, pasted into a shell, passes each name as one argument and runs nothing else; the
+    model card's and the dataset card's class tables keep one row per class and render inert."""
+    import torch
+
+    from diffmix_core.bundle import save_bundle
+    from diffmix_core.export import ExportWriter
+    from diffmix_core.labels import soft_label
+
+    tokens = [f"<h{i}>" for i in range(len(HOSTILE))]
+    bundle = tmp_path / "hostile"
+    save_bundle(bundle, classes=HOSTILE, tokens=tokens, embeddings={t: torch.randn(8) for t in tokens},
+                lora_state_dict=None, base_model="someone/base", superclass="bird <b>x</b>", resolution=32)
+    folder = tmp_path / "upload"
+    assert main(["push", "--bundle", str(bundle), "--repo", REPO, "--no-samples", "--folder", str(folder),
+                 "--dry-run"]) == 0
+    card = (folder / "README.md").read_text()
+    # paste the bash block into a shell, with a `diffmix` that prints its arguments
+    block = card.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "diffmix").write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    (bin_dir / "diffmix").chmod(0o755)
+    run = tmp_path / "shell"
+    run.mkdir()
+    res = subprocess.run(["bash", "-c", block], cwd=run, capture_output=True, text=True,
+                         env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert res.returncode == 0, res.stderr
+    calls = [json.loads(line) for line in res.stdout.splitlines()]
+    assert calls[0] == ["pull", REPO] and calls[1][calls[1].index("--source-class") + 1] == HOSTILE[0]
+    assert calls[1][calls[1].index("--target") + 1] == HOSTILE[1]
+    assert list(run.iterdir()) == []   # nothing ran but diffmix
+    html, rows = _rendered(card)
+    _assert_inert(html)
+    classes = [r for r in rows if len(r) == 3 and r[0].isdigit()]
+    assert [int(r[0]) for r in classes] == list(range(len(HOSTILE))), rows
+    # the dataset card of an export with the same class names
+    out = tmp_path / "export"
+    with ExportWriter(out, ("imagefolder",), classes=HOSTILE) as w:
+        for n in range(3):
+            src, tgt = HOSTILE[n], HOSTILE[n + 1]
+            w.add(Image.new("RGB", (8, 8), (n, 0, 0)), {"id": f"r{n}", "source_class": src, "target_class": tgt,
+                                                        "strength": 0.5, "soft_label": soft_label(src, tgt, 0.5)},
+                  number=n)
+    html, rows = _rendered((out / "imagefolder" / "README.md").read_text())
+    _assert_inert(html)
+    order = [r for r in rows if len(r) == 2 and r[0].isdigit()]
+    assert [int(r[0]) for r in order] == list(range(len(HOSTILE))), rows
