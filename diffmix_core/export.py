@@ -43,8 +43,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import ImageError, load_image
-from .records import (atomic_path, check_apart, contained_file, csv_cell, csv_cell_value, md_text, read_jsonl,
-                      read_png_record, safe_name, save_png, sha256_file, user_mode, write_jsonl_atomic,
+from .records import (atomic_path, check_apart, clean_leftovers, contained_file, csv_cell, csv_cell_value, md_text,
+                      read_jsonl, read_png_record, safe_name, save_png, sha256_file, user_mode, write_jsonl_atomic,
                       write_text_atomic)
 
 FORMATS = ("imagefolder", "authors", "zip")
@@ -278,7 +278,9 @@ class ExportWriter:
                                     sealed=sealed)
         self.classes = list(classes) if classes is not None else None
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.staging-", dir=self.out_dir.parent))
+        clean_leftovers(self.out_dir.parent, self.out_dir.name)   # of killed runs; a live run's are kept
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.staging-{os.getpid()}-",
+                                           dir=self.out_dir.parent))
         self.rows: list[dict] = []
         self.meta: list[dict] = []
         self.numbers: set[int] = set()
@@ -394,7 +396,7 @@ def _swap_into_place(stage: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` by ``stage`` with renames; on failure the old folder is restored."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
         os.replace(out_dir, old / "x")
     try:
         os.replace(stage, out_dir)

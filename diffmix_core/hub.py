@@ -14,13 +14,14 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import ADAPTER_JSON, Bundle, load_bundle
 from .paths import DEMO_BUNDLE, PROJECT_ROOT
-from .records import check_apart, md_fence, md_text, write_text_atomic
+from .records import check_apart, clean_leftovers, md_fence, md_text, user_mode, write_text_atomic
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name
 SPACE_BUNDLES_ENV = "DIFFMIX_SPACE_BUNDLES"   # os.pathsep-separated Hub ids a Space fetches at start-up
@@ -244,6 +245,7 @@ def _real_files(snapshot: Path) -> Path:
                              f"to {path.resolve()}, outside the cache; refused. Delete the repo from the cache "
                              "(`hf cache rm`) and pull again")
     dest = repo_cache / "diffmix-files" / snapshot.name
+    clean_leftovers(dest.parent, dest.name)   # of killed pulls
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(snapshot, tmp, symlinks=False)
@@ -337,9 +339,10 @@ def write_space(out: str | os.PathLike, bundles: Sequence[str] = (), *, title: s
         (hub if _is_hub_id(entry) else local).append(entry)
     copies = [bundle_files(b) for b in local]
     check_apart(out, [("the bundle folder", f.root) for f in copies])
-    stage = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out.parent, out.name)   # of killed runs; a live run's staging folder is kept
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+    user_mode(stage)   # mkdtemp's 0700 is not the Space folder's mode
     try:
         shipped = []
         _copy_tree(PROJECT_ROOT / "diffmix_core", stage / "diffmix_core")

@@ -58,7 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -69,6 +69,60 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+LEFTOVER_ENV = "DIFFMIX_LEFTOVER_MINUTES"   # leftovers without a process id are stale after this (default 60)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def leftover_owner(entry: Path, name: str) -> int | None:
+    """The process id in the name of a temporary beside ``name`` (``.{name}.staging-{pid}-*``,
+    ``.{name}.old-{pid}-*``, ``.{name}.tmp-{pid}``, ``.{name}.zip.{pid}-*.tmp``); None when it
+    names none; -1 when ``entry`` is no such temporary."""
+    for kind in ("staging", "old", "tmp-", "zip."):
+        prefix = f".{name}.{kind}"
+        if entry.name.startswith(prefix) and (kind != "zip." or entry.name.endswith(".tmp")):
+            pid = entry.name[len(prefix):].lstrip("-").split("-", 1)[0]
+            return int(pid) if pid.isdigit() else None
+    return -1
+
+
+def clean_leftovers(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Remove what killed runs left beside ``folder / name`` (staging and old folders, a zip's
+    temporary): those whose process is gone, and those naming no process that are older than
+    ``DIFFMIX_LEFTOVER_MINUTES`` (60). A live run's are kept. Returns what was removed (and
+    says so on stderr)."""
+    import glob
+    import shutil
+    import sys
+    import time
+
+    folder = Path(folder)
+    minutes = float(os.environ.get(LEFTOVER_ENV, "") or 60)
+    removed = []
+    for entry in sorted(folder.glob(f".{glob.escape(name)}.*")) if folder.is_dir() else []:
+        pid = leftover_owner(entry, name)
+        if pid == -1 or entry.is_symlink():
+            continue
+        if pid is not None and _pid_alive(pid):
+            continue
+        if pid is None and time.time() - entry.lstat().st_mtime < minutes * 60:
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        print(f"diffmix: removed {len(removed)} leftover(s) of an interrupted run beside {folder / name}: "
+              f"{', '.join(p.name for p in removed[:5])}", file=sys.stderr)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

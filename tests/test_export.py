@@ -223,3 +223,52 @@ def test_authors_layout_names_parse_back_with_their_regex(tmp_path):
     assert [(it.source_class, it.target_class) for it in items] == \
         [(r["source_class"], r["target_class"]) for r in rows]
     assert ex.authors_dir_name('a:b*c') == ex.safe_name('a:b*c')   # not portable: the hashed safe name
+
+
+def _dead_pid() -> int:
+    """The id of a process that was killed (as a killed export's was)."""
+    import signal
+
+    proc = subprocess.Popen(["sleep", "60"])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.pid
+
+
+def _leftovers(folder: Path, name: str, dead: int) -> dict[str, bool]:
+    """What killed runs leave beside ``folder / name`` ({name: stale}), and a live run's (not stale)."""
+    made = {f".{name}.staging-{dead}-k1x": True, f".{name}.old-{dead}-k2x": True, f".{name}.zip.{dead}-k3x.tmp": True,
+            f".{name}.staging-oldnopid": True, f".{name}.staging-{os.getpid()}-live": False,
+            f".{name}.staging-freshnopid": False}
+    for entry in made:
+        if entry.endswith(".tmp"):
+            (folder / entry).write_bytes(b"PK half a zip")
+        else:
+            (folder / entry / "x").mkdir(parents=True)
+            (folder / entry / "x" / "1.png").write_bytes(b"half")
+    hours_ago = os.path.getmtime(folder) - 7200
+    os.utime(folder / f".{name}.staging-oldnopid", (hours_ago, hours_ago))
+    return made
+
+
+def test_leftovers_of_killed_runs_are_cleaned_and_live_ones_kept(generated, tmp_path, capsys):
+    """A killed export leaves its staging folder, the old folder and the zip's temporary beside
+    --out; the next export removes those whose process is gone (or, naming none, older than an
+    hour) and keeps a live run's. `diffmix space` follows the same rule for its staging folder."""
+    dead = _dead_pid()
+    with ex.ExportWriter(tmp_path / "exk", ("imagefolder",)) as w:   # what a run names its temporaries
+        assert w.stage.name.startswith(f".exk.staging-{os.getpid()}-")
+        w.abort()
+    made = _leftovers(tmp_path, "exk", dead)
+    assert main(["export", "--from", str(generated), "--out", str(tmp_path / "exk"), "--format",
+                 "imagefolder,zip", "--quiet"]) == 0
+    assert "removed 4 leftover(s)" in capsys.readouterr().err
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exk"))
+    assert left == sorted(k for k, stale in made.items() if not stale)
+    space = tmp_path / "sp"
+    (tmp_path / ".sp.staging").mkdir()                                # a fresh one naming no process: kept
+    (tmp_path / ".sp.staging" / "note").write_text("someone's")
+    (tmp_path / f".sp.staging-{dead}-abc").mkdir()                    # a killed run's: removed
+    assert main(["space", "--out", str(space)]) == 0
+    assert (tmp_path / ".sp.staging" / "note").read_text() == "someone's"
+    assert not (tmp_path / f".sp.staging-{dead}-abc").exists() and (space / "app.py").is_file()
