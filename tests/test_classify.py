@@ -222,20 +222,36 @@ def test_selection_never_reads_the_test_split(data_dir, tmp_path, monkeypatch):
     assert report["history"][report["best_epoch"] - 1]["val_accuracy"] == report["val_accuracy"]
 
 
-def test_cli_report_table_and_checkpoint(data_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def wide_data_dir(tmp_path_factory) -> Path:
+    """The same three coloured discs, 30 per class -> 21 train, 3 val, 6 test per class. With 10
+    per class (1 validation image each) the kept epoch is the first to get 3 of 3 right, often
+    an undertrained one: its test accuracy went from 0.33 to 1.0 with the seed (and so with BLAS
+    and CPU differences); with 30 per class it was >= 0.89 on every one of seeds 0-9."""
+    root = tmp_path_factory.mktemp("wide")
+    for k, (name, colour) in enumerate(CLASSES.items()):
+        folder = root / name.replace(" ", "_")
+        folder.mkdir()
+        for i in range(30):
+            draw(colour, 100 * k + i).save(folder / f"{i}.png")
+    return root
+
+
+def test_cli_report_table_and_checkpoint(wide_data_dir, tmp_path, capsys):
     from diffmix_core.data import load_image, read_dataset, read_split_file
     from diffmix_core.reference import load_reference
 
+    data_dir = wide_data_dir
     out, split = tmp_path / "run", tmp_path / "split.json"
     assert main(["train", "--data", str(data_dir), "--split-file", str(split), "--out", str(out), "--epochs", "4",
                  *FAST]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert "test accuracy" in printed and all(c in printed for c in CLASSES)
-    assert set(report["per_class"]) == set(CLASSES) and report["counts"] == {"train": 21, "val": 3, "test": 6,
+    assert set(report["per_class"]) == set(CLASSES) and report["counts"] == {"train": 63, "val": 9, "test": 18,
                                                                              "synthetic": 0}
     assert report["label_smoothing"] == 0.1 and "long_tail" not in report
-    assert report["test_accuracy"] > 1 / 3      # three colours: learnable in 4 epochs
+    assert report["test_accuracy"] >= 0.6, report["history"]   # three colours (chance 1/3): learnable in 4 epochs
     # the checkpoint reloads (safetensors + JSON) and reproduces the test accuracy
     clf = load_reference(out / "classifier.json", device="cpu")
     dataset = read_dataset(data_dir, show_progress=False)
