@@ -134,9 +134,10 @@ def published_files(files: BundleFiles) -> list[tuple[Path, str]]:
     prefix = f"{files.bundle_rel}/" if files.bundle_rel else ""
     rels = dict.fromkeys([ADAPTER_JSON, *bundle.meta["files"], *_example_files(bundle)])
     out = [(_inside(bundle.path, rel, "bundle"), prefix + rel) for rel in rels]
-    if files.bundle_rel:
-        base = Path(bundle.base_model)
-        out += [(_inside(base, rel, "base model"), f"{base.name}/{rel}") for rel in _base_files(base)]
+    if files.bundle_rel:   # the base under the name adapter.json gives it (../<name>)
+        name = Path(str(bundle.meta["base_model"]["model"])).parts[1]
+        base = files.root / name
+        out += [(_inside(base, rel, "base model"), f"{name}/{rel}") for rel in _base_files(base)]
     return out
 
 
