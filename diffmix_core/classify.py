@@ -40,7 +40,7 @@ from .data import Dataset, default_split_path, load_image, read_dataset, read_sp
 from .export import SyntheticItem, read_synthetic
 from .labels import label_vector, soft_label
 from .models import default_device
-from .records import write_text_atomic
+from .records import check_apart, write_text_atomic
 
 META_FILE = "classifier.json"
 REPORT_FILE = "report.json"
@@ -454,6 +454,7 @@ def train_classifier(data, out: str | os.PathLike, config: ClassifyConfig = Clas
     """
     check_pretrained(config)   # before the images are read
     dataset, parts, split_path, split = _splits(data, split_file, split_config)
+    check_apart(out, [("the dataset", dataset.root)])   # its files would join the dataset
     classes, C = dataset.classes, len(dataset.classes)
     layout, synth_items = read_synthetic(synthetic, classes) if synthetic is not None else (None, [])
     config = dataclasses.replace(config, replace_prob=default_replace_prob(config, split))

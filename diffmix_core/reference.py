@@ -33,7 +33,7 @@ from .classifier import (WEIGHTS_FILE, create_classifier, model_mean_std, optimi
 from .config import ReferenceConfig
 from .data import Dataset, load_image, read_dataset, resolve_splits, split_subset
 from .models import default_device
-from .records import atomic_path, sha256_file, write_text_atomic
+from .records import atomic_path, check_apart, sha256_file, write_text_atomic
 
 META_FILE = "reference.json"
 REFERENCE_FORMAT = "diffmix-reference/1"
@@ -156,6 +156,7 @@ def train_reference(data, out: str | os.PathLike, config: ReferenceConfig = Refe
         ``out`` as a Path.
     """
     dataset, train, val = _splits(data, split_file, split_config)
+    check_apart(out, [("the dataset", dataset.root)])   # its files would join the dataset
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model, source = create_classifier(config.model_name, len(dataset.classes), pretrained=config.pretrained,

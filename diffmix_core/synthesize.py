@@ -37,7 +37,7 @@ from .data import default_split_path, load_image, read_dataset, resolve_splits, 
 from .export import export_records, parse_formats
 from .labels import steps_run
 from .models import normalise_model_id, pipeline_source
-from .records import read_jsonl, read_png_record, save_png, write_jsonl_atomic, write_text_atomic
+from .records import check_apart, read_jsonl, read_png_record, save_png, write_jsonl_atomic, write_text_atomic
 from .reference import bundle_reference_path, load_reference
 from .scoring import class_prompt, load_clip, score_images
 from .translate import Job, Source, check_bundle_for, check_strength, translate
@@ -446,6 +446,7 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
     still to make, "merged": merge's summary or None, "main": this process merges}.
     """
     out_dir = Path(out_dir)
+    check_apart(out_dir, [("the dataset", train.root)] + ([("the bundle", bundle.path)] if bundle is not None else []))
     formats = parse_formats(export)
     if bundle is None and get_strategy(translate_config.strategy).tokens:
         raise ValueError(f"strategy {translate_config.strategy} needs --bundle; real-* strategies run on --base alone")

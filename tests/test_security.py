@@ -952,14 +952,21 @@ def test_no_writer_replaces_or_writes_into_what_it_reads(tiny_model_dir, tmp_pat
                  "--quiet"]) == 0   # the same export to its own folder works
     data = tmp_path / "data"
     for k, name in enumerate(classes):
-        for i in range(2):
+        for i in range(10):
             Image.new("RGB", (32, 32), (80 * k, 40, 9 * i)).save(_mkdir(data / name.replace(" ", "_")) / f"{i}.png")
     data_before = tree(data)
-    for out in (data, data / "bundle"):
-        err = refused(capsys, "finetune", "--data", str(data), "--base", str(tiny_model_dir), "--out", str(out),
-                      "--overwrite", "--max-steps", "1", "--quiet")
-        assert "the dataset" in err, err
-    assert tree(data) == data_before
+    split = ["--split-file", str(tmp_path / "split.json")]
+    for out in (data, data / "run"):   # every writer that reads a dataset: never into or over it
+        for cmd in (["finetune", "--base", str(tiny_model_dir), "--overwrite", "--max-steps", "1"],
+                    ["synthesize", "--bundle", str(bundle), "--multiplier", "1", "--steps", "2"],
+                    ["train", "--model", "test_resnet", "--epochs", "1"],
+                    ["train-reference", "--model-name", "test_resnet", "--pretrained", "none", "--epochs", "1"]):
+            err = refused(capsys, cmd[0], "--data", str(data), "--out", str(out), *split, *cmd[1:], "--quiet")
+            assert "the dataset" in err, (cmd, err)
+    err = refused(capsys, "synthesize", "--data", str(data), *split, "--bundle", str(bundle), "--out",
+                  str(bundle / "syn"), "--multiplier", "1", "--steps", "2", "--quiet")
+    assert "the bundle" in err, err
+    assert tree(data) == data_before and tree(bundle) == bundle_before
 
 
 def _mkdir(path: Path) -> Path:
