@@ -912,8 +912,8 @@ def test_synthetic_sets_never_follow_names_outside_their_folder(tmp_path, capsys
         with pytest.raises(ValueError, match="outside|symlink"):
             read_synthetic(folder)
         err = refused(capsys, "train", "--data", str(data), "--synthetic", str(folder), "--out",
-                      str(tmp_path / f"run-{name}"), "--epochs", "1", "--model", "test_resnet", "--resolution", "32",
-                      "--quiet")
+                      str(tmp_path / f"run-{name}"), "--epochs", "1", "--model", "test_resnet", "--pretrained", "none",
+                      "--resolution", "32", "--quiet")
         assert ("outside" in err or "symlink" in err) and "Traceback" not in err, (name, err)
         assert not (tmp_path / f"run-{name}" / "report.json").exists()
     assert len(read_synthetic(good)[1]) == 4
@@ -959,7 +959,7 @@ def test_no_writer_replaces_or_writes_into_what_it_reads(tiny_model_dir, tmp_pat
     for out in (data, data / "run"):   # every writer that reads a dataset: never into or over it
         for cmd in (["finetune", "--base", str(tiny_model_dir), "--overwrite", "--max-steps", "1"],
                     ["synthesize", "--bundle", str(bundle), "--multiplier", "1", "--steps", "2"],
-                    ["train", "--model", "test_resnet", "--epochs", "1"],
+                    ["train", "--model", "test_resnet", "--pretrained", "none", "--epochs", "1"],
                     ["train-reference", "--model-name", "test_resnet", "--pretrained", "none", "--epochs", "1"]):
             err = refused(capsys, cmd[0], "--data", str(data), "--out", str(out), *split, *cmd[1:], "--quiet")
             assert "the dataset" in err, (cmd, err)
