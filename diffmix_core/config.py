@@ -57,6 +57,8 @@ class Strategy:
     tokens: bool      # prompt with the learned class tokens (else the class name)
     lora: bool        # UNet LoRA active
     pairing: str      # 'inter' (any target), 'intra' (target = source), 'gen' (text-to-image, no source)
+    start: str = "noised"  # 'noised' (the source noised to s, or pure noise for 'gen'); 'inversion' (Diff-II:
+                           # DDIM-inverted latents of the source and a same-class partner, circle-interpolated)
 
 
 # REFERENCE.md §2. 'real-*' run the untuned base model with the class name.
@@ -69,6 +71,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("real-mix", tokens=False, lora=False, pairing="inter"),
     Strategy("real-aug", tokens=False, lora=False, pairing="intra"),
     Strategy("real-gen", tokens=False, lora=False, pairing="gen"),
+    # Diff-II (CVPR 2025) on the same bundle: s = the share of the steps prompted with a context suffix
+    Strategy("diff-ii", tokens=True, lora=True, pairing="intra", start="inversion"),
 )}
 
 RESIZE_POLICIES = ("squash", "keep-aspect")
@@ -110,7 +114,7 @@ class TranslateConfig:
 
     strategy: str = option("diff-mix", "diff-mix (fine-tuned, inter-class), diff-aug (intra-class), diff-gen "
                            "(text-to-image), ti-mix/ti-aug (embeddings only), real-mix/real-aug/real-gen (untuned "
-                           "base model)")
+                           "base model), diff-ii (inversion circle interpolation, same class)")
     num_inference_steps: int = option(25, "scheduler steps N for s = 1; strength s runs floor(N*s) of them (paper: 25)",
                                       flags=("--steps",))
     guidance_scale: float = option(7.5, "classifier-free guidance scale w (paper: 7.5)", flags=("--guidance",))
@@ -148,6 +152,24 @@ class TranslateConfig:
             raise ValueError(f"cache_interval must be >= 1 (1 = no feature cache), got {self.cache_interval}")
         if self.label_gamma <= 0 or not 0 < self.label_scale <= 1:
             raise ValueError("label_gamma must be > 0 and label_scale (k) in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DiffIIConfig:
+    """The diff-ii strategy's own settings (docs/diff-ii.md); its steps, guidance and s are TranslateConfig's."""
+
+    inversion_steps: int = option(200, "diff-ii: DDIM inversion steps of each source (Diff-II: 200)")
+    inversion_guidance: float = option(1.0, "diff-ii: guidance scale of the inversion (Diff-II: 1.0, no "
+                                       "classifier-free guidance)")
+    suffixes: str = option("", "diff-ii: context suffixes file, one per line or a JSON list (or {superclass: "
+                           "[...]}); empty = the built-in list for the bundle's superclass", shown="built-in")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        if not 1 <= self.inversion_steps <= 1000:
+            raise ValueError(f"inversion_steps must be from 1 to 1000, got {self.inversion_steps}")
+        if self.inversion_guidance < 0:
+            raise ValueError(f"inversion_guidance must be >= 0, got {self.inversion_guidance}")
 
 
 def config_fields(cls) -> list:
