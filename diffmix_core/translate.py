@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__, feature_cache
 from .apply import apply_bundle, set_lora_enabled
 from .bundle import make_prompt
-from .config import Strategy, TranslateConfig, check_seed, get_strategy
+from .config import DiffIIConfig, Strategy, TranslateConfig, check_seed, get_strategy
 from .labels import effective_strength, soft_label, steps_run
 from .models import model_identity, scheduler_name
 
@@ -69,6 +69,9 @@ class Job:
     strength: float
     seed: int
     source_class: str | None = None
+    partner: Source | None = None   # diff-ii: a second image of the source's class
+    alpha: float | None = None      # diff-ii: the circle position; None = drawn from the seed
+    suffix: str | None = None       # diff-ii: the context suffix; None = drawn from the seed
 
     @property
     def from_class(self) -> str:
@@ -97,6 +100,13 @@ class _State:
     model_size: tuple[int, int] = (0, 0)  # model input (width, height)
     extra: dict = field(default_factory=dict)
     deep: torch.Tensor | None = None      # cache_interval > 1: deep UNet features of the last full step
+    context_prompt: str = ""              # diff-ii: the prompt of the steps with t >= context_from
+    context_from: float = math.inf
+    record_extra: dict = field(default_factory=dict)  # what the strategy adds to the record
+
+    def prompt_at(self, t) -> str:
+        """The prompt of the step at timestep ``t``."""
+        return self.context_prompt if self.context_prompt and t >= self.context_from else self.prompt
 
 
 # Outputs are resized back to their source's size, but to at most this many pixels (aspect kept):
@@ -240,7 +250,8 @@ def make_record(base: dict, state: _State, resolution: int) -> dict:
         "soft_label": soft_label(job.from_class, job.target_class, s_run, base["label_gamma"], base["label_scale"]),
         "scores": None, "file_name": None,
     })
-    key = {k: record[k] for k in ("source_id", "source_sha256", "source_class", "target_class", "strategy",
+    record.update(state.record_extra)
+    key = {k: record[k] for k in (*sorted(state.record_extra), "source_id", "source_sha256", "source_class", "target_class", "strategy",
                                   "strength", "seed",
                                   "num_inference_steps", "guidance_scale", "scheduler", "resize", "resolution",
                                   "base_model", "bundle_hash")}
@@ -291,7 +302,12 @@ def validate_jobs(jobs: Sequence[Job], config: TranslateConfig, bundle=None) -> 
         if strategy.pairing == "intra" and job.target_class != job.from_class:
             raise ValueError(f"strategy {strategy.name!r} keeps the class (intra-class); got target "
                              f"{job.target_class!r} for a {job.from_class!r} source: use diff-mix/ti-mix/real-mix")
-        check_strength(job.strength, config.num_inference_steps)
+        if strategy.start == "inversion":
+            from .diffii import check_job
+
+            check_job(job)
+        else:
+            check_strength(job.strength, config.num_inference_steps)
 
 
 def translate(
@@ -304,6 +320,7 @@ def translate(
     show_progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
     prompt_cache: dict | None = None,
+    diff_ii: DiffIIConfig | None = None,
 ) -> list[Result]:
     """Run all jobs; results come back in job order.
 
@@ -316,6 +333,7 @@ def translate(
         show_progress: tqdm bar over job-steps (gr.Progress(track_tqdm=True) follows it).
         callback: called with (job-steps done, total) after every UNet call.
         prompt_cache: a dict to keep text embeddings in across calls (e.g. one per synthesis run).
+        diff_ii: the diff-ii strategy's inversion settings and suffixes (default: DiffIIConfig()).
     """
     validate_jobs(jobs, config, bundle)
     if config.cache_interval > 1:
@@ -335,7 +353,7 @@ def translate(
     results: list[Result | None] = [None] * len(jobs)
     running = []
     for st in states:
-        if st.job.source is not None and st.job.strength == 0:   # s = 0: the source, unchanged
+        if st.job.source is not None and st.job.strength == 0 and strategy.start == "noised":   # the source
             image = st.job.source.image.convert("RGB")
             size = output_size(image.size)
             image = image.resize(size, Image.LANCZOS) if size != image.size else image.copy()
@@ -343,7 +361,13 @@ def translate(
         else:
             running.append(st)
     with torch.inference_mode():
-        _prepare(pipe, running, config, resolution)
+        if strategy.start == "inversion":
+            from .diffii import prepare_states
+
+            prepare_states(pipe, running, config, resolution, diff_ii or DiffIIConfig(),
+                           bundle.superclass if bundle is not None else superclass, show_progress=show_progress)
+        else:
+            _prepare(pipe, running, config, resolution)
         # Jobs of different model-input sizes cannot share a UNet batch.
         groups: dict[tuple[int, int], list[_State]] = {}
         for st in running:
@@ -500,7 +524,7 @@ def _denoise_step(pipe, chunk: list[_State], k: int, guidance_scale: float, embe
     t = chunk[0].scheduler.timesteps[k * getattr(chunk[0].scheduler, "order", 1)]
     cfg = guidance_scale > 1
     latents = torch.cat([st.scheduler.scale_model_input(st.latents, t) for st in chunk])  # (B, 4, h, w)
-    prompts = [embed(st.prompt) for st in chunk]
+    prompts = [embed(st.prompt_at(t)) for st in chunk]
     text = torch.cat([p[0] for p in prompts])                                                # (B, 77, D)
     if cfg:
         latents = torch.cat([latents, latents])

@@ -106,3 +106,69 @@ def test_inversion_cache_hit_miss_and_invalidation(tiny_pipe, out_root):
     _, made = inversion.invert_sources(tiny_pipe, [Source(photo(3), "owl", "x"), Source(photo(3), "owl", "y")],
                                        [settings, settings], show_progress=False)
     assert made == 1
+
+
+# --------------------------------------------------------------------------- circle interpolation
+from diffmix_core.diffii import circle_angle, circle_point, draw_alpha  # noqa: E402
+
+
+def _pair(seed: int, shape=(1, 4, 8, 8), scale2: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64), scale2 * torch.randn(shape, generator=g,
+                                                                                      dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 2.5, 7.0, -0.5])
+def test_circle_point_has_the_norm_of_the_formula(seed, alpha):
+    z1, z2 = _pair(seed, scale2=1.7)
+    theta = circle_angle(z1, z2)
+    a, b = math.sin((1 + alpha) * theta) / math.sin(theta), math.sin(alpha * theta) / math.sin(theta)
+    want = a * a * z1.norm() ** 2 + b * b * z2.norm() ** 2 - 2 * a * b * (z1 * z2).sum()
+    z = circle_point(z1, z2, alpha)
+    assert torch.isclose(z.norm() ** 2, want, rtol=1e-9)
+    # in the plane of z1, z2: z = a z1 - b z2 exactly
+    assert torch.allclose(z, a * z1 - b * z2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_equal_norms_stay_on_the_circle_at_angle_alpha_theta(seed):
+    z1, z2 = _pair(seed)
+    z2 = z2 * (z1.norm() / z2.norm())
+    theta = circle_angle(z1, z2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        alpha = draw_alpha(theta, g)
+        assert 0 <= alpha <= 2 * math.pi / theta
+        z = circle_point(z1, z2, alpha)
+        assert torch.isclose(z.norm(), z1.norm(), rtol=1e-9)
+        # the angle from z1 is alpha*theta folded into [0, pi]
+        phi = (alpha * theta) % (2 * math.pi)
+        assert math.isclose(circle_angle(z, z1), min(phi, 2 * math.pi - phi), abs_tol=1e-6)
+
+
+def test_circle_point_ends_and_partner():
+    z1, z2 = _pair(7, scale2=0.5)
+    theta = circle_angle(z1, z2)
+    assert torch.allclose(circle_point(z1, z2, 0.0), z1, atol=1e-12)
+    assert torch.allclose(circle_point(z1, z2, 2 * math.pi / theta), z1, atol=1e-9)   # one full turn
+    assert torch.allclose(circle_point(z1, z2, -1.0), z2, atol=1e-12)                 # alpha = -1: the partner
+    assert circle_point(z1.float(), z2.float(), 0.4).dtype == torch.float32
+
+
+def test_alpha_draws_are_seeded_and_uniform():
+    theta = 1.3
+    draw = lambda seed: [draw_alpha(theta, g) for g in [torch.Generator().manual_seed(seed)] for _ in range(2000)]  # noqa: E731
+    a = draw(3)
+    assert a == draw(3) and a != draw(4)
+    a = np.asarray(a) * theta / (2 * math.pi)   # U(0, 1)
+    assert 0 <= a.min() and a.max() <= 1 and abs(a.mean() - 0.5) < 0.03 and abs(a.var() - 1 / 12) < 0.01
+
+
+def test_degenerate_angles_are_refused():
+    z1, _ = _pair(1)
+    for z2 in (z1.clone(), 3 * z1, -2 * z1):   # theta = 0 or pi: no unique circle
+        with pytest.raises(ValueError, match="antiparallel|parallel"):
+            circle_point(z1, z2, 0.5)
+    with pytest.raises(ValueError, match="non-zero"):
+        circle_point(z1, torch.zeros_like(z1), 0.5)
