@@ -184,4 +184,5 @@ def invert_sources(pipe, sources: Sequence, settings: Sequence[InversionSettings
                 _write(cache_file(settings[i], sha, root), zt[row : row + 1], settings[i], sha)
                 for j in todo[settings[i].key(sha)]:
                     out[j] = zt[row : row + 1]
-    return [z.to(device=pipe.device, dtype=pipe.unet.dtype) for z in out], len(todo)
+    # contiguous: a fresh latent (a view of the UNet's output) and a cached one must give the same images
+    return [z.to(device=pipe.device, dtype=pipe.unet.dtype).contiguous() for z in out], len(todo)

@@ -3,6 +3,7 @@ denoising, the diff-ii strategy through the CLI and synthesis, and remaking an i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from diffmix_core import inversion
 from diffmix_core.translate import Source
 
 DEMO_BUNDLE = "assets/demo/bundle"
+DEMO_BIRDS = "assets/demo/birds"
 
 
 def photo(seed: int, size=(32, 32)) -> Image.Image:
@@ -172,3 +174,109 @@ def test_degenerate_angles_are_refused():
             circle_point(z1, z2, 0.5)
     with pytest.raises(ValueError, match="non-zero"):
         circle_point(z1, torch.zeros_like(z1), 0.5)
+
+
+# --------------------------------------------------------------------------- the engine
+def _demo_sources(bundle, cls: str, n: int = 2) -> list[Source]:
+    """n images of ``cls`` from the demo birds."""
+    paths = sorted(Path(DEMO_BIRDS, cls).glob("*.png"))[:n]
+    return [Source(Image.open(p).convert("RGB"), cls, p.stem, str(p)) for p in paths]
+
+
+def _partial_condition(pipe, z, prompt, context, s, steps, guidance):
+    """The authors' partial_condition (interpolation_le.py), written out on diffusers' parts."""
+    _, scheduler = inversion.ddim_schedulers(pipe)
+    scheduler.set_timesteps(steps)
+    embeds = {p: torch.cat(pipe.encode_prompt(p, pipe.device, 1, True, negative_prompt="")[::-1])
+              for p in (prompt, context)}
+    latents = z * scheduler.init_noise_sigma
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            text = embeds[prompt if t < 1000 * (1 - s) else context]
+            noise = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=text).sample
+            uncond, cond = noise.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+
+
+def test_diff_ii_matches_the_authors_two_stage_loop(demo_pipe, out_root):
+    from diffmix_core.config import DiffIIConfig, TranslateConfig
+    from diffmix_core.diffii import builtin_suffixes
+    from diffmix_core.translate import Job, translate
+
+    pipe, bundle = demo_pipe
+    a, b, c = _demo_sources(bundle, "owl", 3)
+    jobs = [Job(a, "owl", 0.3, 1, partner=b), Job(b, "owl", 0.5, 2, partner=c), Job(a, "owl", 0.3, 3, partner=a)]
+    config = TranslateConfig(strategy="diff-ii", num_inference_steps=4, guidance_scale=2.5, batch_size=2)
+    settings = DiffIIConfig(inversion_steps=6)
+    results = translate(pipe, jobs, config, bundle=bundle, diff_ii=settings, show_progress=False)
+    assert len(list((out_root / "inversions").rglob("*.safetensors"))) == 3   # a, b, c once each
+    for job, res in zip(jobs, results):
+        rec = res.record
+        assert rec["suffix"] in builtin_suffixes("bird") and rec["context_prompt"].endswith(rec["suffix"])
+        assert rec["soft_label"] == {"owl": 1.0} and rec["strategy"] == "diff-ii" and rec["scheduler"] == "ddim"
+        assert (rec["partner_id"], rec["partner_sha256"]) == (job.partner.id, job.partner.pixel_hash())
+        assert rec["inversion_steps"] == 6 and rec["inversion_guidance"] == 1.0 and rec["inversion_resolution"] == 64
+        assert rec["inversion_prompt"] == bundle.prompt("owl") == rec["prompt"]
+        assert rec["context_steps"] == sum(1 for k in range(4) if 1000 * (1 - job.strength) <= 1 + 250 * (3 - k))
+        s1, s2 = (inversion.settings_for(pipe, rec["prompt"], 6, 1.0, 64),) * 2
+        (z1, z2), made = inversion.invert_sources(pipe, [job.source, job.partner], [s1, s2], show_progress=False)
+        assert made == 0   # from the cache
+        z = z1 if job.partner is job.source else circle_point(z1, z2, rec["alpha"])
+        want = _partial_condition(pipe, z, rec["prompt"], rec["context_prompt"], job.strength, 4, 2.5)
+        got = np.asarray(res.image, dtype=np.float32) / 255
+        assert np.abs(got - want).max() <= 2 / 255, np.abs(got - want).max()
+    assert results[2].record["alpha"] == 0.0   # paired with itself: z = z1, no interpolation
+    assert len({r.record["id"] for r in results}) == 3
+
+
+def test_remake_from_record_gives_identical_pixels(demo_pipe, out_root, tmp_path):
+    from diffmix_core.config import DiffIIConfig, TranslateConfig
+    from diffmix_core.diffii import job_from_record
+    from diffmix_core.records import read_png_record, save_png
+    from diffmix_core.translate import Job, translate
+
+    pipe, bundle = demo_pipe
+    a, b = _demo_sources(bundle, "duck")
+    config = TranslateConfig(strategy="diff-ii", num_inference_steps=5, guidance_scale=2.5)
+    first = translate(pipe, [Job(a, "duck", 0.5, 9, partner=b)], config, bundle=bundle,
+                      diff_ii=DiffIIConfig(inversion_steps=8), show_progress=False)[0]
+    save_png(first.image, tmp_path / "x.png", first.record)
+    job, config2, settings2 = job_from_record(read_png_record(tmp_path / "x.png"))
+    assert job.alpha == first.record["alpha"] and settings2.inversion_steps == 8
+    again = translate(pipe, [job], config2, bundle=bundle, diff_ii=settings2, show_progress=False)[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
+    assert again.record["id"] == first.record["id"]
+
+
+def test_suffix_only_acts_while_t_is_above_the_switch(demo_pipe, out_root):
+    from diffmix_core.config import TranslateConfig
+    from diffmix_core.config import DiffIIConfig
+    from diffmix_core.translate import Job, translate
+
+    pipe, bundle = demo_pipe
+    a, b = _demo_sources(bundle, "crow")
+    config = TranslateConfig(strategy="diff-ii", num_inference_steps=5, guidance_scale=2.5)
+    run = lambda s, suffix: np.asarray(translate(  # noqa: E731
+        pipe, [Job(a, "crow", s, 4, partner=b, suffix=suffix)], config, bundle=bundle,
+        diff_ii=DiffIIConfig(inversion_steps=8), show_progress=False)[0].image, dtype=np.int16)
+    assert np.array_equal(run(0.0, "in the snow"), run(0.0, "on a sandy beach at low tide"))   # s = 0: never
+    assert np.abs(run(1.0, "in the snow") - run(1.0, "on a sandy beach at low tide")).max() > 0
+
+
+def test_diff_ii_refusals(demo_pipe, out_root):
+    from diffmix_core.config import TranslateConfig
+    from diffmix_core.translate import Job, translate
+
+    pipe, bundle = demo_pipe
+    a, b = _demo_sources(bundle, "crow")
+    other = _demo_sources(bundle, "duck", 1)[0]
+    config = TranslateConfig(strategy="diff-ii", num_inference_steps=5)
+    for job, match in ((Job(a, "crow", 0.3, 0), "partner"), (Job(a, "crow", 0.3, 0, partner=other), "one class"),
+                       (Job(a, "duck", 0.3, 0, partner=b), "intra-class")):
+        with pytest.raises(ValueError, match=match):
+            translate(pipe, [job], config, bundle=bundle, show_progress=False)
+    with pytest.raises(ValueError, match="squash"):
+        translate(pipe, [Job(a, "crow", 0.3, 0, partner=b)], TranslateConfig(strategy="diff-ii", resize="keep-aspect"),
+                  bundle=bundle, show_progress=False)
