@@ -14,8 +14,8 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import (ClassifyConfig, DemoWorldConfig, FinetuneConfig, PipelineConfig, ReferenceConfig, ScoreConfig,
-                     SelftestConfig, SplitConfig, SynthesizeConfig, Thresholds, TranslateConfig, check_seed,
+from .config import (ClassifyConfig, DemoWorldConfig, DiffIIConfig, FinetuneConfig, PipelineConfig, ReferenceConfig,
+                     ScoreConfig, SelftestConfig, SplitConfig, SynthesizeConfig, Thresholds, TranslateConfig, check_seed,
                      get_strategy, with_recipe)
 from .paths import DEMO_ASSETS, DEMO_BUNDLE
 
@@ -105,11 +105,18 @@ def add_translate_parser(sub) -> None:
     src.add_argument("--base", help="base model (Hub id or diffusers folder) for the real-* strategies")
     p.add_argument("--image", type=Path, nargs="+", help="source image file(s); not needed for *-gen")
     p.add_argument("--source-class", help="class of the source image(s)")
-    p.add_argument("--target", nargs="+", required=True, help="target class name(s)")
-    p.add_argument("--strength", type=float, nargs="+", default=None, help="strength(s) s in [0, 1] (default: 0.5)")
+    p.add_argument("--target", nargs="+", default=None, help="target class name(s); intra-class strategies "
+                   "(diff-aug, ti-aug, real-aug, diff-ii) default to --source-class")
+    p.add_argument("--partner", type=Path, default=None, help="diff-ii: the second image of the class (default: one "
+                   "drawn, seeded, from --data or the bundle's examples)")
+    p.add_argument("--data", type=Path, default=None, help="diff-ii: ImageFolder to draw partners from (default: the "
+                   "bundle's example images)")
+    p.add_argument("--strength", type=float, nargs="+", default=None, help="strength(s) s in [0, 1] (default: 0.5; "
+                   "diff-ii: 0.3, the share of steps prompted with a context suffix)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="seed(s), one image per seed; -1 = a random "
                    "seed (written to the record) (default: 0)")
     add_config_args(p, TranslateConfig)
+    add_config_args(p, DiffIIConfig)
     p.add_argument("--superclass", default="", help="super-class word for prompts without a bundle (e.g. bird)")
     add_pipeline_args(p)
     p.add_argument("--max-pixels", type=int, default=None,
@@ -126,6 +133,7 @@ def run_translate(args: argparse.Namespace) -> None:
     from .apply import load_pipeline_for
     from .bundle import Profile
     from .data import load_image
+    from .diffii import DIFFII_S
     from .hub import open_bundle
     from .translate import Source, check_strength, count_jobs, translate
     from .records import write_translations
@@ -134,33 +142,69 @@ def run_translate(args: argparse.Namespace) -> None:
 
     bundle = open_bundle(args.bundle) if args.bundle else None
     profile = _profile_values(args, bundle, (TranslateConfig,), strength=args.strength) if bundle else {}
-    if args.strength is None:   # Profile.start_strength: the profile's, else the bundle's recommended, else 0.5
-        args.strength = [(load_profile(bundle) if bundle else Profile()).start_strength(bundle)]
     # -1: a random seed, recorded; other values are checked below with the request's numbers
     args.seed = [resolve_seeds([seed])[0] if seed == RANDOM_SEED else seed for seed in args.seed]
     config = config_from_args(TranslateConfig, args, base=profile)
     strategy = get_strategy(config.strategy)
+    if args.strength is None:   # Profile.start_strength: the profile's, else the bundle's recommended, else 0.5;
+        # diff-ii's s is another quantity: the authors' 0.3
+        args.strength = [DIFFII_S if strategy.start == "inversion"
+                         else (load_profile(bundle) if bundle else Profile()).start_strength(bundle)]
     if strategy.pairing != "gen" and not args.image:
         fail(f"strategy {strategy.name} needs --image")
     if strategy.pairing != "gen" and not args.source_class:
         fail("give --source-class (the class of the source images)")
+    if not args.target:
+        if strategy.pairing != "intra":
+            fail(f"strategy {strategy.name} needs --target (the target class names)")
+        args.target = [args.source_class]
     # 1. the request's size and numbers, before anything is read or loaded
     gen = strategy.pairing == "gen"
     factors = {"images": len(args.image), "targets": len(args.target), "strengths": len(args.strength),
                "seeds": len(args.seed)} if not gen else {"targets": len(args.target), "seeds": len(args.seed)}
     count_jobs(factors, args.max_jobs, "--max-jobs")
-    for s in [] if gen else args.strength:
+    for s in [] if gen or strategy.start == "inversion" else args.strength:
         check_strength(s, config.num_inference_steps)
     for seed in args.seed:
         check_seed(seed, "--seed")
     sources = [Source(load_image(p, max_pixels=args.max_pixels), args.source_class, p.stem, str(p.resolve()))
                for p in args.image or []]
-    jobs = make_jobs(sources, args.target, args.strength, args.seed, strategy.pairing)
+    if strategy.start == "inversion":
+        jobs = _diffii_jobs(args, sources, bundle)
+    else:
+        jobs = make_jobs(sources, args.target, args.strength, args.seed, strategy.pairing)
     pipe = load_pipeline_for(_pipeline_config(args), bundle, allow_base_mismatch=args.allow_base_mismatch)
     results = translate(pipe, jobs, config, bundle=bundle, superclass=args.superclass,
-                        show_progress=not args.quiet)
+                        show_progress=not args.quiet, diff_ii=config_from_args(DiffIIConfig, args))
     index = write_translations(results, args.out)
     print(f"wrote {len(results)} image(s) and {index}")
+
+
+def _diffii_jobs(args: argparse.Namespace, sources: list, bundle) -> list:
+    """diff-ii jobs: each source with --partner, else with a same-class image drawn per seed from
+    --data or the bundle's examples (diffii.draw_partner)."""
+    from .data import load_image
+    from .diffii import draw_partner, suffixes_for
+    from .diffii_jobs import partner_pool
+    from .translate import Job, Source
+
+    if bundle is None:
+        fail("strategy diff-ii runs on a fine-tuned bundle: give --bundle")
+    suffixes_for(config_from_args(DiffIIConfig, args), bundle.superclass)   # a bad --suffixes fails before any work
+    if args.partner:
+        pool = [Source(load_image(args.partner, max_pixels=args.max_pixels), args.source_class, args.partner.stem,
+                       str(args.partner.resolve()))]
+    else:
+        pool = partner_pool(args.source_class, data=args.data, bundle=bundle, max_pixels=args.max_pixels)
+    jobs = []
+    for src in sources:
+        for seed in args.seed:
+            partner = pool[0] if args.partner else draw_partner(src, pool, seed)
+            if partner.pixel_hash() == src.pixel_hash():
+                print(f"diff-ii: {src.id} has no other image of its class to pair with; it is denoised from its "
+                      "own inversion (no interpolation)")
+            jobs += [Job(src, t, s, seed, partner=partner) for t in args.target for s in args.strength]
+    return jobs
 
 
 # --------------------------------------------------------------------------- import-diffmix

@@ -30,6 +30,7 @@ SUFFIX_FILE = Path(__file__).with_name("diffii_suffixes.json")
 SUPERCLASS_LISTS = {"bird": "bird", "flower": "flower", "aircraft": "aircraft", "airplane": "aircraft",
                     "plane": "aircraft", "car": "car", "vehicle": "car", "dog": "pet", "cat": "pet", "pet": "pet",
                     "animal": "animal", "food": "food", "dish": "food"}
+DIFFII_S = 0.3   # the authors' default s
 MIN_SIN = 1e-6   # |sin θ| below this: z1, z2 (anti)parallel, the circle through them is undefined
 
 
@@ -214,3 +215,26 @@ def job_from_record(record: dict, load_image=None):
                              label_scale=record["label_scale"])
     return job, config, DiffIIConfig(inversion_steps=record["inversion_steps"],
                                      inversion_guidance=record["inversion_guidance"])
+
+
+def partner_pool(source_class: str, *, data: str | os.PathLike | None = None, bundle=None,
+                 max_pixels: int | None = None) -> list:
+    """translate.Source of every image of ``source_class`` in the dataset at ``data``, else among
+    the bundle's example images: the images a partner is drawn from."""
+    from .bundle import bundle_examples
+    from .data import load_image, read_dataset
+    from .translate import Source
+
+    if data:
+        items = [(str(it.path), it.class_name) for it in read_dataset(data, max_pixels=max_pixels,
+                                                                      show_progress=False).items]
+        where = str(data)
+    else:
+        items = bundle_examples(bundle) if bundle is not None else []
+        where = "the bundle's examples"
+    pool = [Source(load_image(p, max_pixels=max_pixels), c, Path(p).stem, str(Path(p).resolve()))
+            for p, c in items if c == source_class]
+    if not pool:
+        raise ValueError(f"no image of class {source_class!r} in {where} to pair with: give --partner IMAGE or "
+                         "--data FOLDER (ImageFolder)")
+    return pool

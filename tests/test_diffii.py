@@ -280,3 +280,43 @@ def test_diff_ii_refusals(demo_pipe, out_root):
     with pytest.raises(ValueError, match="squash"):
         translate(pipe, [Job(a, "crow", 0.3, 0, partner=b)], TranslateConfig(strategy="diff-ii", resize="keep-aspect"),
                   bundle=bundle, show_progress=False)
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_translate_diff_ii_draws_a_partner_and_reads_suffix_files(tmp_path, out_root):
+    from diffmix_core.bundle import bundle_examples, load_bundle
+    from diffmix_core.cli import main
+    from diffmix_core.records import read_jsonl
+
+    owls = sorted(Path(DEMO_BIRDS, "owl").glob("*.png"))
+    (tmp_path / "s.txt").write_text("# mine\nin a snowy owl sanctuary\n\nby moonlight\n")
+    common = ["translate", "--bundle", DEMO_BUNDLE, "--strategy", "diff-ii", "--source-class", "owl", "--steps", "3",
+              "--inversion-steps", "4", "--quiet"]
+    assert main([*common, "--image", str(owls[0]), "--seed", "0", "1", "--suffixes", str(tmp_path / "s.txt"),
+                 "--out", str(tmp_path / "a")]) == 0
+    recs = read_jsonl(tmp_path / "a" / "records.jsonl")
+    examples = {Path(p).stem for p, c in bundle_examples(load_bundle(DEMO_BUNDLE)) if c == "owl"}
+    assert len(recs) == 2 and all(r["partner_id"] in examples for r in recs)
+    assert {r["suffix"] for r in recs} <= {"in a snowy owl sanctuary", "by moonlight"}
+    assert all(r["strength"] == 0.3 and r["target_class"] == "owl" and r["soft_label"] == {"owl": 1.0} for r in recs)
+    assert all((tmp_path / "a" / r["file_name"]).is_file() for r in recs)
+    # --partner, a JSON {superclass: list} file, s given
+    (tmp_path / "s.json").write_text('{"bird": ["on a red roof"], "default": ["x"]}')
+    assert main([*common, "--image", str(owls[0]), "--partner", str(owls[1]), "--strength", "0.5",
+                 "--suffixes", str(tmp_path / "s.json"), "--out", str(tmp_path / "b")]) == 0
+    (rec,) = read_jsonl(tmp_path / "b" / "records.jsonl")
+    assert (rec["partner_id"], rec["suffix"], rec["strength"]) == (owls[1].stem, "on a red roof", 0.5)
+    assert rec["source_id"] == owls[0].stem and len(rec["source_sha256"]) == len(rec["partner_sha256"]) == 64
+
+
+def test_cli_diff_ii_refusals(tmp_path, out_root, capsys):
+    from diffmix_core.cli import main
+
+    owl = str(sorted(Path(DEMO_BIRDS, "owl").glob("*.png"))[0])
+    base = ["translate", "--bundle", DEMO_BUNDLE, "--strategy", "diff-ii", "--image", owl, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main([*base, "--source-class", "owl", "--suffixes", str(tmp_path / "none.txt")])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["translate", "--bundle", DEMO_BUNDLE, "--image", owl, "--source-class", "owl", "--out", str(tmp_path)])
+    assert "needs --target" in capsys.readouterr().err
