@@ -337,6 +337,7 @@ def add_synthesize_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (plan, images, records, exports)")
     add_config_args(p, SynthesizeConfig)
     add_config_args(p, TranslateConfig)
+    add_config_args(p, DiffIIConfig)
     p.add_argument("--superclass", default="", help="super-class word for prompts without a bundle (e.g. bird)")
     add_pipeline_args(p)
     p.add_argument("--shard", default=None, help="i/n: make only jobs with idx %% n == i (default: accelerate's "
@@ -405,7 +406,7 @@ def run_synthesize(args: argparse.Namespace) -> None:
                       merge_only=args.merge, export=args.export, thresholds=thresholds,
                       score=args.score, reference=args.reference, clip_model=args.clip_model,
                       clip_pretrained=args.clip_pretrained, allow_base_mismatch=args.allow_base_mismatch,
-                      show_progress=not args.quiet)
+                      show_progress=not args.quiet, diff_ii=config_from_args(DiffIIConfig, args))
     s, (i, n) = r["made"], r["shard"]
     if s:
         rate = f", {s['images_per_s']:.2f} img/s" if s["images_per_s"] else ""

@@ -32,9 +32,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .apply import load_pipeline_for
-from .config import PipelineConfig, ScoreConfig, SynthesizeConfig, Thresholds, TranslateConfig, get_strategy
+from .config import (DiffIIConfig, PipelineConfig, ScoreConfig, SynthesizeConfig, Thresholds, TranslateConfig,
+                     get_strategy)
 from .data import default_split_path, load_image, read_dataset, resolve_splits, split_subset
 from .export import export_records, parse_formats
+from .diffii import plan_partners, suffixes_for
 from .labels import steps_run
 from .models import normalise_model_id, pipeline_source
 from .records import check_apart, read_jsonl, read_png_record, save_png, write_jsonl_atomic, write_text_atomic
@@ -60,6 +62,8 @@ class PlanJob:
     target_class: str
     strength: float           # s as planned (the record also has the strength that ran)
     seed: int                 # derived from (plan seed, idx): see job_seed
+    partner_id: str | None = None    # diff-ii: the second train image of the class (diffii.plan_partners)
+    partner_path: str | None = None  # its absolute path
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,8 @@ def make_plan(train, config: SynthesizeConfig, strategy: str) -> list[PlanJob]:
             t_cls = s_cls
         item = images[i]
         jobs.append(PlanJob(i, item.id, str(item.path), s_cls, t_cls, float(strengths[i]), job_seed(config.seed, i)))
+    if get_strategy(strategy).start == "inversion":
+        jobs = plan_partners(jobs, train, config.seed)
     return jobs
 
 
@@ -295,10 +301,11 @@ def _engine_jobs(group: Sequence[PlanJob], load_image: Callable) -> list:
         if job.source_id is None:
             out.append(Job(None, job.target_class, 1.0, job.seed, source_class=job.source_class))
             continue
-        if job.source_id not in sources:
-            sources[job.source_id] = Source(load_image(job.source_path), job.source_class, job.source_id,
-                                            job.source_path)
-        out.append(Job(sources[job.source_id], job.target_class, job.strength, job.seed))
+        for sid, path in ((job.source_id, job.source_path), (job.partner_id, job.partner_path)):
+            if sid is not None and sid not in sources:
+                sources[sid] = Source(load_image(path), job.source_class, sid, path)
+        out.append(Job(sources[job.source_id], job.target_class, job.strength, job.seed,
+                       partner=sources[job.partner_id] if job.partner_id is not None else None))
     return out
 
 
@@ -324,7 +331,8 @@ def _judge(results, scorer, filter_config) -> list[dict]:
 
 def check_jobs(jobs: Sequence[PlanJob], config: TranslateConfig, bundle=None) -> None:
     """Refuse, before any work, strengths that run no step and classes the bundle lacks."""
-    for s in sorted({j.strength for j in jobs if j.source_id is not None}):
+    noised = get_strategy(config.strategy).start == "noised"   # diff-ii's s is checked by the engine
+    for s in sorted({j.strength for j in jobs if j.source_id is not None and noised}):
         check_strength(s, config.num_inference_steps)
     if bundle is not None:
         for name in sorted({j.target_class for j in jobs} | {j.source_class for j in jobs}):
@@ -334,7 +342,7 @@ def check_jobs(jobs: Sequence[PlanJob], config: TranslateConfig, bundle=None) ->
 def synthesize(pipe, plan: Plan, out_dir: str | os.PathLike, config: TranslateConfig = TranslateConfig(), *,
                bundle=None, superclass: str = "", shard: tuple[int, int] = (0, 1), writers: int = 2,
                scorer: Callable[[list, list[dict]], list[dict]] | None = None, filter_config=None,
-               show_progress: bool = True) -> dict:
+               show_progress: bool = True, diff_ii: DiffIIConfig | None = None) -> dict:
     """Make the shard's planned images that are not made yet; returns a summary dict.
 
     Jobs go through ``translate.translate`` ``config.batch_size`` at a time; PNG encoding and
@@ -359,7 +367,8 @@ def synthesize(pipe, plan: Plan, out_dir: str | os.PathLike, config: TranslateCo
         with ThreadPoolExecutor(max_workers=writers) as pool:
             for group in batch_order(pending, config.num_inference_steps, config.batch_size):
                 results = translate(pipe, _engine_jobs(group, load_image), config, bundle=bundle,
-                                    superclass=superclass, show_progress=False, prompt_cache=prompts)
+                                    superclass=superclass, show_progress=False, prompt_cache=prompts,
+                                    diff_ii=diff_ii)
                 records = _judge(results, scorer, filter_config)
                 rejected += sum(1 for r in records if r.get("rejected"))
                 futures += [pool.submit(_save, out_dir, job, res.image, rec, log)
@@ -430,7 +439,8 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
                   bundle=None, superclass: str = "", shard: tuple[int, int] | None = None, merge_only: bool = False,
                   export: Sequence[str] = (), thresholds: Thresholds | None = None, score: bool = False,
                   reference: str | os.PathLike | None = None, clip_model: str = "", clip_pretrained: str = "openai",
-                  allow_base_mismatch: bool = False, pipe=None, show_progress: bool = True) -> dict:
+                  allow_base_mismatch: bool = False, pipe=None, show_progress: bool = True,
+                  diff_ii: DiffIIConfig | None = None) -> dict:
     """A whole synthesis run over the TRAIN split ``train`` into ``out_dir``; rerun to resume.
 
     1. shard: ``shard`` (i, n), else accelerate's process index and count
@@ -464,6 +474,9 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
     header = plan_header(config, translate_config, train, split_file=split_file,
                          bundle_hash=bundle.hash if bundle else None, base_model=normalise_model_id(model),
                          scheduler=pipeline.scheduler, num_jobs=len(jobs), filter_config=thresholds)
+    if get_strategy(translate_config.strategy).start == "inversion":   # its settings and suffixes make the images
+        diff_ii = diff_ii or DiffIIConfig()
+        header["diff_ii"] = {**dataclasses.asdict(diff_ii), "suffix_list": suffixes_for(diff_ii, bundle.superclass)}
     plan = write_plan(out_dir, header, jobs)
     # 3. this shard's images
     made = None
@@ -477,7 +490,7 @@ def run_synthesis(train, out_dir: str | os.PathLike, config: SynthesizeConfig = 
             pipe = load_pipeline_for(dataclasses.replace(pipeline, device=device), bundle,
                                      allow_base_mismatch=allow_base_mismatch)
         made = synthesize(pipe, plan, out_dir, translate_config, bundle=bundle, superclass=superclass, shard=shard,
-                          scorer=scorer, filter_config=thresholds, show_progress=show_progress)
+                          scorer=scorer, filter_config=thresholds, show_progress=show_progress, diff_ii=diff_ii)
     # 4. merge
     if shared:
         state.wait_for_everyone()

@@ -320,3 +320,36 @@ def test_cli_diff_ii_refusals(tmp_path, out_root, capsys):
     with pytest.raises(SystemExit):
         main(["translate", "--bundle", DEMO_BUNDLE, "--image", owl, "--source-class", "owl", "--out", str(tmp_path)])
     assert "needs --target" in capsys.readouterr().err
+
+
+def test_cli_synthesize_diff_ii_plans_pairs_and_resumes(tmp_path, out_root):
+    """`diffmix synthesize --strategy diff-ii`: M x |train| same-class pairs, each record naming both
+    sources; a rerun makes nothing and inverts nothing (the cache)."""
+    import shutil
+
+    from diffmix_core.cli import main
+    from diffmix_core.records import read_jsonl
+
+    data = tmp_path / "birds"
+    for cls, n in (("owl", 3), ("duck", 1)):
+        (data / cls).mkdir(parents=True)
+        for p in sorted(Path(DEMO_BIRDS, cls).glob("*.png"))[:n]:
+            shutil.copy(p, data / cls / p.name)
+    argv = ["synthesize", "--bundle", DEMO_BUNDLE, "--data", str(data), "--val-fraction", "0", "--test-fraction", "0",
+            "--strategy", "diff-ii", "--multiplier", "1.5", "--strength", "0.3", "--steps", "3", "--inversion-steps",
+            "3", "--out", str(tmp_path / "syn"), "--quiet"]
+    assert main(argv) == 0
+    recs = read_jsonl(tmp_path / "syn" / "records.jsonl")
+    assert len(recs) == 6
+    for r in recs:
+        assert r["strategy"] == "diff-ii" and r["target_class"] == r["source_class"]
+        assert Path(r["partner_path"]).parent.name == r["source_class"]
+        assert (r["partner_id"] == r["source_id"]) == (r["source_class"] == "duck")
+        assert r["soft_label"] == {r["source_class"]: 1.0} and r["inversion_steps"] == 3
+    cached = sorted((out_root / "inversions").rglob("*.safetensors"))
+    assert len(cached) == 4   # every train image once
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+    assert main(argv) == 0   # resume: nothing to make
+    assert [p.stat().st_mtime_ns for p in cached] == mtimes
+    with pytest.raises(SystemExit):   # other inversion settings: another plan
+        main([*argv[:-3], "--inversion-steps", "4", "--out", str(tmp_path / "syn"), "--quiet"])

@@ -344,3 +344,22 @@ def test_threshold_without_reference_is_refused(tiny_model_dir, shapes_dir, tmp_
     with pytest.raises(SystemExit):
         main(synth_args(tiny_model_dir, shapes_dir, tmp_path / "o", "--min-p-target", "0.5"))
     assert "needs a reference classifier" in capsys.readouterr().err
+
+
+def test_diff_ii_plan_pairs_images_of_one_class():
+    """diff-ii: target = source class; the partner is another train image of the class (uniform over
+    them, seeded), the source itself only for a class with a single image; other strategies have none."""
+    train = fake_train({"a": 4, "b": 1, "c": 3})
+    jobs = make_plan(train, SynthesizeConfig(multiplier=200, seed=3), "diff-ii")
+    assert jobs == make_plan(train, SynthesizeConfig(multiplier=200, seed=3), "diff-ii")
+    assert jobs != make_plan(train, SynthesizeConfig(multiplier=200, seed=4), "diff-ii")
+    pairs = collections.Counter()
+    for j in jobs:
+        assert j.target_class == j.source_class and j.partner_id.split("/")[0] == j.source_class
+        assert j.partner_path == str(Path("/nowhere", j.partner_id))
+        assert (j.partner_id == j.source_id) == (j.source_class == "b")
+        pairs[(j.source_id, j.partner_id)] += 1
+    for src in (f"a/{i}.png" for i in range(4)):
+        partners = [pairs[(src, f"a/{i}.png")] for i in range(4) if f"a/{i}.png" != src]
+        assert min(partners) > 0.5 * max(partners)   # uniform over the 3 others (about 67 each)
+    assert all(j.partner_id is None for j in make_plan(train, SynthesizeConfig(multiplier=2), "diff-aug"))
