@@ -25,12 +25,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_shipped_config_and_its_quick_variant():
     full = load_experiment(ROOT / "configs" / "experiment_demo.yaml")
-    assert [a.name for a in full.arms] == ["baseline", "mixup", "cutmix", "real-mix", "diff-aug", "diff-mix"]
+    assert [a.name for a in full.arms] == ["baseline", "mixup", "cutmix", "real-mix", "diff-aug", "diff-mix", "diff-ii"]
+    assert full.arms[-1].strengths == (0.3, 0.5)
     assert full.seeds == (0, 1, 2, 3, 4) and len(full.settings) == 2 and full.settings[1].imbalance == 0.1
     assert full.settings[0].shots == 10   # the split the shipped bundle was fine-tuned on
     assert full.resynthesize_per_seed and full.threads == 2 and full.classes == 10
-    # 2 settings x (3 plain arms + 3 synthetic arms x 3 strengths) x 5 seeds
-    assert len(plan_runs(full)) == 2 * (3 + 3 * 3) * 5
+    # 2 settings x (3 plain arms + 3 synthetic arms x 3 strengths + diff-ii x 2) x 5 seeds
+    assert len(plan_runs(full)) == 2 * (3 + 3 * 3 + 2) * 5
     quick = load_experiment(ROOT / "configs" / "experiment_demo.yaml", quick=True, out="elsewhere")
     assert quick.seeds == (0, 1) and quick.train.epochs == 1 and quick.translate.num_inference_steps == 4
     assert quick.train.model_name == full.train.model_name and quick.out == "elsewhere"
