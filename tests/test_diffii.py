@@ -257,7 +257,7 @@ def test_suffix_only_acts_while_t_is_above_the_switch(demo_pipe, out_root):
 
     pipe, bundle = demo_pipe
     a, b = _demo_sources(bundle, "crow")
-    config = TranslateConfig(strategy="diff-ii", num_inference_steps=5, guidance_scale=2.5)
+    config = TranslateConfig(strategy="diff-ii", num_inference_steps=3, guidance_scale=2.5)
     run = lambda s, suffix: np.asarray(translate(  # noqa: E731
         pipe, [Job(a, "crow", s, 4, partner=b, suffix=suffix)], config, bundle=bundle,
         diff_ii=DiffIIConfig(inversion_steps=8), show_progress=False)[0].image, dtype=np.int16)
