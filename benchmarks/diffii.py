@@ -56,7 +56,8 @@ def round_trip(pipe, bundle, src: Source, steps: int) -> tuple[float, float]:
     """(latent MSE / latent variance, PSNR in dB of the decoded images) of invert-then-denoise."""
     from diffusers import StableDiffusionPipeline
 
-    z0 = encode_latents(pipe, src.image, bundle.resolution)
+    with torch.inference_mode():
+        z0 = encode_latents(pipe, src.image, bundle.resolution)
     prompt = bundle.prompt(src.source_class)
     zt = invert_latents(pipe, z0, [prompt], steps, 1.0, show_progress=False)
     _, forward = ddim_schedulers(pipe)
