@@ -157,7 +157,6 @@ def prepare_states(pipe, states: list, config, resolution: int, settings: DiffII
     """Inverted (cached) latents, α, suffix, the interpolated start and a DDIM scheduler per job
     (translate._State), for all N steps; ``record_extra`` holds what the record adds."""
     from .inversion import ddim_schedulers, invert_sources, settings_for
-    from .translate import _step_kwargs
 
     if config.resize != "squash":
         raise ValueError("diff-ii interpolates the latents of two images, which needs one shape: use --resize squash")
@@ -180,7 +179,7 @@ def prepare_states(pipe, states: list, config, resolution: int, settings: DiffII
         st.latents = (z1 if same else circle_point(z1, z2, alpha)) * template.init_noise_sigma
         st.scheduler, st.start, st.steps = copy.deepcopy(template), 0, config.num_inference_steps
         st.model_size = st.size = (resolution, resolution)
-        st.extra = _step_kwargs(st.scheduler, st.generator)
+        st.extra = {"eta": 0.0, "generator": st.generator}   # DDIMScheduler.step: deterministic DDIM
         st.context_prompt, st.context_from = context_prompt(st.prompt, suffix), start_t * (1 - job.strength)
         with_context = sum(1 for t in template.timesteps if t >= st.context_from)
         st.record_extra = {
@@ -188,53 +187,3 @@ def prepare_states(pipe, states: list, config, resolution: int, settings: DiffII
             "alpha": alpha, "theta": theta, "suffix": suffix, "context_prompt": st.context_prompt,
             "context_steps": with_context, "scheduler": "ddim", "strength_run": with_context / st.steps,
             **inv[i].as_record()}
-
-
-def job_from_record(record: dict, load_image=None):
-    """The translate.Job that makes a diff-ii record's image again (sources read from their paths,
-    α and the suffix from the record), with the TranslateConfig and DiffIIConfig to run it under."""
-    from .config import TranslateConfig
-    from .data import load_image as default_load
-    from .translate import Job, Source
-
-    load = load_image or default_load
-    for key in ("source_path", "partner_path"):
-        if not record.get(key):
-            raise ValueError(f"the record has no {key}: its image cannot be made again from it")
-    source = Source(load(record["source_path"]), record["source_class"], record["source_id"], record["source_path"])
-    partner = Source(load(record["partner_path"]), record["source_class"], record["partner_id"],
-                     record["partner_path"])
-    for src, key in ((source, "source_sha256"), (partner, "partner_sha256")):
-        if src.pixel_hash() != record[key]:
-            raise ValueError(f"{src.path} has changed since the record was made ({key} differs)")
-    job = Job(source, record["target_class"], record["strength"], record["seed"], partner=partner,
-              alpha=record["alpha"], suffix=record["suffix"])
-    config = TranslateConfig(strategy=record["strategy"], num_inference_steps=record["num_inference_steps"],
-                             guidance_scale=record["guidance_scale"], resize=record["resize"],
-                             resolution=record["resolution"], label_gamma=record["label_gamma"],
-                             label_scale=record["label_scale"])
-    return job, config, DiffIIConfig(inversion_steps=record["inversion_steps"],
-                                     inversion_guidance=record["inversion_guidance"])
-
-
-def partner_pool(source_class: str, *, data: str | os.PathLike | None = None, bundle=None,
-                 max_pixels: int | None = None) -> list:
-    """translate.Source of every image of ``source_class`` in the dataset at ``data``, else among
-    the bundle's example images: the images a partner is drawn from."""
-    from .bundle import bundle_examples
-    from .data import load_image, read_dataset
-    from .translate import Source
-
-    if data:
-        items = [(str(it.path), it.class_name) for it in read_dataset(data, max_pixels=max_pixels,
-                                                                      show_progress=False).items]
-        where = str(data)
-    else:
-        items = bundle_examples(bundle) if bundle is not None else []
-        where = "the bundle's examples"
-    pool = [Source(load_image(p, max_pixels=max_pixels), c, Path(p).stem, str(Path(p).resolve()))
-            for p, c in items if c == source_class]
-    if not pool:
-        raise ValueError(f"no image of class {source_class!r} in {where} to pair with: give --partner IMAGE or "
-                         "--data FOLDER (ImageFolder)")
-    return pool

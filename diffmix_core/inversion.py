@@ -3,7 +3,8 @@
 A source image is squashed to the model resolution (LANCZOS), encoded to the VAE posterior
 mean (x the VAE scaling factor) and run UP the DDIM schedule with diffusers'
 ``DDIMInverseScheduler`` under its class prompt: z_0 -> z_T. Several images share each
-UNet call (the engine's ``fit_batches``, so an out-of-memory error halves the batch).
+UNet call (the run's batch size). This module sits below the engine (translate.py imports
+it through diffii.py), so it uses the pipeline's parts directly.
 
 Inverted latents are kept as safetensors files under ``<output root>/inversions/``, one per
 (source pixels, settings): the key hashes the bundle, the base model, the prompt, the steps,
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .models import model_identity
@@ -63,10 +65,9 @@ def settings_for(pipe, prompt: str, steps: int, guidance: float, resolution: int
 
 
 def cache_root(root: str | os.PathLike | None = None) -> Path:
-    """``<root>/inversions``; ``root`` defaults to the output root (``DIFFMIX_OUTPUT``, else ./outputs)."""
-    from .profiles import output_root
-
-    return Path(root or output_root()) / INVERSIONS_DIR
+    """``<root>/inversions``; ``root`` defaults to the output root (``DIFFMIX_OUTPUT``, else ./outputs,
+    as profiles.output_root: the engine's layer may not import profiles)."""
+    return Path(root or os.environ.get("DIFFMIX_OUTPUT") or "outputs").resolve() / INVERSIONS_DIR
 
 
 def cache_file(settings: InversionSettings, source_sha256: str, root: str | os.PathLike | None = None) -> Path:
@@ -85,11 +86,12 @@ def ddim_schedulers(pipe):
 
 
 def encode_latents(pipe, image, resolution: int) -> torch.Tensor:
-    """VAE posterior mean x scaling factor of ``image`` squashed to resolution^2; (1, 4, h, w)."""
-    from .translate import _encode
-
-    mean, _ = _encode(pipe, image, (resolution, resolution))
-    return (mean * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
+    """VAE posterior mean x scaling factor of ``image`` squashed to resolution^2 (LANCZOS); (1, 4, h, w)."""
+    image = image.convert("RGB")
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.LANCZOS)
+    x = pipe.image_processor.preprocess(image).to(device=pipe.device, dtype=pipe.vae.dtype)
+    return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
 
 
 def invert_latents(pipe, latents: torch.Tensor, prompts: Sequence[str], steps: int, guidance: float = 1.0, *,
@@ -98,16 +100,18 @@ def invert_latents(pipe, latents: torch.Tensor, prompts: Sequence[str], steps: i
 
     The same update as diffusers' StableDiffusionPipeline run with a DDIMInverseScheduler (the
     authors' get_inversion.py): for each of the scheduler's ascending timesteps one UNet call
-    per batch of rows (both guidance halves when ``guidance`` > 1), then the scheduler's step.
+    per ``batch_size`` rows (both guidance halves when ``guidance`` > 1), then the scheduler's step.
     """
-    from .translate import _batch_limit, _PromptCache, fit_batches
-
     inverse, _ = ddim_schedulers(pipe)
     inverse.set_timesteps(steps, device=pipe.device)
     rows = list(latents.to(device=pipe.device, dtype=pipe.unet.dtype).split(1))
     cfg = guidance > 1
-    embed = _PromptCache(pipe, cfg)
-    limit = _batch_limit(pipe, ("invert", tuple(latents.shape[-2:]), cfg), batch_size)
+    cache: dict[str, tuple] = {}
+
+    def embed(prompt: str) -> tuple:
+        if prompt not in cache:
+            cache[prompt] = pipe.encode_prompt(prompt, pipe.device, 1, cfg, negative_prompt=None)
+        return cache[prompt]
 
     def step(chunk: list[int]) -> None:
         x = torch.cat([rows[i] for i in chunk])
@@ -125,7 +129,9 @@ def invert_latents(pipe, latents: torch.Tensor, prompts: Sequence[str], steps: i
     bar = tqdm(total=len(rows) * len(inverse.timesteps), desc="invert", unit="step", disable=not show_progress)
     with torch.inference_mode():
         for t in inverse.timesteps:
-            for chunk, _ in fit_batches(list(range(len(rows))), limit, step):
+            for start in range(0, len(rows), batch_size):
+                chunk = list(range(start, min(start + batch_size, len(rows))))
+                step(chunk)
                 bar.update(len(chunk))
     bar.close()
     return torch.cat(rows)

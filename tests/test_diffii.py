@@ -233,7 +233,7 @@ def test_diff_ii_matches_the_authors_two_stage_loop(demo_pipe, out_root):
 
 def test_remake_from_record_gives_identical_pixels(demo_pipe, out_root, tmp_path):
     from diffmix_core.config import DiffIIConfig, TranslateConfig
-    from diffmix_core.diffii import job_from_record
+    from diffmix_core.diffii_jobs import job_from_record
     from diffmix_core.records import read_png_record, save_png
     from diffmix_core.translate import Job, translate
 
