@@ -18,9 +18,10 @@ from .translate import Job, Source
 ALL_OTHER = "all other classes"            # target choice: one row block per other class (a matrix)
 
 
-def parse_strengths(text: str, max_count: int | None = None) -> list[float]:
+def parse_strengths(text: str, max_count: int | None = None, raise_with: str = "DIFFMIX_MAX_JOBS") -> list[float]:
     """'0.3, 0.5 0.7' (a list) or '0.1:0.9:5' (from:to:count, evenly spaced) -> strengths; a
-    count above ``max_count`` is refused before any list is built."""
+    count above ``max_count`` is refused before any list is built (``raise_with``: the setting
+    that raises it)."""
     text = (text or "").strip()
     if ":" in text:
         parts = text.split(":")
@@ -30,9 +31,9 @@ def parse_strengths(text: str, max_count: int | None = None) -> list[float]:
             raise ValueError(f"strength range {text!r} must read from:to:count, e.g. 0.1:0.9:5") from None
         if len(parts) != 3 or n < 1:
             raise ValueError(f"strength range {text!r} must read from:to:count with count >= 1")
-        _check_count(n, max_count, "strengths")
+        _check_count(n, max_count, "strengths", raise_with)
         return [round(lo + (hi - lo) * i / (n - 1), 6) for i in range(n)] if n > 1 else [lo]
-    values = _numbers(text, float, "strength", max_count)
+    values = _numbers(text, float, "strength", max_count, raise_with)
     bad = [s for s in values if not 0.0 <= s <= 1.0]
     if bad:
         raise ValueError(f"strengths must be between 0 and 1, got {bad}")
@@ -42,7 +43,7 @@ def parse_strengths(text: str, max_count: int | None = None) -> list[float]:
 RANDOM_SEED = -1   # a seed of -1 asks for a random one (the record keeps the seed drawn)
 
 
-def parse_seeds(text: str, max_count: int | None = None) -> list[int]:
+def parse_seeds(text: str, max_count: int | None = None, raise_with: str = "DIFFMIX_MAX_JOBS") -> list[int]:
     """'0, 1, 7' (a list), 'n=4' (a count: seeds 0..3) or -1 (a random seed) -> seeds; a count
     above ``max_count`` is refused before any list is built."""
     text = (text or "").strip()
@@ -53,9 +54,9 @@ def parse_seeds(text: str, max_count: int | None = None) -> list[int]:
             raise ValueError(f"seed count {text!r} must read n=<count>, e.g. n=4") from None
         if n < 1:
             raise ValueError(f"seed count must be >= 1, got {n}")
-        _check_count(n, max_count, "seeds")
+        _check_count(n, max_count, "seeds", raise_with)
         return list(range(n))
-    return resolve_seeds(_numbers(text, int, "seed", max_count))
+    return resolve_seeds(_numbers(text, int, "seed", max_count, raise_with))
 
 
 def resolve_seeds(seeds: Sequence[int]) -> list[int]:
@@ -67,19 +68,19 @@ def resolve_seeds(seeds: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(int(s) for s in out))
 
 
-def _check_count(n: int, max_count: int | None, what: str) -> None:
+def _check_count(n: int, max_count: int | None, what: str, raise_with: str = "DIFFMIX_MAX_JOBS") -> None:
     if max_count is not None and n > max_count:
-        raise ValueError(f"{n:,} {what} exceed the limit of {max_count:,} per sweep (images; "
-                         "set DIFFMIX_MAX_JOBS to raise it)")
+        raise ValueError(f"{n:,} {what} exceed the limit of {max_count:,} per request (images; "
+                         f"set {raise_with} to raise it)")
 
 
-def _numbers(text: str, kind, what: str, max_count: int | None = None) -> list:
+def _numbers(text: str, kind, what: str, max_count: int | None = None, raise_with: str = "DIFFMIX_MAX_JOBS") -> list:
     if max_count is not None and len(text) > 32 * max_count:   # a text too long to hold max_count numbers
         raise ValueError(f"the {what}s text is {len(text):,} characters; give at most {max_count} {what}s")
     parts = [p for p in text.replace(",", " ").split() if p]
     if not parts:
         raise ValueError(f"give at least one {what}")
-    _check_count(len(parts), max_count, f"{what}s")
+    _check_count(len(parts), max_count, f"{what}s", raise_with)
     try:
         return [kind(p) for p in parts]
     except ValueError:

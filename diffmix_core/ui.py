@@ -31,11 +31,14 @@ from PIL import Image
 
 from . import grid as G
 from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, reference_for
+from .app.calibration import (DATASET, EXAMPLES, INTER, SPLITS, CalibrationRequest, ProgressClock, app_dataset,
+                              calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
 from .app.sweep import SweepRequest, clean_thresholds, passing, plan_sweep, run_sweep
 from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
                         write_csv)
 from .bundle import Bundle, bundle_examples
+from .calibrate import save_to_profile, translate_config_for
 from .config import STRATEGIES, THRESHOLD_TESTS, Thresholds, TranslateConfig
 from .data import load_image
 from .hub import open_bundle
@@ -588,6 +591,7 @@ def _layout(bundles: dict[str, str], first: str, classes: list[str], limits: Lim
             _results_panel(ui)
     with gr.Row():
         _curation_panel(ui)
+    _calibrate_panel(ui, limits)
     # API-only inputs for /select (scripts choose ids; people click) and the button behind /bundle_info
     ui.sel_ids = gr.Textbox(visible=False)
     ui.sel_mode = gr.Textbox(value="add", visible=False)
@@ -683,6 +687,7 @@ def _wire(demo: gr.Blocks, ui: SimpleNamespace) -> None:
     _wire_bundle(demo, ui)
     _wire_sweep(ui)
     _wire_curation(ui)
+    _wire_calibrate(demo, ui)
 
 
 def _bundle_outputs(ui: SimpleNamespace) -> list:
@@ -742,3 +747,128 @@ def _wire_curation(ui: SimpleNamespace) -> None:
                          ui.profile_msg, api_name="save_profile").success(bundle_info, ui.bundle, ui.info, **PRIVATE)
     ui.export_btn.click(on_export, ui.token, [ui.token, ui.export_msg, ui.export_dir, ui.export_zip],
                         api_name="export")
+
+
+# --------------------------------------------------------------------------- calibrate: the dataset's strength
+CALIBRATE_INTRO = (
+    "### Calibrate: the dataset's strength from many sources\n"
+    "A sweep shows how *one* image behaves. Calibration draws K sources per class, sends each to M other "
+    "classes at every strength and seed in one engine run, and recommends the dataset's strength with a "
+    "95 % interval (a bootstrap over the sources; the sweep's rule on the means). The curves show each "
+    "mean with its interval across sources; the table shows which target classes are hard to reach.")
+
+
+def _calibration_request(bundle_path: str, origin: str, per_class: float, targets: float, strengths: str,
+                         seeds: str, steps: float, guidance: float, strategy: str, split: str, token: str):
+    """The /calibrate API's parameters, in order, read once: (store, bundle, CalibrationRequest)."""
+    return (open_store(token), open_bundle_cached(bundle_path),
+            CalibrationRequest(origin, per_class, targets, strengths, seeds, steps, guidance, strategy, split))
+
+
+def check_calibration(bundle_path: str, origin: str, per_class: float, targets: float, strengths: str, seeds: str,
+                      steps: float, guidance: float, strategy: str, split: str, token: str) -> None:
+    """Every setting of a calibration checked, its sources drawn and its images counted, before the
+    model lane: a mistake is a message and the previous calibration stays on the page."""
+    try:
+        _, bundle, request = _calibration_request(bundle_path, origin, per_class, targets, strengths, seeds, steps,
+                                                  guidance, strategy, split, token)
+        plan_calibration(bundle, request, Limits.from_env())
+    except (ValueError, FileNotFoundError) as err:
+        raise _user_error(err, "calibrate") from None
+
+
+def _calibration_progress(progress: gr.Progress, n_images: int):
+    clock = ProgressClock(n_images)
+
+    def report(stage: str, done: int, total: int) -> None:
+        fraction, line = clock(stage, done, total)
+        progress(fraction, desc=line)
+    return report
+
+
+@_errors
+def on_calibrate(bundle_path: str, origin: str, per_class: float, targets: float, strengths: str, seeds: str,
+                 steps: float, guidance: float, strategy: str, split: str, token: str, progress=gr.Progress()):
+    """One calibration as one engine run: the recommendation, the curves, the per-class table, the
+    sample grid and the files (calibration.json and the two pictures)."""
+    store, bundle, request = _calibration_request(bundle_path, origin, per_class, targets, strengths, seeds, steps,
+                                                  guidance, strategy, split, token)
+    limits = Limits.from_env()
+    n_images = len(plan_calibration(bundle, request, limits).jobs)
+    progress(0, desc=f"{n_images} image(s): estimating…")
+    cal, files = run_calibration(store, bundle, request, generate=_generate, limits=limits,
+                                 progress=_calibration_progress(progress, n_images))
+    header, rows = cal.table()
+    grid = next(str(f) for f in files if f.name.endswith("grid.png"))
+    return (store.token, calibration_markdown(cal), cal.figure(), {"headers": header, "data": rows}, grid,
+            [str(f) for f in files])
+
+
+@_errors
+def on_save_calibration(bundle_path: str, token: str, request: gr.Request = None) -> str:
+    """The session's last calibration of this bundle as the dataset's profile: its strength, sampler
+    settings and summary (under the output root; the bundle's own files are never written)."""
+    allowed, why = _save_state(request)
+    if not allowed:
+        raise ValueError(why)
+    bundle = open_bundle_cached(bundle_path)
+    path = save_to_profile(bundle, last_calibration(open_store(token), bundle))
+    return f"saved to {md_code(path)}: {md_text(load_profile(bundle).strength_source())}"
+
+
+def on_calibrate_bundle(path: str, request: gr.Request = None):
+    """A bundle's sampler settings (its profile's) for the calibration, and whether this visitor may save."""
+    try:
+        config = translate_config_for(open_bundle_cached(path))
+    except (ValueError, FileNotFoundError):
+        config = TranslateConfig()
+    strategy = config.strategy if config.strategy in INTER else INTER[0]
+    return strategy, config.num_inference_steps, config.guidance_scale, gr.Button(interactive=_save_state(request)[0])
+
+
+def _calibrate_panel(ui: SimpleNamespace, limits: Limits) -> None:
+    """Below the curation: the Calibrate mode's settings, its run, its results and the profile save."""
+    data = app_dataset()
+    origins = [EXAMPLES] + ([DATASET] if data else [])
+    with gr.Accordion("Calibrate the dataset's strength (many sources x targets)", open=False, elem_id="calibrate"):
+        gr.Markdown(CALIBRATE_INTRO)
+        with gr.Row():
+            ui.cal_origin = gr.Radio(origins, value=origins[-1], label="Sources from",
+                                     info=f"dataset: {Path(data).name} (DIFFMIX_DATA)" if data else
+                                     "start the app with DIFFMIX_DATA=DIR to draw them from a dataset")
+            ui.cal_split = gr.Dropdown(list(SPLITS), value="train", label="Dataset split", visible=bool(data))
+            ui.cal_per_class = gr.Number(value=2, precision=0, minimum=1, label="Sources per class (K)")
+            ui.cal_targets = gr.Number(value=3, precision=0, minimum=0, label="Targets per source (M; 0 = all)")
+        with gr.Row():
+            ui.cal_strengths = gr.Textbox(value="0.3, 0.5, 0.7, 0.9", label="Strengths", max_length=200,
+                                          info="a list (0.3, 0.5, 0.7) or a range from:to:count (0.1:0.9:5)")
+            ui.cal_seeds = gr.Textbox(value="0", label="Seeds", max_length=200, info="a list (0, 1) or a count (n=2)")
+            ui.cal_strategy = gr.Dropdown(list(INTER), value=INTER[0], label="Strategy")
+            ui.cal_steps = gr.Slider(1, 100, value=TranslateConfig.num_inference_steps, step=1, label="Steps")
+            ui.cal_guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5, label="Guidance")
+        ui.cal_run = gr.Button(f"Run calibration (at most {limits.max_calibration_jobs} images)", variant="primary")
+        ui.cal_text = gr.Markdown(elem_id="calibration-text")
+        ui.cal_plot = gr.Plot(label="Per-strength means with 95 % intervals across sources", elem_id="calibration-plot")
+        with gr.Row():
+            ui.cal_table = gr.Dataframe(label="Per target class: hit rate per strength", max_height=300, scale=1)
+            ui.cal_grid = gr.Image(label="Samples: rows = strengths, columns = sources", interactive=False,
+                                   format="png", scale=1, buttons=["fullscreen"])
+        with gr.Row():
+            ui.cal_files = gr.File(label="Calibration files", file_count="multiple", interactive=False, scale=2)
+            ui.cal_save = gr.Button("Save as the dataset's profile", scale=1)
+        ui.cal_msg = gr.Markdown()
+
+
+def _wire_calibrate(demo: gr.Blocks, ui: SimpleNamespace) -> None:
+    """A bundle's settings into the calibration, the run (/calibrate, in the model lane) and the
+    profile save (/save_calibration, then the bundle panel says where the strength came from)."""
+    settings = [ui.cal_strategy, ui.cal_steps, ui.cal_guidance, ui.cal_save]
+    demo.load(on_calibrate_bundle, ui.bundle, settings, **PRIVATE)
+    ui.bundle.change(on_calibrate_bundle, ui.bundle, settings, **PRIVATE)
+    inputs = [ui.bundle, ui.cal_origin, ui.cal_per_class, ui.cal_targets, ui.cal_strengths, ui.cal_seeds,
+              ui.cal_steps, ui.cal_guidance, ui.cal_strategy, ui.cal_split, ui.token]
+    ui.cal_run.click(check_calibration, inputs, None, **PRIVATE).success(
+        on_calibrate, inputs, [ui.token, ui.cal_text, ui.cal_plot, ui.cal_table, ui.cal_grid, ui.cal_files],
+        api_name="calibrate", concurrency_limit=1, concurrency_id="gpu")
+    ui.cal_save.click(on_save_calibration, [ui.bundle, ui.token], ui.cal_msg, api_name="save_calibration").success(
+        bundle_info, ui.bundle, ui.info, **PRIVATE)

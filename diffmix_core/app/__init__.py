@@ -7,6 +7,9 @@ tests call them directly.
   bundle verified once per change of its files, the pipeline, CLIP and reference classifier;
 - ``sweep``: one sweep, asked for as a :class:`~diffmix_core.app.sweep.SweepRequest`: planned
   (every setting checked, nothing run), made, scored and stored; the threshold auto-select;
+- ``calibration``: the Calibrate mode: a dataset's strength from many sources and targets
+  (calibrate.calibrate on the process's engine), checked before the model lane, its files in
+  the session, read back to save as the dataset's profile;
 - ``views``: what the page shows (bundle panel, captions, the score table and its CSV, the
   command that makes a result again), as Markdown-safe text.
 """

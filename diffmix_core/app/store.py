@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bundle import load_bundle
+from ..config import CALIBRATE_MAX_JOBS_ENV
 from ..export import FORMATS, export_records
 from ..profiles import output_root
 from ..records import read_jsonl, safe_name, save_png, write_jsonl_atomic, write_text_atomic
@@ -45,6 +46,7 @@ class Limits:
     """What one request may ask for; each from an environment variable."""
 
     max_jobs: int = 64          # DIFFMIX_MAX_JOBS: images per sweep
+    max_calibration_jobs: int = 512  # DIFFMIX_MAX_CALIBRATION_JOBS: images per calibration (the CLI's default: 2048)
     max_curated: int = 1000     # DIFFMIX_MAX_CURATED: images in a curated batch
     max_upload_mb: int = 20     # DIFFMIX_MAX_UPLOAD_MB: size of an uploaded source image (checked by the HTTP layer)
     queue_size: int = 32        # DIFFMIX_QUEUE_SIZE: requests waiting for the model lane
@@ -55,7 +57,8 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> Limits:
-        names = {"max_jobs": "DIFFMIX_MAX_JOBS", "max_curated": "DIFFMIX_MAX_CURATED",
+        names = {"max_jobs": "DIFFMIX_MAX_JOBS", "max_calibration_jobs": CALIBRATE_MAX_JOBS_ENV,
+                 "max_curated": "DIFFMIX_MAX_CURATED",
                  "max_upload_mb": "DIFFMIX_MAX_UPLOAD_MB", "queue_size": "DIFFMIX_QUEUE_SIZE",
                  "session_ttl_h": "DIFFMIX_SESSION_TTL_H", "sessions_max_mb": "DIFFMIX_SESSIONS_MAX_MB",
                  "exports_ttl_h": "DIFFMIX_EXPORTS_TTL_H", "exports_max_mb": "DIFFMIX_EXPORTS_MAX_MB"}
