@@ -31,7 +31,7 @@ from PIL import Image
 
 from . import grid as G
 from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, reference_for
-from .app.calibration import (DATASET, EXAMPLES, INTER, SPLITS, CalibrationRequest, ProgressClock, app_dataset,
+from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock, app_dataset,
                               calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
 from .app.sweep import SweepRequest, clean_thresholds, passing, plan_sweep, run_sweep
@@ -840,12 +840,15 @@ def _calibrate_panel(ui: SimpleNamespace, limits: Limits) -> None:
             ui.cal_per_class = gr.Number(value=2, precision=0, minimum=1, label="Sources per class (K)")
             ui.cal_targets = gr.Number(value=3, precision=0, minimum=0, label="Targets per source (M; 0 = all)")
         with gr.Row():
-            ui.cal_strengths = gr.Textbox(value="0.3, 0.5, 0.7, 0.9", label="Strengths", max_length=200,
+            ui.cal_strengths = gr.Textbox(value="0.3, 0.5, 0.7, 0.9", label="Strength list", max_length=MAX_TEXT,
                                           info="a list (0.3, 0.5, 0.7) or a range from:to:count (0.1:0.9:5)")
-            ui.cal_seeds = gr.Textbox(value="0", label="Seeds", max_length=200, info="a list (0, 1) or a count (n=2)")
-            ui.cal_strategy = gr.Dropdown(list(INTER), value=INTER[0], label="Strategy")
-            ui.cal_steps = gr.Slider(1, 100, value=TranslateConfig.num_inference_steps, step=1, label="Steps")
-            ui.cal_guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5, label="Guidance")
+            ui.cal_seeds = gr.Textbox(value="0", label="Seed list", max_length=MAX_TEXT,
+                                      info="a list (0, 1) or a count (n=2)")
+            ui.cal_strategy = gr.Dropdown(list(INTER), value=INTER[0], label="Calibration strategy")
+            ui.cal_steps = gr.Slider(1, 100, value=TranslateConfig.num_inference_steps, step=1,
+                                     label="Calibration steps")
+            ui.cal_guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5,
+                                        label="Calibration guidance")
         ui.cal_run = gr.Button(f"Run calibration (at most {limits.max_calibration_jobs} images)", variant="primary")
         ui.cal_text = gr.Markdown(elem_id="calibration-text")
         ui.cal_plot = gr.Plot(label="Per-strength means with 95 % intervals across sources", elem_id="calibration-plot")

@@ -241,3 +241,25 @@ def test_a_typo_keeps_the_previous_results(page):
     expect(page.get_by_text("strengths must be between 0 and 1").first).to_be_visible(timeout=30_000)
     assert page.locator("#grid img").get_attribute("src") == grid_src
     expect(page.locator("#status")).to_contain_text("sweep 1 ran")
+
+
+def test_calibrate_then_save_names_the_calibration_in_the_bundle_panel(page):
+    """Last in this file: it saves a profile (2 steps) that the other tests' sweeps would start from."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.get_by_text("Calibrate the dataset's strength").click()   # open the section
+    page.get_by_label("Sources per class (K)").fill("1")
+    page.get_by_label("Targets per source (M; 0 = all)").fill("1")
+    page.get_by_label("Strength list").fill("0.9")
+    page.get_by_label("number input for Calibration steps").fill("2")
+    page.get_by_role("button", name=re.compile("Run calibration")).click()
+    expect(page.locator("#calibration-text")).to_contain_text("strength", timeout=300_000)
+    assert "10 images = 10 sources x 1 targets x 1 strengths x 1 seed(s)" in page.locator(
+        "#calibration-text").inner_text()
+    expect(page.locator("#calibration-plot img, #calibration-plot canvas, #calibration-plot svg").first).to_be_visible()
+    page.get_by_role("button", name="Save as the dataset's profile").click()
+    # the save message, then the bundle panel (refreshed after the save) say where the strength came from
+    expect(page.get_by_text(re.compile(r"strength 0\.9 from a calibration on .* = 10 images"))).to_have_count(
+        2, timeout=30_000)

@@ -63,7 +63,7 @@ def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str, pro
              f"reference classifier: {reference_status}", clip_status]
     p = st["profile"]
     if p.strength is not None:   # one starting strength, with where it comes from (a calibration: its summary)
-        lines.append(f"strength **{p.strength}**: {md_text(p.strength_source())} · thresholds "
+        lines.append(f"{md_text(p.strength_source())} · thresholds "
                      f"{p.thresholds.as_dict() or 'none'}")
     elif st["recommended_strength"] is not None:
         lines.append(f"strength **{st['recommended_strength']}** recommended by `diffmix score --set-recommended`")
