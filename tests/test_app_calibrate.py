@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_ui import ENV, make_world
+from test_ui import ENV, app_url, make_world  # noqa: F401 (app_url: test_ui's launched app, on this file's world)
 
 STRENGTHS = "0.5, 1.0"
 CAL_ENV = ("DIFFMIX_DATA", "DIFFMIX_MAX_CALIBRATION_JOBS")
@@ -81,16 +81,6 @@ def test_progress_says_estimating_until_a_rate_exists_then_an_eta():
 
 
 # --------------------------------------------------------------------------- the running app
-@pytest.fixture(scope="module")
-def app_url(world):
-    from diffmix_core.ui import build_demo
-
-    demo = build_demo()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    yield demo.local_url
-    demo.close()
-
-
 def _calibrate(client, world, origin="bundle examples", per_class=1, targets=1, seeds="0"):
     return client.predict(world["bundle"], origin, per_class, targets, STRENGTHS, seeds, 2, 5.0, "diff-mix", "train",
                           api_name="/calibrate")
