@@ -31,8 +31,8 @@ from PIL import Image
 
 from . import grid as G
 from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, reference_for
-from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock, app_dataset,
-                              calibration_markdown, last_calibration, plan_calibration, run_calibration)
+from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
+                              app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
 from .app.sweep import SweepRequest, clean_thresholds, passing, plan_sweep, run_sweep
 from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
