@@ -850,7 +850,7 @@ def _calibrate_panel(ui: SimpleNamespace, limits: Limits) -> None:
             ui.cal_guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5,
                                         label="Calibration guidance")
         ui.cal_run = gr.Button(f"Run calibration (at most {limits.max_calibration_jobs} images)", variant="primary")
-        ui.cal_text = gr.Markdown(elem_id="calibration-text")
+        ui.cal_text = gr.Markdown(elem_id="calibration-text", min_height=60)   # the progress bar shows here
         ui.cal_plot = gr.Plot(label="Per-strength means with 95 % intervals across sources", elem_id="calibration-plot")
         with gr.Row():
             ui.cal_table = gr.Dataframe(label="Per target class: hit rate per strength", max_height=300, scale=1)
@@ -872,6 +872,6 @@ def _wire_calibrate(demo: gr.Blocks, ui: SimpleNamespace) -> None:
               ui.cal_steps, ui.cal_guidance, ui.cal_strategy, ui.cal_split, ui.token]
     ui.cal_run.click(check_calibration, inputs, None, **PRIVATE).success(
         on_calibrate, inputs, [ui.token, ui.cal_text, ui.cal_plot, ui.cal_table, ui.cal_grid, ui.cal_files],
-        api_name="calibrate", concurrency_limit=1, concurrency_id="gpu")
+        api_name="calibrate", concurrency_limit=1, concurrency_id="gpu", show_progress_on=ui.cal_text)
     ui.cal_save.click(on_save_calibration, [ui.bundle, ui.token], ui.cal_msg, api_name="save_calibration").success(
         bundle_info, ui.bundle, ui.info, **PRIVATE)
