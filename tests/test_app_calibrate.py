@@ -58,6 +58,7 @@ def test_a_request_is_checked_and_counted_before_any_model(world, monkeypatch):
     for bad, match in ((dict(strengths="0.5, " * 100), "the strengths text is 500 characters; the limit is 200"),
                        (dict(strengths="0.1:0.9:100000000"), "100,000,000 strengths exceed .*DIFFMIX_MAX_CALIBRATION"),
                        (dict(per_class=1.5), "sources per class must be a whole number"),
+                       (dict(targets=float("inf")), "targets per source must be a whole number"),
                        (dict(per_class=10**9), "sources per class exceed the limit"),
                        (dict(strategy="diff-aug"), "calibration sends sources to other classes"),
                        (dict(origin="/etc"), "sources must come from"),

@@ -10,6 +10,7 @@ with (``DIFFMIX_DATA``): a visitor chooses between the two, never types a server
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -73,7 +74,7 @@ def _whole(value: object, name: str, low: int) -> int:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if number != int(number) or number < low:
+    if not math.isfinite(number) or number != int(number) or number < low:
         raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
     return int(number)
 
