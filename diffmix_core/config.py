@@ -92,7 +92,9 @@ SCHEDULERS = ("dpm++", "ddim", "native")
 class PipelineConfig:
     """The base pipeline a stage runs on; apply.load_pipeline_for loads it (with a bundle's adapters)."""
 
-    model: str = ""                   # Hub id or diffusers folder; "" = the bundle's base model (CLI: --base, --base-model)
+    # Hub id or diffusers folder; "" = the bundle's base model (the real-* strategies' --base sets it too)
+    model: str = option("", "with --bundle: load this base model instead of the one the bundle names",
+                        flags=("--base-model",), shown="")
     revision: str | None = option(None, "Hub revision of the base model", shown="")  # None: the bundle's for its own base
     dtype: str | None = option(None, "fp16, bf16 or fp32", shown="fp16 on CUDA, fp32 on CPU")
     device: str | None = option(None, "cuda, cpu, ...", shown="CUDA when present; under accelerate launch, each "

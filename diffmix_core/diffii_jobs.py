@@ -10,6 +10,7 @@ from .bundle import bundle_examples
 from .config import DiffIIConfig, TranslateConfig
 from .data import load_image as default_load
 from .data import read_dataset
+from .diffii import draw_partner
 from .translate import Job, Source
 
 
@@ -53,3 +54,19 @@ def job_from_record(record: dict, load_image=None):
                              label_scale=record["label_scale"])
     return job, config, DiffIIConfig(inversion_steps=record["inversion_steps"],
                                      inversion_guidance=record["inversion_guidance"])
+
+
+def partnered_jobs(sources: list, pool: list, targets: list[str], strengths: list[float], seeds: list[int], *,
+                   draw: bool = True) -> tuple[list, list[str]]:
+    """diff-ii jobs: each source with a same-class partner per seed, drawn (seeded, diffii.draw_partner)
+    from ``pool``, or ``pool[0]`` for every source when not ``draw`` (a partner the user named).
+    Also the ids of the sources paired with themselves (no other image of their class: denoised
+    from their own inversion), once per seed."""
+    jobs, alone = [], []
+    for src in sources:
+        for seed in seeds:
+            partner = draw_partner(src, pool, seed) if draw else pool[0]
+            if partner.pixel_hash() == src.pixel_hash():
+                alone.append(src.id)
+            jobs += [Job(src, t, s, seed, partner=partner) for t in targets for s in strengths]
+    return jobs, alone

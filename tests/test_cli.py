@@ -1,8 +1,11 @@
 """`diffmix translate` and `diffmix import-diffmix` driven as a user would."""
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +251,81 @@ def test_translate_and_synthesize_start_from_the_saved_profile_and_score_finds_t
     text = capsys.readouterr().out
     assert "max_ssim=-1.0" in text and "merged 0 image(s)" in text
     assert (bundle_dir / "adapter.json").read_bytes() == adapter and load_bundle(bundle_dir).hash == bundle.hash
+
+
+# --------------------------------------------------------------------------- the parser's shape
+SNAPSHOT = Path(__file__).with_name("cli_options.json")   # every subcommand's option strings, taken before the
+                                                          # CLI was split into cli.py + diffmix_core/commands
+HEAVY = ("torch", "diffusers", "transformers", "gradio", "timm", "open_clip", "accelerate")
+
+
+def _subcommands(parser, name=()):
+    """{"demo grid": its parser, ...}: every (nested) subcommand of ``parser``."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                nested = _subcommands(p, (*name, sub))
+                out.update(nested or {" ".join((*name, sub)): p})
+    return out
+
+
+def _option_strings(parser) -> set[str]:
+    return {s for a in parser._actions if not isinstance(a, argparse._HelpAction)
+            for s in (a.option_strings or [a.dest])}
+
+
+def test_no_option_is_lost():
+    """Every subcommand still takes every option string it took before the split (new ones may join)."""
+    from diffmix_core.cli import build_parser
+
+    snapshot = json.loads(SNAPSHOT.read_text(encoding="utf-8"))
+    commands = _subcommands(build_parser())
+    assert set(snapshot) <= set(commands), set(snapshot) - set(commands)
+    lost = {c: sorted(set(opts) - _option_strings(commands[c])) for c, opts in snapshot.items()}
+    assert not any(lost.values()), {c: o for c, o in lost.items() if o}
+
+
+@pytest.mark.parametrize("command", sorted(json.loads(SNAPSHOT.read_text(encoding="utf-8"))))
+def test_every_subcommand_help_lists_its_options(command, capsys, monkeypatch):
+    from diffmix_core.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.split(), "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: diffmix {command}")
+    parser = _subcommands(build_parser())[command]
+    for action in parser._actions:
+        shown = action.option_strings or [action.metavar or action.dest]
+        assert all(s in text for s in shown), (command, shown)
+        if action.help and action.help is not argparse.SUPPRESS:
+            assert " ".join(action.help.replace("%%", "%").split())[:40] in " ".join(text.split()), (command, shown)
+
+
+def test_help_imports_no_heavy_library():
+    """`diffmix --help` and a subcommand's --help stay fast: torch, diffusers, gradio ... load only
+    inside the command that needs them."""
+    code = ("import sys\nfrom diffmix_core.cli import main\nfor argv in (['--help'], ['synthesize', '--help'], "
+            "['demo', 'evaluate', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout[-300:]
+
+
+def test_shared_options_are_declared_once_and_read_the_same_everywhere():
+    """--quiet, --device and --out come from one declaration (cli.SHARED): the same action and type in
+    every subcommand that takes them."""
+    from diffmix_core.cli import SHARED, build_parser
+
+    commands = _subcommands(build_parser())
+    for name in ("quiet", "device", "out"):
+        flag = SHARED[name][0][0]
+        actions = [a for p in commands.values() for a in p._actions if flag in a.option_strings]
+        assert len(actions) >= 4, (flag, len(actions))
+        assert len({type(a) for a in actions}) == 1, flag
+    quiet = [c for c, p in commands.items() if "--quiet" in _option_strings(p)]
+    assert {"translate", "synthesize", "split", "finetune", "train", "score", "calibrate", "experiment"} <= set(quiet)
