@@ -2,7 +2,7 @@
 
 A field that is also a command-line option is declared with :func:`option`:
 its default and its one-line help live here and only here; the CLI builds its
-options from them (cli.add_config_args). Other fields carry a comment.
+options from them (commands.options.add_config_args). Other fields carry a comment.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def check_numbers(config) -> None:
 
 def option(default, help: str, *, flags: tuple[str, ...] = (), shown: str | None = None,
            choices: tuple | None = None):
-    """A config field that is also a command-line option (cli.add_config_args).
+    """A config field that is also a command-line option (commands.options.add_config_args).
 
     Args:
         default: the field's default (and the option's).
