@@ -72,9 +72,11 @@ def _row_label(records: Sequence[dict], strength: float) -> str:
 
 
 def layout(records: Sequence[dict], resolution: int,
-           column: Callable[[dict], str] | None = None) -> GridLayout:
+           column: Callable[[dict], str] | None = None, block: Callable[[dict], str] | None = None) -> GridLayout:
     """Rows: strengths in ascending order. Columns: (target, seed) in the sweep's order,
     labelled by what differs (seed, target or both); the source first when there is one.
+    ``block`` (record -> label, e.g. its strategy) groups the columns into one labelled block per
+    label, side by side, in the records' order (a cell a block lacks stays empty).
     ``column`` (record -> label) sets other columns instead, one per label (a calibration's
     sources, each with its own source image in its records); then there is no source column."""
     strengths = sorted({r["strength"] for r in records})
@@ -84,22 +86,22 @@ def layout(records: Sequence[dict], resolution: int,
         labels = list(dict.fromkeys(column(r) for r in records))
         cells = tuple(tuple(by_col.get((s, c)) for c in labels) for s in strengths)
         return GridLayout(rows, tuple(labels), cells, tile_size(resolution), False)
-    columns = list(dict.fromkeys((r["target_class"], r["seed"]) for r in records))
-    targets = {t for t, _ in columns}
-    seeds = {s for _, s in columns}
+    key = block or (lambda r: "")
+    columns = list(dict.fromkeys((key(r), r["target_class"], r["seed"]) for r in records))
+    targets = {t for _, t, _ in columns}
+    seeds = {s for _, _, s in columns}
 
-    def col_label(target: str, seed: int) -> str:
-        if len(targets) == 1:
-            return f"seed {seed}"
-        return f"-> {target}" + (f", seed {seed}" if len(seeds) > 1 else "")
+    def col_label(name: str, target: str, seed: int) -> str:
+        text = f"seed {seed}" if len(targets) == 1 else f"-> {target}" + (f", seed {seed}" if len(seeds) > 1 else "")
+        return f"{name} · {text}" if name else text
 
-    by_key = {(r["strength"], r["target_class"], r["seed"]): r for r in records}
+    by_key = {(r["strength"], key(r), r["target_class"], r["seed"]): r for r in records}
     has_source = any(r.get("source_path") for r in records)
     cells = []
     for s in strengths:
-        ids = [by_key[(s, t, seed)]["id"] if (s, t, seed) in by_key else None for t, seed in columns]
+        ids = [by_key[(s, *c)]["id"] if (s, *c) in by_key else None for c in columns]
         cells.append(tuple(([None] if has_source else []) + ids))
-    labels = (["source"] if has_source else []) + [col_label(t, s) for t, s in columns]
+    labels = (["source"] if has_source else []) + [col_label(*c) for c in columns]
     return GridLayout(rows, tuple(labels), tuple(cells), tile_size(resolution), has_source)
 
 
@@ -132,8 +134,8 @@ def _fit(image: Image.Image, side: int) -> Image.Image:
 
 def render(records: Sequence[dict], load: Callable[[dict], Image.Image], source: Image.Image | None,
            resolution: int, curated: set[str] = frozenset(), title: str = "",
-           min_p_target: float = 0.5, column: Callable[[dict], str] | None = None
-           ) -> tuple[Image.Image, GridLayout]:
+           min_p_target: float = 0.5, column: Callable[[dict], str] | None = None,
+           block: Callable[[dict], str] | None = None) -> tuple[Image.Image, GridLayout]:
     """The labelled grid picture of a sweep and its layout.
 
     Args:
@@ -145,8 +147,9 @@ def render(records: Sequence[dict], load: Callable[[dict], Image.Image], source:
         title: written in the top-left corner (e.g. "owl -> duck").
         min_p_target: a P(target) badge is green at or above this, red below.
         column: record -> column label, instead of (target, seed) columns (see :func:`layout`).
+        block: record -> block label: one labelled block of columns per label (see :func:`layout`).
     """
-    grid = layout(records, resolution, column)
+    grid = layout(records, resolution, column, block)
     if source is None and grid.has_source:
         grid = GridLayout(grid.rows, grid.columns[1:], tuple(c[1:] for c in grid.cells), grid.tile, False)
     by_id = {r["id"]: r for r in records}

@@ -413,6 +413,35 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def plot_strategies(summaries: dict[str, dict | None], title: str = ""):
+    """Strategies side by side: faithfulness (left) and distance to the source (right) against
+    strength, one curve per strategy (its pooled rows). Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_f, ax_d = fig.subplots(1, 2)
+    rows = [r for s in summaries.values() if s for r in s["strengths"]]
+    f_key = "p_target" if any(r.get("p_target") is not None for r in rows) else "clip_win"
+    f_label = {"p_target": "reference P(target)", "clip_win": "CLIP: closer to target prompt (share)"}[f_key]
+    for name, summary in summaries.items():
+        if not summary:
+            continue
+        line = ax_f.plot(*_series(summary["strengths"], f_key), lw=2, marker="o", label=name)[0]
+        ax_d.plot(*_series(summary["strengths"], "distance"), lw=2, marker="o", color=line.get_color(), label=name)
+    for ax, label in ((ax_f, f_label), (ax_d, "distance to source (1 - cos)")):
+        ax.set_xlabel("strength s")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="best")
+    ax_f.set_ylim(-0.02, 1.02)
+    ax_d.set_ylim(bottom=0)
+    ax_f.set_title("faithfulness to the target class, per strategy")
+    ax_d.set_title("diversity from the source, per strategy")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
 def plot_sweep(summary: dict, title: str = ""):
     """Faithfulness (left) and diversity (right) against strength: pooled (thick) and per
     target class (thin). Returns a matplotlib Figure (Agg canvas, no pyplot state)."""

@@ -269,19 +269,28 @@ def bundle_mode(bundle) -> str:
     return (bundle.meta.get("training") or {}).get("mode") or "joint"
 
 
-def check_bundle_for(strategy_name: str, bundle) -> None:
-    """Refuse a bundle that does not fit ``strategy_name``: ti-mix / ti-aug use the tokens of a
-    TI-only fine-tune (the paper's; a joint run's tokens were learned together with its LoRA)."""
+def strategy_unavailable(strategy_name: str, bundle) -> str | None:
+    """Why ``bundle`` cannot run ``strategy_name`` (None when it can): the one rule the engine's
+    check (:func:`check_bundle_for`) and the app's strategy list both follow. ti-mix / ti-aug use
+    the tokens of a TI-only fine-tune (the paper's; a joint run's tokens were learned with its LoRA)."""
     strategy = get_strategy(strategy_name)
     if strategy.tokens and bundle is None:
-        raise ValueError(f"strategy {strategy.name!r} needs an adapter bundle (--bundle); "
-                         "the real-* strategies run on a base model alone")
+        return (f"strategy {strategy.name!r} needs an adapter bundle (--bundle); "
+                "the real-* strategies run on a base model alone")
     if strategy.tokens and not strategy.lora and bundle_mode(bundle) != "ti-only":
-        raise ValueError(f"strategy {strategy.name!r} uses the class tokens of a TI-only fine-tune (tokens "
-                         f"without LoRA, as the paper's {strategy.name}), but {bundle.path} is a "
-                         f"{bundle_mode(bundle)} bundle whose tokens were learned with its LoRA. Make a TI-only "
-                         "bundle with `diffmix finetune --mode ti-only --data DATA --base BASE --superclass WORD "
-                         "--out TI_BUNDLE` and pass that one")
+        return (f"strategy {strategy.name!r} uses the class tokens of a TI-only fine-tune (tokens "
+                f"without LoRA, as the paper's {strategy.name}), but {bundle.path} is a "
+                f"{bundle_mode(bundle)} bundle whose tokens were learned with its LoRA. Make a TI-only "
+                "bundle with `diffmix finetune --mode ti-only --data DATA --base BASE --superclass WORD "
+                "--out TI_BUNDLE` and pass that one")
+    return None
+
+
+def check_bundle_for(strategy_name: str, bundle) -> None:
+    """Refuse a bundle that does not fit ``strategy_name`` (:func:`strategy_unavailable` says why)."""
+    reason = strategy_unavailable(strategy_name, bundle)
+    if reason:
+        raise ValueError(reason)
 
 
 def validate_jobs(jobs: Sequence[Job], config: TranslateConfig, bundle=None) -> None:

@@ -34,19 +34,20 @@ from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, r
 from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
                               app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
-from .app.sweep import SweepRequest, clean_thresholds, passing, plan_sweep, run_sweep
+from .app.sweep import (FAST_PREVIEW, SweepRequest, clean_thresholds, parse_strategies, passing, pick_partner,
+                         plan_sweep, run_sweep)
 from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
                         write_csv)
 from .bundle import Bundle, bundle_examples
 from .calibrate import save_to_profile, translate_config_for
-from .config import STRATEGIES, THRESHOLD_TESTS, Thresholds, TranslateConfig
+from .config import STRATEGIES, THRESHOLD_TESTS, DiffIIConfig, Thresholds, TranslateConfig
 from .data import load_image
 from .hub import open_bundle
-from .jobs import ALL_OTHER
+from .jobs import ALL_OTHER, parse_seeds
 from .profiles import load_profile, save_profile, saving_allowed
 from .records import save_png
 from .scoring import plot_sweep, recommendation_bar
-from .translate import Source
+from .translate import Source, strategy_unavailable
 
 try:   # ZeroGPU on Hugging Face Spaces; a no-op elsewhere
     import spaces
@@ -135,8 +136,10 @@ def sweep_grid(store: Store) -> tuple[str | None, G.GridLayout | None, list[dict
     targets = list(dict.fromkeys(r["target_class"] for r in recs))
     title = f"{recs[0]['source_class']} -> " + (targets[0] if len(targets) == 1 else f"{len(targets)} targets")
     bar = recommendation_bar(state.get("summary"))
+    several = len({r.get("strategy") for r in recs}) > 1   # one labelled block of columns per strategy
     picture, layout = G.render(recs, lambda r: load_image(store.image_path(r)), source,
-                               int(recs[0].get("resolution") or 64), set(state["curated"]), title, bar)
+                               int(recs[0].get("resolution") or 64), set(state["curated"]), title, bar,
+                               block=(lambda r: r.get("strategy", "")) if several else None)
     path = store.root / "grid" / f"sweep-{state['sweeps']}.png"
     save_png(picture, path)
     return str(path), layout, recs
@@ -149,6 +152,37 @@ def source_line(record: dict) -> str:
     name = Path(where).name if where else "none (text-to-image)"
     return (f"{kind} {md_code(name)} (id {md_code(record.get('source_id'))}), "
             f"class **{md_text(record['source_class'])}**")
+
+
+def partner_line(records: list[dict]) -> str:
+    """diff-ii's second source, and the fast preview, when the sweep had them."""
+    rec = next((r for r in records if r.get("partner_path")), None)
+    text = ""
+    if rec is not None:
+        kind = "upload" if rec["partner_path"].startswith(f"{UPLOADS}/") else "example"
+        text += (f" · diff-ii partner: {kind} {md_code(Path(rec['partner_path']).name)} "
+                 f"(id {md_code(rec['partner_id'])})")
+    n = max((r.get("cache_interval", 1) for r in records), default=1)
+    return text + (f" · fast preview (feature cache, whole UNet every {n}th step)" if n > 1 else "")
+
+
+def strategy_lines(records: list[dict], summaries: dict | None, summary: dict | None) -> str:
+    """The recommendation, one line per strategy when the sweep compared several."""
+    names = list(dict.fromkeys(r.get("strategy") for r in records))
+    if len(names) < 2 or not summaries:
+        return recommendation(summary)
+    return "\n\n".join(f"**{md_text(name)}**: {score_line(summaries.get(name))} — "
+                       f"{recommendation(summaries.get(name))}" for name in names)
+
+
+def score_line(summary: dict | None) -> str:
+    """A strategy's mean scores per strength, in one line."""
+    parts = []
+    for row in (summary or {}).get("strengths", []):
+        values = [f"{label} {row[key]:.2f}" for key, label in (("p_target", "P(target)"), ("clip_target", "CLIP"),
+                                                             ("distance", "dist")) if row.get(key) is not None]
+        parts.append(f"s {row['strength']:g}: " + (", ".join(values) or "no scores"))
+    return "; ".join(parts) or "no scores"
 
 
 def recommendation(summary: dict | None) -> str:
@@ -181,8 +215,8 @@ def sweep_views(store: Store, figure=None) -> tuple:
     if recs:
         status = (f"**sweep {state['sweeps']}** ran: {source_line(recs[0])} → "
                   f"{', '.join(md_text(t) for t in dict.fromkeys(r['target_class'] for r in recs))} · "
-                  f"{len(recs)} image(s)\n\n"
-                  + recommendation(summary))
+                  f"{len(recs)} image(s)" + partner_line(recs) + "\n\n"
+                  + strategy_lines(recs, state.get("summaries"), summary))
     return path, path, box, rows, figure, csv, status
 
 
@@ -264,6 +298,70 @@ def _source(store: Store, bundle, upload: str | None, example: str | None, sourc
     return None
 
 
+def _partner(store: Store, bundle, partner: str | None, partner_upload: str | None,
+             source_class: str) -> Source | None:
+    """diff-ii's second source when the user chose one: an example of the source's class or an
+    upload (filed under the source's class); None = drawn from the class's examples."""
+    if partner and partner_upload:
+        raise ValueError("give a partner example or a partner upload, not both")
+    if partner_upload:
+        image = _decode_upload(partner_upload)
+        return Source(image, source_class, Path(partner_upload).stem,
+                      store.save_source(image, Path(partner_upload).name))
+    if partner:
+        folder = _example_class(bundle, partner)
+        if folder is None:
+            raise ValueError(f"{partner} is not one of the bundle's example images")
+        if folder != source_class:
+            raise ValueError(f"the diff-ii partner {Path(partner).name} is an example of {folder!r}, the source a "
+                             f"{source_class!r}: pick an example of the source's class")
+        return Source(load_image(partner), source_class, Path(partner).stem, partner)
+    return None
+
+
+def strategy_choices(bundle) -> tuple[list[str], str]:
+    """The strategies ``bundle`` can run (translate.strategy_unavailable: the engine's own rule), and
+    a line naming those left out, with the reason."""
+    reasons = {name: strategy_unavailable(name, bundle) for name in STRATEGIES}
+    offered = [name for name, why in reasons.items() if not why]
+    left = {name: why for name, why in reasons.items() if why}
+    info = "several are compared side by side, one block of grid columns each"
+    if left:
+        info += f". Not offered for this bundle: {', '.join(left)}. " + " ".join(dict.fromkeys(
+            why.replace(repr(name), "it") for name, why in left.items()))
+    return offered, info
+
+
+def partner_choices(bundle_path: str, source_class: str) -> list[tuple[str, str]]:
+    """The diff-ii partner dropdown: auto, then the bundle's examples of ``source_class``."""
+    examples = [(f"{Path(p).parent.name}/{Path(p).name}", p) for p, c in _examples(bundle_path) if c == source_class]
+    return [("auto: drawn from the class's examples (seeded)", "")] + examples
+
+
+def on_partner_view(bundle_path: str, upload: str | None, example: str | None, source_class: str, seeds: str,
+                    partner: str | None, partner_upload: str | None):
+    """The partner dropdown (examples of the source's class) and the partner diff-ii will run with
+    (auto: drawn with the first seed, as the sweep draws it), shown next to the source."""
+    choices = partner_choices(bundle_path, source_class)
+    if partner not in {v for _, v in choices}:
+        partner = ""
+    try:   # nothing is saved: the sweep stores the sources it runs
+        bundle = open_bundle_cached(bundle_path)
+        source = (Source(_decode_upload(upload), source_class, Path(upload).stem) if upload else
+                  _source(None, bundle, None, example, source_class))
+        chosen = (Source(_decode_upload(partner_upload), source_class, Path(partner_upload).stem) if partner_upload
+                  else _partner(None, bundle, partner, None, source_class))
+        seed = (parse_seeds(seeds) or [0])[0]
+        second = pick_partner(bundle, source, seed, chosen) if source is not None else None
+    except (ValueError, FileNotFoundError):
+        second = None
+    image = second.image if second is not None else None
+    label = ("diff-ii partner: none yet" if second is None else
+             "diff-ii partner: the source itself (no other example of its class)"
+             if second.pixel_hash() == source.pixel_hash() else f"diff-ii partner: {second.id}")
+    return gr.Dropdown(choices=choices, value=partner), gr.Image(value=image, label=label)
+
+
 # --------------------------------------------------------------------------- handlers
 def _save_state(request: gr.Request | None) -> tuple[bool, str]:
     client = getattr(getattr(request, "client", None), "host", None) if request is not None else None
@@ -303,12 +401,19 @@ def on_bundle(path: str, request: gr.Request = None):
               "source_class": gr.Dropdown(choices=classes, value=classes[0]),
               "target": gr.Dropdown(choices=[ALL_OTHER] + classes, value=classes[min(1, len(classes) - 1)]),
               "tune": strength, "th": threshold_values(profile.thresholds),
-              "strategy": profile.strategy or "diff-mix",
+              "strategy": _strategy_dropdown(bundle, profile.strategy),
               "steps": profile.num_inference_steps or defaults.num_inference_steps,
               "guidance": defaults.guidance_scale if profile.guidance_scale is None else profile.guidance_scale,
               "example": "", "upload": None, "preview": None, "card": source_card(path, None, None, classes[0]),
               "profile_btn": gr.Button(interactive=allowed)}
     return tuple(v for name in BUNDLE_OUTPUTS for v in (values[name] if name == "th" else [values[name]]))
+
+
+def _strategy_dropdown(bundle, preferred: str | None) -> gr.Dropdown:
+    """The strategies this bundle can run, the profile's chosen (else diff-mix); the others named with why."""
+    offered, info = strategy_choices(bundle)
+    value = preferred if preferred in offered else "diff-mix" if "diff-mix" in offered else offered[0]
+    return gr.Dropdown(choices=offered, value=[value], info=info)
 
 
 @_errors
@@ -342,24 +447,30 @@ def on_source_change(path: str, upload: str | None, example: str | None, source_
 
 
 def _sweep_request(bundle_path: str, upload: str | None, example: str | None, source_class: str, target: str,
-                   strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str):
+                   strengths: str, seeds: str, steps: float, guidance: float, strategy: str | list[str],
+                   fast: bool, partner: str | None, partner_upload: str | None, inversion_steps: float, token: str):
     """The sweep inputs (the /sweep API's parameters, in order) read once: (store, bundle loaded
-    once for the request, the source that runs, the SweepRequest)."""
+    once for the request, the source that runs, the SweepRequest, diff-ii's partner when the user
+    chose one)."""
     store = open_store(token)
     bundle = open_bundle_cached(bundle_path)
     source = _source(store, bundle, upload, example, source_class)
-    return store, bundle, source, SweepRequest(source_class, target, strengths, seeds, int(steps), float(guidance),
-                                               strategy)
+    request = SweepRequest(source_class, target, strengths, seeds, int(steps), float(guidance), strategy,
+                           FAST_PREVIEW if fast else 1, int(inversion_steps or DiffIIConfig.inversion_steps))
+    return store, bundle, source, request, _partner(store, bundle, partner, partner_upload, source_class)
 
 
 def check_sweep(bundle_path: str, upload: str | None, example: str | None, source_class: str, target: str,
-                strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str) -> None:
+                strengths: str, seeds: str, steps: float, guidance: float, strategy: str | list[str],
+                fast: bool, partner: str | None, partner_upload: str | None, inversion_steps: float,
+                token: str) -> None:
     """Everything a sweep needs, checked before anything runs: a mistake is a message, and the
     previous grid, plot, table and curated batch stay as they were."""
     try:
-        _, bundle, source, request = _sweep_request(bundle_path, upload, example, source_class, target, strengths,
-                                                    seeds, steps, guidance, strategy, token)
-        plan_sweep(bundle, source, request, Limits.from_env())
+        _, bundle, source, request, second = _sweep_request(
+            bundle_path, upload, example, source_class, target, strengths, seeds, steps, guidance, strategy,
+            fast, partner, partner_upload, inversion_steps, token)
+        plan_sweep(bundle, source, request, Limits.from_env(), second)
     except (ValueError, FileNotFoundError) as err:
         raise _user_error(err, "sweep") from None
 
@@ -377,13 +488,16 @@ def _progress_callback(progress: gr.Progress, n_images: int):
 
 @_errors
 def on_sweep(bundle_path: str, upload: str | None, example: str | None, source_class: str, target: str,
-             strengths: str, seeds: str, steps: float, guidance: float, strategy: str, token: str,
-             progress=gr.Progress()):
-    """One sweep through the engine; rows = strength, columns = seed (or target)."""
-    store, bundle, source, request = _sweep_request(bundle_path, upload, example, source_class, target, strengths,
-                                                    seeds, steps, guidance, strategy, token)
+             strengths: str, seeds: str, steps: float, guidance: float, strategy: str | list[str],
+             fast: bool = False, partner: str | None = None, partner_upload: str | None = None,
+             inversion_steps: float = DiffIIConfig.inversion_steps, token: str = "", progress=gr.Progress()):
+    """One sweep through the engine; rows = strength, columns = seed (or target); several
+    strategies (a list, or comma-separated) side by side, one block of columns each."""
+    store, bundle, source, request, second = _sweep_request(
+        bundle_path, upload, example, source_class, target, strengths, seeds, steps, guidance, strategy,
+        fast, partner, partner_upload, inversion_steps, token)
     limits = Limits.from_env()
-    plan = plan_sweep(bundle, source, request, limits)
+    plan = plan_sweep(bundle, source, request, limits, second)
     progress(0, desc=f"{len(plan.jobs)} image(s): loading the model")
     out = run_sweep(store, bundle, source, request, limits=limits, generate_fn=_generate, plan=plan,
                     callback=_progress_callback(progress, len(plan.jobs)))
@@ -454,7 +568,7 @@ def on_auto(token: str, thresholds: Thresholds):
 
 @_errors
 @takes_thresholds
-def on_save_profile(bundle_path: str, strength: float, strategy: str, steps: float, guidance: float,
+def on_save_profile(bundle_path: str, strength: float, strategy: str | list[str], steps: float, guidance: float,
                     thresholds: Thresholds, request: gr.Request = None):
     """Save the chosen strength, thresholds and sampler settings as this bundle's user profile
     (under the output root; the bundle's own files are never written)."""
@@ -463,7 +577,7 @@ def on_save_profile(bundle_path: str, strength: float, strategy: str, steps: flo
         raise ValueError(why)
     bundle = open_bundle_cached(bundle_path)
     path = save_profile(bundle, strength, thresholds, {
-        "strategy": strategy, "num_inference_steps": int(steps), "guidance_scale": float(guidance)})
+        "strategy": parse_strategies(strategy)[0], "num_inference_steps": int(steps), "guidance_scale": float(guidance)})
     return (f"saved to `{path}`: strength {strength}, thresholds {clean_thresholds(thresholds) or 'none'} "
             f"(the bundle itself is unchanged; `diffmix translate` / `synthesize` start from it)")
 
@@ -614,7 +728,7 @@ def _source_panel(ui: SimpleNamespace, classes: list[str], limits: Limits) -> No
     ui.target = gr.Dropdown([ALL_OTHER] + classes, value=classes[1], label="Target class",
                             filterable=True, allow_custom_value=True,
                             info="one class, all other classes, or several typed with commas (duck, owl)")
-    ui.strategy = gr.Dropdown(choices=list(STRATEGIES), value="diff-mix", label="Strategy")
+    _strategy_panel(ui)
     ui.strengths = gr.Textbox(value="0.3, 0.5, 0.7, 0.9", label="Strengths",
                               info="a list (0.3, 0.5, 0.7) or a range from:to:count (0.1:0.9:5)")
     ui.seeds = gr.Textbox(value="0, 1", label="Seeds",
@@ -622,6 +736,25 @@ def _source_panel(ui: SimpleNamespace, classes: list[str], limits: Limits) -> No
     ui.steps = gr.Slider(1, 100, value=TranslateConfig.num_inference_steps, step=1, label="Steps")
     ui.guidance = gr.Slider(0, 20, value=TranslateConfig.guidance_scale, step=0.5, label="Guidance")
     ui.run = gr.Button("Run sweep", variant="primary")
+
+
+def _strategy_panel(ui: SimpleNamespace) -> None:
+    """Strategies (several: side by side), diff-ii's partner and the fast preview switch."""
+    # Choices follow the bundle (on_bundle: only what it can run); a list, or comma-separated over the API.
+    ui.strategy = gr.Dropdown(choices=list(STRATEGIES), value=["diff-mix"], label="Strategies", multiselect=True,
+                              allow_custom_value=True, info="several are compared side by side")
+    with gr.Accordion("diff-ii: the second source of the class", open=False):
+        with gr.Row():
+            ui.partner = gr.Dropdown([("auto: drawn from the class's examples (seeded)", "")], value="",
+                                     label="Partner", allow_custom_value=True, scale=2)
+            ui.partner_preview = gr.Image(label="diff-ii partner", interactive=False, format="png", height=128,
+                                          scale=1, elem_id="partner")
+        ui.partner_upload = gr.File(label="…or upload the partner (same class)", file_types=["image"],
+                                    type="filepath", height=90)
+        ui.inversion_steps = gr.Slider(1, 1000, value=DiffIIConfig.inversion_steps, step=1, label="Inversion steps",
+                                       info="DDIM inversion of each source (Diff-II: 200); cached across sweeps")
+    ui.fast = gr.Checkbox(value=False, label=f"Fast preview (feature cache: the whole UNet every {FAST_PREVIEW}rd "
+                          "step; recorded)")
 
 
 def _results_panel(ui: SimpleNamespace) -> None:
@@ -718,13 +851,22 @@ def _wire_bundle(demo: gr.Blocks, ui: SimpleNamespace) -> None:
     ui.upload.upload(on_upload, [ui.bundle, ui.upload, ui.source_class], [ui.preview, ui.example, ui.card], **PRIVATE)
     ui.upload.clear(on_upload, [ui.bundle, ui.upload, ui.source_class], [ui.preview, ui.example, ui.card], **PRIVATE)
     ui.source_class.input(on_source_change, source_inputs, ui.card, **PRIVATE)
+    _wire_partner(ui)
+
+
+def _wire_partner(ui: SimpleNamespace) -> None:
+    """diff-ii's partner follows the source, its class and the first seed."""
+    inputs = [ui.bundle, ui.upload, ui.example, ui.source_class, ui.seeds, ui.partner, ui.partner_upload]
+    for event in (ui.example.change, ui.upload.change, ui.source_class.change, ui.seeds.blur, ui.partner.input,
+                  ui.partner_upload.change):
+        event(on_partner_view, inputs, [ui.partner, ui.partner_preview], **PRIVATE)
 
 
 def _wire_sweep(ui: SimpleNamespace) -> None:
     """Run a sweep (/sweep), click tiles, tick boxes, select by id (/select)."""
     curated = _curated(ui)
     sweep_inputs = [ui.bundle, ui.upload, ui.example, ui.source_class, ui.target, ui.strengths, ui.seeds, ui.steps,
-                    ui.guidance, ui.strategy, ui.token]
+                    ui.guidance, ui.strategy, ui.fast, ui.partner, ui.partner_upload, ui.inversion_steps, ui.token]
     ui.run.click(check_sweep, sweep_inputs, None, **PRIVATE).success(
         on_sweep, sweep_inputs,
         [ui.token, ui.grid, ui.grid_dl, ui.sweep_box, ui.table, ui.plot, ui.csv, ui.status, ui.tune, ui.count,

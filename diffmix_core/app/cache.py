@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import scoring
 from ..apply import load_pipeline_for
 from ..bundle import ADAPTER_JSON, Bundle, bundle_roots, find_bundles, load_bundle
-from ..config import PipelineConfig, TranslateConfig
+from ..config import DiffIIConfig, PipelineConfig, TranslateConfig
 from ..demo import placeholder_bundle
 from ..paths import DEMO_ASSETS, SHIPPED_BUNDLES
 from ..reference import bundle_reference_path, load_reference
@@ -161,9 +161,11 @@ def reference_for(bundle: Bundle) -> tuple[object | None, str]:
 
 
 def generate(bundle: Bundle, jobs: list[Job], config: TranslateConfig,
-             callback: Callable[[int, int], None] | None = None) -> list[Result]:
+             callback: Callable[[int, int], None] | None = None, diff_ii: DiffIIConfig | None = None
+             ) -> list[Result]:
     """The engine on the cached pipeline (the model lane: ui.py runs one at a time);
-    ``callback(steps done, total)`` after every UNet call."""
+    ``callback(steps done, total)`` after every UNet call; ``diff_ii``: diff-ii's inversion settings
+    (its inversions are cached under the output root)."""
     pipe = pipeline_for(bundle)
     with _ENGINE_LOCK:
-        return translate(pipe, jobs, config, bundle=bundle, show_progress=False, callback=callback)
+        return translate(pipe, jobs, config, bundle=bundle, show_progress=False, callback=callback, diff_ii=diff_ii)

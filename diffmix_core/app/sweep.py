@@ -9,12 +9,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..bundle import Bundle
-from ..config import THRESHOLD_TESTS, Thresholds, TranslateConfig, get_strategy
+from ..config import THRESHOLD_TESTS, DiffIIConfig, Thresholds, TranslateConfig, get_strategy
+from ..diffii import draw_partner
+from ..diffii_jobs import partner_pool
 from ..jobs import ALL_OTHER, parse_seeds, parse_strengths, sweep_jobs
-from ..scoring import class_prompt, plot_sweep, score_images, summarize
+from ..scoring import class_prompt, plot_strategies, plot_sweep, score_images, summarize
 from ..translate import Job, Result, Source, count_jobs, validate_jobs
 from .cache import clip_scorer, generate, reference_for
 from .store import Limits, Store
+
+FAST_PREVIEW = 3   # the app's "fast preview": the whole UNet every 3rd step (TranslateConfig.cache_interval)
+
+
+def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Strategy names from a list or a comma-separated text ("diff-mix, diff-ii"), checked, in
+    order, without repeats."""
+    parts = value.split(",") if isinstance(value, str) else list(value or [])
+    names = tuple(dict.fromkeys(str(p).strip() for p in parts if str(p).strip()))
+    if not names:
+        raise ValueError("choose at least one strategy")
+    for name in names:
+        get_strategy(name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -27,63 +43,125 @@ class SweepRequest:
     seeds: str = "0, 1"                # a list (0, 1, 7), a count (n=4), or -1 for a random seed
     steps: int = TranslateConfig.num_inference_steps     # sampler steps N
     guidance: float = TranslateConfig.guidance_scale     # classifier-free guidance
-    strategy: str = "diff-mix"         # a config.STRATEGIES name
+    strategies: tuple[str, ...] = ("diff-mix",)   # config.STRATEGIES names, side by side (a text: comma-separated)
+    cache_interval: int = TranslateConfig.cache_interval   # feature cache; FAST_PREVIEW for the "fast preview"
+    inversion_steps: int = DiffIIConfig.inversion_steps     # diff-ii: DDIM inversion steps of each source
 
-    def config(self) -> TranslateConfig:
-        """The engine's settings for this sweep."""
-        return TranslateConfig(strategy=self.strategy, num_inference_steps=int(self.steps),
-                               guidance_scale=float(self.guidance))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategies", parse_strategies(self.strategies))
+        self.diff_ii()   # checks inversion_steps
+
+    def config(self, strategy: str | None = None) -> TranslateConfig:
+        """The engine's settings for one of this sweep's strategies (default: the first)."""
+        return TranslateConfig(strategy=strategy or self.strategies[0], num_inference_steps=int(self.steps),
+                               guidance_scale=float(self.guidance), cache_interval=int(self.cache_interval))
+
+    def diff_ii(self) -> DiffIIConfig:
+        """The diff-ii settings of this sweep."""
+        return DiffIIConfig(inversion_steps=int(self.inversion_steps))
 
 
 @dataclass
 class SweepOutcome:
     ids: list[str]
     records: list[dict]
-    summary: dict | None       # scoring.summarize, None when scoring is unavailable
-    figure: object | None      # matplotlib Figure
+    summary: dict | None       # scoring.summarize of the first strategy, None when scoring is unavailable
+    figure: object | None      # matplotlib Figure (one curve per strategy when there are several)
     columns: int               # seeds per row
     notes: list[str]
+    summaries: dict[str, dict | None]   # strategy -> its summary
 
 
 @dataclass(frozen=True)
 class SweepPlan:
-    jobs: list[Job]           # ordered target, strength, seed
-    config: TranslateConfig
+    blocks: tuple[tuple[str, list[Job]], ...]   # (strategy, its jobs ordered target, strength, seed), as asked
+    request: SweepRequest
     seeds: list[int]          # random seeds (-1) already drawn
+    partner: Source | None    # diff-ii's second source, None without diff-ii
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [job for _, jobs in self.blocks for job in jobs]
+
+    @property
+    def config(self) -> TranslateConfig:
+        return self.request.config()
 
 
-def plan_sweep(bundle: Bundle, source: Source | None, request: SweepRequest, limits: Limits = Limits()) -> SweepPlan:
+def pick_partner(bundle: Bundle, source: Source, seed: int, chosen: Source | None = None) -> Source:
+    """diff-ii's second source: ``chosen`` (the user's), else one of the bundle's examples of the
+    source's class drawn with ``seed`` (diffii.draw_partner); the source itself when there is none."""
+    if chosen is not None:
+        return chosen
+    try:
+        pool = partner_pool(source.source_class, bundle=bundle)
+    except ValueError:   # no example of this class: denoised from its own inversion
+        pool = []
+    return draw_partner(source, pool, seed)
+
+
+def count_sweep(bundle: Bundle, request: SweepRequest, n_strengths: int, n_seeds: int, limit: int) -> int:
+    """Images the sweep makes, every strategy's counted, refused above ``limit`` before any job is built."""
+    counts = {}
+    for name in request.strategies:
+        kind = get_strategy(name).pairing
+        n_targets = len(bundle.classes) - 1 if request.target == ALL_OTHER and kind == "inter" else 1
+        factors = {"targets": n_targets, "strengths": 1 if kind == "gen" else n_strengths, "seeds": n_seeds}
+        counts[name] = count_jobs(factors, limit, "DIFFMIX_MAX_JOBS")
+    if len(counts) == 1:
+        return next(iter(counts.values()))
+    shown = " + ".join(f"{n} {name}" for name, n in counts.items())
+    return count_jobs({f"images ({shown})": sum(counts.values())}, limit, "DIFFMIX_MAX_JOBS")
+
+
+def plan_sweep(bundle: Bundle, source: Source | None, request: SweepRequest, limits: Limits = Limits(),
+               partner: Source | None = None) -> SweepPlan:
     """Read and check every setting of a sweep without running anything (cheap: the app calls it
-    first, so a typo leaves the previous results alone)."""
+    first, so a typo leaves the previous results alone). ``partner``: diff-ii's second source when
+    the user chose one (else :func:`pick_partner` draws it with the first seed)."""
     s_list = parse_strengths(request.strengths, limits.max_jobs)
     seed_list = parse_seeds(request.seeds, limits.max_jobs)
-    config = request.config()
-    kind = get_strategy(request.strategy).pairing
-    n_targets = len(bundle.classes) - 1 if request.target == ALL_OTHER and kind == "inter" else 1
-    factors = {"targets": n_targets, "strengths": 1 if kind == "gen" else len(s_list), "seeds": len(seed_list)}
-    count_jobs(factors, limits.max_jobs, "DIFFMIX_MAX_JOBS")   # before the job list is built
-    jobs = sweep_jobs(bundle, source, request.source_class, request.target, s_list, seed_list, request.strategy)
-    validate_jobs(jobs, config, bundle)
-    return SweepPlan(jobs, config, seed_list)
+    count_sweep(bundle, request, len(s_list), len(seed_list), limits.max_jobs)
+    blocks, second = [], None
+    for name in request.strategies:
+        jobs = sweep_jobs(bundle, source, request.source_class, request.target, s_list, seed_list, name)
+        if get_strategy(name).start == "inversion":
+            second = pick_partner(bundle, source, seed_list[0], partner)
+            jobs = [Job(j.source, j.target_class, j.strength, j.seed, j.source_class, partner=second) for j in jobs]
+        validate_jobs(jobs, request.config(name), bundle)
+        blocks.append((name, jobs))
+    return SweepPlan(tuple(blocks), request, seed_list, second)
 
 
 def run_sweep(store: Store, bundle: Bundle, source: Source | None, request: SweepRequest, *,
               limits: Limits = Limits(), generate_fn: Callable = generate,
-              callback: Callable[[int, int], None] | None = None, plan: SweepPlan | None = None) -> SweepOutcome:
-    """Make, score and store one sweep (``plan``: :func:`plan_sweep`'s, when the caller has it);
-    rows = strength, columns = seed."""
-    plan = plan or plan_sweep(bundle, source, request, limits)
-    results = generate_fn(bundle, plan.jobs, plan.config, callback=callback)
-    summary, figure, notes = score_results(results, bundle)
+              callback: Callable[[int, int], None] | None = None, plan: SweepPlan | None = None,
+              partner: Source | None = None) -> SweepOutcome:
+    """Make, score and store one sweep (``plan``: :func:`plan_sweep`'s, when the caller has it):
+    each strategy in turn (diff-ii's inversions come from the cached stage), scored on its own;
+    rows = strength, columns = seed, one block of columns per strategy."""
+    plan = plan or plan_sweep(bundle, source, request, limits, partner)
+    results, summaries, notes = [], {}, []
+    for name, jobs in plan.blocks:
+        extra = {"diff_ii": request.diff_ii()} if get_strategy(name).start == "inversion" else {}
+        made = generate_fn(bundle, jobs, request.config(name), callback=callback, **extra)
+        summaries[name], _, block_notes = score_results(made, bundle, plot=False)
+        notes += [n for n in block_notes if n not in notes]
+        results += made
+    first = summaries[plan.blocks[0][0]]
+    figure = (plot_sweep(first) if len(summaries) == 1 and first
+              else plot_strategies(summaries) if any(summaries.values()) else None)
     with store.lock:
         ids = store.add(results)
         state = store.state()
-        state.update(last_sweep=ids, sweeps=state["sweeps"] + 1, summary=summary, bundle=str(bundle.path))
+        state.update(last_sweep=ids, sweeps=state["sweeps"] + 1, summary=first, summaries=summaries,
+                     bundle=str(bundle.path))
         store.save_state(state)
-    return SweepOutcome(ids, [r.record for r in results], summary, figure, len(plan.seeds), notes)
+    return SweepOutcome(ids, [r.record for r in results], first, figure, len(plan.seeds), notes, summaries)
 
 
-def score_results(results: list[Result], bundle: Bundle) -> tuple[dict | None, object | None, list[str]]:
+def score_results(results: list[Result], bundle: Bundle, plot: bool = True
+                  ) -> tuple[dict | None, object | None, list[str]]:
     """Fill each record's ``scores`` (reference classifier, CLIP, distance, SSIM); summary and plot."""
     reference, ref_status = reference_for(bundle)
     clip = clip_scorer(bundle)
@@ -93,7 +171,7 @@ def score_results(results: list[Result], bundle: Bundle) -> tuple[dict | None, o
     for rec, s in zip(records, scores):
         rec["scores"] = s
     summary = summarize(records, embeddings, clip=clip.status, reference=None if reference is None else ref_status)
-    figure = plot_sweep(summary)
+    figure = plot_sweep(summary) if plot and summary else None
     notes = [clip.status] + ([] if reference is not None else [ref_status])
     return summary, figure, notes
 

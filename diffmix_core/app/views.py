@@ -20,7 +20,8 @@ from ..records import csv_cell, write_text_atomic
 from .cache import OFFLINE
 
 TABLE_COLUMNS = ("id", "source_id", "source", "target", "strength", "ran", "seed", "p_target", "p_source", "top1",
-                 "clip_target", "clip_source", "distance", "ssim", "soft_label", "curated")
+                 "clip_target", "clip_source", "distance", "ssim", "soft_label", "curated", "strategy", "partner_id",
+                 "cache_interval")
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
@@ -91,7 +92,8 @@ def command_for(record: dict, sweep: Sequence[dict] = (), out: str = "diffmix-ou
     With ``sweep`` (the records made with it) the command makes the whole sweep: the engine
     batches jobs, and a batch of other size may differ in the last bits of a float, so the
     same jobs in the same order is what gives the same pixels."""
-    group = [r for r in sweep if r.get("source_path") == record.get("source_path")] or [record]
+    group = [r for r in sweep if r.get("source_path") == record.get("source_path")
+             and r.get("strategy") == record.get("strategy")] or [record]
     targets = list(dict.fromkeys(r["target_class"] for r in group))
     strengths = list(dict.fromkeys(f"{r['strength']:g}" for r in group))
     seeds = list(dict.fromkeys(str(r["seed"]) for r in group))
@@ -103,14 +105,27 @@ def command_for(record: dict, sweep: Sequence[dict] = (), out: str = "diffmix-ou
               "--guidance", f"{record['guidance_scale']:g}", "--strategy", record["strategy"],
               "--resize", record["resize"], "--resolution", str(record["resolution"]),
               "--label-gamma", f"{record['label_gamma']:g}", "--label-scale", f"{record['label_scale']:g}"]
-    if record.get("scheduler") in ("dpm++", "ddim"):
+    if record.get("scheduler") in ("dpm++", "ddim") and not record.get("partner_path"):
         parts += ["--scheduler", record["scheduler"]]
-    return shlex.join(parts + ["--out", out])
+    return shlex.join(parts + run_options(record) + ["--out", out])
+
+
+def run_options(record: dict) -> list[str]:
+    """The options a record adds to its command: the feature cache, diff-ii's partner and inversion."""
+    parts = []
+    if record.get("cache_interval", 1) != 1:
+        parts += ["--cache-interval", str(record["cache_interval"])]
+    if record.get("partner_path"):
+        parts += ["--partner", record["partner_path"], "--inversion-steps", str(record["inversion_steps"]),
+                  "--inversion-guidance", f"{record['inversion_guidance']:g}"]
+    return parts
 
 
 def caption(record: dict) -> str:
     sc = record.get("scores") or {}
     head = f"→ {record['target_class']} · s={record['strength']:.2f} (ran {record['strength_run']:.2f}) · seed {record['seed']}"
+    if record.get("partner_id"):
+        head += f" · {record.get('strategy')} with {record['partner_id']}"
     parts = [f"{label} {sc[key]:.2f}" for key, label in (("p_target", "P(target)"), ("p_source", "P(source)"),
                                                         ("clip_target", "CLIP"), ("distance", "dist"))
              if sc.get(key) is not None]
@@ -126,7 +141,8 @@ def table(records: Sequence[dict], curated: set[str]) -> list[list]:
         values = [sc.get(k) for k in ("p_target", "p_source", "top1", "clip_target", "clip_source", "distance", "ssim")]
         values = [round(v, 4) if isinstance(v, float) else v for v in values]
         rows.append([r["id"], r.get("source_id"), r["source_class"], r["target_class"], r["strength"], r["strength_run"], r["seed"],
-                     *values, label, r["id"] in curated])
+                     *values, label, r["id"] in curated, r.get("strategy"), r.get("partner_id"),
+                     r.get("cache_interval", 1)])
     return rows
 
 
