@@ -577,7 +577,8 @@ def on_save_profile(bundle_path: str, strength: float, strategy: str | list[str]
         raise ValueError(why)
     bundle = open_bundle_cached(bundle_path)
     path = save_profile(bundle, strength, thresholds, {
-        "strategy": parse_strategies(strategy)[0], "num_inference_steps": int(steps), "guidance_scale": float(guidance)})
+        "strategy": parse_strategies(strategy)[0], "num_inference_steps": int(steps),
+        "guidance_scale": float(guidance)})
     return (f"saved to `{path}`: strength {strength}, thresholds {clean_thresholds(thresholds) or 'none'} "
             f"(the bundle itself is unchanged; `diffmix translate` / `synthesize` start from it)")
 
@@ -761,7 +762,8 @@ def _results_panel(ui: SimpleNamespace) -> None:
     """The right column: the sweep grid, the chosen tile, the scores and the plot."""
     ui.card = gr.Markdown(elem_id="source-card")
     ui.status = gr.Markdown(elem_id="status")
-    gr.Markdown("**Sweep grid**: rows = strength (and the steps that ran), columns = seed (or target); "
+    gr.Markdown("**Sweep grid**: rows = strength (and the steps that ran), columns = seed (or target), one "
+                "labelled block of columns per strategy; "
                 "the source first; P(target) on each tile; green frame = curated. Click a tile.")
     ui.grid = gr.Image(label="Sweep grid", interactive=False, format="png", elem_id="grid",
                        show_label=False, buttons=["fullscreen"])

@@ -93,7 +93,8 @@ def test_strategies_side_by_side(app_url, world):  # noqa: F811
     strategy_at = list(table["headers"]).index("strategy")
     assert [r[strategy_at] for r in rows] == ["diff-mix"] * 4 + ["diff-aug"] * 4
     assert {r[3] for r in rows if r[strategy_at] == "diff-aug"} == {"owl"}   # intra-class keeps the class
-    assert all(f"**{md_text(k)}**: s 0.5: P(target)" in status for k in ("diff-mix", "diff-aug"))   # scores per strategy
+    # scores per strategy
+    assert all(f"**{md_text(k)}**: s 0.5: P(target)" in status for k in ("diff-mix", "diff-aug"))
     assert plot is not None
     t = tile_size(32)
     with Image.open(picture) as im:   # source + 2 blocks of 2 seeds, 2 strength rows
@@ -112,7 +113,8 @@ def test_grid_blocks_are_labelled():
              "source_path": "x.png", "steps_run": 1, "num_inference_steps": 2}
             for k in ("diff-mix", "diff-ii") for s in (0.5, 1.0) for seed in (0, 1)]
     grid = layout(recs, 32, block=lambda r: r["strategy"])
-    assert grid.columns == ("source", "diff-mix · seed 0", "diff-mix · seed 1", "diff-ii · seed 0", "diff-ii · seed 1")
+    assert grid.columns == ("source", "diff-mix · seed 0", "diff-mix · seed 1",
+                            "diff-ii · seed 0", "diff-ii · seed 1")
     assert grid.cells[1] == (None, "diff-mix1.00", "diff-mix1.01", "diff-ii1.00", "diff-ii1.01")
 
 
@@ -128,4 +130,57 @@ def test_fast_preview_is_recorded_and_in_the_command(app_url, world):  # noqa: F
     rec_fast, rec_plain = _records(world, [fast[0][0], plain[0][0]])
     assert rec_fast["cache_interval"] == FAST_PREVIEW and rec_plain["cache_interval"] == 1
     assert rec_fast["id"] != rec_plain["id"]
-    assert f"--cache-interval {FAST_PREVIEW}" in command_for(rec_fast) and "--cache-interval" not in command_for(rec_plain)
+    assert f"--cache-interval {FAST_PREVIEW}" in command_for(rec_fast)
+    assert "--cache-interval" not in command_for(rec_plain)
+
+
+def test_copy_as_command_remakes_each_strategy_block(world, tmp_path):
+    """A side-by-side sweep with the fast preview: each block's command (its strategy, diff-ii's
+    partner and inversion, the cache setting) makes its images again, pixel for pixel."""
+    import shlex
+
+    import numpy as np
+
+    from diffmix_core.app.store import open_store
+    from diffmix_core.app.sweep import SweepRequest, run_sweep
+    from diffmix_core.app.views import command_for
+    from diffmix_core.bundle import load_bundle
+    from diffmix_core.cli import main
+    from diffmix_core.data import load_image
+    from diffmix_core.records import read_jsonl
+    from diffmix_core.translate import Source
+
+    bundle = load_bundle(world["bundle"])
+    store = open_store("")
+    src = Source(load_image(world["example"]), "owl", "0", world["example"])
+    request = SweepRequest("owl", "duck", "0.5, 1.0", "0", 4, 5.0, "diff-mix, diff-ii", cache_interval=3,
+                           inversion_steps=3)
+    out = run_sweep(store, bundle, src, request)
+    assert [r["strategy"] for r in out.records] == ["diff-mix"] * 2 + ["diff-ii"] * 2
+    assert set(out.summaries) == {"diff-mix", "diff-ii"} and out.figure is not None
+    for name in ("diff-mix", "diff-ii"):
+        block = [r for r in out.records if r["strategy"] == name]
+        again = tmp_path / name
+        cmd = command_for(block[0], out.records, str(again))
+        assert "--cache-interval 3" in cmd and ("--partner" in cmd) == (name == "diff-ii")
+        assert main(shlex.split(cmd)[1:] + ["--quiet"]) == 0
+        made = read_jsonl(again / "records.jsonl")
+        assert [r["id"] for r in made] == [r["id"] for r in block]
+        for new, rec in zip(made, block):
+            assert np.array_equal(np.asarray(load_image(again / new["file_name"])),
+                                  np.asarray(load_image(store.image_path(rec))))
+
+
+def test_partner_shown_next_to_the_source(world):
+    """The partner dropdown lists the source class's examples; the partner shown is the one the
+    sweep draws (first seed), or the user's."""
+    from diffmix_core.ui import on_partner_view
+
+    other = str(Path(world["example"]).with_name("1.png"))
+    box, shown = on_partner_view(world["bundle"], None, world["example"], "owl", "0, 1", "", None)
+    assert [v for _, v in box.choices] == ["", world["example"], other] and box.value == ""
+    assert shown.label == "diff-ii partner: 1" and shown.value is not None
+    box, shown = on_partner_view(world["bundle"], None, other, "owl", "0", world["example"], None)
+    assert box.value == world["example"] and shown.label == "diff-ii partner: 0"
+    box, shown = on_partner_view(world["bundle"], None, None, "owl", "0", "", None)
+    assert shown.label == "diff-ii partner: none yet"

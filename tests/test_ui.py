@@ -224,15 +224,15 @@ def test_profile_sets_the_sweep_controls(world, tmp_path):
 
     copy = tmp_path / "tuned"
     shutil.copytree(world["bundle"], copy)
-    update_bundle_meta(copy, profile={"strength": 0.7, "thresholds": {"min_p_target": 0.3}, "strategy": "ti-mix",
+    update_bundle_meta(copy, profile={"strength": 0.7, "thresholds": {"min_p_target": 0.3}, "strategy": "diff-aug",
                                       "num_inference_steps": 12, "guidance_scale": 2.5})
     _, _, _, _, strength, *th, strategy, steps, guidance, _, _, _, _, _ = on_bundle(str(copy))
-    assert (strength, th[0], strategy, steps, guidance) == (0.7, 0.3, "ti-mix", 12, 2.5)
+    assert (strength, th[0], strategy.value, steps, guidance) == (0.7, 0.3, ["diff-aug"], 12, 2.5)
     path = save_profile(load_bundle(copy), 0.4, {"max_ssim": 0.8}, {"num_inference_steps": 6},
                         root=world["root"] / "out")
     try:
         _, _, _, _, strength, *th, strategy, steps, guidance, _, _, _, _, _ = on_bundle(str(copy))
-        assert (strength, th[0], th[-1], strategy, steps, guidance) == (0.4, None, 0.8, "ti-mix", 6, 2.5)
+        assert (strength, th[0], th[-1], strategy.value, steps, guidance) == (0.4, None, 0.8, ["diff-aug"], 6, 2.5)
     finally:
         path.unlink()
 
