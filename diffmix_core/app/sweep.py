@@ -141,10 +141,12 @@ def run_sweep(store: Store, bundle: Bundle, source: Source | None, request: Swee
     each strategy in turn (diff-ii's inversions come from the cached stage), scored on its own;
     rows = strength, columns = seed, one block of columns per strategy."""
     plan = plan or plan_sweep(bundle, source, request, limits, partner)
-    results, summaries, notes = [], {}, []
-    for name, jobs in plan.blocks:
+    results, summaries, notes, offset = [], {}, [], [0]
+    report = None if callback is None else lambda done, total: callback(offset[0] + done, offset[0] + total)
+    for name, jobs in plan.blocks:   # progress counts on across the blocks
         extra = {"diff_ii": request.diff_ii()} if get_strategy(name).start == "inversion" else {}
-        made = generate_fn(bundle, jobs, request.config(name), callback=callback, **extra)
+        made = generate_fn(bundle, jobs, request.config(name), callback=report, **extra)
+        offset[0] += sum(r.record.get("steps_run") or 0 for r in made)
         summaries[name], _, block_notes = score_results(made, bundle, plot=False)
         notes += [n for n in block_notes if n not in notes]
         results += made
