@@ -327,8 +327,7 @@ def strategy_choices(bundle) -> tuple[list[str], str]:
     left = {name: why for name, why in reasons.items() if why}
     info = "several are compared side by side, one block of grid columns each"
     if left:
-        info += f". Not offered for this bundle: {', '.join(left)}. " + " ".join(dict.fromkeys(
-            why.replace(repr(name), "it") for name, why in left.items()))
+        info += f". Not offered for this bundle: {', '.join(left)} ({next(iter(left.values()))})"
     return offered, info
 
 
