@@ -61,6 +61,7 @@ def test_a_request_is_checked_and_counted_before_any_model(world, monkeypatch):
                        (dict(targets=float("inf")), "targets per source must be a whole number"),
                        (dict(per_class=10**9), "sources per class exceed the limit"),
                        (dict(strategy="diff-aug"), "calibration sends sources to other classes"),
+                       (dict(strategy="ti-mix"), "class tokens of a TI-only fine-tune"),
                        (dict(origin="/etc"), "sources must come from"),
                        (dict(strengths="0, 0.5"), r"strengths must be in \(0, 1\]")):
         with pytest.raises(ValueError, match=match):

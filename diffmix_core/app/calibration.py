@@ -21,7 +21,7 @@ from ..bundle import Bundle
 from ..calibrate import CALIBRATION_FILE, Calibration, calibrate, draw_sources, plan_jobs, write_calibration
 from ..config import CALIBRATE_MAX_JOBS_ENV, CalibrateConfig, TranslateConfig, get_strategy
 from ..jobs import parse_seeds, parse_strengths
-from ..translate import Job
+from ..translate import Job, strategy_unavailable
 from .cache import clip_scorer, reference_for
 from .store import Limits, Store
 from .views import md_text
@@ -111,6 +111,9 @@ def plan_calibration(bundle: Bundle, request: CalibrationRequest, limits: Limits
     """Everything a calibration needs, checked without any model: the settings, the sources drawn
     (the same draw calibrate() makes), the job count under ``limits.max_calibration_jobs``."""
     config, translate, data = read_request(request, limits)
+    reason = strategy_unavailable(translate.strategy, bundle)
+    if reason:   # refused here, before the model lane (the engine's own check says the same)
+        raise ValueError(reason)
     sources = draw_sources(bundle, data, config)
     jobs = plan_jobs(bundle, sources, config, translate, limits.max_calibration_jobs)
     return CalibrationPlan(config, translate, data, jobs)
