@@ -35,6 +35,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,30 +72,54 @@ def strength_text(strength: float) -> str:
 
 
 _AUTHORS_UNSAFE = re.compile(r'[\x00-\x1f\x7f\\:*?"<>|]')   # not portable in a file name (Windows, macOS)
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 
 
-def authors_dir_name(name: str) -> str:
-    """A class's name in the authors' layout, as their sample_mp.py writes it: spaces and '/' become
-    '_' (apostrophes and '-' kept), so their generate_meta_csv (``(.+)`` for the folder,
-    ``(.+)-(\\d+)-(.+).png`` for the file, then '_' -> ' ') reads it back as :func:`authors_label`.
-    A name no file system takes that way (control or reserved characters, leading '.', over 120
-    characters) falls back to records.safe_name (with its hash)."""
+def _authors_plain(name: str) -> str | None:
+    """The authors' spelling of a folder name (spaces and '/' -> '_'), or None where no file
+    system takes it portably (non-ASCII or control characters, reserved names, leading '.', long)."""
     plain = str(name).replace(" ", "_").replace("/", "_")
-    if _AUTHORS_UNSAFE.search(plain) or plain.startswith(".") or not plain.strip("_") or len(plain) > 120:
-        return safe_name(name)
+    if (not plain.isascii() or not plain.isprintable() or _AUTHORS_UNSAFE.search(plain) or plain.startswith(".")
+            or not plain.strip("_") or len(plain) > 100 or plain.split(".")[0].upper() in _RESERVED):
+        return None
     return plain
 
 
-def authors_label(name: str) -> str:
+def authors_dir_names(classes: Sequence[str]) -> dict[str, str]:
+    """Each class's folder in the authors' layout: as their sample_mp.py writes it (spaces and '/'
+    become '_', apostrophes and '-' kept), so their generate_meta_csv (``(.+)`` for the folder,
+    ``(.+)-(\\d+)-(.+).png`` for the file, then '_' -> ' ') reads it back as :func:`authors_label`.
+    A name no file system takes that way, or whose spelling another class shares (``a/b``, ``a_b``
+    and ``a b`` all spell ``a_b``; case-insensitively, as on macOS and Windows), gets
+    records.safe_name (with its hash) instead: one folder per class, never shared."""
+    plain = {c: _authors_plain(c) for c in dict.fromkeys(classes)}
+    uses = Counter(_label_key(p) for p in plain.values() if p)
+    return {c: p if p and uses[_label_key(p)] == 1 else safe_name(c) for c, p in plain.items()}
+
+
+def _label_key(folder: str) -> str:
+    """What a folder reads back as (its meta.csv name, stripped as readers strip cells), case-folded."""
+    return folder.replace("_", " ").strip().casefold()
+
+
+def authors_dir_name(name: str, classes: Sequence[str] | None = None) -> str:
+    """One class's folder (:func:`authors_dir_names`; without ``classes``, judged on its own)."""
+    return authors_dir_names([*(classes or ()), name])[name] if classes else (_authors_plain(name) or safe_name(name))
+
+
+def authors_label(name: str, classes: Sequence[str] | None = None) -> str:
     """The class name the authors' generate_meta_csv parses back from :func:`authors_dir_name`
     ('_' and '/' read as spaces, as their loaders normalise names); meta.csv holds this one."""
-    return authors_dir_name(name).replace("_", " ")
+    return authors_dir_name(name, classes).replace("_", " ")
 
 
-def authors_relpath(record: dict, number: int) -> str:
-    """``<Source_Class>/<Target_Class>-<number:06d>-<s>.png``, relative to ``data/``."""
-    return (f"{authors_dir_name(record['source_class'])}/{authors_dir_name(record['target_class'])}-"
-            f"{number:06d}-{strength_text(record['strength'])}.png")
+def authors_relpath(record: dict, number: int, names: dict[str, str] | None = None) -> str:
+    """``<Source_Class>/<Target_Class>-<number:06d>-<s>.png``, relative to ``data/`` (``names``:
+    :func:`authors_dir_names` of the export's classes)."""
+    def folder(c: str) -> str:
+        return (names or {}).get(c) or authors_dir_name(c)
+    return f"{folder(record['source_class'])}/{folder(record['target_class'])}-{number:06d}-" \
+           f"{strength_text(record['strength'])}.png"
 
 
 def imagefolder_row(record: dict, file_name: str, classes: Sequence[str] | None = None) -> dict:
@@ -277,6 +302,7 @@ class ExportWriter:
         self.out_dir = check_target(out_dir, overwrite=overwrite, protect=protect, zip_too="zip" in self.formats,
                                     sealed=sealed)
         self.classes = list(classes) if classes is not None else None
+        self.authors = authors_dir_names(self.classes) if self.classes else {}   # class -> authors' folder
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.out_dir.parent, self.out_dir.name)   # of killed runs; a live run's are kept
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.staging-{os.getpid()}-",
@@ -330,8 +356,10 @@ class ExportWriter:
             if fmt == "imagefolder":
                 self.rows.append(imagefolder_row(record, Path(rel).name, self.classes))
             else:
-                self.meta.append({"First Directory": csv_cell(authors_label(record["source_class"])),
-                                  "Second Directory": csv_cell(authors_label(record["target_class"])), "Number": number,
+                label = {c: (self.authors.get(c) or authors_dir_name(c)).replace("_", " ")
+                         for c in (record["source_class"], record["target_class"])}
+                self.meta.append({"First Directory": csv_cell(label[record["source_class"]]),
+                                  "Second Directory": csv_cell(label[record["target_class"]]), "Number": number,
                                   "Strength": float(record["strength"]), "Path": csv_cell(rel.split("/", 2)[2])})
         self.count += 1
 
@@ -340,7 +368,7 @@ class ExportWriter:
         if "imagefolder" in self.formats:
             out.append(("imagefolder", f"imagefolder/{number:06d}.png"))
         if "authors" in self.formats:
-            out.append(("authors", f"authors/data/{authors_relpath(record, number)}"))
+            out.append(("authors", f"authors/data/{authors_relpath(record, number, self.authors)}"))
         return out
 
     def close(self) -> Path:
@@ -549,7 +577,7 @@ def _listed_image(folder: Path, name: object, where: str) -> Path:
 def _read_authors_set(folder: Path, classes: Sequence[str] | None = None) -> list[SyntheticItem]:
     """The items of meta.csv; with ``classes``, a name as the authors' layout writes it
     (:func:`authors_label`: 'F A-18' for 'F/A-18') maps back to its class."""
-    names = {authors_label(c): c for c in classes or ()}
+    names = {d.replace("_", " ").strip(): c for c, d in authors_dir_names(classes or ()).items()}
     names.update({c: c for c in classes or ()})
     with open(folder / "meta.csv", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)

@@ -239,7 +239,7 @@ HOSTILE = ["a/b", "a_b", "a b", "A/B", "../../escape", "..", ".", "x\x00y\n\tz",
 
 
 def test_hostile_class_names_export_to_safe_distinct_files(tmp_path):
-    from diffmix_core.export import export_records, verify_manifest
+    from diffmix_core.export import export_records, read_synthetic, verify_manifest
     from diffmix_core.labels import soft_label
 
     items = []
@@ -259,12 +259,17 @@ def test_hostile_class_names_export_to_safe_distinct_files(tmp_path):
         assert p.resolve().is_relative_to(out.resolve())
         rel = p.relative_to(out).as_posix()
         assert rel.isascii() and rel.isprintable() and all(len(part) <= 100 for part in rel.split("/"))
-    folders = {}   # class name -> its authors folder: one per name, never shared
+    folders = {}   # meta.csv's name (the authors' spelling) -> its authors folder: one per name, never shared
     for row in csv.DictReader(open(out / "authors" / "meta.csv", newline="", encoding="utf-8")):
         folder = (out / "authors" / "data" / row["Path"]).parent.name
         assert folders.setdefault(row["First Directory"], folder) == folder
         assert (out / "authors" / "data" / row["Path"]).is_file()
-    assert set(folders) == set(HOSTILE) and len(set(folders.values())) == len(HOSTILE)
+    assert len(folders) == len(HOSTILE) and len(set(folders.values())) == len(HOSTILE)
+    layout, back = read_synthetic(out / "authors", classes=HOSTILE)   # and every name reads back exactly
+    assert layout == "authors" and len(back) == len(HOSTILE)
+    for item in back:
+        n = int(item.path.name.rsplit("-", 2)[1])
+        assert (item.source_class, item.target_class) == (HOSTILE[n], HOSTILE[(n + 1) % len(HOSTILE)])
     rows = read_jsonl(out / "imagefolder" / "metadata.jsonl")
     assert [r["source_class"] for r in rows] == HOSTILE                         # names kept exactly in the data
     with zipfile.ZipFile(box / "exp.zip") as zf:
