@@ -43,7 +43,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import save
 
-from .config import STRATEGIES, Thresholds
+from .config import DEFAULT_START_STRENGTH, PROFILE_SETTINGS, STRATEGIES, Thresholds
 from .data import read_dataset
 from .models import normalise_model_id
 from .records import atomic_path, contained_file, sha256_file, write_text_atomic
@@ -164,12 +164,6 @@ class Bundle:
 
         vectors = [read(embedding_relpath(t))[t] for t in self.tokens]
         return vectors, (read(LORA_FILE) if self.lora_file else None)
-
-
-PROFILE_SETTINGS = ("strength", "strategy", "num_inference_steps", "guidance_scale")   # besides thresholds
-
-
-DEFAULT_START_STRENGTH = 0.5   # Profile.start_strength when neither a profile nor the bundle names one
 
 
 @dataclass(frozen=True)

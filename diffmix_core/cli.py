@@ -8,15 +8,16 @@ commands share are declared once, in :data:`SHARED`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .commands import data, demo, generate, score, share, train
-from .commands.options import add_config_args, config_from_args, fail, given_values, split_config_from_args
-from .config import (CALIBRATE_MAX_JOBS, CALIBRATE_MAX_JOBS_ENV, CalibrateConfig, ClassifyConfig, DiffIIConfig,
-                     FinetuneConfig, PipelineConfig, ReferenceConfig, ScoreConfig, SelftestConfig, SplitConfig,
-                     SynthesizeConfig, Thresholds, TranslateConfig)
+from .commands.options import PROFILED, add_config_args, config_from_args, fail, given_values, split_config_from_args
+from .config import (CALIBRATE_MAX_JOBS, CALIBRATE_MAX_JOBS_ENV, DEFAULT_START_STRENGTH, PROFILE_SETTINGS,
+                     CalibrateConfig, ClassifyConfig, DiffIIConfig, FinetuneConfig, PipelineConfig, ReferenceConfig,
+                     ScoreConfig, SelftestConfig, SplitConfig, SynthesizeConfig, Thresholds, TranslateConfig)
 
 __all__ = ["add_config_args", "add_dataset_args", "build_parser", "config_from_args", "given_values", "main",
            "split_config_from_args"]
@@ -106,11 +107,11 @@ def add_translate_parser(sub) -> None:
     p.add_argument("--partner", type=Path, default=None, help="diff-ii: the second image of the class (default: one "
                    "drawn, seeded, from --data or the bundle's examples)")
     shared(p, data="diff-ii: ImageFolder to draw partners from (default: the bundle's example images)",
-           strength="strength(s) s in [0, 1] (default: 0.5; diff-ii: 0.3, the share of steps prompted with a "
-           "context suffix)",
+           strength=f"strength(s) s in [0, 1] ({PROFILED} its recommended strength, else {DEFAULT_START_STRENGTH}; "
+           "diff-ii: 0.3, the share of steps prompted with a context suffix)",
            seed={"nargs": "+", "default": [0], "help": "seed(s), one image per seed; -1 = a random seed (written "
                  "to the record) (default: 0)"})
-    add_config_args(p, TranslateConfig)
+    add_config_args(p, TranslateConfig, profiled=PROFILE_SETTINGS)
     add_config_args(p, DiffIIConfig)
     shared(p, "superclass")
     add_pipeline_args(p)
@@ -134,7 +135,7 @@ def add_synthesize_parser(sub) -> None:
     add_dataset_args(p)
     shared(p, out="output folder (plan, images, records, exports)")
     for cls in (SynthesizeConfig, TranslateConfig, DiffIIConfig):
-        add_config_args(p, cls)
+        add_config_args(p, cls, profiled=PROFILE_SETTINGS if cls is TranslateConfig else ())
     shared(p, "superclass")
     add_pipeline_args(p)
     p.add_argument("--shard", default=None, help="i/n: make only jobs with idx %% n == i (default: accelerate's "
@@ -142,7 +143,7 @@ def add_synthesize_parser(sub) -> None:
     p.add_argument("--merge", action="store_true", help="make nothing; check all planned images and write the "
                    "indexes and exports")
     p.add_argument("--export", default="", help=f"comma-separated layouts written by the merge: {', '.join(FORMATS)}")
-    add_config_args(p, Thresholds)
+    add_config_args(p, Thresholds, profiled=[f.name for f in dataclasses.fields(Thresholds)])
     shared(p, reference="reference classifier for scores / --min-p-target (default: the bundle's, if it has one)")
     p.add_argument("--clip-model", default="", help="open_clip model for scores (default: none; see diffmix score)")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local file")
@@ -428,8 +429,9 @@ def add_selftest_parser(sub) -> None:
 
 def add_app_parser(sub) -> None:
     p = _command(sub, "app", run_app, "launch the Gradio app (the same Blocks as app.py)",
-                 "Launch the Gradio app: bundles from $DIFFMIX_BUNDLES, exports under $DIFFMIX_OUTPUT (default "
-                 "./outputs). Host and port default to GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.")
+                 "Launch the Gradio app: bundles from $DIFFMIX_BUNDLES, exports under $DIFFMIX_OUTPUT (default: the "
+                 "per-user data folder, ~/.local/share/diffmix on Linux). Host and port default to "
+                 "GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.")
     p.add_argument("--bundles", default=None, help="folder(s) of bundles, os.pathsep-separated (sets DIFFMIX_BUNDLES)")
     p.add_argument("--output", type=Path, default=None, help="export root (sets DIFFMIX_OUTPUT)")
     p.add_argument("--host", default=None, help="server name (default: $GRADIO_SERVER_NAME or 127.0.0.1)")

@@ -76,6 +76,10 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 )}
 
 RESIZE_POLICIES = ("squash", "keep-aspect")
+# What a dataset's profile (bundle.Profile) may set besides thresholds: the app's controls and
+# `diffmix translate / synthesize` start from it.
+PROFILE_SETTINGS = ("strength", "strategy", "num_inference_steps", "guidance_scale")
+DEFAULT_START_STRENGTH = 0.5   # Profile.start_strength when neither a profile nor the bundle names one
 
 
 def get_strategy(name: str) -> Strategy:

@@ -6,6 +6,12 @@ goes to ``<output root>/profiles/<bundle name>-<bundle hash>.json``; readers (th
 ``diffmix translate`` and ``diffmix synthesize``) take the overlay first, then the
 bundle's own profile. The bundle's bytes, and so its hash, never change.
 
+The output root (:func:`output_root`) is one per-user folder, whatever folder a command runs
+from: ``$DIFFMIX_OUTPUT`` when set, else the platform's data folder for diffmix
+(``$XDG_DATA_HOME/diffmix``, i.e. ``~/.local/share/diffmix``, on Linux). Profiles an older
+version saved under ``./outputs/profiles/`` of the working folder are not read; the CLI says so
+once (:func:`stray_profile`).
+
 Who may save, in the app: ``DIFFMIX_ALLOW_PROFILE_SAVE=1`` lets every visitor save, ``=0``
 nobody. Unset, only a local user may: a visitor whose connection comes from this machine
 (loopback address, no proxy header such as ``X-Forwarded-For``) on an app that is not a
@@ -18,6 +24,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,15 +33,34 @@ from .bundle import PROFILE_SETTINGS, Profile, check_profile
 from .config import Thresholds
 from .records import safe_name, write_text_atomic
 
-OUTPUT_ENV = "DIFFMIX_OUTPUT"                  # output root: exports/ and profiles/ (default ./outputs)
+OUTPUT_ENV = "DIFFMIX_OUTPUT"                  # output root: exports/ and profiles/ (default: user_data_dir())
 SAVE_ENV = "DIFFMIX_ALLOW_PROFILE_SAVE"        # 1: anyone may save a profile in the app, 0: nobody
 PROXY_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
 SETTINGS = tuple(k for k in PROFILE_SETTINGS if k != "strength")   # sampler settings a saved profile may hold
 
 
 def output_root() -> Path:
-    """``$DIFFMIX_OUTPUT``, else ``./outputs``."""
-    return Path(os.environ.get(OUTPUT_ENV) or "outputs").resolve()
+    """Where diffmix keeps a user's files (saved profiles, the app's exports): ``$DIFFMIX_OUTPUT``
+    when set, else :func:`user_data_dir`. Never relative to the working folder."""
+    return Path(os.environ.get(OUTPUT_ENV) or user_data_dir()).expanduser().resolve()
+
+
+def user_data_dir() -> Path:
+    """The platform's per-user data folder for diffmix (platformdirs' when installed):
+    ``$XDG_DATA_HOME/diffmix`` or ``~/.local/share/diffmix`` on Linux, ``~/Library/Application
+    Support/diffmix`` on macOS, ``%LOCALAPPDATA%\\diffmix`` on Windows."""
+    try:
+        import platformdirs
+    except ImportError:
+        platformdirs = None
+    if platformdirs is not None:
+        return Path(platformdirs.user_data_dir("diffmix", appauthor=False))
+    home = Path.home()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "diffmix"
+    if sys.platform == "darwin":
+        return home / "Library" / "Application Support" / "diffmix"
+    return Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share") / "diffmix"
 
 
 def profile_path(bundle, root: str | os.PathLike | None = None) -> Path:
@@ -53,6 +79,13 @@ def user_profile(bundle, root: str | os.PathLike | None = None) -> dict:
         raise ValueError(f"cannot read the saved profile {path} ({err}); delete it to start over") from None
     check_profile(data, path)   # the same bounds as a bundle's own profile
     return data
+
+
+def stray_profile(bundle, root: str | os.PathLike | None = None) -> Path | None:
+    """A profile of ``bundle`` that an older diffmix saved under ``./outputs/profiles/`` of the
+    working folder (no longer read), when there is one and it is not the output root's."""
+    old = Path("outputs").resolve() / "profiles" / profile_path(bundle, root).name
+    return old if old.is_file() and old != profile_path(bundle, root).resolve() else None
 
 
 def load_profile(bundle, root: str | os.PathLike | None = None) -> Profile:
@@ -106,3 +139,11 @@ def saving_allowed(client_host: str | None, headers: Mapping[str, str] | None = 
         return True, "local user"
     return False, (f"saving profiles is only for a local user of this app; the operator of a shared server can "
                    f"set {SAVE_ENV}=1")
+
+
+def setting_sources(bundle, root: str | os.PathLike | None = None) -> dict[str, str]:
+    """{name: "profile" or "bundle"} for every setting and threshold :func:`load_profile` gives:
+    "profile" when it comes from the user's saved overlay, "bundle" from the bundle's own."""
+    own, overlay = bundle.profile, Profile.from_dict(user_profile(bundle, root))
+    names = lambda p: {**p.settings(), **p.thresholds.as_dict()}   # noqa: E731
+    return {**{k: "bundle" for k in names(own)}, **{k: "profile" for k in names(overlay)}}

@@ -13,6 +13,18 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def output_root_in_tmp(tmp_path_factory):
+    """The output root (saved profiles, the app's exports) of every test: a temporary folder unless
+    a test sets DIFFMIX_OUTPUT itself, so no test writes into the user's data folder or the repo."""
+    if os.environ.get("DIFFMIX_OUTPUT"):
+        yield
+        return
+    os.environ["DIFFMIX_OUTPUT"] = str(tmp_path_factory.mktemp("output-root"))
+    yield
+    os.environ.pop("DIFFMIX_OUTPUT", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny SD-architecture pipeline saved with save_pretrained (random weights)."""

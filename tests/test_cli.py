@@ -151,11 +151,13 @@ def test_config_options_tell_written_from_default():
 ])
 def test_every_config_option_is_in_its_command_help_with_its_default(command, classes, capsys, monkeypatch):
     """The options are generated from config.py: each field declared with config.option shows up in
-    its command's --help with its flag, its help and its default (one place for each)."""
+    its command's --help with its flag, its help and its default (one place for each); a setting a
+    bundle's profile may set (the sampler settings, thresholds) says that the profile comes first."""
     import dataclasses
     import re
 
     from diffmix_core import config as cfg
+    from diffmix_core.commands.options import PROFILED
 
     monkeypatch.setenv("COLUMNS", "2000")   # no line wrapping (argparse breaks words at hyphens)
     with pytest.raises(SystemExit):
@@ -168,7 +170,9 @@ def test_every_config_option_is_in_its_command_help_with_its_default(command, cl
             flags = f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
             shown = f.default if f.metadata["shown"] is None else f.metadata["shown"]
             expected = " ".join(f.metadata["help"].split())
-            expected += f" (default: {shown})" if f.metadata["shown"] != "" else ""
+            profiled = name == "Thresholds" or (name == "TranslateConfig" and f.name in cfg.PROFILE_SETTINGS)
+            default = f"{PROFILED} {'none' if shown is None else shown}" if profiled else f"default: {shown}"
+            expected += f" ({default})" if f.metadata["shown"] != "" else ""
             assert all(re.search(rf"{re.escape(flag)}\b", text) for flag in flags), (command, flags)
             assert expected in text, (command, f.name, expected)
 
@@ -329,3 +333,59 @@ def test_shared_options_are_declared_once_and_read_the_same_everywhere():
         assert len({type(a) for a in actions}) == 1, flag
     quiet = [c for c, p in commands.items() if "--quiet" in _option_strings(p)]
     assert {"translate", "synthesize", "split", "finetune", "train", "score", "calibrate", "experiment"} <= set(quiet)
+
+
+def test_translate_defaults_do_not_depend_on_the_folder_and_the_record_names_their_source(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Saved profiles live under the output root (DIFFMIX_OUTPUT, else the per-user data folder), never
+    ./outputs of the working folder: the same command gives the same settings from any folder, an old
+    ./outputs/profiles/ file is not read (and said so), --help says where the defaults come from, and
+    each record's settings_from names the source of every setting (cli, profile, bundle, default)."""
+    from test_ui import make_world
+
+    from diffmix_core.bundle import load_bundle, update_bundle_meta
+    from diffmix_core.profiles import output_root, profile_path, save_profile
+
+    monkeypatch.delenv("DIFFMIX_OUTPUT", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert output_root() == (tmp_path / "xdg" / "diffmix").resolve()          # not ./outputs
+    monkeypatch.setenv("DIFFMIX_OUTPUT", str(tmp_path / "root"))
+    assert output_root() == (tmp_path / "root").resolve()
+    with pytest.raises(SystemExit):
+        main(["translate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "s in [0, 1] (default: the bundle's profile, else its recommended strength, else 0.5)" in text
+    assert "(paper: 7.5) (default: the bundle's profile, else 7.5)" in text
+
+    bundle_dir = make_world(tmp_path / "world", tmp_path / "cache")
+    update_bundle_meta(bundle_dir, profile={"strength": 0.9, "guidance_scale": 2.5, "num_inference_steps": 4})
+    bundle = load_bundle(bundle_dir)
+    clone = tmp_path / "clone"                     # a folder with an older app's profile in ./outputs
+    old = clone / "outputs" / "profiles" / profile_path(bundle).name
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"strength": 0.7, "thresholds": {}}))
+    img = make_image(tmp_path / "owl.png", size=(32, 32))
+    command = ["translate", "--bundle", str(bundle_dir), "--image", str(img), "--source-class", "owl",
+               "--target", "duck", "--quiet"]
+    records = {}
+    for where in (tmp_path, clone):
+        monkeypatch.chdir(where)
+        assert main([*command, "--out", str(tmp_path / f"out-{where.name}")]) == 0
+        records[where.name] = read_jsonl(tmp_path / f"out-{where.name}" / "records.jsonl")[0]
+    err = capsys.readouterr().err
+    assert f"not read: {old.resolve()}" in err and str(tmp_path / "root" / "profiles") in err
+    for rec in records.values():
+        assert (rec["strength"], rec["guidance_scale"], rec["num_inference_steps"]) == (0.9, 2.5, 4)
+        assert rec["settings_from"] == {"strength": "bundle", "strategy": "default",
+                                        "num_inference_steps": "bundle", "guidance_scale": "bundle"}
+    save_profile(bundle, 0.6, {}, {"guidance_scale": 2.0})              # the app's save, in the output root
+    assert profile_path(bundle).is_relative_to(tmp_path / "root")
+    assert main([*command, "--steps", "5", "--out", str(tmp_path / "out-saved")]) == 0
+    rec = read_jsonl(tmp_path / "out-saved" / "records.jsonl")[0]
+    assert (rec["strength"], rec["guidance_scale"], rec["num_inference_steps"]) == (0.6, 2.0, 5)
+    assert rec["settings_from"] == {"strength": "profile", "strategy": "default", "num_inference_steps": "cli",
+                                    "guidance_scale": "profile"}
+    assert read_png_record(tmp_path / "out-saved" / rec["file_name"])["settings_from"] == rec["settings_from"]
+

@@ -17,12 +17,12 @@ def run_translate(args: argparse.Namespace) -> None:
     from ..translate import Source, check_strength, count_jobs, translate
 
     bundle = open_bundle(args.bundle) if args.bundle else None
-    profile = profile_values(args, bundle, (TranslateConfig,), strength=args.strength) if bundle else {}
+    profile, settings_from = profile_values(args, bundle, (TranslateConfig,), strength=args.strength)
     # -1: a random seed, recorded; other values are checked below with the request's numbers
     args.seed = [resolve_seeds([seed])[0] if seed == RANDOM_SEED else seed for seed in args.seed]
     config = config_from_args(TranslateConfig, args, base=profile)
     strategy = get_strategy(config.strategy)
-    _complete_request(args, strategy, bundle)
+    _complete_request(args, strategy, bundle, settings_from)
     # 1. the request's size and numbers, before anything is read or loaded
     gen = strategy.pairing == "gen"
     factors = {"images": len(args.image), "targets": len(args.target), "strengths": len(args.strength),
@@ -41,12 +41,15 @@ def run_translate(args: argparse.Namespace) -> None:
     pipe = load_pipeline_for(pipeline_config(args), bundle, allow_base_mismatch=args.allow_base_mismatch)
     results = translate(pipe, jobs, config, bundle=bundle, superclass=args.superclass,
                         show_progress=not args.quiet, diff_ii=config_from_args(DiffIIConfig, args))
+    for res in results:
+        res.record["settings_from"] = settings_from   # which of CLI, saved profile, bundle, default set each
     index = write_translations(results, args.out)
     print(f"wrote {len(results)} image(s) and {index}")
 
 
-def _complete_request(args: argparse.Namespace, strategy, bundle) -> None:
-    """Fill in --strength and --target where the strategy allows; stop on a missing --image,
+def _complete_request(args: argparse.Namespace, strategy, bundle, settings_from: dict) -> None:
+    """Fill in --strength and --target where the strategy allows (``settings_from["strength"]`` says
+    "bundle" when the bundle's recommended strength is taken); stop on a missing --image,
     --source-class or --target."""
     from ..bundle import Profile
     from ..diffii import DIFFII_S
@@ -56,6 +59,9 @@ def _complete_request(args: argparse.Namespace, strategy, bundle) -> None:
         # diff-ii's s is another quantity: the authors' 0.3
         args.strength = [DIFFII_S if strategy.start == "inversion"
                          else (load_profile(bundle) if bundle else Profile()).start_strength(bundle)]
+        if strategy.start != "inversion" and settings_from.get("strength") == "default" and bundle is not None \
+                and bundle.meta.get("recommended_strength") is not None:
+            settings_from["strength"] = "bundle"   # its recommended_strength
     if strategy.pairing != "gen" and not args.image:
         fail(f"strategy {strategy.name} needs --image")
     if strategy.pairing != "gen" and not args.source_class:
@@ -98,7 +104,7 @@ def run_synthesize(args: argparse.Namespace) -> None:
 
         bundle = open_bundle(args.bundle)
     configs = (SynthesizeConfig, TranslateConfig, Thresholds)
-    profile = profile_values(args, bundle, configs) if bundle else {}
+    profile = profile_values(args, bundle, configs)[0] if bundle else {}
     if bundle is None and not args.base and not args.merge:
         fail("give --bundle or --base")
     train, split_file = train_split(args.data, args.split_file, split_config_from_args(args), strict=args.strict,
@@ -136,7 +142,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     from ..calibrate import calibrate, save_to_profile, write_calibration
 
     bundle = load_bundle(args.bundle)
-    profile = profile_values(args, bundle, (TranslateConfig,))
+    profile = profile_values(args, bundle, (TranslateConfig,))[0]
     translate_config = config_from_args(TranslateConfig, args, base=profile)
     config = config_from_args(CalibrateConfig, args)
     score_config = config_from_args(ScoreConfig, args, prefix="score_")

@@ -12,17 +12,22 @@ import types
 import typing
 from collections.abc import Sequence
 
-from ..config import PipelineConfig, SplitConfig
+from ..config import PROFILE_SETTINGS, PipelineConfig, SplitConfig
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, *, prefix: str = "", skip: Sequence[str] = ()) -> None:
+PROFILED = "default: the bundle's profile, else"   # help of an option a bundle's profile may set
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, *, prefix: str = "", skip: Sequence[str] = (),
+                    profiled: Sequence[str] = ()) -> None:
     """Add an option for every field of a config dataclass declared with ``config.option``.
 
     The flag is ``--field-name`` (or the field's ``flags``), the help is the field's with its
     default. Every option starts unset (``argparse.SUPPRESS``), so :func:`config_from_args`
     tells a written option from a default. Booleans become ``--flag/--no-flag``; tuples take
     several values; ``X | None`` fields also take 'none'. ``prefix`` starts each destination
-    (two configs of one command may share a field name).
+    (two configs of one command may share a field name). The help of a ``profiled`` field says
+    that a bundle's profile (profiles.load_profile) sets it first.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -30,7 +35,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, *, prefix: str = "", s
         if "help" not in meta or f.name in skip:
             continue
         shown = f.default if meta["shown"] is None else meta["shown"]
-        text = meta["help"] + (f" (default: {shown})" if meta["shown"] != "" else "")
+        default = f"{PROFILED} {'none' if shown is None else shown}" if f.name in profiled else f"default: {shown}"
+        text = meta["help"] + (f" ({default})" if meta["shown"] != "" else "")
         kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if meta["choices"]:
             kw["choices"] = meta["choices"]
@@ -99,19 +105,29 @@ def fail(message: str) -> typing.NoReturn:
     raise SystemExit(2)
 
 
-def profile_values(args: argparse.Namespace, bundle, configs: Sequence[type], **options) -> dict:
+def profile_values(args: argparse.Namespace, bundle, configs: Sequence[type], **options) -> tuple[dict, dict]:
     """The bundle's profile (the user's saved overlay first, then the bundle's own) as {field: value}
     for the fields of ``configs`` (and the other ``options``, {name: value or None = not written})
-    that the command line leaves unset, thresholds included where the command has them."""
-    from ..profiles import load_profile, profile_path
+    that the command line leaves unset, thresholds included where the command has them; and where
+    each profile setting of the command came from, {name: "cli" / "profile" (the user's saved
+    profile) / "bundle" (the bundle's own profile) / "default" (diffmix's)}."""
+    from ..bundle import Profile
+    from ..profiles import load_profile, profile_path, setting_sources, stray_profile
 
-    profile = load_profile(bundle)
+    profile = load_profile(bundle) if bundle is not None else Profile()
     values = {**profile.settings(), **profile.thresholds.as_dict()}
     known = {f.name for cls in configs for f in dataclasses.fields(cls)} | set(options)
     given = {k for cls in configs for k in given_values(cls, args)} | {k for k, v in options.items() if v is not None}
     used = {k: v for k, v in values.items() if k in known and k not in given}
+    came = setting_sources(bundle) if bundle is not None else {}
+    sources = {k: "cli" if k in given else came[k] if k in used else "default"
+               for k in (*PROFILE_SETTINGS, *values) if k in known}
     if used:
         where = (f"your saved profile {profile_path(bundle)}" if profile.source == "saved profile"
                  else "the bundle's profile")
         print(f"from {where}: {', '.join(f'{k}={v}' for k, v in used.items())} (override on the command line)")
-    return used
+    old = stray_profile(bundle) if bundle is not None else None
+    if old is not None:
+        print(f"not read: {old}, a profile saved by an older diffmix in this folder; saved profiles now live in "
+              f"{profile_path(bundle).parent} (move it there to use it)", file=sys.stderr)
+    return used, sources
