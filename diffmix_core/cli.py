@@ -215,8 +215,8 @@ def add_export_parser(sub) -> None:
     shared(p, overwrite="replace an existing --out that is not an earlier diffmix export (never the working "
            "directory, --from or a folder containing it; never a file)",
            bundle={"type": None, "default": None, "help": "the bundle that made the images: its class order gives "
-                   "the imagefolder rows label / soft_label_vector and the dataset card's ClassLabel (a synthesize "
-                   "folder has it in its plan)"},
+                   "the imagefolder rows label / soft_label_vector and the dataset card's ClassLabel (default: the "
+                   "synthesize folder's plan, else the bundle the records name, when it is there)"},
            quiet="no progress bar")
 
 

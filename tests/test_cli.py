@@ -389,3 +389,34 @@ def test_translate_defaults_do_not_depend_on_the_folder_and_the_record_names_the
                                     "guidance_scale": "profile"}
     assert read_png_record(tmp_path / "out-saved" / rec["file_name"])["settings_from"] == rec["settings_from"]
 
+
+def test_export_without_bundle_finds_the_records_bundle(tmp_path, capsys, monkeypatch):
+    """`diffmix export` of a translate folder without --bundle takes the bundle the records name (as
+    `diffmix score` does): the imagefolder rows get label / source_label / soft_label_vector and the
+    dataset card lists the classes; without that bundle it says what is missing."""
+    import shutil
+
+    from test_ui import make_world
+
+    from diffmix_core.bundle import load_bundle
+
+    monkeypatch.setenv("DIFFMIX_OUTPUT", str(tmp_path / "root"))
+    bundle_dir = make_world(tmp_path / "world", tmp_path / "cache")
+    classes = load_bundle(bundle_dir).classes
+    img = make_image(tmp_path / "owl.png", size=(32, 32))
+    out = tmp_path / "tr"
+    assert main(["translate", "--bundle", str(bundle_dir), "--image", str(img), "--source-class", "owl",
+                 "--target", "duck", "--strength", "0.5", "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    assert main(["export", "--from", str(out), "--format", "imagefolder", "--quiet"]) == 0
+    assert f"bundle: {bundle_dir} (named in the records)" in capsys.readouterr().out
+    (row,) = read_jsonl(out / "export" / "imagefolder" / "metadata.jsonl")
+    assert row["label"] == classes.index("duck") and row["source_label"] == classes.index("owl")
+    assert len(row["soft_label_vector"]) == len(classes) and sum(row["soft_label_vector"]) == pytest.approx(1.0)
+    card = (out / "export" / "imagefolder" / "README.md").read_text()
+    assert all(c in card for c in classes)
+    shutil.move(bundle_dir, tmp_path / "moved")
+    assert main(["export", "--from", str(out), "--out", str(tmp_path / "e2"), "--format", "imagefolder",
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "is not there; give --bundle" in text and "no label / soft_label_vector" in text
+    assert "soft_label_vector" not in read_jsonl(tmp_path / "e2" / "imagefolder" / "metadata.jsonl")[0]

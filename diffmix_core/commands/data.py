@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .options import split_config_from_args
+from .score import records_bundle
 
 
 def run_split(args: argparse.Namespace) -> None:
@@ -37,10 +38,17 @@ def run_export(args: argparse.Namespace) -> None:
         return
     classes = read_plan(args.source).classes if planned else None
     sealed = []
+    bundle = None
     if args.bundle:
         from ..hub import open_bundle
 
         bundle = open_bundle(args.bundle)
+    elif classes is None:   # the bundle the records name, as `diffmix score` finds it
+        bundle = records_bundle(args.source)
+        if bundle is None:
+            print("no bundle: the imagefolder rows get no label / soft_label_vector and no dataset card "
+                  "(give --bundle)")
+    if bundle is not None:
         base = [bundle.base_model] if Path(bundle.base_model).is_dir() else []   # a local base: sealed too
         classes, sealed = bundle.classes, [bundle.path, *base]
     out = export_records(read_generated_folder(args.source), args.out or args.source / "export", formats,

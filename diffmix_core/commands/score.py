@@ -18,7 +18,7 @@ def run_score(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"CLIP checkpoint {args.clip_checkpoint} does not exist")
     if args.set_recommended and not args.bundle:
         fail("--set-recommended needs --bundle")
-    bundle = open_bundle(args.bundle) if args.bundle else _records_bundle(args.input)
+    bundle = open_bundle(args.bundle) if args.bundle else records_bundle(args.input)
     given = given_values(ScoreConfig, args)
     model, pretrained = default_clip(bundle)
     if "clip_model" in given:   # given: its weights are --clip-pretrained's (default ScoreConfig's)
@@ -46,8 +46,9 @@ def run_score(args: argparse.Namespace) -> None:
         print(f"bundle {bundle.path}: recommended_strength = {strength}")
 
 
-def _records_bundle(folder: Path):
-    """The one bundle a folder's records name, when it is still there with the same hash; else None."""
+def records_bundle(folder: Path):
+    """The one bundle a folder's records name, when it is still there with the same hash; else None
+    (saying why). `diffmix score` and `diffmix export` without --bundle take it."""
     from ..bundle import load_bundle
     from ..records import read_jsonl
 
@@ -57,7 +58,7 @@ def _records_bundle(folder: Path):
     named = {(r.get("bundle"), r.get("bundle_hash")) for r in read_jsonl(index)}
     if len(named) != 1 or not next(iter(named))[0]:
         if len(named) > 1:
-            print(f"the records name {len(named)} bundles; give --bundle to score with one")
+            print(f"the records name {len(named)} bundles; give --bundle")
         return None
     path, digest = next(iter(named))
     try:   # a Hub id the records name is taken from the Hub cache only, never downloaded
@@ -68,7 +69,7 @@ def _records_bundle(folder: Path):
         return None
     if digest and bundle.hash != digest:
         print(f"the bundle at {path} has changed since these images were made (hash differs); give --bundle "
-              "to score with it anyway")
+              "to use it anyway")
         return None
     print(f"bundle: {path} (named in the records)")
     return bundle
