@@ -1,6 +1,9 @@
 """A sweep as one labelled picture, the way people know an X/Y plot: rows = strengths (with
 the steps that ran), columns = seeds (or targets, side by side), the source as the first
 column; each tile with its P(target) badge and, when curated, a green frame and a tick.
+A sweep too wide for the page (all other classes, many seeds) wraps into bands stacked
+top to bottom, each with its own column labels and the source again, so the picture stays
+at most :data:`MAX_WIDTH` px wide and its tiles keep their size where the app shows it.
 
 The app shows this picture and maps a click on it back to a tile (:func:`cell_at`); the
 same picture is the grid PNG offered for download. Plain PIL, no Gradio.
@@ -18,6 +21,7 @@ GAP = 6           # px between tiles
 BORDER = 3        # px: the frame of a curated tile
 CURATED = (22, 163, 74)
 PLAIN = (209, 213, 219)
+MAX_WIDTH = 860   # px: wider sweeps wrap into bands (the app shows the grid about 800 px wide: tiles >= 120 px)
 
 
 def tile_size(resolution: int) -> int:
@@ -30,28 +34,48 @@ def tile_size(resolution: int) -> int:
 
 @dataclass(frozen=True)
 class GridLayout:
-    """Where every tile of a sweep sits; rows and columns in display order."""
+    """Where every tile of a sweep sits; rows and columns in display order. The rows run band
+    after band (``band_rows`` each: one per strength); each band has its own column labels."""
 
-    rows: tuple[str, ...]                       # row labels ("s 0.50", "13/25 steps")
-    columns: tuple[str, ...]                    # column labels; the first is "source" when there is one
+    rows: tuple[str, ...]                       # row labels ("s 0.50", "13/25 steps"), band after band
+    bands: tuple[tuple[str, ...], ...]          # column labels of each band; the first is "source" when there is one
     cells: tuple[tuple[str | None, ...], ...]   # record id per (row, column); None on the source column
     tile: int                                   # tile side in px
     has_source: bool
+    band_rows: int                              # rows per band
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The column labels of the first band."""
+        return self.bands[0] if self.bands else ()
 
     @property
     def size(self) -> tuple[int, int]:
-        n_cols, n_rows = len(self.columns), len(self.rows)
-        return LABEL_W + n_cols * (self.tile + GAP) + GAP, HEAD_H + n_rows * (self.tile + GAP) + GAP
+        n_cols, n_rows = max((len(b) for b in self.bands), default=0), len(self.rows)
+        return (LABEL_W + n_cols * (self.tile + GAP) + GAP,
+                len(self.bands) * HEAD_H + n_rows * (self.tile + GAP) + GAP)
+
+    def band_top(self, band: int) -> int:
+        """The top of a band's column-label strip."""
+        return band * (HEAD_H + self.band_rows * (self.tile + GAP))
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of a tile in the picture."""
+        band, r = divmod(row, self.band_rows)
         x = LABEL_W + GAP + col * (self.tile + GAP)
-        y = HEAD_H + GAP + row * (self.tile + GAP)
+        y = self.band_top(band) + HEAD_H + GAP + r * (self.tile + GAP)
         return x, y, x + self.tile, y + self.tile
 
     def center(self, row: int, col: int) -> tuple[int, int]:
         left, top, right, bottom = self.box(row, col)
         return (left + right) // 2, (top + bottom) // 2
+
+    def without_source(self) -> GridLayout:
+        """The same grid with the source column dropped (its image is not there)."""
+        if not self.has_source:
+            return self
+        return GridLayout(self.rows, tuple(b[1:] for b in self.bands), tuple(c[1:] for c in self.cells),
+                          self.tile, False, self.band_rows)
 
 
 def screen_point(grid: GridLayout, row: int, col: int, rect: tuple[float, float, float, float]) -> tuple[float, float]:
@@ -78,14 +102,15 @@ def layout(records: Sequence[dict], resolution: int,
     ``block`` (record -> label, e.g. its strategy) groups the columns into one labelled block per
     label, side by side, in the records' order (a cell a block lacks stays empty).
     ``column`` (record -> label) sets other columns instead, one per label (a calibration's
-    sources, each with its own source image in its records); then there is no source column."""
+    sources, each with its own source image in its records); then there is no source column.
+    Columns beyond what :data:`MAX_WIDTH` holds wrap into further bands (:func:`band_width`)."""
     strengths = sorted({r["strength"] for r in records})
     rows = tuple(_row_label(records, s) for s in strengths)
     if column is not None:
         by_col = {(r["strength"], column(r)): r["id"] for r in records}
         labels = list(dict.fromkeys(column(r) for r in records))
         cells = tuple(tuple(by_col.get((s, c)) for c in labels) for s in strengths)
-        return GridLayout(rows, tuple(labels), cells, tile_size(resolution), False)
+        return GridLayout(rows, (tuple(labels),), cells, tile_size(resolution), False, len(strengths))
     key = block or (lambda r: "")
     columns = list(dict.fromkeys((key(r), r["target_class"], r["seed"]) for r in records))
     targets = {t for _, t, _ in columns}
@@ -97,18 +122,32 @@ def layout(records: Sequence[dict], resolution: int,
 
     by_key = {(r["strength"], key(r), r["target_class"], r["seed"]): r for r in records}
     has_source = any(r.get("source_path") for r in records)
-    cells = []
-    for s in strengths:
-        ids = [by_key[(s, *c)]["id"] if (s, *c) in by_key else None for c in columns]
-        cells.append(tuple(([None] if has_source else []) + ids))
-    labels = (["source"] if has_source else []) + [col_label(*c) for c in columns]
-    return GridLayout(rows, tuple(labels), tuple(cells), tile_size(resolution), has_source)
+    tile = tile_size(resolution)
+    width = band_width(len(columns), len(seeds), tile, has_source)
+    lead = [None] if has_source else []
+    row_labels, cells, bands = [], [], []
+    for start in range(0, len(columns), width):
+        band = columns[start:start + width]
+        bands.append(tuple((["source"] if has_source else []) + [col_label(*c) for c in band]))
+        row_labels += rows
+        for s in strengths:
+            cells.append(tuple(lead + [by_key[(s, *c)]["id"] if (s, *c) in by_key else None for c in band]))
+    return GridLayout(tuple(row_labels), tuple(bands), tuple(cells), tile, has_source, len(strengths))
+
+
+def band_width(n_columns: int, seeds_per_target: int, tile: int, has_source: bool) -> int:
+    """How many (target, seed) columns one band holds: as many as fit in :data:`MAX_WIDTH` beside
+    the labels and the source (at least one), whole targets (all their seeds) where that fits."""
+    fit = max(1, (MAX_WIDTH - LABEL_W - GAP) // (tile + GAP) - (1 if has_source else 0))
+    if n_columns <= fit:
+        return max(1, n_columns)
+    return fit - fit % seeds_per_target if seeds_per_target <= fit else fit
 
 
 def cell_at(grid: GridLayout, x: float, y: float) -> tuple[int, int] | None:
     """(row, column) of the tile under picture pixel (x, y); None between tiles or on labels."""
-    for row in range(len(grid.rows)):
-        for col in range(len(grid.columns)):
+    for row, cells in enumerate(grid.cells):
+        for col in range(len(cells)):
             left, top, right, bottom = grid.box(row, col)
             if left <= x < right and top <= y < bottom:
                 return row, col
@@ -150,16 +189,20 @@ def render(records: Sequence[dict], load: Callable[[dict], Image.Image], source:
         block: record -> block label: one labelled block of columns per label (see :func:`layout`).
     """
     grid = layout(records, resolution, column, block)
-    if source is None and grid.has_source:
-        grid = GridLayout(grid.rows, grid.columns[1:], tuple(c[1:] for c in grid.cells), grid.tile, False)
+    if source is None:
+        grid = grid.without_source()
     by_id = {r["id"]: r for r in records}
     picture = Image.new("RGB", grid.size, "white")
     draw = ImageDraw.Draw(picture)
     small, bold = _font(12), _font(14)
     draw.text((6, 8), title, fill=(17, 24, 39), font=bold)
-    for col, label in enumerate(grid.columns):
-        left, _, right, _ = grid.box(0, col)
-        draw.text(((left + right) // 2, HEAD_H - 8), label, fill=(55, 65, 81), font=small, anchor="ms")
+    for band, labels in enumerate(grid.bands):
+        top = grid.band_top(band)
+        if band:
+            draw.line([(6, top + 4), (grid.size[0] - 6, top + 4)], fill=PLAIN, width=1)
+        for col, label in enumerate(labels):
+            left, _, right, _ = grid.box(band * grid.band_rows, col)
+            draw.text(((left + right) // 2, top + HEAD_H - 8), label, fill=(55, 65, 81), font=small, anchor="ms")
     source_tile = _fit(source, grid.tile) if source is not None else None
     for row, label in enumerate(grid.rows):
         _, top, _, bottom = grid.box(row, 0)
