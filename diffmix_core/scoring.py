@@ -10,7 +10,8 @@ Per image (``record["scores"]``; a metric that cannot be had is None, never a gu
   template: CLIP does not know the learned tokens).
 - ``distance``: 1 - cosine similarity of the image's and its source's embeddings
   (CLIP image embeddings when CLIP is available, else the reference
-  classifier's pooled features).
+  classifier's pooled features): 0 for the same picture, 1 for unrelated
+  (orthogonal) embeddings, at most 2 (opposite ones), so values a little over 1 occur.
 - ``ssim``: structural similarity to the source, grayscale, both squashed to
   ``ScoreConfig.ssim_size``.
 
@@ -428,7 +429,7 @@ def plot_strategies(summaries: dict[str, dict | None], title: str = ""):
             continue
         line = ax_f.plot(*_series(summary["strengths"], f_key), lw=2, marker="o", label=name)[0]
         ax_d.plot(*_series(summary["strengths"], "distance"), lw=2, marker="o", color=line.get_color(), label=name)
-    for ax, label in ((ax_f, f_label), (ax_d, "distance to source (1 - cos)")):
+    for ax, label in ((ax_f, f_label), (ax_d, "distance to source (1 - cos, 0 to 2)")):
         ax.set_xlabel("strength s")
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylabel(label)
@@ -442,6 +443,9 @@ def plot_strategies(summaries: dict[str, dict | None], title: str = ""):
     return fig
 
 
+VENDI_NEEDS_SEEDS = "Vendi (diversity across seeds) needs >= 2 seeds per strength"
+
+
 def plot_sweep(summary: dict, title: str = ""):
     """Faithfulness (left) and diversity (right) against strength: pooled (thick) and per
     target class (thin). Returns a matplotlib Figure (Agg canvas, no pyplot state)."""
@@ -452,7 +456,7 @@ def plot_sweep(summary: dict, title: str = ""):
     pooled, per = summary["strengths"], summary["by_target"]
     f_key = "p_target" if any(r.get("p_target") is not None for r in pooled) else "clip_win"
     f_label = {"p_target": "reference P(target)", "clip_win": "CLIP: closer to target prompt (share)"}[f_key]
-    for ax, key, label in ((ax_f, f_key, f_label), (ax_d, "distance", "distance to source (1 - cos)")):
+    for ax, key, label in ((ax_f, f_key, f_label), (ax_d, "distance", "distance to source (1 - cos, 0 to 2)")):
         for target, rows in per.items():
             ax.plot(*_series(rows, key), lw=1, alpha=0.5, marker=".", label=target if len(per) <= 10 else None)
         ax.plot(*_series(pooled, key), lw=2.5, color="black", marker="o", label=f"all ({label})")
@@ -463,9 +467,13 @@ def plot_sweep(summary: dict, title: str = ""):
     ax_f.axhline(recommendation_bar(summary), color="red", lw=0.8, ls=":")
     ssim_x, ssim_y = _series(pooled, "ssim")
     ax_d.plot(ssim_x, [1 - v for v in ssim_y], ls="--", color="gray", label="1 - SSIM")
-    ax_v = ax_d.twinx()
-    ax_v.plot(*_series(pooled, "vendi"), ls=":", color="tab:purple", marker="s", label="Vendi (across seeds)")
-    ax_v.set_ylabel("Vendi score", color="tab:purple")
+    vendi = _series(pooled, "vendi")
+    if vendi[0]:   # one seed per strength: no Vendi (it compares seeds), and no empty axis for it
+        ax_v = ax_d.twinx()
+        ax_v.plot(*vendi, ls=":", color="tab:purple", marker="s", label="Vendi (across seeds)")
+        ax_v.set_ylabel("Vendi score", color="tab:purple")
+    else:
+        ax_d.text(0.02, 0.97, VENDI_NEEDS_SEEDS, transform=ax_d.transAxes, fontsize=7, va="top", color="tab:purple")
     ax_f.set_ylim(-0.02, 1.02)   # probabilities and shares
     ax_d.set_ylim(bottom=0)
     ax_f.set_ylabel("faithfulness")
@@ -476,8 +484,10 @@ def plot_sweep(summary: dict, title: str = ""):
         for ax in (ax_f, ax_d):
             ax.axvline(summary["recommended_strength"], color="green", lw=1, ls="-.")
     ax_f.legend(fontsize=7, loc="best")
-    ax_d.legend(ax_d.get_legend_handles_labels()[0] + ax_v.get_legend_handles_labels()[0],
-                ax_d.get_legend_handles_labels()[1] + ax_v.get_legend_handles_labels()[1], fontsize=7, loc="best")
+    handles, labels = ax_d.get_legend_handles_labels()
+    if vendi[0]:
+        handles, labels = handles + ax_v.get_legend_handles_labels()[0], labels + ax_v.get_legend_handles_labels()[1]
+    ax_d.legend(handles, labels, fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=9)
     return fig

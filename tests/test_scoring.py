@@ -126,6 +126,15 @@ def test_summary_means_vendi_and_plot(tmp_path):
     fig = plot_sweep(summary)
     fig.savefig(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    assert [ax.get_ylabel() for ax in fig.axes] == ["faithfulness", "diversity", "Vendi score"]
+    # one seed per strength: Vendi cannot be had; the plot says so instead of an empty axis
+    one = recs[::3]
+    single = summarize(one, embs[::3], ScoreConfig(min_p_target=0.5))
+    assert all(r["vendi"] is None for r in single["strengths"])
+    fig = plot_sweep(single)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["faithfulness", "diversity"]
+    assert "needs >= 2 seeds" in " ".join(t.get_text() for t in fig.axes[1].texts)
+    assert "0 to 2" in " ".join(t.get_text() for t in fig.axes[1].get_legend().get_texts())
 
 
 # --------------------------------------------------------------------------- CLIP
