@@ -405,8 +405,8 @@ def test_clip_offline_is_one_quiet_line_at_once(monkeypatch):
 
 
 def test_copy_as_command_makes_the_same_pixels(world, tmp_path):
-    """The command the app offers for a result makes that image again, pixel for pixel; seed -1
-    draws a random seed that the record keeps."""
+    """The command the app offers for a result makes that image again, pixel for pixel, into a
+    folder under the output root; seed -1 draws a random seed that the record keeps."""
     import shlex
 
     from diffmix_core.bundle import load_bundle
@@ -423,8 +423,9 @@ def test_copy_as_command_makes_the_same_pixels(world, tmp_path):
     src = Source(load_image(world["example"]), "owl", "0", world["example"])
     out = run_sweep(store, bundle, src, SweepRequest("owl", "duck", "0.5, 1.0", "0, -1", 3, 5.0, "diff-mix"))
     assert len(out.records) == 4 and out.records[3]["seed"] not in (-1, 0)
-    again = tmp_path / "again"
-    cmd = command_for(out.records[2], out.records, str(again))
+    cmd = command_for(out.records[2], out.records)
+    again = Path(shlex.split(cmd)[-1])   # --out: under the output root, absolute (never the working folder)
+    assert shlex.split(cmd)[-2] == "--out" and again.is_absolute() and again.parent == world["root"] / "out" / "translate"
     assert cmd.startswith("diffmix translate --bundle ") and main(shlex.split(cmd)[1:] + ["--quiet"]) == 0
     made = read_jsonl(again / "records.jsonl")
     assert [(r["strength"], r["seed"]) for r in made] == [(r["strength"], r["seed"]) for r in out.records]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..bundle import Bundle, Profile, bundle_examples
 from ..demo import PLACEHOLDER_NOTE, is_placeholder
-from ..profiles import load_profile
+from ..profiles import load_profile, output_root
 from ..records import csv_cell, write_text_atomic
 from .cache import OFFLINE
 
@@ -86,14 +86,17 @@ def clip_line(scorer) -> str:
     return f"<details><summary>{short}</summary>{reason}</details>"
 
 
-def command_for(record: dict, sweep: Sequence[dict] = (), out: str = "diffmix-out") -> str:
+def command_for(record: dict, sweep: Sequence[dict] = (), out: str | os.PathLike | None = None) -> str:
     """The `diffmix translate` command that makes this record's image again, pixel for pixel.
 
     With ``sweep`` (the records made with it) the command makes the whole sweep: the engine
     batches jobs, and a batch of other size may differ in the last bits of a float, so the
-    same jobs in the same order is what gives the same pixels."""
+    same jobs in the same order is what gives the same pixels. ``out`` defaults to a folder
+    under the output root, ``<root>/translate/sweep-<id>`` (absolute: never the folder the
+    command is run from)."""
     group = [r for r in sweep if r.get("source_path") == record.get("source_path")
              and r.get("strategy") == record.get("strategy")] or [record]
+    out = out if out is not None else output_root() / "translate" / f"sweep-{group[0]['id'][:8]}"
     targets = list(dict.fromkeys(r["target_class"] for r in group))
     strengths = list(dict.fromkeys(f"{r['strength']:g}" for r in group))
     seeds = list(dict.fromkeys(str(r["seed"]) for r in group))
@@ -107,7 +110,7 @@ def command_for(record: dict, sweep: Sequence[dict] = (), out: str = "diffmix-ou
               "--label-gamma", f"{record['label_gamma']:g}", "--label-scale", f"{record['label_scale']:g}"]
     if record.get("scheduler") in ("dpm++", "ddim") and not record.get("partner_path"):
         parts += ["--scheduler", record["scheduler"]]
-    return shlex.join(parts + run_options(record) + ["--out", out])
+    return shlex.join(parts + run_options(record) + ["--out", str(out)])
 
 
 def run_options(record: dict) -> list[str]:
