@@ -24,6 +24,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import gradio as gr
@@ -474,14 +475,24 @@ def check_sweep(bundle_path: str, upload: str | None, example: str | None, sourc
         raise _user_error(err, "sweep") from None
 
 
-def _progress_callback(progress: gr.Progress, n_images: int):
-    start = time.monotonic()
+def _progress_callback(progress: gr.Progress, n_images: int, clock: Callable[[], float] = time.monotonic):
+    """``callback(steps done, total)`` for the engine: the steps, the seconds, and the time left
+    from the measured time per step; "estimating…" until a step has been timed (the first one
+    also carries loading and warm-up, so the estimate starts from the steps after it)."""
+    start = clock()
+    first: list[tuple[int, float]] = []   # (steps done, time) at the first report
 
     def report(done: int, total: int) -> None:
-        elapsed = time.monotonic() - start
-        eta = elapsed / done * (total - done) if done else 0.0
+        now = clock()
+        if not first:
+            first.append((done, now))
+        base_done, base_time = first[0]
+        if done > base_done:
+            left = f"about {(now - base_time) / (done - base_done) * (total - done):.0f} s left"
+        else:
+            left = "estimating…"
         progress((done, total), unit="steps",
-                 desc=f"{n_images} image(s): step {done}/{total}, {elapsed:.0f} s, about {eta:.0f} s left")
+                 desc=f"{n_images} image(s): step {done}/{total}, {now - start:.0f} s, {left}")
     return report
 
 
@@ -497,7 +508,7 @@ def on_sweep(bundle_path: str, upload: str | None, example: str | None, source_c
         fast, partner, partner_upload, inversion_steps, token)
     limits = Limits.from_env()
     plan = plan_sweep(bundle, source, request, limits, second)
-    progress(0, desc=f"{len(plan.jobs)} image(s): loading the model")
+    progress(0, desc=f"{len(plan.jobs)} image(s): loading the model, estimating…")
     out = run_sweep(store, bundle, source, request, limits=limits, generate_fn=_generate, plan=plan,
                     callback=_progress_callback(progress, len(plan.jobs)))
     picture, download, box, rows, fig, csv, status = sweep_views(store, out.figure)

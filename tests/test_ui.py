@@ -461,3 +461,20 @@ def test_a_visitor_who_may_not_save_gets_a_message_and_nothing_is_written(app_ur
         client.predict(world["bundle"], 0.5, "diff-mix", 25, 5.0, 0.5, None, None, None, None, None,
                        api_name="/save_profile")
     assert not (world["root"] / "out" / "profiles").exists() or not any((world["root"] / "out" / "profiles").iterdir())
+
+
+# --------------------------------------------------------------------------- issue 27: what a newcomer trips on
+def test_first_eta_waits_for_a_timed_step():
+    """The first progress line says "estimating…" (the first step also carries loading and warm-up);
+    later ones estimate from the time per step measured since then, not from the whole wait."""
+    from diffmix_core.ui import _progress_callback
+
+    shown = []
+    ticks = iter([0.0, 30.0, 32.0, 36.0])   # start; step 1 after 30 s of loading; then 2 s per step
+    report = _progress_callback(lambda value, unit="", desc="": shown.append((value, desc)), 4, lambda: next(ticks))
+    report(1, 10)
+    report(2, 10)
+    report(4, 10)
+    assert shown[0] == ((1, 10), "4 image(s): step 1/10, 30 s, estimating…")
+    assert shown[1][1].endswith("step 2/10, 32 s, about 16 s left")   # 2 s per step x 8 steps
+    assert shown[2][1].endswith("step 4/10, 36 s, about 12 s left")   # (36 - 30) / 3 steps x 6
