@@ -632,9 +632,10 @@ LEGEND = """\
 - **P(target)** / **P(source)**: the bundle's reference classifier's probability that the image shows the
   target / the source class (badge on each tile: green at or above the bar, red below).
 - **CLIP(target)**: CLIP similarity of the image to the target's prompt (when CLIP weights are available).
-- **distance**: 1 − cosine similarity of the image's and the source's embeddings (0 = the same picture).
+- **distance**: 1 − cosine similarity of the image's and the source's embeddings: 0 = the same picture,
+  1 = unrelated, at most 2 (embeddings pointing opposite ways), so a value a little over 1 is possible.
 - **SSIM**: structural similarity to the source (1 = a copy). **Vendi**: how varied the seeds of one strength
-  are (1 = all alike, up to the number of seeds).
+  are (1 = all alike, up to the number of seeds); it needs at least 2 seeds, so a one-seed sweep has none.
 - **ran**: the strength that actually ran, ⌊N·s⌋/N of the N scheduler steps (shown as *steps* on each row).
 - **Plot**, left: faithfulness (black: all targets; thin: each target; dashed grey: P(source)); the red dotted line
   is the bar mean P(target) must reach; the green dash-dot line the recommended strength. Right: diversity
@@ -793,7 +794,8 @@ def _results_panel(ui: SimpleNamespace) -> None:
     ui.sweep_box = gr.CheckboxGroup(label="Curate from this sweep")
     with gr.Accordion("What the scores and the plot mean", open=False):
         gr.Markdown(LEGEND)
-    ui.plot = gr.Plot(label="Faithfulness / diversity vs strength", elem_id="plot")
+    gr.Markdown("**Faithfulness / diversity vs strength**")   # above the plot: a block label would cover its titles
+    ui.plot = gr.Plot(label="Faithfulness / diversity vs strength", show_label=False, elem_id="plot")
     ui.table = gr.Dataframe(headers=list(TABLE_COLUMNS), label="Scores and records", max_height=300)
     ui.csv = gr.DownloadButton("Download table (CSV)")
 
