@@ -35,7 +35,7 @@ from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, r
 from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
                               app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
-from .app.sweep import (FAST_PREVIEW, SweepRequest, clean_thresholds, parse_strategies, passing, pick_partner,
+from .app.sweep import (FAST_PREVIEW, SweepRequest, class_guesses, clean_thresholds, parse_strategies, passing, pick_partner,
                          plan_sweep, run_sweep)
 from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
                         write_csv)
@@ -253,8 +253,15 @@ def _example_class(bundle: Bundle, example: str) -> str | None:
     return next((c for p, c in bundle_examples(bundle) if str(Path(p).resolve()) == target), None)
 
 
-def source_card(bundle_path: str, upload: str | None, example: str | None, source_class: str) -> str:
-    """What will run, and a flag when the class disagrees with the example's folder."""
+def source_card(bundle_path: str, upload: str | None, example: str | None, source_class: str,
+                guesses: list[tuple[str, float]] | None = None) -> str:
+    """What will run, and a flag when the class disagrees with the example's folder; an upload
+    without a class asks for one (with the reference classifier's ``guesses`` as a hint)."""
+    if upload and not (source_class or "").strip():
+        hint = ("the reference classifier's guesses: " + ", ".join(f"{md_text(c)} {p:.2f}" for c, p in guesses)
+                if guesses else "no reference classifier to guess from")
+        return (f"**Source that will run:** upload {md_code(Path(upload).name)}. ⚠️ **Choose the class of "
+                f"{md_text(Path(upload).name)}** in *Source class* before a sweep ({hint}).")
     if upload:
         return (f"**Source that will run:** upload {md_code(Path(upload).name)} as class **{md_text(source_class)}** "
                 "(you set the class of an upload)")
@@ -290,6 +297,9 @@ def _source(store: Store, bundle, upload: str | None, example: str | None, sourc
         raise ValueError("give an uploaded image or an example, not both")
     if upload:
         image = _decode_upload(upload)
+        if not (source_class or "").strip():
+            raise ValueError(f"choose the class of the uploaded image {Path(upload).name} (Source class) before a "
+                             "sweep: an upload's class is never guessed for you")
         return Source(image, source_class, Path(upload).stem, store.save_source(image, Path(upload).name))
     if example:
         allowed = {str(Path(p).resolve()) for p, _ in bundle_examples(bundle)}
@@ -433,10 +443,14 @@ def on_example(path: str, evt: gr.SelectData):
 
 @_errors
 def on_upload(path: str, upload: str | None, source_class: str):
-    """An upload becomes THE source: the example is cleared; the class stays the user's."""
+    """An upload becomes THE source: the example is cleared, and so is the class: the user
+    chooses it (the reference classifier's top guesses shown as a hint). A cleared upload
+    leaves the class as it is."""
     if not upload:
-        return None, "", source_card(path, None, None, source_class)
-    return _decode_upload(upload), "", source_card(path, upload, None, source_class)
+        return None, "", source_card(path, None, None, source_class), gr.skip()
+    image = _decode_upload(upload)
+    guesses = class_guesses(open_bundle_cached(path), image)
+    return image, "", source_card(path, upload, None, "", guesses), gr.Dropdown(value=None)
 
 
 def on_source_change(path: str, upload: str | None, example: str | None, source_class: str):
@@ -862,8 +876,9 @@ def _wire_bundle(demo: gr.Blocks, ui: SimpleNamespace) -> None:
         on_bundle, ui.bundle, bundle_outputs, **PRIVATE)
     ui.examples.select(on_example, ui.bundle, [ui.example, ui.source_class, ui.preview, ui.upload, ui.card],
                        **PRIVATE)
-    ui.upload.upload(on_upload, [ui.bundle, ui.upload, ui.source_class], [ui.preview, ui.example, ui.card], **PRIVATE)
-    ui.upload.clear(on_upload, [ui.bundle, ui.upload, ui.source_class], [ui.preview, ui.example, ui.card], **PRIVATE)
+    upload_outputs = [ui.preview, ui.example, ui.card, ui.source_class]
+    ui.upload.upload(on_upload, [ui.bundle, ui.upload, ui.source_class], upload_outputs, **PRIVATE)
+    ui.upload.clear(on_upload, [ui.bundle, ui.upload, ui.source_class], upload_outputs, **PRIVATE)
     ui.source_class.input(on_source_change, source_inputs, ui.card, **PRIVATE)
     _wire_partner(ui)
 

@@ -176,6 +176,8 @@ def test_an_upload_never_sticks_after_an_example_is_clicked(page, tmp_path):
     # and the other way round: an upload after the example runs the upload
     page.locator("#upload input[type=file]").set_input_files(str(photo))
     expect(page.get_by_label("Example chosen")).to_have_value("")
+    expect(page.get_by_label("Source class")).to_have_value("")   # an upload's class is the user's to choose
+    _choose(page, "Source class", "owl")
     records = _sweep(page, 2, strengths="0.5")
     assert records[0]["source_id"] == "my-photo" and records[0]["source_path"].startswith("sources/")
     # a class that disagrees with the example's folder is flagged before the sweep

@@ -478,3 +478,26 @@ def test_first_eta_waits_for_a_timed_step():
     assert shown[0] == ((1, 10), "4 image(s): step 1/10, 30 s, estimating…")
     assert shown[1][1].endswith("step 2/10, 32 s, about 16 s left")   # 2 s per step x 8 steps
     assert shown[2][1].endswith("step 4/10, 36 s, about 12 s left")   # (36 - 30) / 3 steps x 6
+
+
+def test_an_upload_needs_its_class_before_a_sweep(app_url, world, tmp_path):
+    """Over the API as on the page: an upload with no class is refused with a message that says
+    what to do; the reference classifier's guesses are offered as a hint, never chosen."""
+    from gradio_client import Client, handle_file
+
+    from diffmix_core.bundle import load_bundle
+    from diffmix_core.app.sweep import class_guesses
+    from diffmix_core.data import load_image
+    from diffmix_core.ui import on_upload
+
+    photo = tmp_path / "my_goose.png"
+    Image.new("RGB", (40, 30), (240, 240, 230)).save(photo)
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="choose the class of the uploaded image my_goose.png"):
+        client.predict(world["bundle"], handle_file(str(photo)), "", "", "duck", "0.5", "0", 2, 5.0, "diff-mix",
+                       api_name="/sweep")
+    guesses = class_guesses(load_bundle(world["bundle"]), load_image(photo))
+    assert len(guesses) == 3 and [p for _, p in guesses] == sorted((p for _, p in guesses), reverse=True)
+    preview, example, card, source_class = on_upload(world["bundle"], str(photo), "owl")
+    assert example == "" and source_class.value is None                        # the class box is cleared
+    assert "Choose the class of my\\_goose\\.png" in card and f"{guesses[0][0]} {guesses[0][1]:.2f}" in card

@@ -165,6 +165,18 @@ def run_sweep(store: Store, bundle: Bundle, source: Source | None, request: Swee
 def score_results(results: list[Result], bundle: Bundle, plot: bool = True
                   ) -> tuple[dict | None, object | None, list[str]]:
     """Fill each record's ``scores`` (reference classifier, CLIP, distance, SSIM); summary and plot."""
+def class_guesses(bundle: Bundle, image, k: int = 3) -> list[tuple[str, float]]:
+    """The reference classifier's ``k`` most likely classes for an image, [(class, probability)],
+    best first; [] when the bundle has none. A hint for the user choosing an upload's class,
+    never a class set for them."""
+    reference, _ = reference_for(bundle)
+    if reference is None:
+        return []
+    probs = reference.predict([image])[0][0]
+    top = probs.topk(min(k, probs.numel()))
+    return [(reference.classes[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
     reference, ref_status = reference_for(bundle)
     clip = clip_scorer(bundle)
     records = [r.record for r in results]
