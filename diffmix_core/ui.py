@@ -19,12 +19,13 @@ import html
 import inspect
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -46,7 +47,7 @@ from .data import load_image
 from .hub import open_bundle
 from .jobs import ALL_OTHER, parse_seeds
 from .profiles import load_profile, save_profile, saving_allowed
-from .records import save_png
+from .records import safe_name, save_png
 from .scoring import plot_sweep, recommendation_bar
 from .translate import Source, strategy_unavailable
 
@@ -296,10 +297,10 @@ def _source(store: Store, bundle, upload: str | None, example: str | None, sourc
     if upload and example:
         raise ValueError("give an uploaded image or an example, not both")
     if upload:
-        image = _decode_upload(upload)
         if not (source_class or "").strip():
             raise ValueError(f"choose the class of the uploaded image {Path(upload).name} (Source class) before a "
                              "sweep: an upload's class is never guessed for you")
+        image = _decode_upload(upload)
         return Source(image, source_class, Path(upload).stem, store.save_source(image, Path(upload).name))
     if example:
         allowed = {str(Path(p).resolve()) for p, _ in bundle_examples(bundle)}
@@ -619,7 +620,12 @@ def on_export(token: str):
     except OSError:
         shutil.copyfile(zip_path, served)
     n = len(store.state()["curated"])
-    return (store.token, f"exported {n} image(s) to `{folder}` (and `{zip_path.name}`)", str(folder), str(served))
+    message = f"exported {n} image(s) to `{folder}` (and `{zip_path.name}`)"
+    with store.lock:   # a reload shows this export, ready to download
+        state = store.state()
+        state["export"] = {"message": message, "folder": str(folder), "zip": str(served)}
+        store.save_state(state)
+    return store.token, message, str(folder), str(served)
 
 
 @_errors
@@ -629,12 +635,74 @@ def on_clear(token: str):
     return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
-def on_restore(saved: str, token: str):
-    """Page (re)load: find the session of the browser's token, else start one."""
+def on_session(saved: str, token: str):
+    """Page (re)load, first step: the session of the browser's token (else a new one), and the
+    bundle of its last sweep chosen (on_bundle then fills the form for it; :func:`on_restore` last)."""
     store = open_store(token or saved)
-    views = sweep_views(store) if store.state()["last_sweep"] else (None, None, gr.CheckboxGroup(),
-                                                                    None, None, None, "")
-    return (store.token, store.token, *views, *curated_views(store)[:3])
+    state = store.state()
+    path = state.get("bundle") if state["last_sweep"] else None
+    if not path or not Path(path).is_dir():
+        return store.token, store.token, gr.skip()
+    choices = [(k, v) for k, v in app_bundles().items()]
+    if path not in {v for _, v in choices}:   # a bundle loaded by folder or repo id
+        choices.append((path, path))
+    return store.token, store.token, gr.Dropdown(choices=choices, value=path)
+
+
+# What a page (re)load restores after on_session and on_bundle, in order (on_restore's values).
+RESTORE_OUTPUTS = ("grid", "grid_dl", "sweep_box", "table", "plot", "csv", "status", "count", "cur_gallery",
+                   "cur_box", "example", "upload", "preview", "source_class", "target", "strengths", "seeds", "steps",
+                   "guidance", "strategy", "fast", "inversion_steps", "card", "tune", "export_msg", "export_dir",
+                   "export_zip")
+
+
+def on_restore(token: str, bundle_path: str):
+    """Page (re)load, last step: one consistent page from the session on disk: the last sweep's
+    grid, table, plot and status; its source, classes and settings in the form; the curated
+    batch; the last export, ready to download. Without a sweep the form stays the bundle's."""
+    store = open_store(token)
+    state = store.state()
+    values = dict.fromkeys(RESTORE_OUTPUTS, gr.skip())
+    if state["last_sweep"]:
+        values.update(zip(RESTORE_OUTPUTS[:7], sweep_views(store)))
+        values.update(_restored_form(store, bundle_path))
+    values.update(zip(("count", "cur_gallery", "cur_box"), curated_views(store)[:3]))
+    export = state.get("export") or {}
+    if export and Path(export["zip"]).is_file():
+        values.update(export_msg=export["message"], export_dir=export["folder"], export_zip=export["zip"])
+    return tuple(values[name] for name in RESTORE_OUTPUTS)
+
+
+def _restored_form(store: Store, bundle_path: str) -> dict:
+    """The form as the last sweep had it: its source (the example, or the upload offered again
+    under its own name so a new sweep gives the same records), classes and settings."""
+    state, records = store.state(), store.records()
+    first = records.get(state["last_sweep"][0])
+    request = state.get("request")
+    if first is None or request is None or state.get("bundle") != bundle_path:
+        return {}
+    form = {"source_class": request["source_class"], "target": request["target"], "strengths": request["strengths"],
+            "seeds": request["seeds"], "steps": request["steps"], "guidance": request["guidance"],
+            "strategy": list(request.get("strategies") or [request.get("strategy", "diff-mix")]),
+            "fast": request.get("cache_interval", 1) != 1, "inversion_steps": request.get("inversion_steps", gr.skip()),
+            "tune": (state.get("summary") or {}).get("recommended_strength")}
+    source = store.source_file(first)
+    upload = example = None
+    if source is not None and source.is_file():
+        if first["source_path"].startswith(f"{UPLOADS}/"):
+            stem = first["source_id"]   # the upload's own name: a sweep of it gives the same source id
+            stem = stem if re.fullmatch(r"[\w\- ][\w.\- ]*", stem or "") else safe_name(stem or "upload")
+            upload = store.root / "restore" / source.stem / f"{stem}.png"
+            if not upload.is_file():
+                upload.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, upload)
+            upload = str(upload)
+        else:
+            example = str(source)
+        form.update(preview=load_image(source))
+    form.update(example=example or "", upload=upload,
+                card=source_card(bundle_path, upload, example, request["source_class"]))
+    return form
 
 
 # --------------------------------------------------------------------------- layout
@@ -865,10 +933,10 @@ def _wire_bundle(demo: gr.Blocks, ui: SimpleNamespace) -> None:
     """Page load (session restore, first bundle), bundle choice, and the source image."""
     bundle_outputs = _bundle_outputs(ui)
     source_inputs = [ui.bundle, ui.upload, ui.example, ui.source_class]
-    demo.load(on_restore, [ui.saved_token, ui.token],
-              [ui.token, ui.saved_token, ui.grid, ui.grid_dl, ui.sweep_box, ui.table, ui.plot, ui.csv, ui.status,
-               ui.count, ui.cur_gallery, ui.cur_box], **PRIVATE)
-    demo.load(on_bundle, ui.bundle, bundle_outputs, **PRIVATE)
+    # a (re)load: the session and its bundle, that bundle's form, then the session's last sweep and export
+    demo.load(on_session, [ui.saved_token, ui.token], [ui.token, ui.saved_token, ui.bundle], **PRIVATE).then(
+        on_bundle, ui.bundle, bundle_outputs, **PRIVATE).then(
+        on_restore, [ui.token, ui.bundle], [getattr(ui, name) for name in RESTORE_OUTPUTS], **PRIVATE)
     ui.bundle.input(on_bundle, ui.bundle, bundle_outputs, **PRIVATE)
     # /bundle_info for scripts: the same panel, from any bundle folder
     ui.bundle_info_btn.click(on_bundle, ui.bundle, bundle_outputs, api_name="bundle_info")

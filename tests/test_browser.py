@@ -245,6 +245,83 @@ def test_a_typo_keeps_the_previous_results(page):
     expect(page.locator("#status")).to_contain_text("sweep 1 ran")
 
 
+# --------------------------------------------------------------------------- issue 27: one consistent page
+def test_upload_asks_for_its_class_and_a_reload_restores_the_whole_page(page, app, tmp_path):
+    """An upload clears the class (the reference classifier's top guesses as a hint) and a sweep
+    without one is refused; "all other classes" wraps into bands whose tiles stay >= 120 px; the
+    plot's label does not sit on its titles and the legend gives the distance's range; the first
+    ETA waits for a measured step; "copy as command" writes under the output root; after a reload
+    the form, the source, the grid and the last export (its download too) are the sweep's."""
+    import re
+
+    from playwright.sync_api import expect
+
+    from diffmix_core.app.store import Store
+    from diffmix_core.grid import MAX_WIDTH, layout
+
+    _, root = app
+    photo = tmp_path / "my_goose.png"
+    Image.new("RGB", (80, 60), (220, 220, 210)).save(photo)
+    page.locator("#upload input[type=file]").set_input_files(str(photo))
+    expect(page.locator("#source-card")).to_contain_text("Choose the class of my_goose.png", timeout=30_000)
+    expect(page.locator("#source-card")).to_contain_text("reference classifier's guesses")
+    expect(page.get_by_label("Source class")).to_have_value("")
+    page.get_by_role("button", name="Run sweep").click()
+    expect(page.get_by_text("choose the class of the uploaded image").first).to_be_visible(timeout=30_000)
+    _choose(page, "Source class", "goose")
+    _choose(page, "Target class", "all other classes")
+    page.get_by_label("Strengths").fill("0.5")
+    page.get_by_label("Seeds").fill("0")
+    page.get_by_role("button", name="Run sweep").click()
+    expect(page.get_by_text(re.compile(r"step \d+/\d+, \d+ s, (estimating…|about \d+ s left)")).first) \
+        .to_be_visible(timeout=300_000)
+    expect(page.locator("#status")).to_contain_text("sweep 1 ran", timeout=600_000)
+    (folder,) = list(page.sessions.iterdir())
+    store = Store("", folder)
+    records = [store.records()[i] for i in store.state()["last_sweep"]]
+    assert len(records) == 9 and {r["source_class"] for r in records} == {"goose"}
+    # the grid: bands of targets, every tile at least 120 px wide as shown
+    grid = layout(records, records[0]["resolution"])
+    img = page.locator("#grid img")
+    box = img.bounding_box()
+    natural_w, natural_h = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+    assert natural_w <= MAX_WIDTH and len(grid.bands) > 1
+    assert grid.tile / max(natural_w / box["width"], natural_h / box["height"]) >= 120
+    # the plot: no label over the left title; the legend states the distance's range
+    plot = page.locator("#plot img").first
+    expect(plot).to_be_visible()
+    image = plot.bounding_box()
+    for label in page.locator("#plot").get_by_text("Faithfulness / diversity vs strength").all():
+        if label.is_visible():   # a label may stay in the page, but not over the plot
+            box = label.bounding_box()
+            assert box["y"] + box["height"] <= image["y"] or box["y"] >= image["y"] + image["height"], (box, image)
+    page.get_by_text("What the scores and the plot mean").click()
+    expect(page.get_by_text("at most 2").first).to_be_visible()
+    # copy as command: --out under the output root
+    _click_tile(page, records, 0, 1)
+    expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.locator("#tile-command")).to_contain_text(f"--out {root / 'out'}/")
+    page.get_by_role("button", name="Export batch").click()
+    expect(page.get_by_text("exported 1 image(s)")).to_be_visible(timeout=30_000)
+    export_dir = page.get_by_label("Export folder").input_value()
+    # a reload: one consistent page
+    page.reload()
+    expect(page.locator("#status")).to_contain_text("sweep 1 ran", timeout=60_000)
+    expect(page.get_by_label("Source class")).to_have_value("goose")
+    expect(page.get_by_label("Target class")).to_have_value("all other classes")
+    expect(page.get_by_label("Strengths")).to_have_value("0.5")
+    expect(page.get_by_label("Seeds")).to_have_value("0")
+    expect(page.locator("#source-card")).to_contain_text("upload my_goose.png as class goose")
+    expect(page.get_by_label("Export folder")).to_have_value(export_dir)
+    with page.expect_download(timeout=30_000) as download:
+        page.get_by_text("Download export (zip)").click()
+    assert download.value.suggested_filename == Path(export_dir).name + ".zip"
+    # and the restored form runs: the same upload, class and settings make the same images
+    page.get_by_role("button", name="Run sweep").click()
+    expect(page.locator("#status")).to_contain_text("sweep 2 ran", timeout=600_000)
+    assert store.state()["last_sweep"] == [r["id"] for r in records]
+
+
 def test_calibrate_then_save_names_the_calibration_in_the_bundle_panel(page):
     """Last in this file: it saves a profile (2 steps) that the other tests' sweeps would start from."""
     import re

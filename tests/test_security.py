@@ -627,7 +627,7 @@ def test_session_token_never_leaks_and_what_leaks_opens_nothing(world, tmp_path)
     guesses = sorted(set(re.findall(r"[0-9a-f]{32}", "".join(blobs[:-1]))) | {mine[0].name})
     demo = world["demo"]
     for k, guess in enumerate(guesses[:40]):
-        hacked = _raw_call(world["url"], _fn_index(demo, "on_restore"), [guess, guess], f"attacker{k:04d}")
+        hacked = _raw_call(world["url"], _fn_index(demo, "on_session"), [guess, guess], f"attacker{k:04d}")
         assert hacked["success"]
         result = _raw_call(world["url"], _fn_index(demo, "on_export"), [None], f"attacker{k:04d}")
         assert not result["success"] and "curated batch is empty" in json.dumps(result), guess

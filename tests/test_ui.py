@@ -501,3 +501,32 @@ def test_an_upload_needs_its_class_before_a_sweep(app_url, world, tmp_path):
     preview, example, card, source_class = on_upload(world["bundle"], str(photo), "owl")
     assert example == "" and source_class.value is None                        # the class box is cleared
     assert "Choose the class of my\\_goose\\.png" in card and f"{guesses[0][0]} {guesses[0][1]:.2f}" in card
+
+
+def test_a_reload_restores_the_form_the_sweep_and_the_export(world):
+    """A page (re)load shows one consistent state from the session on disk: the last sweep's bundle,
+    source, classes and settings in the form, its grid and status, and the last export to download."""
+    from diffmix_core.app.store import open_store
+    from diffmix_core.app.sweep import SweepRequest, run_sweep
+    from diffmix_core.bundle import load_bundle
+    from diffmix_core.data import load_image
+    from diffmix_core.translate import Source
+    from diffmix_core.ui import RESTORE_OUTPUTS, on_export, on_restore, on_session, update_curated
+
+    bundle = load_bundle(world["bundle"])
+    store = open_store("")
+    fresh = dict(zip(RESTORE_OUTPUTS, on_restore(store.token, world["bundle"])))
+    assert fresh["source_class"] is fresh["export_zip"] is fresh["grid"]   # nothing yet: gr.skip(), the bundle's form
+    src = Source(load_image(world["example"]), "owl", "0", world["example"])
+    out = run_sweep(store, bundle, src, SweepRequest("owl", "crow", "0.5", "0", 2, 3.0, "diff-mix"))
+    update_curated(store, out.ids, "add")
+    _, message, folder, served = on_export(store.token)
+    token, saved, choice = on_session("", store.token)
+    assert token == saved == store.token and choice.value == world["bundle"]
+    page = dict(zip(RESTORE_OUTPUTS, on_restore(token, world["bundle"])))
+    assert (page["source_class"], page["target"], page["strengths"], page["seeds"], page["steps"], page["guidance"],
+            page["strategy"]) == ("owl", "crow", "0.5", "0", 2, 3.0, "diff-mix")
+    assert page["example"] == world["example"] and page["upload"] is None and "class **owl**" in page["card"]
+    assert "sweep 1" in page["status"] and Path(page["grid"]).is_file()
+    assert (page["export_msg"], page["export_dir"], page["export_zip"]) == (message, folder, served)
+    assert Path(served).is_file()

@@ -5,6 +5,7 @@ in the session (:func:`run_sweep`); and the auto-select of a sweep's images by
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -157,14 +158,12 @@ def run_sweep(store: Store, bundle: Bundle, source: Source | None, request: Swee
         ids = store.add(results)
         state = store.state()
         state.update(last_sweep=ids, sweeps=state["sweeps"] + 1, summary=first, summaries=summaries,
-                     bundle=str(bundle.path))
+                     bundle=str(bundle.path),
+                     request=dataclasses.asdict(request))   # a reload shows the form as this sweep had it
         store.save_state(state)
     return SweepOutcome(ids, [r.record for r in results], first, figure, len(plan.seeds), notes, summaries)
 
 
-def score_results(results: list[Result], bundle: Bundle, plot: bool = True
-                  ) -> tuple[dict | None, object | None, list[str]]:
-    """Fill each record's ``scores`` (reference classifier, CLIP, distance, SSIM); summary and plot."""
 def class_guesses(bundle: Bundle, image, k: int = 3) -> list[tuple[str, float]]:
     """The reference classifier's ``k`` most likely classes for an image, [(class, probability)],
     best first; [] when the bundle has none. A hint for the user choosing an upload's class,
@@ -177,6 +176,9 @@ def class_guesses(bundle: Bundle, image, k: int = 3) -> list[tuple[str, float]]:
     return [(reference.classes[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
+def score_results(results: list[Result], bundle: Bundle, plot: bool = True
+                  ) -> tuple[dict | None, object | None, list[str]]:
+    """Fill each record's ``scores`` (reference classifier, CLIP, distance, SSIM); summary and plot."""
     reference, ref_status = reference_for(bundle)
     clip = clip_scorer(bundle)
     records = [r.record for r in results]
