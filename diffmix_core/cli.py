@@ -180,7 +180,7 @@ def add_calibrate_parser(sub) -> None:
     targets = CalibrateConfig.__dataclass_fields__["targets"].metadata
     p.add_argument("--targets", type=_targets_option, default=argparse.SUPPRESS,
                    help=f"{targets['help']} (default: {targets['shown']})")
-    add_config_args(p, TranslateConfig, skip=("label_gamma", "label_scale"))
+    add_config_args(p, TranslateConfig, skip=("label_gamma", "label_scale"), profiled=PROFILE_SETTINGS)
     add_config_args(p, ScoreConfig, prefix="score_", skip=("batch_size", "ssim_size"))
     shared(p, "reference")
     add_pipeline_args(p)

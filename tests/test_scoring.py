@@ -129,7 +129,7 @@ def test_summary_means_vendi_and_plot(tmp_path):
     assert [ax.get_ylabel() for ax in fig.axes] == ["faithfulness", "diversity", "Vendi score"]
     # one seed per strength: Vendi cannot be had; the plot says so instead of an empty axis
     one = recs[::3]
-    single = summarize(one, embs[::3], ScoreConfig(min_p_target=0.5))
+    single = summarize(one, embs[::3], ScoreConfig(recommend_min_p_target=0.5))
     assert all(r["vendi"] is None for r in single["strengths"])
     fig = plot_sweep(single)
     assert [ax.get_ylabel() for ax in fig.axes] == ["faithfulness", "diversity"]
