@@ -356,7 +356,7 @@ def test_translate_defaults_do_not_depend_on_the_folder_and_the_record_names_the
     with pytest.raises(SystemExit):
         main(["translate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "s in [0, 1] (default: the bundle's profile, else its recommended strength, else 0.5)" in text
+    assert "s in [0, 1] (default: the bundle's profile, else its recommended strength, else 0.5;" in text
     assert "(paper: 7.5) (default: the bundle's profile, else 7.5)" in text
 
     bundle_dir = make_world(tmp_path / "world", tmp_path / "cache")
