@@ -525,7 +525,7 @@ def test_a_reload_restores_the_form_the_sweep_and_the_export(world):
     assert token == saved == store.token and choice.value == world["bundle"]
     page = dict(zip(RESTORE_OUTPUTS, on_restore(token, world["bundle"])))
     assert (page["source_class"], page["target"], page["strengths"], page["seeds"], page["steps"], page["guidance"],
-            page["strategy"]) == ("owl", "crow", "0.5", "0", 2, 3.0, "diff-mix")
+            page["strategy"], page["fast"]) == ("owl", "crow", "0.5", "0", 2, 3.0, ["diff-mix"], False)
     assert page["example"] == world["example"] and page["upload"] is None and "class **owl**" in page["card"]
     assert "sweep 1" in page["status"] and Path(page["grid"]).is_file()
     assert (page["export_msg"], page["export_dir"], page["export_zip"]) == (message, folder, served)
