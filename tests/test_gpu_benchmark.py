@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow   # the whole benchmark script in subprocesses (up to 900 s each)
 
 
 def run_gpu(tmp_path: Path, *extra: str) -> tuple[str, dict]:

@@ -101,6 +101,7 @@ def run_app_and_sweep(folder: Path, python: Path, tmp: Path, bundle: Path, **env
 
 
 # --------------------------------------------------------------------------- the Space build
+@pytest.mark.slow   # resolves every pin against the package index (network, minutes)
 def test_requirements_install_alone(tmp_path):
     """Step 1 of a Space build: `pip install -r requirements.txt` in a folder holding only that file
     (resolved with --dry-run against the package index; nothing is installed)."""
