@@ -51,7 +51,7 @@ from diffmix_core.config import TranslateConfig  # noqa: E402
 from diffmix_core.models import build_random_pipeline, load_pipeline, set_scheduler, tiny_pipeline_dir  # noqa: E402
 from diffmix_core.translate import Job, Source, translate  # noqa: E402
 
-STRENGTH, GUIDANCE = 0.7, 7.5   # the paper's sampler (REFERENCE.md §2), with --steps 25
+STRENGTH, GUIDANCE = 0.7, 7.5   # the paper's sampler (docs/method.md §2), with --steps 25
 
 
 class TimeGuard(Exception):

@@ -1,4 +1,4 @@
-"""The authors' Diff-Mix checkpoint (REFERENCE.md §1) converted into an adapter bundle.
+"""The authors' Diff-Mix checkpoint (docs/method.md §1) converted into an adapter bundle.
 
 Their textual-inversion file (``learned_embeds-steps-last.bin``: ``learned_embeds_dict``,
 ``name2placeholder``, ``placeholder2name``) is a torch pickle: it is read weights-only,
@@ -102,7 +102,7 @@ def import_diffmix(
     base_revision: str | None = None,
     resolution: int | None = None,
 ) -> Bundle:
-    """Convert the authors' checkpoint (REFERENCE.md §1) into a bundle.
+    """Convert the authors' checkpoint (docs/method.md §1) into a bundle.
 
     Args:
         embeddings_file: ``learned_embeds-steps-last.bin`` (read with weights_only=True).

@@ -1,7 +1,7 @@
 """The adapter bundle: a dataset's class tokens + UNet LoRA in one folder, and
 everything about it short of putting it on a pipeline (apply.py does that).
 
-Layout (see DESIGN.md)::
+Layout (see docs/formats.md)::
 
     <bundle>/adapter.json                        what the bundle is (below)
     <bundle>/pytorch_lora_weights.safetensors    UNet LoRA, diffusers keys (optional)

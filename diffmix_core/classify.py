@@ -1,4 +1,4 @@
-"""Downstream classification: does a synthetic batch help a classifier? (REFERENCE.md §3-4)
+"""Downstream classification: does a synthetic batch help a classifier? (docs/method.md §3-4)
 
 A timm classifier trains on the real TRAIN split. With a synthetic set, every
 position of an epoch (epoch length = number of real train images) holds a real

@@ -127,7 +127,7 @@ def add_synthesize_parser(sub) -> None:
 
     p = _command(sub, "synthesize", generate.run_synthesize,
                  "bulk synthetic set from the train split: planned, resumable, sharded",
-                 "Plan M x |train| translations (REFERENCE.md §2), write the plan to --out, then make every planned "
+                 "Plan M x |train| translations (docs/method.md §2), write the plan to --out, then make every planned "
                  "image not made yet. Rerun to resume; --shard i/n or accelerate launch to split the plan; the last "
                  "shard (or --merge) writes records.jsonl and --export layouts.")
     shared(p.add_mutually_exclusive_group(),
@@ -224,7 +224,7 @@ def add_export_parser(sub) -> None:
 def add_finetune_parser(sub) -> None:
     p = _command(sub, "finetune", train.run_finetune, "learn class tokens + a UNet LoRA; write an adapter bundle",
                  "Fine-tune one token per class (textual inversion) and a UNet LoRA on the train split of a dataset "
-                 "(Diff-Mix, REFERENCE.md §1). Runs under accelerate: `accelerate launch --multi_gpu "
+                 "(Diff-Mix, docs/method.md §1). Runs under accelerate: `accelerate launch --multi_gpu "
                  "--num_processes N -m diffmix_core finetune ...` for several GPUs (or N CPU processes on a machine "
                  "without CUDA) or machines.")
     add_dataset_args(p)

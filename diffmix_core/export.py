@@ -49,7 +49,7 @@ from .records import (atomic_path, check_apart, clean_leftovers, contained_file,
                       write_text_atomic)
 
 FORMATS = ("imagefolder", "authors", "zip")
-META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength", "Path")  # REFERENCE.md §2
+META_CSV_COLUMNS = ("First Directory", "Second Directory", "Number", "Strength", "Path")  # docs/method.md §2
 MANIFEST_JSON = "manifest.json"
 MANIFEST_SHA = "MANIFEST.sha256"
 EXPORT_FORMAT = "diffmix-export"   # manifest.json's "format": marks a folder as a diffmix export

@@ -1,5 +1,5 @@
 """Fine-tuning: one learned token per class (textual inversion) + a UNet LoRA
-(REFERENCE.md §1), under ``accelerate``; the result is an adapter bundle.
+(docs/method.md §1), under ``accelerate``; the result is an adapter bundle.
 
 The run, step by step (:func:`finetune`):
 

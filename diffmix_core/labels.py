@@ -1,4 +1,4 @@
-"""Soft labels for translated images (REFERENCE.md §3).
+"""Soft labels for translated images (docs/method.md §3).
 
 For a translation from class i to class j that ran strength s:
     y = k * ((1 - s**gamma) * onehot(i) + s**gamma * onehot(j))

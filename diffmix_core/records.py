@@ -1,4 +1,4 @@
-"""The record every generated image carries (DESIGN.md, "Records"), safe file
+"""The record every generated image carries (docs/formats.md, "Records"), safe file
 names, and atomic writers shared by every stage that writes files."""
 from __future__ import annotations
 

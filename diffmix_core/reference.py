@@ -1,5 +1,5 @@
 """The reference classifier: a timm model fine-tuned on the real TRAIN split that
-judges whether a translated image shows its target class (REFERENCE.md §6).
+judges whether a translated image shows its target class (docs/method.md §6).
 
 Saved as a folder::
 

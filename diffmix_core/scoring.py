@@ -1,5 +1,5 @@
 """Scoring: is a translation faithful to its target class, and different enough
-from its source? (REFERENCE.md §6)
+from its source? (docs/method.md §6)
 
 Per image (``record["scores"]``; a metric that cannot be had is None, never a guess):
 

@@ -225,7 +225,7 @@ def _stage_translate(run: _Run) -> str:
 
 def write_authors_checkpoint(folder: Path, unet, classes: tuple[str, ...], width: int, rank: int,
                              seed: int = 0) -> Path:
-    """A checkpoint as the authors' training wrote it (REFERENCE.md §1), with random values:
+    """A checkpoint as the authors' training wrote it (docs/method.md §1), with random values:
     ``learned_embeds-steps-last.bin`` and ``pytorch_lora_weights.safetensors`` keyed by the UNet's
     attention processors (``...attn1.processor.to_q_lora.down.weight``). Returns the .bin path."""
     from safetensors.torch import save_file

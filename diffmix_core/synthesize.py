@@ -1,4 +1,4 @@
-"""Bulk synthesis: plans (REFERENCE.md §2), sharded resumable runs, the merge.
+"""Bulk synthesis: plans (docs/method.md §2), sharded resumable runs, the merge.
 
 Output folder::
 

@@ -1,7 +1,7 @@
 """The translation engine: jobs (source image, source class, target class,
 strength, seed) in; images and records out.
 
-A strength sweep is one denoising loop (DESIGN.md). For N scheduler steps,
+A strength sweep is one denoising loop (docs/engine.md). For N scheduler steps,
 strength s starts at grid index N - floor(N*s). All jobs share one timestep
 grid, so at each grid index the latents of every job that has started are
 batched through the UNet once (both classifier-free-guidance halves), and
@@ -235,7 +235,7 @@ def _records_base(pipe, config: TranslateConfig, bundle) -> dict:
 
 
 def make_record(base: dict, state: _State, resolution: int) -> dict:
-    """The record of DESIGN.md for one finished job; ``id`` hashes what determines the image,
+    """The record of docs/formats.md for one finished job; ``id`` hashes what determines the image,
     the source's pixels included (two different ``photo.png`` never collide)."""
     job, n = state.job, base["num_inference_steps"]
     s_run = 1.0 if job.source is None else effective_strength(n, job.strength)

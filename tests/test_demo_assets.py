@@ -97,7 +97,7 @@ def test_shipped_world_translates_toward_the_target(shipped):
 
 
 # --------------------------------------------------------------------------- the demo CLIP (issue 19)
-ZERO_SHOT_FLOOR = 0.87   # measured 0.896 on the 1,000 held-out images (README, demo CLIP)
+ZERO_SHOT_FLOOR = 0.87   # measured 0.896 on the 1,000 held-out images (docs/demo-world.md, the demo CLIP)
 
 
 @pytest.fixture(scope="module")

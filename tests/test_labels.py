@@ -1,4 +1,4 @@
-"""Soft labels (REFERENCE.md §3): exhaustive checks of the pure formula."""
+"""Soft labels (docs/method.md §3): exhaustive checks of the pure formula."""
 from __future__ import annotations
 
 import pytest

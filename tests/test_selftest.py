@@ -3,7 +3,7 @@
 The fast tests run the selftest's whole chain through the CLI on a reduced copy of the
 SD 2.1 architecture file (same component classes, four UNet levels, v-prediction, the
 OpenCLIP tokenizer's '!' padding; small widths). The full-size SD 1.5 / 2.1 runs at 128 px
-are marked slow: on the shared 2-core CPU they take minutes each (README: selftest).
+are marked slow: on the shared 2-core CPU they take minutes each (docs/selftest.md).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Stages (each resumable: a checkpoint every ``checkpoint_every`` steps under
 
 1. ``vae``: the autoencoder at the full resolution (GroupNorm statistics of 32 px
    crops do not carry over to 64 px images), L1 + a small KL;
-2. ``decoder``: the decoder alone, on the frozen encoder's latents (DEMO-NOTES: the
+2. ``decoder``: the decoder alone, on the frozen encoder's latents (docs/demo-world.md: the
    largest gain of the trial);
 3. ``latents``: every image's posterior (mean, std) once, and the latent scaling
    factor (1 / std of the sampled latents);
