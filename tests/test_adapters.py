@@ -17,26 +17,11 @@ from diffmix_core.authors import import_diffmix
 from diffmix_core.bundle import DEFAULT_TEMPLATE, load_bundle, make_prompt, save_bundle
 from diffmix_core.records import sha256_file
 from diffmix_core.weights import check_lora_fits
-
-CLASSES = ["black footed albatross", "sparrow", "tern"]
-TOKENS = ["<class_0>", "<class_1>", "<class_2>"]
-WIDTH = 32  # the tiny pipeline's text hidden size
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+from helpers import (CLASSES, TARGETS, TOKENS, WIDTH, Payload, add_random_lora, authors_checkpoint, random_vectors,
+                     to_old_keys)
 
 
 # --------------------------------------------------------------------------- helpers
-def _add_random_lora(unet, r: int = 4, alpha: float = 4, seed: int = 1) -> None:
-    """A peft LoRA whose B matrices are non-zero, so it changes the UNet's output."""
-    from peft import LoraConfig
-
-    unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def _unet_out(pipe) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 8, 8, generator=g)  # (B, C, h, w) latents
@@ -49,11 +34,6 @@ def _text_out(pipe, prompt: str = "a photo of a sparrow bird") -> torch.Tensor:
     ids = pipe.tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         return pipe.text_encoder(ids)[0]
-
-
-def _vectors(width: int = WIDTH, seed: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {t: torch.randn(width, generator=g) for t in TOKENS}
 
 
 def _state(pipe) -> dict:
@@ -81,7 +61,7 @@ def lora_case(tiny_model_dir):
 
     pipe = load_pipeline(tiny_model_dir, device="cpu", dtype="fp32")
     base = _unet_out(pipe)
-    _add_random_lora(pipe.unet)
+    add_random_lora(pipe.unet)
     from peft import get_peft_model_state_dict
 
     return types.SimpleNamespace(
@@ -91,7 +71,7 @@ def lora_case(tiny_model_dir):
 
 @pytest.fixture
 def bundle_dir(tmp_path, tiny_model_dir, lora_case) -> Path:
-    save_bundle(tmp_path / "bundle", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(),
+    save_bundle(tmp_path / "bundle", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(),
                 lora_state_dict=lora_case.lora, base_model=str(tiny_model_dir), superclass="bird",
                 resolution=32, training={"lr": 5e-5}, steps=2)
     return tmp_path / "bundle"
@@ -143,7 +123,7 @@ def test_apply_matches_trained_model_and_unload_restores_base(tiny_pipe, bundle_
     new = [i for i in ids if i >= vocab_size]
     assert new == [tiny_pipe.tokenizer.convert_tokens_to_ids("<class_1>")]
     rows = tiny_pipe.text_encoder.get_input_embeddings().weight
-    assert torch.equal(rows[new[0]], _vectors()["<class_1>"])
+    assert torch.equal(rows[new[0]], random_vectors()["<class_1>"])
     assert torch.equal(_text_out(tiny_pipe), before["text"])  # base prompts unaffected
     apply_bundle(tiny_pipe, bundle)  # same bundle again: a no-op (diffusers would refuse the tokens)
     unload_bundle(tiny_pipe)
@@ -155,7 +135,7 @@ def test_embedding_file_loads_in_diffusers_directly(tiny_pipe, bundle_dir):
     file = load_bundle(bundle_dir).embedding_file("<class_1>")
     tiny_pipe.load_textual_inversion(str(file))  # token name read from the file
     row = tiny_pipe.text_encoder.get_input_embeddings().weight[tiny_pipe.tokenizer.convert_tokens_to_ids("<class_1>")]
-    assert torch.equal(row, _vectors()["<class_1>"])
+    assert torch.equal(row, random_vectors()["<class_1>"])
 
 
 def test_set_lora_enabled(tiny_pipe, bundle_dir, lora_case):
@@ -168,7 +148,7 @@ def test_set_lora_enabled(tiny_pipe, bundle_dir, lora_case):
 
 
 def test_applying_another_bundle_replaces_the_first(tiny_pipe, bundle_dir, tmp_path, tiny_model_dir, lora_case):
-    ti_only = save_bundle(tmp_path / "ti", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(seed=9),
+    ti_only = save_bundle(tmp_path / "ti", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(seed=9),
                           lora_state_dict=None, base_model=str(tiny_model_dir))
     assert ti_only.lora_file is None and ti_only.meta["lora"] is None
     apply_bundle(tiny_pipe, load_bundle(bundle_dir))
@@ -176,7 +156,7 @@ def test_applying_another_bundle_replaces_the_first(tiny_pipe, bundle_dir, tmp_p
     assert tiny_pipe.diffmix_bundle == ti_only
     assert torch.equal(_unet_out(tiny_pipe), lora_case.base)  # the first bundle's LoRA is gone
     row = tiny_pipe.text_encoder.get_input_embeddings().weight[tiny_pipe.tokenizer.convert_tokens_to_ids("<class_2>")]
-    assert torch.equal(row, _vectors(seed=9)["<class_2>"])
+    assert torch.equal(row, random_vectors(seed=9)["<class_2>"])
     set_lora_enabled(tiny_pipe, False)  # no LoRA loaded: harmless
 
 
@@ -187,7 +167,7 @@ def test_lora_alpha_other_than_rank_is_kept(tiny_pipe, tmp_path, tiny_model_dir,
     set_peft_model_state_dict(tiny_pipe.unet, lora_case.peft)
     expected = _unet_out(tiny_pipe)
     tiny_pipe.unet.unload_lora()
-    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(),
+    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(),
                          lora_state_dict=lora_case.peft, lora_alpha=8, base_model=str(tiny_model_dir))
     assert bundle.meta["lora"] == {"rank": 4, "alpha": 8.0}
     apply_bundle(tiny_pipe, bundle)
@@ -256,7 +236,7 @@ def test_adapter_json_not_json_unknown_key_bad_version(bundle_dir):
 
 
 def test_wrong_embedding_width_leaves_pipe_unchanged(tiny_pipe, tmp_path, tiny_model_dir, lora_case):
-    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(width=16),
+    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(width=16),
                          lora_state_dict=lora_case.lora, base_model=str(tiny_model_dir))
     before = _state(tiny_pipe)
     with pytest.raises(ValueError, match=r"embedding width 16 != the text encoder's hidden size 32"):
@@ -272,7 +252,7 @@ def _other_width_lora() -> dict[str, torch.Tensor]:
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
-    _add_random_lora(unet)
+    add_random_lora(unet)
     return weights.lora_state_dict_from_unet(unet)
 
 
@@ -290,7 +270,7 @@ def test_lora_that_does_not_fit(tiny_pipe, lora_case, tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="not UNet LoRA weights"):
         check_lora_fits(tiny_pipe.unet, {"text_encoder.x.weight": torch.zeros(1)})
     # apply checks before loading: a misfit bundle changes nothing
-    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(),
+    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(),
                          lora_state_dict=_other_width_lora(), base_model=str(tiny_model_dir))
     before = _state(tiny_pipe)
     with pytest.raises(ValueError, match="does not fit this UNet"):
@@ -300,7 +280,7 @@ def test_lora_that_does_not_fit(tiny_pipe, lora_case, tmp_path, tiny_model_dir):
 
 def test_failed_apply_keeps_the_previous_bundle(tiny_pipe, bundle_dir, tmp_path, tiny_model_dir):
     apply_bundle(tiny_pipe, load_bundle(bundle_dir))
-    bad = save_bundle(tmp_path / "bad", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(),
+    bad = save_bundle(tmp_path / "bad", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(),
                       lora_state_dict=_other_width_lora(), base_model=str(tiny_model_dir))
     before = _state(tiny_pipe)
     with pytest.raises(ValueError):
@@ -309,7 +289,7 @@ def test_failed_apply_keeps_the_previous_bundle(tiny_pipe, bundle_dir, tmp_path,
 
 
 def test_base_model_mismatch(tiny_pipe, tmp_path, lora_case):
-    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(),
+    bundle = save_bundle(tmp_path / "b", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(),
                          lora_state_dict=lora_case.lora, base_model="someone/other-sd", base_revision="v2")
     before = _state(tiny_pipe)
     with pytest.raises(ValueError, match=r"trained on someone/other-sd@v2 but the pipeline is .*tiny-sd.*allow-base-mismatch"):
@@ -323,20 +303,20 @@ def test_base_model_mismatch(tiny_pipe, tmp_path, lora_case):
 
 
 def test_save_bundle_rejects_bad_input(tmp_path, lora_case):
-    kw = dict(lora_state_dict=None, base_model="m", embeddings=_vectors())
+    kw = dict(lora_state_dict=None, base_model="m", embeddings=random_vectors())
     with pytest.raises(ValueError, match="unique"):
         save_bundle(tmp_path / "a", classes=["a", "a", "b"], tokens=TOKENS, **kw)
     with pytest.raises(ValueError, match="whitespace"):
         save_bundle(tmp_path / "a", classes=CLASSES, tokens=["<a b>", "<c>", "<d>"], **kw)
     with pytest.raises(ValueError, match=r"missing \['<class_2>'\]"):
         save_bundle(tmp_path / "a", classes=CLASSES, tokens=TOKENS, lora_state_dict=None, base_model="m",
-                    embeddings={t: v for t, v in _vectors().items() if t != "<class_2>"})
+                    embeddings={t: v for t, v in random_vectors().items() if t != "<class_2>"})
     with pytest.raises(ValueError, match=r"unknown extra key\(s\) \['colour'\]"):
         save_bundle(tmp_path / "a", classes=CLASSES, tokens=TOKENS, extra={"colour": 1}, **kw)
     with pytest.raises(ValueError, match="JSON-serialisable"):
         save_bundle(tmp_path / "a", classes=CLASSES, tokens=TOKENS, training={"x": object()}, **kw)
     with pytest.raises(ValueError, match="lora_rank=8 but the LoRA weights have rank 4"):
-        save_bundle(tmp_path / "a", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(), base_model="m",
+        save_bundle(tmp_path / "a", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(), base_model="m",
                     lora_state_dict=lora_case.lora, lora_rank=8)
     assert not (tmp_path / "a").exists()  # nothing written
     b = save_bundle(tmp_path / "p", classes=CLASSES, tokens=TOKENS, training={"out": tmp_path}, **kw)
@@ -344,33 +324,10 @@ def test_save_bundle_rejects_bad_input(tmp_path, lora_case):
 
 
 # --------------------------------------------------------------------------- importer
-def _to_old_keys(lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Diffusers keys -> the authors' attention-processor keys
-    (``...attn1.processor.to_q_lora.down.weight``)."""
-    out = {}
-    for k, v in lora.items():
-        module, part = k.removeprefix("unet.").split(".lora.")
-        parent, leaf = module.replace(".to_out.0", ".to_out").rsplit(".", 1)
-        out[f"{parent}.processor.{leaf}_lora.{part}"] = v.clone()
-    return out
-
-
-def _authors_checkpoint(folder: Path, lora: dict[str, torch.Tensor], width: int = WIDTH) -> Path:
-    """The authors' learned_embeds file; name2placeholder deliberately out of order."""
-    g = torch.Generator().manual_seed(5)
-    n2p = {"Tern": "<class_10>", "Black_footed_Albatross": "<class_0>", "Sparrow": "<class_2>"}
-    embeds = {p: torch.randn(width, generator=g) for p in n2p.values()}
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"learned_embeds_dict": embeds, "name2placeholder": n2p,
-                "placeholder2name": {p: n for n, p in n2p.items()}}, folder / "learned_embeds-steps-last.bin")
-    save_file(lora, folder / "pytorch_lora_weights.safetensors")
-    return folder / "learned_embeds-steps-last.bin"
-
-
 def test_import_authors_checkpoint(tiny_pipe, tmp_path, tiny_model_dir, lora_case):
-    old = _to_old_keys(lora_case.lora)
+    old = to_old_keys(lora_case.lora)
     assert any(".processor.to_out_lora.up.weight" in k for k in old)
-    emb_file = _authors_checkpoint(tmp_path / "ckpt", old)
+    emb_file = authors_checkpoint(tmp_path / "ckpt", old)
     bundle = import_diffmix(emb_file, tmp_path / "ckpt", base_model=str(tiny_model_dir), superclass="bird",
                             out_dir=tmp_path / "bundle")
     assert bundle.classes == ("Black_footed_Albatross", "Sparrow", "Tern")  # by placeholder number, names as given
@@ -388,14 +345,14 @@ def test_import_authors_checkpoint(tiny_pipe, tmp_path, tiny_model_dir, lora_cas
 @pytest.mark.parametrize("fmt", ["diffusers", "peft"])
 def test_import_accepts_newer_lora_keys(tmp_path, tiny_model_dir, lora_case, fmt):
     lora = lora_case.lora if fmt == "diffusers" else lora_case.peft
-    emb_file = _authors_checkpoint(tmp_path / "ckpt", lora)
+    emb_file = authors_checkpoint(tmp_path / "ckpt", lora)
     bundle = import_diffmix(emb_file, tmp_path / "ckpt" / "pytorch_lora_weights.safetensors",
                             base_model=str(tiny_model_dir), superclass="", out_dir=tmp_path / "b")
     assert load_file(bundle.lora_file).keys() == lora_case.lora.keys()
 
 
 def test_import_rejects_inconsistent_checkpoints(tmp_path, lora_case):
-    emb_file = _authors_checkpoint(tmp_path / "ckpt", lora_case.lora)
+    emb_file = authors_checkpoint(tmp_path / "ckpt", lora_case.lora)
     data = torch.load(emb_file, weights_only=True)
     data["placeholder2name"]["<class_0>"] = "Crow"
     torch.save(data, tmp_path / "bad1.bin")
@@ -410,20 +367,10 @@ def test_import_rejects_inconsistent_checkpoints(tmp_path, lora_case):
         import_diffmix(tmp_path / "missing.bin", None, base_model="m", superclass="bird", out_dir=tmp_path / "o")
 
 
-class _Payload:
-    """Unpickling this would create a file: the kind of code a checkpoint must never run."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_importer_refuses_pickled_code(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "learned_embeds.bin"
-    torch.save({"learned_embeds_dict": {"<class_0>": _Payload(marker)}, "name2placeholder": {"a": "<class_0>"}}, evil)
+    torch.save({"learned_embeds_dict": {"<class_0>": Payload(marker)}, "name2placeholder": {"a": "<class_0>"}}, evil)
     with pytest.raises(ValueError, match="not a plain weights file"):
         import_diffmix(evil, None, base_model="m", superclass="bird", out_dir=tmp_path / "out")
     assert not marker.exists()
@@ -441,7 +388,7 @@ def test_base_model_relative_to_the_bundle_moves_with_it(tmp_path, tiny_model_di
 
     world = tmp_path / "world"
     shutil.copytree(tiny_model_dir, world / "base")
-    save_bundle(world / "bundle", classes=CLASSES, tokens=TOKENS, embeddings=_vectors(),
+    save_bundle(world / "bundle", classes=CLASSES, tokens=TOKENS, embeddings=random_vectors(),
                 lora_state_dict=lora_case.lora, base_model="../base", resolution=32)
     assert json.loads((world / "bundle" / "adapter.json").read_text())["base_model"]["model"] == "../base"
     moved = tmp_path / "elsewhere"

@@ -6,13 +6,13 @@ export. The records on disk are the judge. Screenshots go to a temp dir only
 (docs/screenshot.py makes the README's)."""
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from helpers import app_environment, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,11 +28,6 @@ pytestmark = [
 ]
 
 
-def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _git_status() -> str:
     try:
         return subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
@@ -43,24 +38,19 @@ def _git_status() -> str:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from test_ui import ENV
-
     pytest.importorskip("playwright.sync_api", reason="needs the Python playwright package")
     root = tmp_path_factory.mktemp("browser")
-    old = {k: os.environ.get(k) for k in ENV}
-    os.environ.pop("DIFFMIX_BUNDLES", None)   # the app's own default: the shipped demo world first
-    os.environ.pop("DIFFMIX_ALLOW_PROFILE_SAVE", None)   # the browser is a local user: saving is on
-    os.environ.update({"DIFFMIX_OUTPUT": str(root / "out"), "DIFFMIX_CLIP_MODEL": "none"})
-    from diffmix_core.ui import build_demo
+    # DIFFMIX_BUNDLES unset: the app's own default, the shipped demo world first;
+    # DIFFMIX_ALLOW_PROFILE_SAVE unset: the browser is a local user, saving is on.
+    with app_environment(DIFFMIX_OUTPUT=str(root / "out"), DIFFMIX_CLIP_MODEL="none"):
+        from diffmix_core.ui import build_demo
 
-    before = (_tree_digest(DEMO_BUNDLE), _git_status())
-    demo = build_demo()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    yield demo.local_url, root
-    demo.close()
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    assert (_tree_digest(DEMO_BUNDLE), _git_status()) == before, "the app wrote into the repository"
+        before = (tree_digest(DEMO_BUNDLE), _git_status())
+        demo = build_demo()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+        yield demo.local_url, root
+        demo.close()
+    assert (tree_digest(DEMO_BUNDLE), _git_status()) == before, "the app wrote into the repository"
 
 
 @pytest.fixture

@@ -8,29 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffmix_core import classify
 from diffmix_core.cli import main
 from diffmix_core.classify import replacement_plan
 from diffmix_core.export import ExportWriter, read_synthetic, synthetic_layout
 from diffmix_core.labels import label_vector, soft_label
+from helpers import FAST_CLASSIFIER as FAST
+from helpers import disc
 
 CLASSES = {"snowy owl": (200, 40, 40), "duck": (40, 170, 60), "peacock": (40, 60, 210)}
-FAST = ["--model", "test_resnet", "--pretrained", "none", "--resolution", "32", "--batch-size", "8", "--lr", "0.05",
-        "--quiet"]
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def draw(colour, i: int, size: int = 32) -> Image.Image:
-    rng = np.random.default_rng(i)
-    im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(150, 255, 3)))
-    d = ImageDraw.Draw(im)
-    x0, y0 = (int(v) for v in rng.integers(0, size // 3, 2))
-    d.ellipse([x0, y0, x0 + size // 2, y0 + size // 2], fill=colour)
-    return im
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +31,7 @@ def data_dir(tmp_path_factory) -> Path:
         folder = root / name.replace(" ", "_")   # ImageFolder: '_' reads as a space
         folder.mkdir()
         for i in range(10):
-            draw(colour, 100 * k + i).save(folder / f"{i}.png")
+            disc(colour, 100 * k + i, spread=10).save(folder / f"{i}.png")
     return root
 
 
@@ -58,7 +48,7 @@ def export_dir(tmp_path_factory) -> Path:
             rec = {"id": f"r{n}", "source_class": src, "target_class": tgt, "strength": s, "strength_run": s_run,
                    "seed": n, "label_gamma": 0.5, "label_scale": 1.0,
                    "soft_label": soft_label(src, tgt, s_run, 0.5, 1.0)}
-            w.add(draw(CLASSES[tgt], 900 + n), rec, number=n)
+            w.add(disc(CLASSES[tgt], 900 + n, spread=10), rec, number=n)
     return out
 
 

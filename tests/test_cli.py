@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffmix_core.cli import main
 from diffmix_core.records import read_jsonl, read_png_record
+from helpers import authors_checkpoint, make_world, to_old_keys
 
 
 def make_image(path, size=(40, 30), colour=(200, 40, 40)):
@@ -77,8 +78,6 @@ def test_help_explains_options():
 
 
 def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys):
-    from test_adapters import _authors_checkpoint, _to_old_keys
-
     from diffmix_core.bundle import load_bundle
     from diffmix_core.weights import lora_state_dict_from_unet
     from diffmix_core.models import load_pipeline
@@ -92,7 +91,7 @@ def test_import_then_translate_with_the_bundle(tiny_model_dir, tmp_path, capsys)
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    emb = _authors_checkpoint(tmp_path / "ckpt", _to_old_keys(lora_state_dict_from_unet(pipe.unet)))
+    emb = authors_checkpoint(tmp_path / "ckpt", to_old_keys(lora_state_dict_from_unet(pipe.unet)))
     assert main(["import-diffmix", "--embeddings", str(emb), "--lora", str(tmp_path / "ckpt"), "--base",
                  str(tiny_model_dir), "--superclass", "bird", "--resolution", "32", "--out", str(tmp_path / "b")]) == 0
     assert "3 classes" in capsys.readouterr().out
@@ -221,8 +220,6 @@ def test_translate_and_synthesize_start_from_the_saved_profile_and_score_finds_t
     """The app's saved profile (a user overlay under DIFFMIX_OUTPUT) comes first for every option not
     written: translate's strength / steps / guidance, synthesize's thresholds; the bundle is untouched.
     `diffmix score` without --bundle scores with the bundle the records name (its reference: P(target))."""
-    from test_ui import make_world
-
     from diffmix_core.bundle import load_bundle
     from diffmix_core.profiles import save_profile
     from diffmix_core.bundle import update_bundle_meta

@@ -3,29 +3,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from diffmix_core.config import SplitConfig
 from diffmix_core.data import (Dataset, long_tail_counts, make_splits, read_dataset, read_split_file,
                                resolve_splits, split_subset, write_split_file)
-
-
-def shape_image(i: int, size: int = 16) -> Image.Image:
-    rng = np.random.default_rng(i)
-    a = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
-    a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = rng.integers(0, 256, 3, dtype=np.uint8)
-    return Image.fromarray(a)
-
-
-def make_imagefolder(root, classes=("Black_footed_Albatross", "cardinal", "owl"), per_class=6, start=0):
-    for c, name in enumerate(classes):
-        n = per_class[c] if isinstance(per_class, (list, tuple)) else per_class
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for j in range(n):
-            shape_image(start + 100 * c + j).save(root / name / f"img_{j:03d}.png")
-    return root
+from helpers import make_imagefolder, shape_image
 
 
 @pytest.fixture

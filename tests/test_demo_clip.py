@@ -9,26 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from diffmix_core.config import DemoClipConfig
 from diffmix_core.demo.clip import (CLIP_LABEL, CONFIG_FILE, LOG, WEIGHTS_FILE, WORK, attach_clip, contrastive_loss,
                                     is_trained, spearman, train_clip, zero_shot_accuracy)
 from diffmix_core.scoring import default_clip, load_clip
+from helpers import disc
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 COLOURS = {"owl": (200, 40, 40), "duck": (40, 170, 60), "crow": (40, 60, 210)}
 TINY = DemoClipConfig(embed_dim=16, image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
                       steps=4, batch_size=12, warmup_steps=1, checkpoint_every=2, pretrain_birds=False)
-
-
-def disc(colour, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    im = Image.new("RGB", (32, 32), tuple(int(v) for v in rng.integers(150, 255, 3)))
-    x, y = (int(v) for v in rng.integers(0, 12, 2))
-    ImageDraw.Draw(im).ellipse([x, y, x + 16, y + 16], fill=colour)
-    return im
 
 
 @pytest.fixture(scope="module")

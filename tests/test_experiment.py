@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffmix_core import classify
 from diffmix_core.cli import main
 from diffmix_core.experiment import (experiment_from_dict, holm, load_experiment, markdown_table, paired_t, plan_runs,
                                      recompute_report, summarize)
 from diffmix_core.records import read_jsonl
+from helpers import disc
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"owl": (200, 40, 40), "duck": (40, 170, 60), "peacock": (40, 60, 210)}   # demo.DEMO_CLASSES names
@@ -239,11 +240,7 @@ def demo_like(tmp_path_factory) -> tuple[Path, Path]:
     for k, (name, colour) in enumerate(COLOURS.items()):
         (data / name).mkdir(parents=True)
         for i in range(8):
-            rng = np.random.default_rng(100 * k + i)
-            im = Image.new("RGB", (32, 32), tuple(int(v) for v in rng.integers(150, 255, 3)))
-            x, y = (int(v) for v in rng.integers(0, 12, 2))
-            ImageDraw.Draw(im).ellipse([x, y, x + 16, y + 16], fill=colour)
-            im.save(data / name / f"{i}.png")
+            disc(colour, 100 * k + i).save(data / name / f"{i}.png")
     return data, placeholder_bundle(root / "placeholder").path
 
 

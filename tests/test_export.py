@@ -19,6 +19,7 @@ from diffmix_core import export as ex
 from diffmix_core.cli import main
 from diffmix_core.labels import soft_label
 from diffmix_core.records import read_png_record, save_png, write_jsonl_atomic
+from helpers import tree
 
 CLASSES = ["Black footed Albatross", "Laysan Albatross", "owl"]
 
@@ -127,19 +128,15 @@ def _disk_full_after(monkeypatch, calls: int):
     monkeypatch.setattr(ex.os, "link", no_link)
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_disk_full_leaves_previous_export_intact(generated, tmp_path, monkeypatch):
     items = ex.read_generated_folder(generated)
     out = ex.export_records(items[:3], tmp_path / "exp", ["imagefolder", "authors", "zip"], show_progress=False)
-    before, zip_before = _tree(out), (tmp_path / "exp.zip").read_bytes()
+    before, zip_before = tree(out), (tmp_path / "exp.zip").read_bytes()
     _disk_full_after(monkeypatch, calls=4)
     with pytest.raises(OSError, match="No space left on device.*nothing was changed") as info:
         ex.export_records(items, tmp_path / "exp", ["imagefolder", "authors", "zip"], show_progress=False)
     assert info.value.errno == errno.ENOSPC
-    assert _tree(out) == before and (tmp_path / "exp.zip").read_bytes() == zip_before
+    assert tree(out) == before and (tmp_path / "exp.zip").read_bytes() == zip_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp.zip", "gen"]   # no staging left behind
     assert ex.verify_manifest(out) == []
 
@@ -147,7 +144,7 @@ def test_disk_full_leaves_previous_export_intact(generated, tmp_path, monkeypatc
 def test_failure_while_zipping_changes_nothing(generated, tmp_path, monkeypatch):
     items = ex.read_generated_folder(generated)
     out = ex.export_records(items[:2], tmp_path / "exp", ["imagefolder", "zip"], show_progress=False)
-    before = _tree(out)
+    before = tree(out)
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -155,7 +152,7 @@ def test_failure_while_zipping_changes_nothing(generated, tmp_path, monkeypatch)
     monkeypatch.setattr(ex, "write_zip", full)
     with pytest.raises(OSError, match="finishing the export"):
         ex.export_records(items, tmp_path / "exp", ["imagefolder", "zip"], show_progress=False)
-    assert _tree(out) == before
+    assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp.zip", "gen"]
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffmix_core.bundle import load_bundle, save_bundle
 from diffmix_core.cli import main
@@ -21,7 +20,7 @@ from diffmix_core.data import read_dataset, read_split_file
 from diffmix_core.finetune import StepBatches, TrainImages, add_class_tokens, finetune, latest_checkpoint
 from diffmix_core.translate import Job, Source, translate
 
-from test_data import make_imagefolder, shape_image
+from helpers import bundle_weights, make_imagefolder, shape_image
 
 FAST = ["--resolution", "32", "--rank", "2", "--lora-alpha", "2", "--num-workers", "0", "--quiet"]
 FAST_CONFIG = dict(resolution=32, rank=2, lora_alpha=2.0, num_workers=0, superclass="bird")
@@ -138,13 +137,6 @@ def test_text_encoder_frozen_but_class_rows(dataset_dir, tiny_model_dir):
     assert all(not p.requires_grad for n, p in pipe.text_encoder.named_parameters() if "token_embedding" not in n)
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = dict(load_file(folder / "pytorch_lora_weights.safetensors"))
-    for f in sorted((folder / "embeddings").iterdir()):
-        out.update(load_file(f))
-    return out
-
-
 def test_resume_equals_uninterrupted(dataset_dir, tiny_model_dir, tmp_path):
     config = FinetuneConfig(**FAST_CONFIG, max_steps=4, checkpoint_every=2, sample_steps=0, lr=1e-2, ti_lr=1e-1)
     whole = finetune(dataset_dir, tiny_model_dir, tmp_path / "whole", config, show_progress=False)
@@ -152,11 +144,11 @@ def test_resume_equals_uninterrupted(dataset_dir, tiny_model_dir, tmp_path):
     assert part.meta["steps"] == 2 and not (tmp_path / "part" / "adapter.json").exists()
     assert latest_checkpoint(tmp_path / "part").name == "step-000002"
     resumed = finetune(dataset_dir, tiny_model_dir, tmp_path / "part", config, show_progress=False, resume=True)
-    a, b = _weights(whole.path), _weights(resumed.path)
+    a, b = bundle_weights(whole.path), bundle_weights(resumed.path)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-    first = _weights(tmp_path / "part" / "checkpoints" / "step-000002" / "bundle")
+    first = bundle_weights(tmp_path / "part" / "checkpoints" / "step-000002" / "bundle")
     assert any(not torch.equal(first[k], b[k]) for k in a)        # steps 3-4 did train
     logs = [[json.loads(x)["loss"] for x in (p / "train_log.jsonl").read_text().splitlines()]
             for p in (whole.path, resumed.path)]

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from diffmix_core.cli import main
+from helpers import bare_python, run_app_and_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "assets" / "demo" / "bundle"
@@ -139,7 +140,6 @@ def test_space_with_a_hub_bundle_fetches_it_at_start_up(tmp_path, samples):
     """`diffmix space --bundle USER/NAME`: the Space ships no weights; its app.py pulls the bundle
     (here from a Hub cache, offline), checks it, lists it and sweeps it."""
     import yaml
-    from test_space import bare_python, run_app_and_sweep
 
     cache = tmp_path / "hub"
     snapshot = hub_cache(build(tmp_path, samples, "--dry-run"), cache) / "snapshots" / REV

@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pytest
 from scipy.io import savemat
-from test_classify import FAST   # the tiny classifier's options (test_resnet, no pretrained weights)
-from test_data import shape_image
 
 from diffmix_core.cli import main
 from diffmix_core.config import SplitConfig
 from diffmix_core.data import make_splits, read_dataset, resolve_splits, write_split_file
 from diffmix_core.layouts import clean_class_name
+from helpers import FAST_CLASSIFIER, shape_image
 
 
 def read(path, **kw):
@@ -320,7 +319,7 @@ def test_cli_split_and_train_on_cub(tmp_path, capsys, one_torch_thread):
     assert "layout: cub-200-2011, official train/test split kept" in out and "Black footed Albatross" in out
     split_file = root / "CUB_200_2011" / "diffmix_split.json"
     assert json.loads(split_file.read_text())["layout"] == "cub-200-2011"
-    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST]) == 0
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST_CLASSIFIER]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["counts"]["train"] == 6 and report["counts"]["val"] == 3 and report["counts"]["test"] == 6
     assert set(report["per_class"]) == {"Black footed Albatross", "Laysan Albatross", "Cardinal"}

@@ -24,23 +24,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from diffmix_core import weights
 from diffmix_core.apply import apply_bundle
 from diffmix_core.authors import import_diffmix
-from diffmix_core.bundle import load_bundle, save_bundle
+from diffmix_core.bundle import load_bundle
 from diffmix_core.cli import main
 from diffmix_core.data import read_dataset
 from diffmix_core.records import read_jsonl, sha256_file
 
-from test_adapters import CLASSES, TOKENS, WIDTH, _add_random_lora, _Payload, _vectors
-from test_data import make_imagefolder, shape_image
-from test_images import make_bad_cases, make_good_cases
-from test_ui import make_world
+from helpers import (CLASSES, WIDTH, Payload, bundle_weights, make_bad_cases, make_good_cases, make_imagefolder,
+                     make_world, shape_image, sweep, tiny_bundle, world_environment)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "diffmix_core"
-APP_ENV = ("DIFFMIX_BUNDLES", "DIFFMIX_OUTPUT", "DIFFMIX_SESSIONS", "DIFFMIX_CLIP_MODEL", "DIFFMIX_QUEUE_SIZE",
-           "DIFFMIX_MAX_JOBS", "DIFFMIX_MAX_CURATED", "DIFFMIX_MAX_UPLOAD_MB")
 FINETUNE_FAST = ["--superclass", "bird", "--lr", "1e-2", "--ti-lr", "1e-1", "--shots", "2", "--resolution", "32",
                  "--rank", "2", "--lora-alpha", "2", "--num-workers", "0", "--sample-steps", "0", "--quiet"]
 
@@ -81,19 +76,6 @@ def test_finetune_loader_reports_skips_and_strict_fails_on_every_bad_image(tiny_
 
 
 # =========================================================================== 2. hostile weight files
-def _bundle(tmp_path: Path, tiny_model_dir, name="bundle", lora=True) -> Path:
-    sd = None
-    if lora:
-        from diffmix_core.models import load_pipeline
-
-        pipe = load_pipeline(tiny_model_dir, device="cpu", dtype="fp32")
-        _add_random_lora(pipe.unet, r=2, alpha=2)
-        sd = weights.lora_state_dict_from_unet(pipe.unet)
-    save_bundle(tmp_path / name, classes=CLASSES, tokens=TOKENS, embeddings=_vectors(), lora_state_dict=sd,
-                base_model=str(tiny_model_dir), superclass="bird", resolution=32)
-    return tmp_path / name
-
-
 def _fix_hash(folder: Path, rel: str) -> None:
     """Make adapter.json agree with the (damaged) file, as an attacker or a bad copy tool would."""
     meta = json.loads((folder / "adapter.json").read_text())
@@ -128,7 +110,7 @@ WEIGHT_FAULTS = {   # name: (damage, expected message)
 def test_broken_weight_files_are_refused_clearly(tiny_model_dir, tmp_path, capsys):
     """Each fault keeps its sha256 consistent, so only the loader's own checks can catch it;
     the API raises ValueError/FileNotFoundError and `diffmix translate` exits 2 with the message."""
-    clean = _bundle(tmp_path, tiny_model_dir, "clean")
+    clean = tiny_bundle(tmp_path, tiny_model_dir, "clean")
     owl = tmp_path / "owl.png"
     shape_image(1).save(owl)
     for name, (damage, message) in WEIGHT_FAULTS.items():
@@ -150,7 +132,7 @@ def test_broken_weight_files_are_refused_clearly(tiny_model_dir, tmp_path, capsy
 
 
 def test_file_damaged_after_load_never_reaches_the_pipeline(tiny_pipe, tiny_model_dir, tmp_path):
-    b = _bundle(tmp_path, tiny_model_dir)
+    b = tiny_bundle(tmp_path, tiny_model_dir)
     bundle = load_bundle(b)
     vocab = len(tiny_pipe.tokenizer)
     _truncate(b, EMB)
@@ -187,7 +169,7 @@ def test_reference_loader_refuses_pickled_code(tmp_path):
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "weights.pth"
-    torch.save({"state_dict": {"fc.weight": _Payload(marker)}}, evil)
+    torch.save({"state_dict": {"fc.weight": Payload(marker)}}, evil)
     with pytest.raises(ValueError, match=r"weights_only=True\) refused it"):
         read_state_dict(evil)
     assert not marker.exists()
@@ -335,13 +317,6 @@ def _assert_nothing_corrupt(out: Path) -> None:
         load_bundle(out / "checkpoints" / name / "bundle")
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = dict(load_file(folder / LORA))
-    for f in sorted((folder / "embeddings").iterdir()):
-        out.update(load_file(f))
-    return out
-
-
 @pytest.mark.slow
 def test_finetune_sigkilled_twice_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
     ds = make_imagefolder(tmp_path / "ds", per_class=6)
@@ -370,7 +345,7 @@ def test_finetune_sigkilled_twice_resumes_to_the_uninterrupted_result(tiny_model
     assert kills[0] < kills[1] < "step-000030"
     assert main(["finetune", "--out", str(out), "--resume", *common]) == 0
     _assert_nothing_corrupt(out)
-    a, b = _weights(tmp_path / "whole"), _weights(out)
+    a, b = bundle_weights(tmp_path / "whole"), bundle_weights(out)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
@@ -382,18 +357,9 @@ def test_finetune_sigkilled_twice_resumes_to_the_uninterrupted_result(tiny_model
 @pytest.fixture(scope="module")
 def app_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel-app")
-    old = {k: os.environ.get(k) for k in APP_ENV}
-    for k in APP_ENV:
-        os.environ.pop(k, None)
-    os.environ.update({"DIFFMIX_BUNDLES": str(root / "bundles"), "DIFFMIX_OUTPUT": str(root / "out"),
-                       "DIFFMIX_SESSIONS": str(root / "sessions"), "DIFFMIX_CLIP_MODEL": "none"})
-    bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
-    yield {"root": root, "bundle": str(bundle_dir), "example": str(bundle_dir / "examples" / "owl" / "0.png")}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with world_environment(root):
+        bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
+        yield {"root": root, "bundle": str(bundle_dir), "example": str(bundle_dir / "examples" / "owl" / "0.png")}
 
 
 def _launch(queue_size: int | None = None):
@@ -419,11 +385,6 @@ def app(app_world):
 TABLE = 3   # /sweep's outputs: grid, grid download, sweep checkboxes, table, ...
 
 
-def _sweep(client, w, strengths="0.5", seeds="0", upload=None, example=None):
-    return client.predict(w["bundle"], upload, w["example"] if example is None else example, "owl", "duck",
-                          strengths, seeds, 2, 5.0, "diff-mix", api_name="/sweep")
-
-
 def test_app_upload_of_every_bad_image_is_refused_and_the_app_keeps_serving(app, app_world, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -434,12 +395,12 @@ def test_app_upload_of_every_bad_image_is_refused_and_the_app_keeps_serving(app,
         if not path.exists():
             continue   # an upload is always a file that exists
         with pytest.raises(Exception, match=re.escape(fragment)):
-            _sweep(client, app_world, upload=handle_file(str(path)), example="")
+            sweep(client, app_world, upload=handle_file(str(path)), example="")
         tried += 1
     assert tried == 5
     sources = list((app_world["root"] / "sessions").rglob("sources/*"))
     assert not any(p.name.startswith(("trunc", "empty", "text", "bomb")) for p in sources)   # nothing kept
-    table = _sweep(client, app_world, upload=handle_file(str(make_good_cases(tmp_path)["exif_rotated"][0])),
+    table = sweep(client, app_world, upload=handle_file(str(make_good_cases(tmp_path)["exif_rotated"][0])),
                    example="")[TABLE]
     made = list((app_world["root"] / "sessions").rglob(f"images/{table['data'][0][0]}.png"))
     with Image.open(made[0]) as im:
@@ -452,15 +413,15 @@ def test_app_limits_from_the_environment(app, app_world, tmp_path, monkeypatch):
     client = Client(app, verbose=False)
     monkeypatch.setenv("DIFFMIX_MAX_JOBS", "1")
     with pytest.raises(Exception, match=r"limit of 1 per .*DIFFMIX_MAX_JOBS"):
-        _sweep(client, app_world, strengths="0.5, 1.0")
+        sweep(client, app_world, strengths="0.5, 1.0")
     monkeypatch.setenv("DIFFMIX_MAX_UPLOAD_MB", "0")
     img = tmp_path / "up.png"
     shape_image(2, 32).save(img)
     with pytest.raises(Exception, match=r"limit is 0 MB .*DIFFMIX_MAX_UPLOAD_MB"):
-        _sweep(client, app_world, upload=handle_file(str(img)), example="")
+        sweep(client, app_world, upload=handle_file(str(img)), example="")
     monkeypatch.delenv("DIFFMIX_MAX_UPLOAD_MB")
-    ids = [r[0] for r in _sweep(client, app_world)[TABLE]["data"]]
-    ids += [r[0] for r in _sweep(client, app_world, seeds="1")[TABLE]["data"]]
+    ids = [r[0] for r in sweep(client, app_world)[TABLE]["data"]]
+    ids += [r[0] for r in sweep(client, app_world, seeds="1")[TABLE]["data"]]
     monkeypatch.setenv("DIFFMIX_MAX_CURATED", "1")
     with pytest.raises(Exception, match=r"limit is 1 .*DIFFMIX_MAX_CURATED"):
         client.predict(",".join(ids), "add", api_name="/select")
@@ -475,7 +436,7 @@ def test_eight_concurrent_sessions_sweep_select_export(app, app_world):
     def user(i: int) -> None:
         try:
             client = Client(app, verbose=False)
-            table = _sweep(client, app_world, strengths="0.5" if i % 2 else "0.5, 1.0", seeds=str(100 + i))[TABLE]
+            table = sweep(client, app_world, strengths="0.5" if i % 2 else "0.5, 1.0", seeds=str(100 + i))[TABLE]
             ids = [r[0] for r in table["data"]]
             client.predict(",".join(ids), "add", api_name="/select")
             msg, folder, zip_path = client.predict(api_name="/export")
@@ -521,7 +482,7 @@ def test_queue_bound_answers_overload_quickly(app_world, monkeypatch):
         def go(i: int, c) -> None:
             t0 = time.monotonic()
             try:
-                _sweep(c, app_world, seeds=str(200 + i))
+                sweep(c, app_world, seeds=str(200 + i))
                 res = "ok"
             except QueueError as err:
                 res = f"full: {err}"

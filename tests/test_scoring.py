@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffmix_core import cli
 from diffmix_core.config import ScoreConfig
@@ -16,15 +16,9 @@ from diffmix_core.records import read_jsonl
 from diffmix_core.reference import ReferenceClassifier, load_reference, save_reference
 from diffmix_core.scoring import (SCORE_KEYS, ClipScorer, class_prompt, load_clip, plot_sweep, recommend_strength, score_images,
                                   summarize, tiny_clip_dir, vendi_score)
+from helpers import smooth_image
 
 CLASSES = ("owl", "duck", "crow")
-
-
-def picture(seed: int, size=(32, 32)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    im = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-    ImageDraw.Draw(im).ellipse([4, 4, 20, 24], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    return im
 
 
 def random_reference(classes=CLASSES, seed: int = 0) -> ReferenceClassifier:
@@ -54,10 +48,10 @@ def test_vendi_identities():
 
 
 def test_identical_image_has_distance_zero_and_ssim_one(tmp_path, tiny_clip):
-    src = picture(1)
+    src = smooth_image(1, with_disc=True)
     src.save(tmp_path / "src.png")
     recs = [{"source_path": str(tmp_path / "src.png"), "source_class": "owl", "target_class": "duck"}] * 2
-    images = [src.copy(), picture(2)]
+    images = [src.copy(), smooth_image(2, with_disc=True)]
     for clip in (tiny_clip, ClipScorer("", reason="test")):   # CLIP embeddings, then the reference's features
         scores, emb = score_images(images, recs, reference=random_reference(), clip=clip, config=ScoreConfig())
         assert scores[0]["distance"] == pytest.approx(0.0, abs=1e-5)
@@ -71,7 +65,7 @@ def test_identical_image_has_distance_zero_and_ssim_one(tmp_path, tiny_clip):
 
 def test_reference_probabilities_match_the_model():
     ref = random_reference()
-    images = [picture(3), picture(4)]
+    images = [smooth_image(3, with_disc=True), smooth_image(4, with_disc=True)]
     recs = [{"source_path": None, "source_class": "crow", "target_class": "owl"}] * 2
     scores, _ = score_images(images, recs, reference=ref, clip=None)
     probs = ref.predict(images)[0]
@@ -150,7 +144,7 @@ def test_clip_unavailable_gives_reasons_not_numbers(tmp_path):
 
 
 def test_tiny_clip_embeddings(tiny_clip):
-    img = tiny_clip.encode_images([picture(1), picture(2)])
+    img = tiny_clip.encode_images([smooth_image(1, with_disc=True), smooth_image(2, with_disc=True)])
     txt = tiny_clip.encode_texts(["a photo of a owl", "a photo of a duck"])
     assert img.shape == (2, 16) and txt.shape == (2, 16)
     assert torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -168,7 +162,7 @@ def test_clip_checkpoint_file(tmp_path):
     clip = load_clip("diffmix-tiny-clip", str(folder / "open_clip_model.safetensors"), device="cpu")
     assert clip.available, clip.reason
     ref = load_clip(f"local-dir:{folder}", device="cpu")
-    x = [picture(5)]
+    x = [smooth_image(5, with_disc=True)]
     assert torch.allclose(clip.encode_images(x), ref.encode_images(x), atol=1e-6)
 
 
@@ -177,7 +171,7 @@ def test_clip_checkpoint_file(tmp_path):
 def translated(tiny_model_dir, tmp_path_factory):
     """A real-mix sweep from `diffmix translate`: 1 source x 2 targets x 2 strengths x 2 seeds."""
     root = tmp_path_factory.mktemp("sweep")
-    picture(7).save(root / "bird.png")
+    smooth_image(7, with_disc=True).save(root / "bird.png")
     out = root / "out"
     assert cli.main(["translate", "--base", str(tiny_model_dir), "--strategy", "real-mix", "--image",
                      str(root / "bird.png"), "--source-class", "owl", "--target", "duck", "crow", "--strength",

@@ -23,6 +23,8 @@ from PIL import Image
 from diffmix_core.cli import main
 from diffmix_core.labels import soft_label
 from diffmix_core.records import save_png, write_jsonl_atomic
+from helpers import (WIDTH, Payload, make_imagefolder, make_world, png_header_only, sweep, tiny_bundle, tree,
+                     world_environment)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["owl", "duck", "crow"]
@@ -48,10 +50,6 @@ def cli(*args: str, cwd: Path | None = None, umask: int | None = None) -> subpro
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "diffmix_core", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def refused(capsys, *args: str) -> str:
@@ -249,13 +247,6 @@ def test_translate_two_sources_with_one_file_name_never_collide(tiny_model_dir, 
 
 
 # =========================================================================== 5. bounded before any work
-def _png_header(path: Path, width: int, height: int) -> Path:
-    from test_images import _png_header_only
-
-    _png_header_only(path, width, height)
-    return path
-
-
 def test_cli_requests_are_bounded_before_any_work(tiny_model_dir, tmp_path, capsys):
     import time
 
@@ -272,8 +263,8 @@ def test_cli_requests_are_bounded_before_any_work(tiny_model_dir, tmp_path, caps
     assert "= 8 images exceeds the limit of 4" in err and "--max-jobs" in err
     assert time.perf_counter() - t0 < 5 and not (tmp_path / "out").exists()   # refused before loading anything
     # image shapes, from the header: a side, an aspect ratio
-    for path, why in ((_png_header(tmp_path / "wide.png", 20_000, 10), "side over the limit of 16,384"),
-                      (_png_header(tmp_path / "thin.png", 3_000, 2), "longer than 500 times")):
+    for path, why in ((png_header_only(tmp_path / "wide.png", 20_000, 10), "side over the limit of 16,384"),
+                      (png_header_only(tmp_path / "thin.png", 3_000, 2), "longer than 500 times")):
         err = refused(capsys, *base, "--image", str(path), "--target", "duck")
         assert why in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -281,8 +272,6 @@ def test_cli_requests_are_bounded_before_any_work(tiny_model_dir, tmp_path, caps
 
 def test_bulk_plan_bounded_before_it_is_drawn(tiny_model_dir, tmp_path, capsys):
     import time
-
-    from test_data import make_imagefolder
 
     data = make_imagefolder(tmp_path / "ds", per_class=3)
     t0 = time.perf_counter()
@@ -324,9 +313,7 @@ def test_hostile_bundle_fields_are_refused(tiny_model_dir, tmp_path, capsys):
     import shutil
 
     from diffmix_core.bundle import load_bundle, make_prompt
-    from test_reliability import _bundle
-
-    good = _bundle(tmp_path, tiny_model_dir, lora=False)
+    good = tiny_bundle(tmp_path, tiny_model_dir, lora=False)
     cases = {f"template {t[:30]!r}": dict(template=t) for t in TEMPLATES}
     cases.update({
         "resolution 10**6": dict(resolution=1_000_000), "resolution 0": dict(resolution=0),
@@ -359,9 +346,7 @@ def test_bundle_paths_stay_inside_after_resolving_symlinks(tiny_model_dir, tmp_p
     import shutil
 
     from diffmix_core.bundle import load_bundle
-    from test_reliability import _bundle
-
-    good = _bundle(tmp_path, tiny_model_dir, lora=False)
+    good = tiny_bundle(tmp_path, tiny_model_dir, lora=False)
     outside = tmp_path / "outside"
     outside.mkdir()
     # an examples folder that is a symlink to somewhere else
@@ -418,8 +403,6 @@ def test_nan_inf_and_out_of_range_numbers_are_refused_by_the_cli(tiny_model_dir,
     for args, why in cases.items():
         err = refused(capsys, *base, *args)
         assert why in err and "Traceback" not in err, (args, err)
-    from test_data import make_imagefolder
-
     data = make_imagefolder(tmp_path / "ds", per_class=3)
     for args, why in ((("--seed", "-5"), "seed must be an integer from 0"),
                       (("--multiplier", "nan"), "multiplier must be a finite number"),
@@ -459,16 +442,6 @@ def test_every_config_refuses_nan_and_bad_seeds():
     assert classes >= 11 and checked > 60
 
 
-class _Payload:
-    """Unpickling this creates a file: code a weight file must never run."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_pickled_weights_in_a_base_folder_are_refused_in_one_line(tiny_model_dir, tmp_path):
     import shutil
 
@@ -479,7 +452,7 @@ def test_pickled_weights_in_a_base_folder_are_refused_in_one_line(tiny_model_dir
     marker = tmp_path / "pwned"
     for f in (base / "unet").glob("*.safetensors"):
         f.unlink()
-    torch.save({"weight": _Payload(marker)}, base / "unet" / "diffusion_pytorch_model.bin")
+    torch.save({"weight": Payload(marker)}, base / "unet" / "diffusion_pytorch_model.bin")
     img = tmp_path / "x.png"
     Image.new("RGB", (16, 16)).save(img)
     proc = cli("translate", "--base", str(base), "--strategy", "real-mix", "--source-class", "owl", "--target",
@@ -490,8 +463,6 @@ def test_pickled_weights_in_a_base_folder_are_refused_in_one_line(tiny_model_dir
 
 
 # =========================================================================== the app, over HTTP
-APP_ENV = ("DIFFMIX_BUNDLES", "DIFFMIX_OUTPUT", "DIFFMIX_SESSIONS", "DIFFMIX_CLIP_MODEL", "DIFFMIX_MAX_UPLOAD_MB",
-           "DIFFMIX_ALLOW_PROFILE_SAVE", "DIFFMIX_SESSIONS_MAX_MB", "DIFFMIX_EXPORTS_MAX_MB", "GRADIO_TEMP_DIR")
 HOSTILE_CLASSES = ["<img src=x onerror=alert(1)>", "=HYPERLINK(\"http://evil\")", "*bold* [link](http://x)"]
 
 
@@ -500,7 +471,6 @@ def _hostile_bundle(root: Path, tiny_model_dir: Path) -> Path:
     import torch
 
     from diffmix_core.bundle import save_bundle
-    from test_adapters import WIDTH
 
     folder = root / "bundles" / "hostile"
     tokens = [f"<h{i}>" for i in range(len(HOSTILE_CLASSES))]
@@ -517,15 +487,13 @@ def _hostile_bundle(root: Path, tiny_model_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
-    from test_ui import make_world
-
     root = tmp_path_factory.mktemp("sec-app")
-    old = {k: os.environ.get(k) for k in APP_ENV}
-    for k in APP_ENV:
-        os.environ.pop(k, None)
-    os.environ.update({"DIFFMIX_BUNDLES": str(root / "bundles"), "DIFFMIX_OUTPUT": str(root / "out"),
-                       "DIFFMIX_SESSIONS": str(root / "sessions"), "DIFFMIX_CLIP_MODEL": "none",
-                       "DIFFMIX_MAX_UPLOAD_MB": "1", "GRADIO_TEMP_DIR": str(root / "gradio-tmp")})
+    with world_environment(root, DIFFMIX_MAX_UPLOAD_MB="1", GRADIO_TEMP_DIR=str(root / "gradio-tmp")):
+        yield from _serve_world(root, tmp_path_factory, tiny_model_dir)
+
+
+def _serve_world(root: Path, tmp_path_factory, tiny_model_dir):
+    """The world fixture's body, inside its environment: the bundles, the app launched, torn down after."""
     bundle = make_world(root, tmp_path_factory.getbasetemp())
     hostile = _hostile_bundle(root, tiny_model_dir)
     broken = root / "bundles" / "broken"
@@ -556,17 +524,6 @@ def world(tmp_path_factory, tiny_model_dir):
            "example": str(bundle / "examples" / "owl" / "0.png"), "tokens": tokens}
     demo.close()
     S.new_token = real_new_token
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _sweep(client, w, upload=None, example=None, strengths="0.5", seeds="0", source="owl", target="duck",
-           bundle=None):
-    return client.predict(bundle or w["bundle"], upload, w["example"] if example is None else example, source,
-                          target, strengths, seeds, 2, 5.0, "diff-mix", api_name="/sweep")
 
 
 def _fn_index(demo, name: str) -> int:
@@ -602,7 +559,7 @@ def test_session_token_never_leaks_and_what_leaks_opens_nothing(world, tmp_path)
     victim = Client(world["url"], verbose=False)
     up = tmp_path / "mine.png"
     Image.new("RGB", (32, 32), (1, 200, 3)).save(up)
-    out = _sweep(victim, world, upload=handle_file(str(up)), example="", strengths="0.5, 1.0")
+    out = sweep(victim, world, upload=handle_file(str(up)), example="", strengths="0.5, 1.0")
     ids = [r[0] for r in out[3]["data"]]
     victim.predict(",".join(ids), "add", api_name="/select")
     msg, folder, zip_path = victim.predict(api_name="/export")
@@ -641,7 +598,7 @@ def test_idle_sessions_expire_and_sessions_and_exports_are_bounded(world, monkey
     from gradio_client import Client
 
     client = Client(world["url"], verbose=False)
-    ids = [r[0] for r in _sweep(client, world, seeds="5")[3]["data"]]
+    ids = [r[0] for r in sweep(client, world, seeds="5")[3]["data"]]
     client.predict(",".join(ids), "add", api_name="/select")
     mine = [p for p in (world["root"] / "sessions").iterdir() if (p / "records.jsonl").is_file()
             and ids[0] in (p / "records.jsonl").read_text()]
@@ -661,7 +618,7 @@ def test_idle_sessions_expire_and_sessions_and_exports_are_bounded(world, monkey
         stale.append(d)
     monkeypatch.setenv("DIFFMIX_SESSIONS_MAX_MB", "1")
     S._PRUNED.clear()
-    _sweep(Client(world["url"], verbose=False), world, seeds="6")
+    sweep(Client(world["url"], verbose=False), world, seeds="6")
     assert not stale[0].exists() and not stale[1].exists()   # the least recently used went first
     assert sum(p.stat().st_size for p in (world["root"] / "sessions").rglob("*") if p.is_file()) <= 2**20
 
@@ -678,7 +635,7 @@ def test_app_requests_are_bounded_before_any_work(world, tmp_path):
                                   ("0.3, 0.5, 0.7, 0.9", "n=20", "= 80 images exceeds the limit of 64")):
         t0 = time.perf_counter()
         with pytest.raises(Exception, match=why):
-            _sweep(client, world, strengths=strengths, seeds=seeds)
+            sweep(client, world, strengths=strengths, seeds=seeds)
         assert time.perf_counter() - t0 < 30   # a list of 10**8 would take minutes (and memory)
     # an upload over DIFFMIX_MAX_UPLOAD_MB (1 MB here) is refused by the HTTP layer and leaves nothing
     tmp = world["root"] / "gradio-tmp"
@@ -694,7 +651,7 @@ def test_app_requests_are_bounded_before_any_work(world, tmp_path):
     fake = tmp_path / "not-an-image.jpg"
     fake.write_text("ssh-rsa AAAA")
     with pytest.raises(Exception, match="not an image"):
-        _sweep(client, world, upload=handle_file(str(fake)), example="")
+        sweep(client, world, upload=handle_file(str(fake)), example="")
     assert not list(tmp.rglob("not-an-image*")) and not list((world["root"] / "sessions").rglob("not-an-image*"))
 
 
@@ -708,10 +665,10 @@ def test_untrusted_text_is_escaped_and_broken_bundles_are_listed(world):
         assert name not in info
     assert "<img" not in info and "&lt;img" in info and "\\*bold\\*" in info
     with pytest.raises(Exception) as err:
-        _sweep(client, world, source="<script>alert(1)</script>")
+        sweep(client, world, source="<script>alert(1)</script>")
     assert "<script>" not in str(err.value) and "&lt;script&gt;" in str(err.value)
     # the CSV of a sweep over those classes: no cell starts a formula
-    out = _sweep(client, world, bundle=world["hostile"], source=HOSTILE_CLASSES[0], target=HOSTILE_CLASSES[1],
+    out = sweep(client, world, bundle=world["hostile"], source=HOSTILE_CLASSES[0], target=HOSTILE_CLASSES[1],
                  example=str(Path(world["hostile"]) / "examples" / HOSTILE_CLASSES[0] / "0.png"))
     import csv as _csv
 

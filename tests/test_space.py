@@ -4,17 +4,14 @@ simulated here, and the app is driven over HTTP with gradio_client, offline."""
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import sysconfig
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import bare_python, clean_env, run_app_and_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,73 +28,6 @@ def tracked_copy(dst: Path) -> Path:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     return dst
-
-
-def bare_python(tmp: Path) -> Path:
-    """A Python that has every dependency but NOT the diffmix package: a fresh venv whose one
-    .pth names this interpreter's site-packages (so their own .pth files, e.g. an editable
-    install's finder, are not run). Proven below: `import diffmix_core` fails from elsewhere."""
-    venv = tmp / "bare-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    Path(site, "deps.pth").write_text("".join(f"{p}\n" for p in deps))
-    elsewhere = tmp / "elsewhere"
-    elsewhere.mkdir(exist_ok=True)
-    probe = subprocess.run([python, "-c", "import diffmix_core"], cwd=elsewhere, env=clean_env(),
-                           capture_output=True, text=True)
-    if probe.returncode == 0:
-        pytest.skip("the diffmix package is installed non-editable here, so a Python without it cannot be made")
-    assert "No module named 'diffmix_core'" in probe.stderr, probe.stderr
-    return python
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DIFFMIX_BUNDLES", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", DIFFMIX_CLIP_MODEL="none",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_app_and_sweep(folder: Path, python: Path, tmp: Path, bundle: Path, **env: str) -> dict:
-    """`python app.py` in ``folder`` (offline); checks the app lists ``bundle``, then sweeps it
-    (owl -> duck, 2 strengths, 4 steps) over gradio_client. Returns the sweep's outputs."""
-    from gradio_client import Client
-
-    from diffmix_core.ui import wait_until_served
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    log = tmp / "app.log"
-    proc = subprocess.Popen([str(python), "app.py"], cwd=folder, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=clean_env(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
-                                          DIFFMIX_OUTPUT=str(tmp / "outputs"),
-                                          DIFFMIX_SESSIONS=str(tmp / "sessions"), **env))
-    try:
-        wait_until_served(url, proc, timeout=240, log=log)
-        with urllib.request.urlopen(url + "config", timeout=30) as r:
-            page = r.read().decode()
-        assert json.dumps(str(bundle))[1:-1] in page, f"the app does not list {bundle}"
-        client = Client(url, verbose=False)
-        example = sorted((bundle / "examples" / "owl").glob("*.png"))[0]
-        out = client.predict(str(bundle), None, str(example), "owl", "duck", "0.5, 0.9", "0", 4, 2.5, "diff-mix",
-                             api_name="/sweep")
-        # /sweep's outputs: grid picture, grid download, sweep checkboxes, table, plot, csv, status, ...
-        return {"grid": out[0], "status": out[6], "table": out[3], "strengths": [row[4] for row in out[3]["data"]]}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # --------------------------------------------------------------------------- the Space build

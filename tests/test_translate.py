@@ -5,19 +5,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-from PIL import Image
 
 from diffmix_core.config import TranslateConfig
 from diffmix_core.labels import effective_strength, soft_label
 from diffmix_core.models import set_scheduler
 from diffmix_core.translate import Job, Source, check_strength, translate
-
-
-def photo(seed: int, size=(32, 32)) -> Image.Image:
-    """A smooth random colour image (not flat, not pure noise)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.BICUBIC)
+from helpers import smooth_image
 
 
 def reference(pipe, image, prompt, strength, seed, steps, guidance):
@@ -31,7 +24,7 @@ def reference(pipe, image, prompt, strength, seed, steps, guidance):
 @pytest.mark.parametrize("scheduler", ["dpm++", "ddim"])
 def test_engine_matches_diffusers_img2img(tiny_pipe, scheduler):
     set_scheduler(tiny_pipe, scheduler)
-    sources = [Source(photo(1), "owl", "a"), Source(photo(2), "duck", "b")]
+    sources = [Source(smooth_image(1), "owl", "a"), Source(smooth_image(2), "duck", "b")]
     jobs = [Job(sources[0], "duck", 0.3, 11), Job(sources[0], "crow", 0.7, 12),
             Job(sources[1], "owl", 0.5, 13), Job(sources[1], "duck", 1.0, 14), Job(sources[0], "duck", 0.9, 15)]
     config = TranslateConfig(strategy="real-mix", num_inference_steps=10, guidance_scale=5.0, batch_size=3)
@@ -57,7 +50,7 @@ def test_text_to_image_matches_diffusers(tiny_pipe):
 
 
 def test_deterministic_bytes_and_size_restored(tiny_pipe):
-    src = Source(photo(5, size=(50, 37)), "owl", "odd")
+    src = Source(smooth_image(5, size=(50, 37)), "owl", "odd")
     jobs = [Job(src, "duck", 0.5, 7), Job(src, "duck", 0.5, 8)]
     config = TranslateConfig(strategy="real-mix", num_inference_steps=4)
     a = translate(tiny_pipe, jobs, config, show_progress=False)
@@ -69,7 +62,7 @@ def test_deterministic_bytes_and_size_restored(tiny_pipe):
 
 
 def test_keep_aspect_resize(tiny_pipe):
-    src = Source(photo(6, size=(64, 32)), "owl", "wide")
+    src = Source(smooth_image(6, size=(64, 32)), "owl", "wide")
     config = TranslateConfig(strategy="real-mix", num_inference_steps=4, resize="keep-aspect")
     res = translate(tiny_pipe, [Job(src, "duck", 0.5, 1)], config, show_progress=False)[0]
     assert res.image.size == (64, 32)
@@ -77,7 +70,7 @@ def test_keep_aspect_resize(tiny_pipe):
 
 
 def test_strength_edge_cases(tiny_pipe):
-    src = Source(photo(7), "owl", "x")
+    src = Source(smooth_image(7), "owl", "x")
     config = TranslateConfig(strategy="real-mix", num_inference_steps=25)
     res = translate(tiny_pipe, [Job(src, "duck", 0.0, 1)], config, show_progress=False)[0]
     assert res.image.tobytes() == src.image.convert("RGB").tobytes()
@@ -91,7 +84,7 @@ def test_strength_edge_cases(tiny_pipe):
 
 
 def test_intra_class_and_bundle_requirements(tiny_pipe):
-    src = Source(photo(8), "owl", "x")
+    src = Source(smooth_image(8), "owl", "x")
     with pytest.raises(ValueError, match="intra-class"):
         translate(tiny_pipe, [Job(src, "duck", 0.5, 1)], TranslateConfig(strategy="real-aug"), show_progress=False)
     with pytest.raises(ValueError, match="needs an adapter bundle"):
@@ -99,7 +92,7 @@ def test_intra_class_and_bundle_requirements(tiny_pipe):
 
 
 def test_soft_label_uses_strength_that_ran(tiny_pipe):
-    src = Source(photo(9), "owl", "x")
+    src = Source(smooth_image(9), "owl", "x")
     config = TranslateConfig(strategy="real-mix", num_inference_steps=25, label_gamma=0.5, label_scale=0.9)
     rec = translate(tiny_pipe, [Job(src, "duck", 0.7, 1)], config, show_progress=False)[0].record
     s = effective_strength(25, 0.7)
@@ -124,7 +117,7 @@ def _fits_only(module, method: str, max_rows: int, seen: list[int]) -> None:
 def test_out_of_memory_batches_are_split_with_identical_images(tiny_pipe, tiny_model_dir):
     from diffmix_core.models import load_pipeline
 
-    sources = [Source(photo(20), "owl", "a"), Source(photo(21), "duck", "b")]
+    sources = [Source(smooth_image(20), "owl", "a"), Source(smooth_image(21), "duck", "b")]
     jobs = [Job(src, "crow", s, seed) for src in sources for s in (0.3, 0.5, 0.7, 0.9) for seed in (1, 2)]
     config = TranslateConfig(strategy="real-mix", num_inference_steps=8, guidance_scale=7.5, batch_size=16)
     unsplit = translate(tiny_pipe, jobs, config, superclass="bird", show_progress=False)
@@ -168,7 +161,7 @@ def test_sampling_resolution_is_the_base_pipelines_unless_given(tiny_pipe):
     native = tiny_pipe.unet.config.sample_size * tiny_pipe.vae_scale_factor
     assert native == 32 and model_resolution(tiny_pipe, TranslateConfig(), bundle) == 32
     assert model_resolution(tiny_pipe, TranslateConfig(resolution=48), bundle) == 48
-    (res,) = translate(tiny_pipe, [Job(Source(photo(1, (40, 24)), "a", "x"), "b", 0.5, 3)],
+    (res,) = translate(tiny_pipe, [Job(Source(smooth_image(1, (40, 24)), "a", "x"), "b", 0.5, 3)],
                        TranslateConfig(strategy="real-mix", num_inference_steps=4), show_progress=False)
     assert res.record["resolution"] == 32 and res.image.size == (40, 24)
 

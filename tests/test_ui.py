@@ -3,54 +3,26 @@ through gradio_client as a remote user drives it."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ENV = ("DIFFMIX_BUNDLES", "DIFFMIX_OUTPUT", "DIFFMIX_SESSIONS", "DIFFMIX_CLIP_MODEL", "DIFFMIX_MAX_JOBS",
-       "DIFFMIX_MAX_CURATED", "DIFFMIX_MAX_UPLOAD_MB", "DIFFMIX_ALLOW_PROFILE_SAVE")
-
-
-def make_world(root: Path, cache: Path) -> Path:
-    """A bundles root holding a copy of the placeholder bundle with a tiny reference classifier
-    attached (timm test_resnet, random weights: it exercises the P(target) captions)."""
-    import timm
-
-    from diffmix_core.demo import placeholder_bundle
-    from diffmix_core.reference import attach_reference
-    from diffmix_core.reference import ReferenceClassifier, save_reference
-
-    shared = placeholder_bundle(cache / "ui-placeholder")   # built once per test session
-    bundle_dir = root / "bundles" / "birds"
-    shutil.copytree(shared.path, bundle_dir)
-    model = timm.create_model("test_resnet", num_classes=len(shared.classes))
-    clf = ReferenceClassifier(model.eval(), "test_resnet", shared.classes, 32, (0.5,) * 3, (0.5,) * 3)
-    ref = save_reference(clf, root / "ref", {"model_name": "test_resnet", "classes": list(shared.classes),
-                                             "val_accuracy": 0.5, "preprocessing": {"input_size": 32}})
-    attach_reference(bundle_dir, ref)
-    return bundle_dir
+from helpers import make_world, sweep, world_environment
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    old = {k: os.environ.get(k) for k in ENV}
-    os.environ.update({"DIFFMIX_BUNDLES": str(root / "bundles"), "DIFFMIX_OUTPUT": str(root / "out"),
-                       "DIFFMIX_SESSIONS": str(root / "sessions"), "DIFFMIX_CLIP_MODEL": "none"})
-    bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
-    yield {"root": root, "bundle": str(bundle_dir),
-           "example": str(bundle_dir / "examples" / "owl" / "0.png")}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with world_environment(root):
+        bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
+        yield {"root": root, "bundle": str(bundle_dir),
+               "example": str(bundle_dir / "examples" / "owl" / "0.png")}
 
 
 # --------------------------------------------------------------------------- plain handlers
@@ -269,9 +241,7 @@ def app_url(world):
     demo.close()
 
 
-def _sweep(client, world, seeds="0, 1", upload=None, example=None, strengths="0.5, 1.0"):
-    return client.predict(world["bundle"], upload, world["example"] if example is None else example, "owl", "duck",
-                          strengths, seeds, 2, 5.0, "diff-mix", api_name="/sweep")
+_sweep = partial(sweep, seeds="0, 1", strengths="0.5, 1.0")   # this file's sweep: 2 seeds x 2 strengths
 
 
 def test_client_sweep_select_export_reload(app_url, world, tmp_path):
