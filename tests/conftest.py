@@ -49,3 +49,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def app_url(world):
+    """The app launched on the requesting module's ``world`` fixture (its environment already set),
+    closed after the module."""
+    from diffmix_core.ui import build_demo
+
+    demo = build_demo()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield demo.local_url
+    demo.close()

@@ -135,6 +135,24 @@ def make_bad_cases(folder):
     }
 
 
+def make_generated(folder: Path, names=("owl", "duck", "crow"), n: int = 4) -> Path:
+    """A folder as `diffmix translate` leaves it: PNGs with their records + records.jsonl."""
+    from diffmix_core.labels import soft_label
+    from diffmix_core.records import save_png, write_jsonl_atomic
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        src, tgt = names[i % len(names)], names[(i + 1) % len(names)]
+        rec = {"id": f"r{i}", "file_name": f"img-{i}.png", "plan_idx": i, "source_id": f"s{i}",
+               "source_class": src, "target_class": tgt, "strength": 0.5, "strength_run": 0.5, "seed": i,
+               "soft_label": soft_label(src, tgt, 0.5), "strategy": "diff-mix"}
+        save_png(Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)), folder / rec["file_name"], rec)
+        rows.append(rec)
+    write_jsonl_atomic(folder / "records.jsonl", rows)
+    return folder
+
+
 # =========================================================================== folders
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder``: relative path -> bytes (to prove a folder was left as it was)."""
@@ -233,7 +251,8 @@ class Payload:
 # Every variable the app reads that a test sets: app_environment clears them all, then restores them.
 APP_ENV = ("DIFFMIX_BUNDLES", "DIFFMIX_OUTPUT", "DIFFMIX_SESSIONS", "DIFFMIX_CLIP_MODEL", "DIFFMIX_MAX_JOBS",
            "DIFFMIX_MAX_CURATED", "DIFFMIX_MAX_UPLOAD_MB", "DIFFMIX_ALLOW_PROFILE_SAVE", "DIFFMIX_QUEUE_SIZE",
-           "DIFFMIX_SESSIONS_MAX_MB", "DIFFMIX_EXPORTS_MAX_MB", "GRADIO_TEMP_DIR")
+           "DIFFMIX_SESSIONS_MAX_MB", "DIFFMIX_EXPORTS_MAX_MB", "GRADIO_TEMP_DIR", "DIFFMIX_DATA",
+           "DIFFMIX_MAX_CALIBRATION_JOBS")
 
 
 @contextmanager

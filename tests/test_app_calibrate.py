@@ -4,17 +4,15 @@ user drives it, saved as the dataset's profile, then named in the bundle panel."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_ui import ENV, app_url, make_world  # noqa: F401 (app_url: test_ui's launched app, on this file's world)
+from helpers import make_world, world_environment   # the app_url fixture (conftest) serves this file's world
 
 STRENGTHS = "0.5, 1.0"
-CAL_ENV = ("DIFFMIX_DATA", "DIFFMIX_MAX_CALIBRATION_JOBS")
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +20,14 @@ def world(tmp_path_factory):
     """The placeholder bundle with a reference classifier (test_ui's world) and a small ImageFolder
     dataset the app is started with (DIFFMIX_DATA)."""
     root = tmp_path_factory.mktemp("calui")
-    old = {k: os.environ.get(k) for k in ENV + CAL_ENV}
     bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
     rng = np.random.default_rng(0)
     for cls in ("crow", "duck"):   # an ImageFolder of 2 classes x 5 images: enough for a train split
         (root / "data" / cls).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "data" / cls / f"{i}.png")
-    os.environ.update({"DIFFMIX_BUNDLES": str(root / "bundles"), "DIFFMIX_OUTPUT": str(root / "out"),
-                       "DIFFMIX_SESSIONS": str(root / "sessions"), "DIFFMIX_CLIP_MODEL": "none",
-                       "DIFFMIX_DATA": str(root / "data")})
-    for k in ("DIFFMIX_MAX_CALIBRATION_JOBS", "DIFFMIX_ALLOW_PROFILE_SAVE"):
-        os.environ.pop(k, None)
-    yield {"root": root, "bundle": str(bundle_dir)}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with world_environment(root, DIFFMIX_DATA=str(root / "data")):
+        yield {"root": root, "bundle": str(bundle_dir)}
 
 
 # --------------------------------------------------------------------------- before the model lane

@@ -223,7 +223,7 @@ def wide_data_dir(tmp_path_factory) -> Path:
         folder = root / name.replace(" ", "_")
         folder.mkdir()
         for i in range(30):
-            draw(colour, 100 * k + i).save(folder / f"{i}.png")
+            disc(colour, 100 * k + i, spread=10).save(folder / f"{i}.png")
     return root
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from diffmix_core.cli import main
-from helpers import bare_python, run_app_and_sweep
+from helpers import bare_python, make_generated, run_app_and_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "assets" / "demo" / "bundle"
@@ -260,7 +260,6 @@ def test_score_never_downloads_the_bundle_its_records_name(tmp_path, samples):
     import http.server
     import threading
 
-    from test_security import make_generated
     from diffmix_core.records import write_jsonl_atomic
 
     requests = []

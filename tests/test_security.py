@@ -16,33 +16,17 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from diffmix_core.cli import main
 from diffmix_core.labels import soft_label
-from diffmix_core.records import save_png, write_jsonl_atomic
-from helpers import (WIDTH, Payload, make_imagefolder, make_world, png_header_only, sweep, tiny_bundle, tree,
-                     world_environment)
+from diffmix_core.records import write_jsonl_atomic
+from helpers import (WIDTH, Payload, make_generated, make_imagefolder, make_world, png_header_only, sweep, tiny_bundle,
+                     tree, world_environment)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["owl", "duck", "crow"]
-
-
-def make_generated(folder: Path, names=CLASSES, n: int = 4) -> Path:
-    """A folder as `diffmix translate` leaves it: PNGs with their records + records.jsonl."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        src, tgt = names[i % len(names)], names[(i + 1) % len(names)]
-        rec = {"id": f"r{i}", "file_name": f"img-{i}.png", "plan_idx": i, "source_id": f"s{i}",
-               "source_class": src, "target_class": tgt, "strength": 0.5, "strength_run": 0.5, "seed": i,
-               "soft_label": soft_label(src, tgt, 0.5), "strategy": "diff-mix"}
-        save_png(Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)), folder / rec["file_name"], rec)
-        rows.append(rec)
-    write_jsonl_atomic(folder / "records.jsonl", rows)
-    return folder
 
 
 def cli(*args: str, cwd: Path | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
@@ -787,10 +771,9 @@ def test_bundle_examples_are_regular_files_inside_the_bundle(tiny_model_dir, tmp
     import shutil
 
     from diffmix_core.bundle import bundle_examples, load_bundle
-    from test_reliability import _bundle
 
     secret = _png(tmp_path / "outside" / "secret.png", (1, 2, 3))
-    good = _bundle(tmp_path, tiny_model_dir, lora=False)
+    good = tiny_bundle(tmp_path, tiny_model_dir, lora=False)
     classes = load_bundle(good).classes
     # ImageFolder examples with a symlinked file and a symlinked class folder
     b = tmp_path / "linked"
@@ -882,7 +865,6 @@ def test_no_writer_replaces_or_writes_into_what_it_reads(tiny_model_dir, tmp_pat
     import shutil
 
     from diffmix_core.bundle import load_bundle
-    from test_reliability import _bundle
 
     syn = make_generated(tmp_path / "syn", n=6)   # laid out as synthesize does: images/ + records.jsonl
     (syn / "images").mkdir()
@@ -896,7 +878,7 @@ def test_no_writer_replaces_or_writes_into_what_it_reads(tiny_model_dir, tmp_pat
         err = refused(capsys, "export", "--from", str(syn), "--out", str(out), "--overwrite", "--quiet")
         assert "contains" in err and "Traceback" not in err, err
     assert tree(syn) == before
-    bundle = _bundle(tmp_path, tiny_model_dir, lora=False)
+    bundle = tiny_bundle(tmp_path, tiny_model_dir, lora=False)
     bundle_before = tree(bundle)
     classes = list(load_bundle(bundle).classes)
     _rewrite_classes(syn, classes)

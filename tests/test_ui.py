@@ -231,16 +231,6 @@ def test_cli_app_launches_the_same_blocks(monkeypatch):
 
 
 # --------------------------------------------------------------------------- the running app
-@pytest.fixture(scope="module")
-def app_url(world):
-    from diffmix_core.ui import build_demo
-
-    demo = build_demo()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    yield demo.local_url
-    demo.close()
-
-
 _sweep = partial(sweep, seeds="0, 1", strengths="0.5, 1.0")   # this file's sweep: 2 seeds x 2 strengths
 
 
