@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from helpers import make_world, world_environment
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -49,6 +51,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The app's test world under its own environment (helpers.make_world: the placeholder bundle with
+    a tiny reference classifier); a module that needs another world defines its own ``world``."""
+    root = tmp_path_factory.mktemp("ui")
+    with world_environment(root):
+        bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
+        yield {"root": root, "bundle": str(bundle_dir),
+               "example": str(bundle_dir / "examples" / "owl" / "0.png")}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_ui import app_url, world  # noqa: F401  (fixtures: the demo world and the launched app)
+# the world (the app's test world) and app_url (the launched app) fixtures: conftest.py
 
 
 def _sweep(client, world, strategy, *extra, strengths="0.5, 1.0", seeds="0"):
@@ -44,7 +44,7 @@ def test_one_rule_says_which_strategies_a_bundle_runs(world):
     assert "ti-mix, ti-aug" in info and "TI-only" in info
 
 
-def test_ti_strategies_not_offered_and_refused_over_the_api(app_url, world):  # noqa: F811
+def test_ti_strategies_not_offered_and_refused_over_the_api(app_url, world):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
@@ -57,7 +57,7 @@ def test_ti_strategies_not_offered_and_refused_over_the_api(app_url, world):  # 
         _sweep(client, world, "ti-mix")
 
 
-def test_diff_ii_sweep_names_source_and_partner(app_url, world):  # noqa: F811
+def test_diff_ii_sweep_names_source_and_partner(app_url, world):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
@@ -81,7 +81,7 @@ def test_diff_ii_sweep_names_source_and_partner(app_url, world):  # noqa: F811
         _sweep(client, world, "diff-ii", False, str(Path(world["example"]).parent.parent / "duck" / "0.png"), None, 3)
 
 
-def test_strategies_side_by_side(app_url, world):  # noqa: F811
+def test_strategies_side_by_side(app_url, world):
     from gradio_client import Client
 
     from diffmix_core.app.views import md_text
@@ -118,7 +118,7 @@ def test_grid_blocks_are_labelled():
     assert grid.cells[1] == (None, "diff-mix1.00", "diff-mix1.01", "diff-ii1.00", "diff-ii1.01")
 
 
-def test_fast_preview_is_recorded_and_in_the_command(app_url, world):  # noqa: F811
+def test_fast_preview_is_recorded_and_in_the_command(app_url, world):
     from gradio_client import Client
 
     from diffmix_core.app.sweep import FAST_PREVIEW

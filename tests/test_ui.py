@@ -13,16 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_world, sweep, world_environment
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui")
-    with world_environment(root):
-        bundle_dir = make_world(root, tmp_path_factory.getbasetemp())
-        yield {"root": root, "bundle": str(bundle_dir),
-               "example": str(bundle_dir / "examples" / "owl" / "0.png")}
+from helpers import sweep   # the world and app_url fixtures: conftest.py
 
 
 # --------------------------------------------------------------------------- plain handlers
