@@ -338,7 +338,6 @@ def test_translate_defaults_do_not_depend_on_the_folder_and_the_record_names_the
     ./outputs of the working folder: the same command gives the same settings from any folder, an old
     ./outputs/profiles/ file is not read (and said so), --help says where the defaults come from, and
     each record's settings_from names the source of every setting (cli, profile, bundle, default)."""
-    from test_ui import make_world
 
     from diffmix_core.bundle import load_bundle, update_bundle_meta
     from diffmix_core.profiles import output_root, profile_path, save_profile
@@ -393,7 +392,6 @@ def test_export_without_bundle_finds_the_records_bundle(tmp_path, capsys, monkey
     dataset card lists the classes; without that bundle it says what is missing."""
     import shutil
 
-    from test_ui import make_world
 
     from diffmix_core.bundle import load_bundle
 
