@@ -14,7 +14,8 @@ once (:func:`stray_profile`).
 
 Who may save, in the app: ``DIFFMIX_ALLOW_PROFILE_SAVE=1`` lets every visitor save, ``=0``
 nobody. Unset, only a local user may: a visitor whose connection comes from this machine
-(loopback address, no proxy header such as ``X-Forwarded-For``) on an app that is not a
+(loopback address, no proxy or forwarding header: ``Forwarded``, ``X-Forwarded-*``,
+``X-Real-IP``, ``CF-Connecting-IP``, ``True-Client-IP`` ... see ``PROXY_HEADERS``) on an app that is not a
 Hugging Face Space (``SPACE_ID`` unset). Visitors of a shared server get the controls
 without the save.
 """
@@ -35,7 +36,13 @@ from .records import safe_name, write_text_atomic
 
 OUTPUT_ENV = "DIFFMIX_OUTPUT"                  # output root: exports/ and profiles/ (default: user_data_dir())
 SAVE_ENV = "DIFFMIX_ALLOW_PROFILE_SAVE"        # 1: anyone may save a profile in the app, 0: nobody
-PROXY_HEADERS = ("x-forwarded-for", "x-real-ip", "forwarded")
+# Headers a proxy or CDN adds: a request carrying any of them came through one, so it is not local
+# (``x-forwarded-*`` and ``x-original-*`` by prefix).
+PROXY_HEADERS = ("forwarded", "via", "x-real-ip", "x-client-ip", "x-cluster-client-ip", "client-ip",
+                 "cf-connecting-ip", "cf-connecting-ipv6", "true-client-ip", "fastly-client-ip",
+                 "akamai-client-ip", "x-envoy-external-address", "x-appengine-user-ip", "x-azure-clientip",
+                 "x-azure-socketip")
+PROXY_PREFIXES = ("x-forwarded-", "x-original-", "x-proxy")
 SETTINGS = tuple(k for k in PROFILE_SETTINGS if k != "strength")   # sampler settings a saved profile may hold
 
 
@@ -135,7 +142,7 @@ def saving_allowed(client_host: str | None, headers: Mapping[str, str] | None = 
         local = client_host is not None and ipaddress.ip_address(client_host).is_loopback
     except ValueError:
         local = client_host == "localhost"
-    if local and not any(h in headers for h in PROXY_HEADERS):
+    if local and not any(h in PROXY_HEADERS or h.startswith(PROXY_PREFIXES) for h in headers):
         return True, "local user"
     return False, (f"saving profiles is only for a local user of this app; the operator of a shared server can "
                    f"set {SAVE_ENV}=1")

@@ -681,8 +681,11 @@ def test_profile_writes_from_anonymous_clients_are_refused(world, monkeypatch):
     target = profile_path(bundle, world["root"] / "out")
     adapter = (Path(world["bundle"]) / "adapter.json").read_bytes()
     args = (world["bundle"], 0.7, "diff-mix", 10, 5.0, 0.5, None, None, None, None, None)
-    for headers, env in (({"X-Forwarded-For": "203.0.113.9"}, {}), ({}, {"DIFFMIX_ALLOW_PROFILE_SAVE": "0"}),
-                         ({}, {"SPACE_ID": "someone/space"})):
+    proxied = [{h: "203.0.113.9"} for h in ("X-Forwarded-For", "CF-Connecting-IP", "True-Client-IP",
+                                             "X-Forwarded-Host", "X-Real-IP", "Forwarded", "Fastly-Client-IP",
+                                             "X-Forwarded-Proto", "X-Client-IP")]   # issue 25 item 15: any proxy
+    for headers, env in [*((h, {}) for h in proxied), ({}, {"DIFFMIX_ALLOW_PROFILE_SAVE": "0"}),
+                         ({}, {"SPACE_ID": "someone/space"})]:
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         client = Client(world["url"], verbose=False, headers=headers)
