@@ -504,3 +504,32 @@ def test_queue_bound_answers_overload_quickly(app_world, monkeypatch):
     assert len(outcome) == 5 and not [r for r, _ in outcome.values() if r.startswith("other")], outcome
     assert len(full) >= 2 and len(ok) >= 1, outcome
     assert all("Queue is full" in r and s < 2.5 for r, s in full), outcome   # told before the first sweep ends
+
+
+# =========================================================================== issue 25: the app's remake command
+def test_app_remake_command_keeps_the_feature_cache_interval(tiny_model_dir, tmp_path):
+    """A record made with ``--cache-interval 2`` (DeepCache) is made again by the command the app
+    offers for it, pixel for pixel: the command carries the interval (1, the default, is left out)."""
+    import shlex
+
+    from diffmix_core.app.views import command_for
+
+    bundle = _bundle(tmp_path, tiny_model_dir, lora=False)
+    src = tmp_path / "src.png"
+    Image.new("RGB", (32, 32), (200, 60, 30)).save(src)
+    first = tmp_path / "first"
+    common = ["--bundle", str(bundle), "--image", str(src), "--source-class", CLASSES[0], "--target", CLASSES[1],
+              "--strength", "0.7", "--seed", "3", "--steps", "4", "--quiet"]
+    assert main(["translate", *common, "--cache-interval", "2", "--out", str(first)]) == 0
+    rec = read_jsonl(first / "records.jsonl")[0]
+    assert rec["cache_interval"] == 2
+    again = tmp_path / "again"
+    cmd = command_for(rec, [rec], str(again))
+    assert "--cache-interval 2" in cmd
+    assert main(shlex.split(cmd)[1:] + ["--quiet"]) == 0
+    made = read_jsonl(again / "records.jsonl")[0]
+    assert made["cache_interval"] == 2 and made["id"] == rec["id"]
+    assert np.array_equal(np.asarray(Image.open(again / made["file_name"])),
+                          np.asarray(Image.open(first / rec["file_name"])))
+    plain = read_jsonl(first / "records.jsonl")[0] | {"cache_interval": 1}
+    assert "--cache-interval" not in command_for(plain)
