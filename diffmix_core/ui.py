@@ -32,6 +32,7 @@ import gradio as gr
 from PIL import Image
 
 from . import grid as G
+from .app import guard
 from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, reference_for
 from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
                               app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
@@ -78,10 +79,38 @@ def _errors(fn):
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
+            guard.check_call(wrapped, args, kwargs)   # types and lengths first (app/guard.py)
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as err:
             raise _user_error(err, fn.__name__) from None
     return wrapped
+
+
+def _validator(fn):
+    """``fn``'s Gradio validator: app/guard.py's checks of its inputs, run when a request joins
+    the queue (outside every lane, the shared model lane included); a refused field is answered
+    at once with its reason (one log line) and the request never waits for the lane."""
+    def validate(*args):
+        limits = Limits.from_env()
+        named = guard.named_arguments(fn, args, {})
+        verdicts = []
+        for name, value in named.items():
+            try:
+                guard.check_field(name, value, limits)
+                verdicts.append(gr.validate(True, ""))
+            except ValueError as err:
+                log.warning("%s: %s", fn.__name__, err)
+                verdicts.append(gr.validate(False, str(err)))
+        verdicts += [gr.validate(True, "")] * (len(args) - len(verdicts))
+        return verdicts[0] if len(verdicts) == 1 else verdicts
+    return validate
+
+
+def guard_events(demo: gr.Blocks) -> None:
+    """Give every event of ``demo`` the validator of its handler (:func:`_validator`)."""
+    for block_fn in demo.fns.values():
+        if block_fn.fn is not None and block_fn.validator is None and not block_fn.is_validator_function:
+            block_fn.validator = _validator(block_fn.fn)
 
 
 def takes_thresholds(fn):
@@ -380,6 +409,7 @@ def _save_state(request: gr.Request | None) -> tuple[bool, str]:
     return saving_allowed(client, headers)
 
 
+@_errors
 def bundle_info(path: str, request: gr.Request | None = None) -> str:
     return _bundle_panel(open_bundle_cached(path), request)
 
@@ -456,6 +486,7 @@ def on_upload(path: str, upload: str | None, source_class: str):
 
 def on_source_change(path: str, upload: str | None, example: str | None, source_class: str):
     try:
+        guard.check_call(on_source_change, (path, upload, example, source_class))
         return source_card(path, upload, example, source_class)
     except (ValueError, FileNotFoundError) as err:
         return f"⚠️ {err}"
@@ -482,6 +513,8 @@ def check_sweep(bundle_path: str, upload: str | None, example: str | None, sourc
     """Everything a sweep needs, checked before anything runs: a mistake is a message, and the
     previous grid, plot, table and curated batch stay as they were."""
     try:
+        guard.check_call(check_sweep, (bundle_path, upload, example, source_class, target, strengths, seeds, steps,
+                                       guidance, strategy, fast, partner, partner_upload, inversion_steps, token))
         _, bundle, source, request, second = _sweep_request(
             bundle_path, upload, example, source_class, target, strengths, seeds, steps, guidance, strategy,
             fast, partner, partner_upload, inversion_steps, token)
@@ -635,6 +668,7 @@ def on_clear(token: str):
     return (store.token, sweep_grid(store)[0], *curated_views(store))
 
 
+@_errors
 def on_session(saved: str, token: str):
     """Page (re)load, first step: the session of the browser's token (else a new one), and the
     bundle of its last sweep chosen (on_bundle then fills the form for it; :func:`on_restore` last)."""
@@ -656,6 +690,7 @@ RESTORE_OUTPUTS = ("grid", "grid_dl", "sweep_box", "table", "plot", "csv", "stat
                    "export_zip")
 
 
+@_errors
 def on_restore(token: str, bundle_path: str):
     """Page (re)load, last step: one consistent page from the session on disk: the last sweep's
     grid, table, plot and status; its source, classes and settings in the form; the curated
@@ -774,6 +809,7 @@ def build_demo() -> gr.Blocks:
     with _Blocks(title="diffmix", delete_cache=(3600, limits.session_ttl_h * 3600)) as demo:
         ui = _layout(bundles, first, classes, limits, broken)
         _wire(demo, ui)
+    guard_events(demo)
     demo.queue(max_size=limits.queue_size)
     return demo
 

@@ -614,7 +614,7 @@ def test_app_requests_are_bounded_before_any_work(world, tmp_path):
     client = Client(world["url"], verbose=False)
     for strengths, seeds, why in (("0.1:0.9:100000000", "0", "100,000,000 strengths exceed the limit"),
                                   ("0.5", "n=1000000000", "1,000,000,000 seeds exceed the limit"),
-                                  ("0.5", " ".join(["1"] * 5000), "give at most 64 seeds"),
+                                  ("0.5", " ".join(["1"] * 5000), "give at most 64 seeds|seeds is 9,999 characters; the limit is 2,048"),
                                   ("0.5", ",".join(["1"] * 65), "65 seeds exceed the limit"),
                                   ("0.3, 0.5, 0.7, 0.9", "n=20", "= 80 images exceeds the limit of 64")):
         t0 = time.perf_counter()
@@ -922,3 +922,70 @@ def _rewrite_classes(folder: Path, classes: list[str]) -> None:
         row["source_class"], row["target_class"] = classes[i % 3], classes[(i + 1) % 3]
         row["soft_label"] = soft_label(row["source_class"], row["target_class"], 0.5)
     write_jsonl_atomic(folder / "records.jsonl", rows)
+
+
+# =========================================================================== issue 25: third round (the app)
+def _join(url: str, fn_index: int, data: list, session_hash: str) -> object:
+    import httpx
+
+    body = {"data": data, "fn_index": fn_index, "session_hash": session_hash, "event_data": None, "trigger_id": None}
+    return httpx.post(url + "gradio_api/queue/join", json=body, timeout=60)
+
+
+# 1. one request cannot stall the model lane; 10. a wrong-type call is one line
+def test_oversized_and_wrong_type_fields_are_refused_at_once_outside_the_lane(world, capfd):
+    import threading
+
+    from gradio_client import Client
+
+    other = Client(world["url"], verbose=False)
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.setdefault("out", _sweep(other, world, strengths="0.5, 1.0", seeds="8")))
+    t.start()   # another session's small sweep, in the model lane meanwhile
+    attacker = Client(world["url"], verbose=False)
+    huge = "a/" * 5_000_000   # 10 MB: resolving it as a path took 25+ minutes inside the lane
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match=r"example is 10,000,000 characters; the limit is 4,096"):
+        _sweep(attacker, world, example=huge)
+    assert time.perf_counter() - t0 < 5
+    # every text field of every endpoint, by name (1 MB each: far over any bound)
+    big = "x" * 1_000_000
+    sweep = [world["bundle"], None, world["example"], "owl", "duck", "0.5", "0", 2, 5.0, "diff-mix"]
+    names = ["bundle_path", "upload", "example", "source_class", "target", "strengths", "seeds", None, None, "strategy"]
+    calls = [("/sweep", sweep, i, n) for i, n in enumerate(names) if n]
+    calls += [("/bundle_info", [world["bundle"]], 0, "path"), ("/select", ["x", "add"], 0, "ids"),
+              ("/select", ["x", "add"], 1, "mode"),
+              ("/save_profile", [world["bundle"], 0.5, "diff-mix", 10, 5.0] + [None] * 6, 0, "bundle_path"),
+              ("/save_profile", [world["bundle"], 0.5, "diff-mix", 10, 5.0] + [None] * 6, 2, "strategy")]
+    # dropdowns and the file: Gradio itself refuses a value not offered, or text for a file (400)
+    gradio_refuses = ("bundle_path", "path", "strategy", "upload")
+    for api, args, at, name in calls:
+        args = list(args)
+        args[at] = big
+        t0 = time.perf_counter()
+        why = "400 Bad Request" if name in gradio_refuses else rf"{name} is 1,000,000 characters; the limit is"
+        with pytest.raises(Exception, match=why):
+            attacker.predict(*args, api_name=api)
+        assert time.perf_counter() - t0 < 5, (api, name)
+    # the page's own events (private, reached by fn_index) are bounded the same way
+    demo = world["demo"]
+    for fn, data in (("on_bundle", [big]), ("on_bundle_text", [big]), ("on_restore", [big, ""]),
+                     ("on_upload", [world["bundle"], None, big]), ("on_source_change", [world["bundle"], None, big, "owl"])):
+        r = _join(world["url"], _fn_index(demo, fn), data, "bigfields")
+        assert r.status_code in (400, 422) and ("1,000,000 characters" in r.text or "list of choices" in r.text), (
+            fn, r.status_code, r.text[:200])
+    t.join(120)
+    assert len(done["out"][3]["data"]) == 2   # the other session's sweep completed meanwhile
+    # 10. wrong types: one clear line each, no traceback in the server's log
+    capfd.readouterr()
+    with pytest.raises(Exception, match="bundle_path is missing"):
+        attacker.predict(None, None, world["example"], "owl", "duck", "0.5", "0", 2, 5.0, "diff-mix",
+                         api_name="/sweep")
+    with pytest.raises(Exception, match="ids is missing|ids must be text"):
+        attacker.predict(None, "add", api_name="/select")
+    for fn, data in (("on_bundle", [None]), ("on_select", [None, None, "add"]), ("on_sweep_box", [None, 5]),
+                     ("on_export", [7]), ("bundle_info", [["a"]])):
+        _join(world["url"], _fn_index(demo, fn), data, "wrongtypes")
+    time.sleep(1)
+    err = capfd.readouterr()
+    assert "Traceback" not in err.err + err.out, (err.err + err.out)[-3000:]
