@@ -99,6 +99,17 @@ def make_jobs(sources: Sequence[Source], targets: Sequence[str], strengths: Sequ
             for seed in seeds]
 
 
+def sweep_targets(bundle: Bundle, source_class: str, target: str, pairing: str) -> list[str]:
+    """The target classes a sweep runs, as :func:`sweep_jobs` makes them (names not yet checked):
+    the source's class for an intra-class strategy, every other class for :data:`ALL_OTHER`, else
+    the distinct names of ``target`` separated by commas. Callers count jobs from this list."""
+    if pairing == "intra":
+        return [source_class]
+    if target == ALL_OTHER:
+        return [c for c in bundle.classes if c != source_class]
+    return list(dict.fromkeys(t.strip() for t in (target or "").split(",") if t.strip()))
+
+
 def sweep_jobs(bundle: Bundle, source: Source | None, source_class: str, target: str, strengths: Sequence[float],
                seeds: Sequence[int], strategy: str) -> list[Job]:
     """The app's sweep: ``target`` is one class, several separated by commas (side by side in
@@ -106,16 +117,11 @@ def sweep_jobs(bundle: Bundle, source: Source | None, source_class: str, target:
     ordered target, strength, seed: the grid's rows are strengths, its columns seeds."""
     kind = get_strategy(strategy).pairing
     bundle.class_index(source_class)
-    if kind == "intra":
-        targets = [source_class]
-    elif target == ALL_OTHER:
-        targets = [c for c in bundle.classes if c != source_class]
-    else:
-        targets = list(dict.fromkeys(t.strip() for t in (target or "").split(",") if t.strip()))
-        if not targets:
-            raise ValueError("choose a target class")
-        for t in targets:
-            bundle.class_index(t)
+    targets = sweep_targets(bundle, source_class, target, kind)
+    if not targets:
+        raise ValueError("choose a target class")
+    for t in targets:
+        bundle.class_index(t)
     if kind != "gen" and source is None:
         raise ValueError("pick an example image or upload a source image first")
     return make_jobs([source], targets, strengths, seeds, kind, source_class)

@@ -989,3 +989,35 @@ def test_oversized_and_wrong_type_fields_are_refused_at_once_outside_the_lane(wo
     time.sleep(1)
     err = capfd.readouterr()
     assert "Traceback" not in err.err + err.out, (err.err + err.out)[-3000:]
+
+
+# 2. the job limit counts exactly what will run, whatever the fields hold
+def test_sweep_job_limit_counts_every_target_strength_and_seed(world, monkeypatch):
+    from gradio_client import Client
+
+    from diffmix_core.app.store import Limits
+    from diffmix_core.app.sweep import SweepRequest, plan_sweep
+    from diffmix_core.bundle import load_bundle
+    from diffmix_core.data import load_image
+    from diffmix_core.translate import Source
+
+    monkeypatch.setenv("DIFFMIX_MAX_JOBS", "2")
+    client = Client(world["url"], verbose=False)
+    sessions = world["root"] / "sessions"
+    before = len(list(sessions.rglob("*.png")))
+    for target in ("duck,flamingo", "duck, flamingo, duck, flamingo", "all other classes"):
+        with pytest.raises(Exception, match=r"(2|9) targets x 1 strengths x 2 seeds = (4|18) images exceeds the limit of 2"):
+            _sweep(client, world, target=target, seeds="0, 1")
+    assert len(list(sessions.rglob("*.png"))) == before   # nothing was made
+    # the counted number is the number of jobs, for every kind of field and strategy
+    bundle = load_bundle(world["bundle"])
+    source = Source(load_image(world["example"]), "owl", "0", world["example"])
+    limits = Limits(max_jobs=10_000)
+    for strategy in ("diff-mix", "diff-aug", "diff-gen"):
+        for target, strengths, seeds in (("duck", "0.5", "0"), ("duck,flamingo,duck", "0.5, 0.8, 0.5", "n=3"),
+                                         ("all other classes", "0.5:1:4", "0, 1, -1"), (" duck ,, owl ", "1", "7")):
+            request = SweepRequest("owl", target, strengths, seeds, 2, 5.0, strategy)
+            n = len(plan_sweep(bundle, source, request, limits).jobs)
+            assert len(plan_sweep(bundle, source, request, Limits(max_jobs=n)).jobs) == n   # counted == made
+            with pytest.raises(ValueError, match="exceed|give at most"):
+                plan_sweep(bundle, source, request, Limits(max_jobs=n - 1))

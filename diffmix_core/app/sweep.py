@@ -13,7 +13,7 @@ from ..bundle import Bundle
 from ..config import THRESHOLD_TESTS, DiffIIConfig, Thresholds, TranslateConfig, get_strategy
 from ..diffii import draw_partner
 from ..diffii_jobs import partner_pool
-from ..jobs import ALL_OTHER, parse_seeds, parse_strengths, sweep_jobs
+from ..jobs import parse_seeds, parse_strengths, sweep_jobs, sweep_targets
 from ..scoring import class_prompt, plot_strategies, plot_sweep, score_images, summarize
 from ..translate import Job, Result, Source, count_jobs, validate_jobs
 from .cache import clip_scorer, generate, reference_for
@@ -106,8 +106,8 @@ def count_sweep(bundle: Bundle, request: SweepRequest, n_strengths: int, n_seeds
     counts = {}
     for name in request.strategies:
         kind = get_strategy(name).pairing
-        n_targets = len(bundle.classes) - 1 if request.target == ALL_OTHER and kind == "inter" else 1
-        factors = {"targets": n_targets, "strengths": 1 if kind == "gen" else n_strengths, "seeds": n_seeds}
+        targets = sweep_targets(bundle, request.source_class, request.target, kind)   # what sweep_jobs will run
+        factors = {"targets": len(targets), "strengths": 1 if kind == "gen" else n_strengths, "seeds": n_seeds}
         counts[name] = count_jobs(factors, limit, "DIFFMIX_MAX_JOBS")
     if len(counts) == 1:
         return next(iter(counts.values()))
