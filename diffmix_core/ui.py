@@ -33,7 +33,7 @@ from PIL import Image
 
 from . import grid as G
 from .app import guard
-from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, reference_for
+from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, open_typed_bundle, reference_for
 from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
                               app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
@@ -45,7 +45,6 @@ from .bundle import Bundle, bundle_examples
 from .calibrate import save_to_profile, translate_config_for
 from .config import STRATEGIES, THRESHOLD_TESTS, DiffIIConfig, Thresholds, TranslateConfig
 from .data import load_image
-from .hub import open_bundle
 from .jobs import ALL_OTHER, parse_seeds
 from .profiles import load_profile, save_profile, saving_allowed
 from .records import safe_name, save_png
@@ -460,7 +459,7 @@ def _strategy_dropdown(bundle, preferred: str | None) -> gr.Dropdown:
 @_errors
 def on_bundle_text(text: str):
     """Add a bundle folder or Hub repo id to the dropdown and select it."""
-    path = str(open_bundle(text).path)
+    path = str(open_typed_bundle(text).path)   # a bundle root's folder or a Hub id, nothing else
     choices = [(k, v) for k, v in app_bundles().items() if v != path]
     return gr.Dropdown(choices=choices + [(f"{text.strip()} ({path})", path)], value=path)
 

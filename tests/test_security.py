@@ -1021,3 +1021,27 @@ def test_sweep_job_limit_counts_every_target_strength_and_seed(world, monkeypatc
             assert len(plan_sweep(bundle, source, request, Limits(max_jobs=n)).jobs) == n   # counted == made
             with pytest.raises(ValueError, match="exceed|give at most"):
                 plan_sweep(bundle, source, request, Limits(max_jobs=n - 1))
+
+
+# 3. a typed bundle path loads only from the bundle folders (or the Hub), never the upload cache
+def test_typed_bundle_paths_load_only_from_the_bundle_folders(world, tmp_path):
+    import shutil
+
+    import httpx
+
+    demo, fn = world["demo"], _fn_index(world["demo"], "on_bundle_text")
+    adapter = (Path(world["bundle"]) / "adapter.json").read_bytes()
+    r = httpx.post(world["url"] + "gradio_api/upload", files={"files": ("adapter.json", adapter, "application/json")},
+                   timeout=60)
+    uploaded = Path(r.json()[0])
+    assert uploaded.is_file()
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(world["bundle"], outside)   # a loadable bundle, outside the bundle folders
+    for typed in (str(uploaded), str(uploaded.parent), str(outside), str(outside / "adapter.json"), "/etc",
+                  str(Path(world["bundle"]) / ".." / ".." / "out")):
+        result = _raw_call(world["url"], fn, [typed], "typedpath")
+        why = json.dumps(result)
+        assert not result["success"] and "is not in this app's bundle folders" in why, why
+        assert str(tmp_path) not in why and str(uploaded.parent) not in why
+    ok = _raw_call(world["url"], fn, [world["hostile"]], "typedpath")
+    assert ok["success"], ok

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from .. import scoring
 from ..apply import load_pipeline_for
-from ..bundle import ADAPTER_JSON, Bundle, bundle_roots, find_bundles, load_bundle
+from ..bundle import ADAPTER_JSON, BUNDLES_ENV, Bundle, bundle_roots, find_bundles, load_bundle
 from ..config import DiffIIConfig, PipelineConfig, TranslateConfig
 from ..demo import placeholder_bundle
+from ..hub import HUB_REPO_ID, open_bundle
 from ..paths import DEMO_ASSETS, SHIPPED_BUNDLES
 from ..reference import bundle_reference_path, load_reference
 from ..translate import Job, Result, translate
@@ -35,6 +36,33 @@ def app_bundles(broken: dict[str, str] | None = None) -> dict[str, str]:
     if not found:
         found["placeholder: tiny random pipeline"] = str(placeholder_bundle().path)
     return found
+
+
+def served_roots() -> list[Path]:
+    """The folders the app opens bundles from, resolved: the bundle roots (DIFFMIX_BUNDLES, the
+    demo world, ``assets/bundles``), the offline placeholder's folder and the Hub cache (where a
+    bundle pulled by its repo id lives)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    roots = bundle_roots([DEMO_ASSETS, SHIPPED_BUNDLES]) + [Path(HF_HUB_CACHE)]
+    return [r.resolve() for r in roots] + [placeholder_bundle().path.resolve().parent]
+
+
+def open_typed_bundle(text: str) -> Bundle:
+    """The bundle a visitor typed: a folder inside one of :func:`served_roots` (its adapter.json
+    included), or a Hub repo id pulled through the Hub cache. Any other server path (the upload
+    cache, a home folder, /etc) is refused before anything there is read."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("give a bundle folder or a Hugging Face Hub repo id (owner/name)")
+    path = Path(text).expanduser()
+    local = path.is_absolute() or text.startswith(".") or not HUB_REPO_ID.match(text) or path.exists()
+    if local:
+        folder = path.resolve()
+        if not any(folder.is_relative_to(root) for root in served_roots()):
+            raise ValueError(f"{path.name or text} is not in this app's bundle folders; give a bundle folder "
+                             f"inside them (the operator sets them with {BUNDLES_ENV}) or a Hub repo id (owner/name)")
+    return open_bundle(text)
 
 
 def _files_key(folder: Path) -> tuple:
