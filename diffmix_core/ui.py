@@ -778,11 +778,17 @@ def wait_until_served(url: str, proc: subprocess.Popen, timeout: float = 300, lo
 
 
 class _Blocks(gr.Blocks):
-    """gr.Blocks whose launch() bounds uploads at the HTTP layer by default: an upload over
-    DIFFMIX_MAX_UPLOAD_MB is refused by Gradio's upload route, before any handler or disk sees it."""
+    """gr.Blocks whose launch() bounds uploads at the HTTP layer by default (an upload over
+    DIFFMIX_MAX_UPLOAD_MB is refused by Gradio's upload route, before any handler or disk sees
+    it) and lets Gradio serve the offered bundles' example images wherever their folder is."""
+
+    example_files: list[str] = []   # the offered bundles' example images (build_demo sets them)
 
     def launch(self, *args, **kwargs):
         kwargs.setdefault("max_file_size", f"{Limits.from_env().max_upload_mb}mb")
+        # bundle folders may lie outside the working and temp dirs (DIFFMIX_BUNDLES=/srv/bundles):
+        # Gradio may serve their example images, each file by name (nothing else of a bundle)
+        kwargs["allowed_paths"] = [*(kwargs.get("allowed_paths") or []), *self.example_files]
         return super().launch(*args, **kwargs)
 
 
@@ -809,6 +815,7 @@ def build_demo() -> gr.Blocks:
         ui = _layout(bundles, first, classes, limits, broken)
         _wire(demo, ui)
     guard_events(demo)
+    demo.example_files = [p for folder in bundles.values() for p, _ in _examples(folder)]
     demo.queue(max_size=limits.queue_size)
     return demo
 

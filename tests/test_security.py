@@ -1045,3 +1045,37 @@ def test_typed_bundle_paths_load_only_from_the_bundle_folders(world, tmp_path):
         assert str(tmp_path) not in why and str(uploaded.parent) not in why
     ok = _raw_call(world["url"], fn, [world["hostile"]], "typedpath")
     assert ok["success"], ok
+
+
+# 9. a bundle folder outside the working and temp dirs is served (its example images, nothing else)
+def test_bundle_folder_outside_cwd_and_temp_is_served(world, monkeypatch):
+    import shutil
+    import tempfile
+    import uuid
+
+    import httpx
+    from gradio_client import Client
+
+    from diffmix_core.ui import build_demo
+
+    root = Path.home() / ".cache" / f"diffmix-test-{uuid.uuid4().hex[:12]}"   # neither cwd nor temp
+    for inside in (Path.cwd(), Path(tempfile.gettempdir()), world["root"] / "gradio-tmp"):
+        assert not root.resolve().is_relative_to(inside.resolve())
+    try:
+        shutil.copytree(world["bundle"], root / "birds")
+        monkeypatch.setenv("DIFFMIX_BUNDLES", str(root))
+        demo = build_demo()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+        try:
+            client = Client(demo.local_url, verbose=False)
+            out = client.predict(str(root / "birds"), api_name="/bundle_info")   # the page's first load, too
+            assert "classes" in out[0] and len(out[1]) >= 4
+            assert all(Path(item["image"]).is_file() for item in out[1])   # the example images came
+            # nothing else of the bundle folder is served
+            for name in ("adapter.json", "reference/meta.json"):
+                r = httpx.get(f"{demo.local_url}gradio_api/file={root / 'birds' / name}", timeout=30)
+                assert r.status_code in (403, 404), (name, r.status_code)
+        finally:
+            demo.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
