@@ -36,7 +36,8 @@ from .app import guard
 from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, open_typed_bundle, reference_for
 from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
                               app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
-from .app.store import UPLOADS, Limits, Store, check_upload, export_curated, open_store, update_curated
+from .app.store import (UPLOADS, Limits, Store, check_upload, export_curated, open_store, prune_upload_cache,
+                         update_curated)
 from .app.sweep import (FAST_PREVIEW, SweepRequest, class_guesses, clean_thresholds, parse_strategies, passing, pick_partner,
                          plan_sweep, run_sweep)
 from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
@@ -77,12 +78,26 @@ def _errors(fn):
     """Library errors (ValueError / FileNotFoundError) become a gr.Error the user can read."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        _tidy_gradio_cache()
         try:
             guard.check_call(wrapped, args, kwargs)   # types and lengths first (app/guard.py)
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as err:
             raise _user_error(err, fn.__name__) from None
     return wrapped
+
+
+_ACCEPTED: set[str] = set()       # uploads a handler took (Gradio's cache keeps them within the bounds)
+_UPLOAD_SETS: list[set[str]] = []  # each app's record of the files uploaded to it (gr.Blocks.upload_file_set)
+
+
+def _tidy_gradio_cache() -> None:
+    """Gradio's upload and output cache under the sessions' bounds (store.prune_upload_cache)."""
+    uploads = set().union(*_UPLOAD_SETS)
+    removed = prune_upload_cache(Path(gr.utils.get_upload_folder()), uploads, _ACCEPTED, Limits.from_env())
+    gone = {str(p) for p in removed}
+    for upload_set in _UPLOAD_SETS:
+        upload_set -= gone
 
 
 def _validator(fn):
@@ -310,7 +325,9 @@ def _decode_upload(upload: str) -> Image.Image:
     Gradio's upload cache at once, so a refused upload leaves nothing behind."""
     try:
         check_upload(upload, Limits.from_env())
-        return load_image(upload)
+        image = load_image(upload)
+        _ACCEPTED.add(upload)
+        return image
     except (ValueError, FileNotFoundError):
         path = Path(upload).resolve()
         if path.is_relative_to(Path(gr.utils.get_upload_folder()).resolve()):
@@ -815,6 +832,7 @@ def build_demo() -> gr.Blocks:
         ui = _layout(bundles, first, classes, limits, broken)
         _wire(demo, ui)
     guard_events(demo)
+    _UPLOAD_SETS.append(demo.upload_file_set)
     demo.example_files = [p for folder in bundles.values() for p, _ in _examples(folder)]
     demo.queue(max_size=limits.queue_size)
     return demo

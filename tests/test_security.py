@@ -1079,3 +1079,37 @@ def test_bundle_folder_outside_cwd_and_temp_is_served(world, monkeypatch):
             demo.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# 6. Gradio's cache stays within the sessions' bounds; uploads no handler took are deleted
+def test_gradio_cache_is_bounded_and_unclaimed_uploads_go(world, monkeypatch, tmp_path):
+    import httpx
+    from gradio_client import Client, handle_file
+
+    import diffmix_core.app.store as S
+
+    cache = world["root"] / "gradio-tmp"
+    client = Client(world["url"], verbose=False)
+    up = tmp_path / "taken.png"
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(up)
+    _sweep(client, world, upload=handle_file(str(up)), example="")   # an upload a handler took
+    taken = [p for p in cache.rglob("taken*.png")]
+    assert taken
+    anonymous = []
+    for k in range(5):   # anonymous uploads no handler ever sees, ~0.9 MB each
+        r = httpx.post(world["url"] + "gradio_api/upload",
+                       files={"files": (f"junk{k}.png", os.urandom(900_000), "image/png")}, timeout=60)
+        anonymous.append(Path(r.json()[0]))
+    assert all(p.is_file() for p in anonymous)
+    monkeypatch.setenv("DIFFMIX_UPLOAD_GRACE_S", "0")
+    S._PRUNED.clear()
+    client.predict("", "add", api_name="/select")   # any request tidies the cache
+    assert not any(p.exists() for p in anonymous) and all(p.is_file() for p in taken)
+    # and outputs (grids, CSVs, zips) with everything else stay within DIFFMIX_SESSIONS_MAX_MB
+    monkeypatch.setenv("DIFFMIX_SESSIONS_MAX_MB", "1")
+    for seed in range(3):
+        S._PRUNED.clear()
+        _sweep(client, world, seeds=str(20 + seed))
+    S._PRUNED.clear()
+    client.predict("", "add", api_name="/select")
+    assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) <= 2**20

@@ -54,6 +54,7 @@ class Limits:
     sessions_max_mb: int = 2048  # DIFFMIX_SESSIONS_MAX_MB: all sessions together; the least recently used go first
     exports_ttl_h: int = 168    # DIFFMIX_EXPORTS_TTL_H: age in hours at which an app export is removed
     exports_max_mb: int = 4096  # DIFFMIX_EXPORTS_MAX_MB: all app exports together; the oldest go first
+    upload_grace_s: int = 600   # DIFFMIX_UPLOAD_GRACE_S: seconds an upload no handler accepted stays in Gradio's cache
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -61,7 +62,8 @@ class Limits:
                  "max_curated": "DIFFMIX_MAX_CURATED",
                  "max_upload_mb": "DIFFMIX_MAX_UPLOAD_MB", "queue_size": "DIFFMIX_QUEUE_SIZE",
                  "session_ttl_h": "DIFFMIX_SESSION_TTL_H", "sessions_max_mb": "DIFFMIX_SESSIONS_MAX_MB",
-                 "exports_ttl_h": "DIFFMIX_EXPORTS_TTL_H", "exports_max_mb": "DIFFMIX_EXPORTS_MAX_MB"}
+                 "exports_ttl_h": "DIFFMIX_EXPORTS_TTL_H", "exports_max_mb": "DIFFMIX_EXPORTS_MAX_MB",
+                 "upload_grace_s": "DIFFMIX_UPLOAD_GRACE_S"}
         values = {k: env_int(env, getattr(cls, k)) for k, env in names.items()}
         bad = [names[k] for k, v in values.items() if v < 0]
         if bad:
@@ -222,6 +224,33 @@ def prune(root: Path, max_age_s: float, max_bytes: int, keep: Sequence[Path] = (
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+    return removed
+
+
+def prune_upload_cache(root: Path, uploads: set[str], accepted: set[str], limits: Limits) -> list[Path]:
+    """Gradio's cache (``root``: the files visitors uploaded and the files the app returned, each
+    in a folder of its own), under the sessions' bounds: an upload that no handler accepted goes
+    after ``upload_grace_s`` seconds (``uploads``: Gradio's record of uploaded paths, which loses
+    them; ``accepted``: what a handler took); then entries idle longer than ``session_ttl_h``,
+    then the least recently used beyond ``sessions_max_mb``. At most one pass a minute."""
+    now = time.time()
+    if now - _PRUNED.get("gradio-cache", 0.0) < 60:
+        return []
+    removed = []
+    for name in list(uploads):
+        path = Path(name)
+        try:
+            idle = now - path.stat().st_mtime
+        except OSError:
+            uploads.discard(name)
+            continue
+        if name not in accepted and idle > limits.upload_grace_s and path.resolve().is_relative_to(root.resolve()):
+            path.unlink(missing_ok=True)
+            if path.parent != root:
+                shutil.rmtree(path.parent, ignore_errors=True)   # Gradio keeps each upload in a folder of its own
+            uploads.discard(name)
+            removed.append(path)
+    removed += prune(root, limits.session_ttl_h * 3600, limits.sessions_max_mb * 2**20, what="gradio-cache")
     return removed
 
 
