@@ -33,11 +33,12 @@ from PIL import Image
 
 from . import grid as G
 from .app import guard
-from .app.cache import app_bundles, clip_scorer, generate, open_bundle_cached, open_typed_bundle, reference_for
+from .app.cache import (app_bundles, clip_scorer, generate, open_bundle_cached, open_typed_bundle, reference_for,
+                        served_roots)
 from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
                               app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import (UPLOADS, Limits, Store, check_upload, export_curated, open_store, prune_upload_cache,
-                         update_curated)
+                         sessions_root, update_curated)
 from .app.sweep import (FAST_PREVIEW, SweepRequest, class_guesses, clean_thresholds, parse_strategies, passing, pick_partner,
                          plan_sweep, run_sweep)
 from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
@@ -47,7 +48,7 @@ from .calibrate import save_to_profile, translate_config_for
 from .config import STRATEGIES, THRESHOLD_TESTS, DiffIIConfig, Thresholds, TranslateConfig
 from .data import load_image
 from .jobs import ALL_OTHER, parse_seeds
-from .profiles import load_profile, save_profile, saving_allowed
+from .profiles import load_profile, output_root, save_profile, saving_allowed
 from .records import safe_name, save_png
 from .scoring import plot_sweep, recommendation_bar
 from .translate import Source, strategy_unavailable
@@ -70,8 +71,17 @@ log = logging.getLogger("diffmix.app")
 def _user_error(err: Exception, where: str) -> gr.Error:
     """A user's mistake: one log line (no traceback) and a message in the page (escaped: it may
     quote a class name or other text from a bundle, and the page renders HTML)."""
-    log.warning("%s: %s", where, err)
-    return gr.Error(html.escape(str(err), quote=False), print_exception=False)
+    log.warning("%s: %s", where, err)   # the log keeps the server's paths; the visitor's message does not
+    return gr.Error(html.escape(public_text(str(err)), quote=False), print_exception=False)
+
+
+def public_text(text: str) -> str:
+    """``text`` without the server's folders: paths under Gradio's cache, the sessions, the output
+    root, the bundle folders or the working directory are shown relative to them."""
+    roots = [gr.utils.get_upload_folder(), sessions_root(), output_root(), *served_roots(), Path.cwd()]
+    for root in sorted({str(Path(r).resolve()) for r in roots} | {str(r) for r in roots}, key=len, reverse=True):
+        text = text.replace(root.rstrip("/") + "/", "")
+    return text
 
 
 def _errors(fn):
@@ -653,7 +663,9 @@ def on_save_profile(bundle_path: str, strength: float, strategy: str | list[str]
     path = save_profile(bundle, strength, thresholds, {
         "strategy": parse_strategies(strategy)[0], "num_inference_steps": int(steps),
         "guidance_scale": float(guidance)})
-    return (f"saved to `{path}`: strength {strength}, thresholds {clean_thresholds(thresholds) or 'none'} "
+    shown = path.relative_to(output_root()).as_posix()   # the visitor sees no server path
+    return (f"saved to `{shown}` under the output root: strength {strength}, "
+            f"thresholds {clean_thresholds(thresholds) or 'none'} "
             f"(the bundle itself is unchanged; `diffmix translate` / `synthesize` start from it)")
 
 
@@ -669,12 +681,13 @@ def on_export(token: str):
     except OSError:
         shutil.copyfile(zip_path, served)
     n = len(store.state()["curated"])
-    message = f"exported {n} image(s) to `{folder}` (and `{zip_path.name}`)"
+    shown = folder.relative_to(output_root()).as_posix()   # the visitor sees no server path
+    message = f"exported {n} image(s) to `{shown}` under the output root (and `{zip_path.name}`)"
     with store.lock:   # a reload shows this export, ready to download
         state = store.state()
-        state["export"] = {"message": message, "folder": str(folder), "zip": str(served)}
+        state["export"] = {"message": message, "folder": shown, "zip": str(served)}
         store.save_state(state)
-    return store.token, message, str(folder), str(served)
+    return store.token, message, shown, str(served)
 
 
 @_errors

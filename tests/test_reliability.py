@@ -440,7 +440,7 @@ def test_eight_concurrent_sessions_sweep_select_export(app, app_world):
             ids = [r[0] for r in table["data"]]
             client.predict(",".join(ids), "add", api_name="/select")
             msg, folder, zip_path = client.predict(api_name="/export")
-            results[i] = (ids, Path(folder), Path(zip_path))
+            results[i] = (ids, app_world["root"] / "out" / folder, Path(zip_path))   # folder: under the output root
         except Exception as err:   # noqa: BLE001 - collected and reported below
             errors.append(f"user {i}: {type(err).__name__}: {err}")
 

@@ -546,7 +546,9 @@ def test_session_token_never_leaks_and_what_leaks_opens_nothing(world, tmp_path)
     out = sweep(victim, world, upload=handle_file(str(up)), example="", strengths="0.5, 1.0")
     ids = [r[0] for r in out[3]["data"]]
     victim.predict(",".join(ids), "add", api_name="/select")
-    msg, folder, zip_path = victim.predict(api_name="/export")
+    msg, shown_folder, zip_path = victim.predict(api_name="/export")
+    assert not Path(shown_folder).is_absolute() and str(world["root"]) not in msg   # issue 25 item 11
+    folder = world["root"] / "out" / shown_folder
     # everything the victim was shown or could share
     shown = json.dumps([out, msg, folder, zip_path], default=str)
     session_dirs = [p for p in (world["root"] / "sessions").iterdir() if p.is_dir()]
@@ -574,7 +576,7 @@ def test_session_token_never_leaks_and_what_leaks_opens_nothing(world, tmp_path)
         assert not result["success"] and "curated batch is empty" in json.dumps(result), guess
     # the victim still has its own batch
     again = victim.predict(api_name="/export")
-    assert len(list((Path(again[1]) / "imagefolder").glob("*.png"))) == len(ids)
+    assert len(list((world["root"] / "out" / again[1] / "imagefolder").glob("*.png"))) == len(ids)
 
 
 def test_idle_sessions_expire_and_sessions_and_exports_are_bounded(world, monkeypatch):
@@ -1113,3 +1115,43 @@ def test_gradio_cache_is_bounded_and_unclaimed_uploads_go(world, monkeypatch, tm
     S._PRUNED.clear()
     client.predict("", "add", api_name="/select")
     assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) <= 2**20
+
+
+# 11. visitors see no absolute server path: messages, panel, errors, exported records
+def test_visitors_see_no_server_paths(world, tmp_path, monkeypatch):
+    import tempfile
+
+    from gradio_client import Client, handle_file
+
+    from diffmix_core.records import read_png_record
+
+    server = [str(world["root"]), tempfile.gettempdir(), str(Path.cwd())]
+    def clean(text: object) -> bool:
+        return not any(s in str(text) for s in server)
+
+    client = Client(world["url"], verbose=False)
+    panel = client.predict(world["bundle"], api_name="/bundle_info")[0]
+    assert "base model" in panel and clean(panel), panel
+    out = _sweep(client, world, strengths="0.5, 1.0")   # an example source
+    client.predict(",".join(r[0] for r in out[3]["data"]), "add", api_name="/select")
+    msg, folder, _ = client.predict(api_name="/export")
+    assert clean(msg) and clean(folder) and folder.startswith("exports/")
+    exported = world["root"] / "out" / folder
+    rows = [json.loads(line) for line in (exported / "imagefolder" / "metadata.jsonl").open()]
+    for rec in rows + [read_png_record(p) for p in exported.rglob("*.png")]:
+        for key in ("bundle", "base_model", "source_path"):
+            assert rec.get(key) and clean(rec[key]) and not Path(rec[key]).is_absolute(), (key, rec.get(key))
+    assert rows[0]["bundle"] == "birds" and rows[0]["source_path"] == "examples/owl/0.png"
+    # an image error quotes no upload-cache path
+    fake = tmp_path / "not-an-image.jpg"
+    fake.write_text("hello")
+    with pytest.raises(Exception) as err:
+        _sweep(client, world, upload=handle_file(str(fake)), example="")
+    assert "not-an-image" in str(err.value) and clean(err.value), str(err.value)
+    # the profile's path is shown under the output root
+    monkeypatch.setenv("DIFFMIX_ALLOW_PROFILE_SAVE", "1")
+    saved = client.predict(world["bundle"], 0.6, "diff-mix", 10, 5.0, None, None, None, None, None, None,
+                           api_name="/save_profile")
+    assert "saved to `profiles/" in saved and clean(saved), saved
+    for p in (world["root"] / "out" / "profiles").glob("*.json"):
+        p.unlink()   # leave no profile for the other tests

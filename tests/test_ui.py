@@ -251,7 +251,7 @@ def test_client_sweep_select_export_reload(app_url, world, tmp_path):
     count, cur_gallery, cur_box, sweep_box = client.predict(f"{ids[1]},{ids[3]}", "add", api_name="/select")
     assert "2 image(s)" in count and cur_box["value"] == [ids[1], ids[3]]
     msg, folder, zip_path = client.predict(api_name="/export")
-    folder = Path(folder)
+    folder = world["root"] / "out" / folder   # shown relative to the output root
     assert "exported 2 image(s)" in msg and verify_manifest(folder) == []
     exported = read_jsonl(folder / "imagefolder" / "metadata.jsonl")
     assert [r["id"] for r in exported] == [ids[1], ids[3]]
@@ -262,7 +262,7 @@ def test_client_sweep_select_export_reload(app_url, world, tmp_path):
     with zipfile.ZipFile(zip_path) as zf:
         assert f"{folder.name}/imagefolder/metadata.jsonl" in zf.namelist()
     msg2, folder2, _ = client.predict(api_name="/export")
-    assert folder2 != str(folder) and folder.is_dir()   # never over an earlier export
+    assert world["root"] / "out" / folder2 != folder and folder.is_dir()   # never over an earlier export
 
 
 def test_two_clients_never_see_each_others_selections(app_url, world):
@@ -287,7 +287,7 @@ def test_two_clients_never_see_each_others_selections(app_url, world):
     with pytest.raises(Exception, match="unknown image id"):
         a.predict(ids_b[0], "add", api_name="/select")
     _, folder, _ = b.predict(api_name="/export")
-    assert [json.loads(line)["id"] for line in (Path(folder) / "imagefolder" / "metadata.jsonl").open()] == ids_b
+    assert [json.loads(line)["id"] for line in (world["root"] / "out" / folder / "imagefolder" / "metadata.jsonl").open()] == ids_b
 
 
 def test_bad_input_is_a_clear_error_and_app_keeps_serving(app_url, world, tmp_path):

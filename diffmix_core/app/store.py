@@ -134,7 +134,7 @@ class Store:
         for res in results:
             rec = res.record
             rec["file_name"] = f"{rec['id']}.png"   # relative to images/
-            save_png(res.image, self.images / rec["file_name"], rec)
+            save_png(res.image, self.images / rec["file_name"], public_record(rec))   # served to the visitor
             records[rec["id"]] = rec
             ids.append(rec["id"])
         write_jsonl_atomic(self.root / "records.jsonl", records.values())
@@ -161,6 +161,23 @@ class Store:
 
 
 UPLOADS = "sources"   # uploads' folder in a session; records name them "sources/<name>-<sha>.png"
+
+
+def public_record(record: dict) -> dict:
+    """``record`` as a visitor may see it (a PNG's record chunk, an export): the bundle by its
+    folder's name, the base model by its Hub id or folder name, an example source relative to its
+    bundle; the server's absolute paths stay in the session's records.jsonl and the logs."""
+    out = dict(record)
+    bundle = Path(record["bundle"]) if record.get("bundle") else None
+    if bundle is not None:
+        out["bundle"] = bundle.name
+    if record.get("base_model") and Path(str(record["base_model"])).is_absolute():
+        out["base_model"] = Path(str(record["base_model"])).name
+    where = record.get("source_path")
+    if where and Path(where).is_absolute():
+        inside = bundle is not None and Path(where).is_relative_to(bundle)
+        out["source_path"] = Path(where).relative_to(bundle).as_posix() if inside else Path(where).name
+    return out
 _PRUNED = {"sessions": 0.0, "exports": 0.0}   # last prune time per root (at most one pass a minute)
 
 
@@ -291,10 +308,11 @@ def export_curated(store: Store, root: str | os.PathLike | None = None) -> tuple
     """Export the curated batch with export.py's writers into a NEW folder under
     ``<root>/exports/`` (never over an earlier export). Returns (folder, zip)."""
     state, records = store.state(), store.records()
-    items = [(store.image_path(records[i]), records[i]) for i in state["curated"] if i in records]
+    curated = [records[i] for i in state["curated"] if i in records]
+    items = [(store.image_path(r), public_record(r)) for r in curated]
     if not items:
         raise ValueError("the curated batch is empty: select images first")
-    bundles = {r.get("bundle") for _, r in items}
+    bundles = {r.get("bundle") for r in curated}
     classes = None
     if len(bundles) == 1 and next(iter(bundles)):
         try:

@@ -56,6 +56,9 @@ def bundle_status(bundle: Bundle, profile: Profile | None = None, examples: int 
 def bundle_markdown(bundle: Bundle, clip_status: str, reference_status: str, profile: Profile | None = None,
                     examples: int | None = None) -> str:
     st = bundle_status(bundle, profile, examples)
+    if Path(str(st["base_model"])).is_absolute():   # a local base: as adapter.json names it, not the server path
+        stored = str((bundle.meta.get("base_model") or {}).get("model") or "")
+        st["base_model"] = stored if stored and not Path(stored).is_absolute() else Path(st["base_model"]).name
     names = ", ".join(md_text(c) for c in st["classes"][:30]) + (
         f" … (+{len(st['classes']) - 30})" if len(st["classes"]) > 30 else "")
     lines = [f"**{len(st['classes'])} classes**: {names}",
