@@ -49,8 +49,8 @@ FIELDS: dict[str, Field] = {
     "strategy": Field("list", _const(NAME_CHARS), _const(64), NAME_CHARS),   # one, or several side by side
     "partner": _PATH, "partner_upload": _PATH, "inversion_steps": _NUMBER,      # diff-ii's partner image
     "target": Field("text", lambda lim: (NAME_CHARS + 2) * max(lim.max_jobs, 1)),   # classes, with commas
-    "strengths": Field("text", lambda lim: 32 * max(lim.max_jobs, 1)),
-    "seeds": Field("text", lambda lim: 32 * max(lim.max_jobs, 1)),
+    "strengths": Field("text", lambda lim: 32 * max(lim.max_jobs, lim.max_calibration_jobs, 1)),   # sweep, calibration
+    "seeds": Field("text", lambda lim: 32 * max(lim.max_jobs, lim.max_calibration_jobs, 1)),
     "token": _TOKEN, "saved": _TOKEN,
     "ids": Field("list", lambda lim: (ID_CHARS + 2) * max(lim.max_curated, 1), lambda lim: max(lim.max_curated, 1),
                  optional=False),
