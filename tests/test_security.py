@@ -524,7 +524,8 @@ def _raw_call(url: str, fn_index: int, data: list | str, session_hash: str) -> d
             '"event_data": null, "trigger_id": null}')
     with httpx.Client(timeout=120) as http:
         r = http.post(url + "gradio_api/queue/join", content=body, headers={"content-type": "application/json"})
-        assert r.status_code == 200, r.text
+        if r.status_code != 200:   # refused when it joined the queue (the inputs' validator or Gradio's checks)
+            return {"msg": "process_completed", "success": False, "output": {"error": r.text}}
         with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
             for line in stream.iter_lines():
                 if line.startswith("data:"):
@@ -616,7 +617,8 @@ def test_app_requests_are_bounded_before_any_work(world, tmp_path):
     client = Client(world["url"], verbose=False)
     for strengths, seeds, why in (("0.1:0.9:100000000", "0", "100,000,000 strengths exceed the limit"),
                                   ("0.5", "n=1000000000", "1,000,000,000 seeds exceed the limit"),
-                                  ("0.5", " ".join(["1"] * 5000), "give at most 64 seeds|seeds is 9,999 characters; the limit is 2,048"),
+                                  ("0.5", " ".join(["1"] * 5000),
+                                   "give at most 64 seeds|seeds is 9,999 characters; the limit is"),
                                   ("0.5", ",".join(["1"] * 65), "65 seeds exceed the limit"),
                                   ("0.3, 0.5, 0.7, 0.9", "n=20", "= 80 images exceeds the limit of 64")):
         t0 = time.perf_counter()
@@ -972,7 +974,8 @@ def test_oversized_and_wrong_type_fields_are_refused_at_once_outside_the_lane(wo
     # the page's own events (private, reached by fn_index) are bounded the same way
     demo = world["demo"]
     for fn, data in (("on_bundle", [big]), ("on_bundle_text", [big]), ("on_restore", [big, ""]),
-                     ("on_upload", [world["bundle"], None, big]), ("on_source_change", [world["bundle"], None, big, "owl"])):
+                     ("on_upload", [world["bundle"], None, big]),
+                     ("on_source_change", [world["bundle"], None, big, "owl"])):
         r = _join(world["url"], _fn_index(demo, fn), data, "bigfields")
         assert r.status_code in (400, 422) and ("1,000,000 characters" in r.text or "list of choices" in r.text), (
             fn, r.status_code, r.text[:200])
@@ -1008,7 +1011,7 @@ def test_sweep_job_limit_counts_every_target_strength_and_seed(world, monkeypatc
     sessions = world["root"] / "sessions"
     before = len(list(sessions.rglob("*.png")))
     for target in ("duck,flamingo", "duck, flamingo, duck, flamingo", "all other classes"):
-        with pytest.raises(Exception, match=r"(2|9) targets x 1 strengths x 2 seeds = (4|18) images exceeds the limit of 2"):
+        with pytest.raises(Exception, match=r"(2|9) targets x 1 strengths x 2 seeds = (4|18) images exceeds the limit"):
             _sweep(client, world, target=target, seeds="0, 1")
     assert len(list(sessions.rglob("*.png"))) == before   # nothing was made
     # the counted number is the number of jobs, for every kind of field and strategy

@@ -287,7 +287,8 @@ def test_two_clients_never_see_each_others_selections(app_url, world):
     with pytest.raises(Exception, match="unknown image id"):
         a.predict(ids_b[0], "add", api_name="/select")
     _, folder, _ = b.predict(api_name="/export")
-    assert [json.loads(line)["id"] for line in (world["root"] / "out" / folder / "imagefolder" / "metadata.jsonl").open()] == ids_b
+    exported = world["root"] / "out" / folder / "imagefolder" / "metadata.jsonl"   # folder: under the output root
+    assert [json.loads(line)["id"] for line in exported.open()] == ids_b
 
 
 def test_bad_input_is_a_clear_error_and_app_keeps_serving(app_url, world, tmp_path):
