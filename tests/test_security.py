@@ -944,19 +944,19 @@ def test_oversized_and_wrong_type_fields_are_refused_at_once_outside_the_lane(wo
 
     other = Client(world["url"], verbose=False)
     done: dict = {}
-    t = threading.Thread(target=lambda: done.setdefault("out", _sweep(other, world, strengths="0.5, 1.0", seeds="8")))
+    t = threading.Thread(target=lambda: done.setdefault("out", sweep(other, world, strengths="0.5, 1.0", seeds="8")))
     t.start()   # another session's small sweep, in the model lane meanwhile
     attacker = Client(world["url"], verbose=False)
     huge = "a/" * 5_000_000   # 10 MB: resolving it as a path took 25+ minutes inside the lane
     t0 = time.perf_counter()
     with pytest.raises(Exception, match=r"example is 10,000,000 characters; the limit is 4,096"):
-        _sweep(attacker, world, example=huge)
+        sweep(attacker, world, example=huge)
     assert time.perf_counter() - t0 < 5
     # every text field of every endpoint, by name (1 MB each: far over any bound)
     big = "x" * 1_000_000
-    sweep = [world["bundle"], None, world["example"], "owl", "duck", "0.5", "0", 2, 5.0, "diff-mix"]
+    sweep_args = [world["bundle"], None, world["example"], "owl", "duck", "0.5", "0", 2, 5.0, "diff-mix"]
     names = ["bundle_path", "upload", "example", "source_class", "target", "strengths", "seeds", None, None, "strategy"]
-    calls = [("/sweep", sweep, i, n) for i, n in enumerate(names) if n]
+    calls = [("/sweep", sweep_args, i, n) for i, n in enumerate(names) if n]
     calls += [("/bundle_info", [world["bundle"]], 0, "path"), ("/select", ["x", "add"], 0, "ids"),
               ("/select", ["x", "add"], 1, "mode"),
               ("/save_profile", [world["bundle"], 0.5, "diff-mix", 10, 5.0] + [None] * 6, 0, "bundle_path"),
@@ -1012,7 +1012,7 @@ def test_sweep_job_limit_counts_every_target_strength_and_seed(world, monkeypatc
     before = len(list(sessions.rglob("*.png")))
     for target in ("duck,flamingo", "duck, flamingo, duck, flamingo", "all other classes"):
         with pytest.raises(Exception, match=r"(2|9) targets x 1 strengths x 2 seeds = (4|18) images exceeds the limit"):
-            _sweep(client, world, target=target, seeds="0, 1")
+            sweep(client, world, target=target, seeds="0, 1")
     assert len(list(sessions.rglob("*.png"))) == before   # nothing was made
     # the counted number is the number of jobs, for every kind of field and strategy
     bundle = load_bundle(world["bundle"])
@@ -1097,7 +1097,7 @@ def test_gradio_cache_is_bounded_and_unclaimed_uploads_go(world, monkeypatch, tm
     client = Client(world["url"], verbose=False)
     up = tmp_path / "taken.png"
     Image.new("RGB", (32, 32), (9, 99, 199)).save(up)
-    _sweep(client, world, upload=handle_file(str(up)), example="")   # an upload a handler took
+    sweep(client, world, upload=handle_file(str(up)), example="")   # an upload a handler took
     taken = [p for p in cache.rglob("taken*.png")]
     assert taken
     anonymous = []
@@ -1114,7 +1114,7 @@ def test_gradio_cache_is_bounded_and_unclaimed_uploads_go(world, monkeypatch, tm
     monkeypatch.setenv("DIFFMIX_SESSIONS_MAX_MB", "1")
     for seed in range(3):
         S._PRUNED.clear()
-        _sweep(client, world, seeds=str(20 + seed))
+        sweep(client, world, seeds=str(20 + seed))
     S._PRUNED.clear()
     client.predict("", "add", api_name="/select")
     assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) <= 2**20
@@ -1135,7 +1135,7 @@ def test_visitors_see_no_server_paths(world, tmp_path, monkeypatch):
     client = Client(world["url"], verbose=False)
     panel = client.predict(world["bundle"], api_name="/bundle_info")[0]
     assert "base model" in panel and clean(panel), panel
-    out = _sweep(client, world, strengths="0.5, 1.0")   # an example source
+    out = sweep(client, world, strengths="0.5, 1.0")   # an example source
     client.predict(",".join(r[0] for r in out[3]["data"]), "add", api_name="/select")
     msg, folder, _ = client.predict(api_name="/export")
     assert clean(msg) and clean(folder) and folder.startswith("exports/")
@@ -1149,7 +1149,7 @@ def test_visitors_see_no_server_paths(world, tmp_path, monkeypatch):
     fake = tmp_path / "not-an-image.jpg"
     fake.write_text("hello")
     with pytest.raises(Exception) as err:
-        _sweep(client, world, upload=handle_file(str(fake)), example="")
+        sweep(client, world, upload=handle_file(str(fake)), example="")
     assert "not-an-image" in str(err.value) and clean(err.value), str(err.value)
     # the profile's path is shown under the output root
     monkeypatch.setenv("DIFFMIX_ALLOW_PROFILE_SAVE", "1")
