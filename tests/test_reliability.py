@@ -514,7 +514,7 @@ def test_app_remake_command_keeps_the_feature_cache_interval(tiny_model_dir, tmp
 
     from diffmix_core.app.views import command_for
 
-    bundle = _bundle(tmp_path, tiny_model_dir, lora=False)
+    bundle = tiny_bundle(tmp_path, tiny_model_dir, lora=False)
     src = tmp_path / "src.png"
     Image.new("RGB", (32, 32), (200, 60, 30)).save(src)
     first = tmp_path / "first"
