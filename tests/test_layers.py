@@ -38,3 +38,16 @@ def test_an_import_running_back_up_breaks_the_contracts(tmp_path):
     assert "up to the app and the CLI BROKEN" in report and "No import circle among the modules of any package " \
         "BROKEN" in report, res.stdout
     assert "diffmix_core.config -> diffmix_core.ui" in res.stdout, res.stdout
+
+
+def test_every_subpackage_and_package_data_file_is_installed():
+    """A non-editable install (a wheel, a Space's pip) carries every package and data file the code
+    reads: each folder of diffmix_core with an __init__.py is in pyproject's package list."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "diffmix_core").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found == set(setup["packages"]), found ^ set(setup["packages"])
+    for pattern in setup["package-data"]["diffmix_core"]:
+        assert list((ROOT / "diffmix_core").glob(pattern)), pattern
