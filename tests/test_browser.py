@@ -211,12 +211,14 @@ def test_pick_sweep_curate_save_sweep_export(page, app, tmp_path):
     page.screenshot(path=str(tmp_path / "loop.png"), full_page=True)
     page.get_by_role("button", name="Export batch").click()
     expect(page.get_by_text("exported 3 image(s)")).to_be_visible(timeout=30_000)
-    folder = page.get_by_label("Export folder").input_value()
-    rows = read_jsonl(Path(folder) / "imagefolder" / "metadata.jsonl")
+    folder = page.get_by_label("Export folder").input_value()   # shown relative to the output root
+    assert Path(folder).parent == Path("exports")
+    rows = read_jsonl(root / "out" / folder / "imagefolder" / "metadata.jsonl")
     want = {(0.7, 0), (0.9, 1), (0.7, 5)}
     assert {(r["strength"], r["seed"]) for r in rows} == want
-    assert {(r["source_class"], r["target_class"], r["source_path"]) for r in rows} == {("owl", "parrot", str(owl))}
-    assert Path(folder).parent == root / "out" / "exports"
+    # exported records name the source relative to its bundle (no server paths leave the app)
+    assert {(r["source_class"], r["target_class"], r["source_path"]) for r in rows} == \
+        {("owl", "parrot", owl.relative_to(DEMO_BUNDLE).as_posix())}
     # a page reload finds the same session: the curated batch is still there
     page.reload()
     expect(page.get_by_text("Curated batch: 3 image(s)")).to_be_visible(timeout=30_000)
