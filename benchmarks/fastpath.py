@@ -197,7 +197,7 @@ def unet_costs(pipe, resolution: int, rows: int = 2) -> dict:
 def quality(runs: dict, bundle) -> None:
     """Adds to each run: target-hit and source-keep over the subset and per strength (as `demo
     evaluate`), and the mean absolute pixel difference to the uncached image."""
-    from diffmix_core.bundle import bundle_reference_path
+    from diffmix_core.reference import bundle_reference_path
     from diffmix_core.demo.world import strength_table
     from diffmix_core.reference import load_reference
     from diffmix_core.scoring import score_images
@@ -224,13 +224,13 @@ def quality(runs: dict, bundle) -> None:
 def demo_part(args) -> dict:
     from diffmix_core.bundle import load_bundle
     from diffmix_core.config import PipelineConfig
-    from diffmix_core.demo import ASSETS
+    from diffmix_core.paths import DEMO_ASSETS
     from diffmix_core.demo.world import SHIPPED_BIRDS, sources_of
-    from diffmix_core.models import load_pipeline_for
+    from diffmix_core.apply import load_pipeline_for
 
-    bundle = load_bundle(ASSETS / "demo" / "bundle")
+    bundle = load_bundle(DEMO_ASSETS / "bundle")
     pipe = load_pipeline_for(PipelineConfig(device=args.device, dtype="fp32"), bundle)
-    sources = sources_of(ASSETS / "demo" / SHIPPED_BIRDS, "test", args.per_class)
+    sources = sources_of(DEMO_ASSETS / SHIPPED_BIRDS, "test", args.per_class)
     classes = list(bundle.classes)
     jobs = [Job(src, classes[(classes.index(src.source_class) + 1 + j) % len(classes)], s, 0)
             for src in sources for j in range(args.targets) for s in args.strengths]
