@@ -51,6 +51,7 @@ from .profiles import load_profile, save_profile
 from .records import atomic_path, save_png, write_text_atomic
 from .reference import bundle_reference_path, load_reference
 from .scoring import class_prompt, default_clip, load_clip, recommend_strength, score_images, summarize
+from .stats import t_mean
 from .translate import Job, Result, Source, count_jobs, translate, validate_jobs
 
 CALIBRATION_FILE = "calibration.json"
@@ -223,19 +224,15 @@ def source_means(records: Sequence[dict], source_index: Sequence[int], strengths
 def t_interval(values: np.ndarray, confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict | None:
     """{mean, low, high, n} of the non-NaN ``values``: a Student-t interval of the mean, clipped
     to ``bounds``; low/high None for fewer than 2 values; None for none."""
-    from scipy.stats import t as student_t
-
-    v = np.asarray(values, dtype=float)
-    v = v[~np.isnan(v)]
-    if v.size == 0:
+    t = t_mean(values, confidence)
+    if t is None:
         return None
-    mean, low, high = float(v.mean()), None, None
-    if v.size >= 2:
-        half = float(student_t.ppf((1 + confidence) / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    mean, low, high = t["mean"], None, None
+    if t["half"] is not None:
         lo, hi = bounds or (-np.inf, np.inf)
-        low, high = max(lo, mean - half), min(hi, mean + half)
+        low, high = max(lo, mean - t["half"]), min(hi, mean + t["half"])
     return {"mean": round(mean, 6), "low": None if low is None else round(low, 6),
-            "high": None if high is None else round(high, 6), "n": int(v.size)}
+            "high": None if high is None else round(high, 6), "n": t["n"]}
 
 
 def curves(matrices: dict[str, np.ndarray], strengths: Sequence[float], counts: Sequence[int],
