@@ -324,7 +324,8 @@ class SynthesizeConfig:
     multiplier: float = option(5.0, "M: synthetic images = M x real train images (paper: 5)")
     strength_strategy: str = option("fixed", "fixed (--strength), uniform over --strengths, or beta (Beta(5,5) "
                                     "clipped to [0.1, 0.9])")
-    strength: float = option(0.5, "s for --strength-strategy fixed (the authors' default; the paper runs 0.7-0.8)")
+    strength: float = option(0.5, "s for --strength-strategy fixed (the authors' default; the paper runs 0.7-0.8; "
+                             "diff-ii: its own s, 0.3 unless given)")
     strengths: tuple[float, ...] = option((0.3, 0.5, 0.7, 0.9), "choices for --strength-strategy uniform "
                                           "(the authors' set)")
     long_tail: bool = option(False, "long-tail data: --pairing auto draws sources uniformly over images (the "
@@ -602,6 +603,23 @@ class ExperimentSetting:
             raise ValueError(f"setting {self.name!r}: replace_prob must be in [0, 1]")
 
 
+@dataclass(frozen=True)
+class ExperimentContrast:
+    """An extra paired comparison of `diffmix experiment` beside "every arm vs the baseline": ``arm``
+    (each of its strengths, or ``strength``) against the runs of ``versus`` at ``versus_strength``
+    (e.g. diff-ii vs diff-mix 0.9), in every setting; its p-values join the report's Holm family."""
+
+    arm: str                          # the arm compared (its name in arms:)
+    versus: str                       # the arm it is compared with
+    strength: float | None = None     # one strength of `arm` (None: each of its strengths)
+    versus_strength: float | None = None  # the strength of `versus` (None: an arm without strengths)
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        if not self.arm or not self.versus:
+            raise ValueError("a contrast needs arm and versus (arm names)")
+
+
 DEFAULT_ARMS = (
     ExperimentArm("baseline"), ExperimentArm("mixup", mixup=0.2), ExperimentArm("cutmix", cutmix=1.0),
     ExperimentArm("real-aug", "real-aug", (0.5, 0.7, 0.9)), ExperimentArm("real-mix", "real-mix", (0.5, 0.7, 0.9)),
@@ -633,6 +651,7 @@ class ExperimentConfig:
     dtype: str = ""                   # pipeline dtype: fp16, bf16, fp32 ('' = fp16 on CUDA, fp32 on CPU)
     threads: int = 2                  # torch.set_num_threads for every run (recorded in the report); 0 = torch's
     classes: int = 0                  # classes in data, known before it is read: --dry-run's budgets (0 = unknown)
+    contrasts: tuple[ExperimentContrast, ...] = ()  # extra paired comparisons (arm vs another arm), Holm family too
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -646,6 +665,18 @@ class ExperimentConfig:
             names = [x.name for x in items]
             if len(set(names)) != len(names):
                 raise ValueError(f"{what} names must be unique, got {names}")
+        arms = {a.name: a for a in self.arms}
+        for c in self.contrasts:
+            for name in (c.arm, c.versus):
+                if name not in arms:
+                    raise ValueError(f"contrast {c.arm} vs {c.versus}: no arm named {name!r} (arms: {sorted(arms)})")
+            versus = arms[c.versus].strengths
+            if (c.versus_strength not in versus) if versus else c.versus_strength is not None:
+                raise ValueError(f"contrast {c.arm} vs {c.versus}: versus_strength must be one of {list(versus)} "
+                                 f"(none for an arm without strengths), got {c.versus_strength}")
+            if c.strength is not None and c.strength not in arms[c.arm].strengths:
+                raise ValueError(f"contrast {c.arm} vs {c.versus}: arm {c.arm!r} has strengths "
+                                 f"{list(arms[c.arm].strengths)}, got strength {c.strength}")
         for arm in self.arms:
             if arm.strategy and get_strategy(arm.strategy).tokens and not get_strategy(arm.strategy).lora \
                     and not self.ti_bundle:

@@ -35,12 +35,13 @@ import numpy as np
 
 from .apply import load_pipeline_for
 from .classify import REPORT_FILE, check_pretrained, train_classifier
-from .config import (ClassifyConfig, ExperimentArm, ExperimentConfig, ExperimentSetting, PipelineConfig, SplitConfig,
+from .config import (ClassifyConfig, ExperimentArm, ExperimentConfig, ExperimentContrast, ExperimentSetting, PipelineConfig, SplitConfig,
                      SynthesizeConfig, TranslateConfig, get_strategy, with_recipe)
 from .data import long_tail_counts, read_dataset, resolve_splits, split_subset
 from .hub import open_bundle
 from .models import pipeline_source
 from .records import atomic_path, write_text_atomic
+from .stats import t_mean
 from .synthesize import run_synthesis
 from .translate import check_bundle_for
 
@@ -91,6 +92,9 @@ def experiment_from_dict(raw: dict, *, quick: bool = False, **overrides) -> Expe
                                    for i, s in enumerate(values["settings"]))
     if "arms" in values:
         values["arms"] = tuple(_build(ExperimentArm, a, f"arms[{i}]") for i, a in enumerate(values["arms"]))
+    if "contrasts" in values:
+        values["contrasts"] = tuple(_build(ExperimentContrast, c, f"contrasts[{i}]")
+                                    for i, c in enumerate(values["contrasts"] or ()))
     return _build(ExperimentConfig, values, "experiment")
 
 
@@ -128,13 +132,15 @@ class Run:
 
 
 def plan_runs(config: ExperimentConfig) -> list[Run]:
-    """Every run, settings outermost, seeds innermost."""
+    """Every run, seeds outermost (then settings, arms, strengths): a run stopped part-way has every
+    arm of its finished seeds, so `--seeds` over those gives complete paired comparisons."""
     runs = []
-    for setting in config.settings:
-        for arm in config.arms:
-            gen = arm.strategy is not None and get_strategy(arm.strategy).pairing == "gen"
-            strengths = (1.0,) if gen else (arm.strengths or (None,))
-            runs += [Run(setting, arm, s, seed) for s in strengths for seed in config.seeds]
+    for seed in config.seeds:
+        for setting in config.settings:
+            for arm in config.arms:
+                gen = arm.strategy is not None and get_strategy(arm.strategy).pairing == "gen"
+                strengths = (1.0,) if gen else (arm.strengths or (None,))
+                runs += [Run(setting, arm, s, seed) for s in strengths]
     return runs
 
 
@@ -157,7 +163,10 @@ def describe_runs(config: ExperimentConfig) -> list[str]:
              f"base {config.base or '(the bundle’s)'}; out {config.out}; seeds {list(config.seeds)}; "
              f"torch threads {config.threads or 'default'}",
              f"classifier {t.model_name} (pretrained {t.pretrained}) at {t.resolution} px: batch {t.batch_size}, "
-             f"lr {t.lr:g}, {t.epochs} epochs, wd {t.weight_decay:g}, gamma {t.label_gamma:g}, k {t.label_scale:g}; "
+             f"lr {t.lr:g}, {t.epochs} epochs, wd {t.weight_decay:g}, "
+             + (f"step lr x{t.lr_decay:g} after each of epochs {'/'.join(map(str, t.lr_milestones))}"
+                if t.lr_schedule == "step" else f"{t.lr_schedule} lr") + f", augment {t.augment}, "
+             f"gamma {t.label_gamma:g}, k {t.label_scale:g}; "
              f"synthesis: {tr.num_inference_steps} steps, guidance {tr.guidance_scale:g}, {config.scheduler}, "
              f"multiplier {config.synthesize.multiplier:g}, "
              + ("a new set per seed" if config.resynthesize_per_seed else "one set per arm and strength for all seeds")]
@@ -289,8 +298,10 @@ METRICS = ("test_accuracy", "mean_class_accuracy", "many", "medium", "few")
 def summarize(rows: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
     """Mean and sample std (n - 1; None for one seed) over seeds of each (setting, arm, strength);
     with ``config``, each arm's ``paired`` difference to the setting's baseline arm over the seeds
-    both have (:func:`paired_t`), its p-value Holm-adjusted across every comparison of the table
-    (:func:`holm`); ``significant`` = Holm-adjusted p < 0.05."""
+    both have (:func:`paired_t`) and, for each of ``config.contrasts`` that names it, a paired
+    difference to another arm (``contrasts``: the same fields + ``versus``/``versus_strength``);
+    every p-value Holm-adjusted across all comparisons of the table (:func:`holm`);
+    ``significant`` = Holm-adjusted p < 0.05."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["setting"], r["arm"], r["strength"]), []).append(r)
@@ -312,6 +323,15 @@ def summarize(rows: list[dict], config: ExperimentConfig | None = None) -> list[
             continue
         entry["paired"] = _paired(groups[(entry["setting"], entry["arm"], entry["strength"])], theirs)
         compared += [entry["paired"]] if entry["paired"]["p"] is not None else []
+    for c in (config.contrasts if config is not None else ()):
+        for entry in out:
+            theirs = groups.get((entry["setting"], c.versus, c.versus_strength), [])
+            if entry["arm"] != c.arm or c.strength not in (None, entry["strength"]) or not theirs:
+                continue
+            paired = dict(_paired(groups[(entry["setting"], entry["arm"], entry["strength"])], theirs),
+                          versus=c.versus, versus_strength=c.versus_strength)
+            entry.setdefault("contrasts", []).append(paired)
+            compared += [paired] if paired["p"] is not None else []
     for paired, adjusted in zip(compared, holm([c["p"] for c in compared])):
         paired.update(p_holm=adjusted, comparisons=len(compared), significant=bool(adjusted < ALPHA))
     return out
@@ -352,21 +372,13 @@ def paired_t(arm: typing.Sequence[float], base: typing.Sequence[float]) -> dict:
         {"diff": mean(d), "ci": [low, high] (None for one seed), "p": two-sided p (None for one
         seed), "seeds": n, "per_seed": d}.
     """
-    from scipy import stats
-
     d = np.asarray(arm, dtype=np.float64) - np.asarray(base, dtype=np.float64)
     if d.ndim != 1 or d.size == 0 or np.shape(arm) != np.shape(base):
         raise ValueError(f"need two equal-length lists of per-seed accuracies, got shapes {np.shape(arm)} "
                          f"and {np.shape(base)}")
-    n, mean = d.size, float(d.mean())
-    out = {"diff": mean, "ci": None, "p": None, "seeds": n, "per_seed": [float(v) for v in d]}
-    if n < 2:
-        return out
-    se = float(d.std(ddof=1)) / np.sqrt(n)
-    if se == 0:
-        return dict(out, ci=[mean, mean], p=1.0 if mean == 0 else 0.0)
-    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * se
-    return dict(out, ci=[mean - half, mean + half], p=float(2 * stats.t.sf(abs(mean) / se, n - 1)))
+    t = t_mean(d, 1 - ALPHA)
+    ci = None if t["half"] is None else [t["mean"] - t["half"], t["mean"] + t["half"]]
+    return {"diff": t["mean"], "ci": ci, "p": t["p"], "seeds": t["n"], "per_seed": [float(v) for v in d]}
 
 
 def holm(pvalues: typing.Sequence[float]) -> list[float]:
@@ -380,6 +392,10 @@ def holm(pvalues: typing.Sequence[float]) -> list[float]:
     adjusted = np.empty_like(p)
     adjusted[order] = scaled
     return [float(v) for v in adjusted]
+
+
+def _strength(s: float | None) -> str:
+    return "-" if s is None else f"{s:g}"
 
 
 def _cell(stat: dict | None) -> str:
@@ -444,13 +460,21 @@ def markdown_table(summary: list[dict], config: ExperimentConfig, environment: d
                   f"| arm | strength | test accuracy | Δ vs {base} [95 % CI] | p | p Holm | {header} |",
                   "| --- | --- | --- | --- | --- | --- | " + " | ".join(["---"] * (len(cols) - 1 + published)) + " |"]
         for e in entries:
-            s = "-" if e["strength"] is None else f"{e['strength']:g}"
-            lines.append(f"| {e['arm']} | {s} | {_cell(e.get(cols[0]))} | {_diff_cell(e.get('paired'))} | "
+            lines.append(f"| {e['arm']} | {_strength(e['strength'])} | {_cell(e.get(cols[0]))} | {_diff_cell(e.get('paired'))} | "
                          f"{_p_cells(e.get('paired'))} | " + " | ".join(_cell(e.get(c)) for c in cols[1:])
                          + (f" | {_published(arms[e['arm']], e['strength']) if e['arm'] in arms else '-'}"
                             if published else "")
                          + " |")
         lines.append("")
+        contrasts = [(e, c) for e in entries for c in e.get("contrasts", [])]
+        if contrasts:
+            lines += [f"Contrasts ({setting.name}): the same paired t-interval and test between two arms, in the "
+                      "same Holm family.", "",
+                      "| arm | strength | versus | Δ [95 % CI] | p | p Holm |", "| --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {e['arm']} | {_strength(e['strength'])} | {c['versus']}"
+                      f"{'' if c['versus_strength'] is None else ' s=' + _strength(c['versus_strength'])} | "
+                      f"{_diff_cell(c)} | {_p_cells(c)} |" for e, c in contrasts]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -26,13 +26,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_shipped_config_and_its_quick_variant():
     full = load_experiment(ROOT / "configs" / "experiment_demo.yaml")
-    assert [a.name for a in full.arms] == ["baseline", "mixup", "cutmix", "real-mix", "diff-aug", "diff-mix", "diff-ii"]
-    assert full.arms[-1].strengths == (0.3, 0.5)
+    assert [a.name for a in full.arms] == ["baseline", "diff-mix", "diff-ii"]
+    assert full.arms[1].strengths == (0.9,) and full.arms[-1].strengths == (0.3, 0.5)
+    assert [(c.arm, c.versus, c.versus_strength) for c in full.contrasts] == [("diff-ii", "diff-mix", 0.9)]
     assert full.seeds == (0, 1, 2, 3, 4) and len(full.settings) == 2 and full.settings[1].imbalance == 0.1
     assert full.settings[0].shots == 10   # the split the shipped bundle was fine-tuned on
     assert full.resynthesize_per_seed and full.threads == 2 and full.classes == 10
-    # 2 settings x (3 plain arms + 3 synthetic arms x 3 strengths + diff-ii x 2) x 5 seeds
-    assert len(plan_runs(full)) == 2 * (3 + 3 * 3 + 2) * 5
+    runs = plan_runs(full)   # 5 seeds x 2 settings x (baseline + diff-mix 0.9 + diff-ii x 2), seeds outermost
+    assert len(runs) == 5 * 2 * 4 and [r.seed for r in runs[:8]] == [0] * 8 and runs[8].seed == 1
+    assert [r.label for r in runs[:4]] == ["baseline", "diff-mix-s0.9", "diff-ii-s0.3", "diff-ii-s0.5"]
+    # the second run: another seed set and thread count, the same everything else
+    rerun = load_experiment(ROOT / "configs" / "experiment_demo_rerun.yaml")
+    assert rerun.seeds == (5, 6, 7, 8, 9) and rerun.threads == 1 and rerun.out != full.out
+    assert set(rerun.seeds).isdisjoint(full.seeds)
+    assert (rerun.train, rerun.synthesize, rerun.translate, rerun.settings, rerun.data, rerun.bundle) == \
+        (full.train, full.synthesize, full.translate, full.settings, full.data, full.bundle)
+    assert [(a.name, a.strengths) for a in rerun.arms] == [("baseline", ()), ("diff-mix", (0.9,)), ("diff-ii", (0.3,))]
     quick = load_experiment(ROOT / "configs" / "experiment_demo.yaml", quick=True, out="elsewhere")
     assert quick.seeds == (0, 1) and quick.train.epochs == 1 and quick.translate.num_inference_steps == 4
     assert quick.train.model_name == full.train.model_name and quick.out == "elsewhere"
@@ -122,6 +131,49 @@ def test_summary_pairs_arms_with_the_baseline_and_holm_corrects_the_table():
     assert "| p | p Holm | mean class accuracy | published |" in table and "adjusted across all 3 comparisons" in table
     row = next(line for line in table.splitlines() if line.startswith("| diff-mix | 0.9 |"))
     assert row.endswith("| 59.4 |") and " * |" in row and row.count("|") == 9
+
+
+def test_contrasts_compare_two_arms_in_the_same_holm_family():
+    """`contrasts:` (e.g. diff-ii vs diff-mix 0.9): the paired t of the two arms' per-seed accuracies,
+    in every setting, its p-value adjusted together with the baseline comparisons; a table of its own."""
+    def rows(arm, strategy, strength, accs):
+        return [{"setting": "a", "arm": arm, "strategy": strategy, "strength": strength, "seed": s,
+                 "test_accuracy": a, "mean_class_accuracy": a} for s, a in enumerate(accs)]
+    mix = [0.60, 0.63, 0.57, 0.66, 0.60]
+    ii = {0.3: [0.64, 0.66, 0.62, 0.69, 0.65], 0.5: [0.59, 0.64, 0.57, 0.65, 0.61]}
+    data = (rows("baseline", None, None, [0.50, 0.52, 0.47, 0.55, 0.51]) + rows("diff-mix", "diff-mix", 0.9, mix)
+            + rows("diff-mix", "diff-mix", 0.5, [0.5] * 5)
+            + rows("diff-ii", "diff-ii", 0.3, ii[0.3]) + rows("diff-ii", "diff-ii", 0.5, ii[0.5]))
+    raw = {"data": "d", "bundle": "b", "settings": [{"name": "a"}],
+           "arms": [{"name": "baseline"}, {"name": "diff-mix", "strategy": "diff-mix", "strengths": [0.5, 0.9]},
+                    {"name": "diff-ii", "strategy": "diff-ii", "strengths": [0.3, 0.5]}],
+           "contrasts": [{"arm": "diff-ii", "versus": "diff-mix", "versus_strength": 0.9}]}
+    config = experiment_from_dict(raw)
+    summary = summarize(data, config)
+    by = {(e["arm"], e["strength"]): e for e in summary}
+    for s in (0.3, 0.5):
+        (c,) = by[("diff-ii", s)]["contrasts"]
+        expected = paired_t(ii[s], mix)
+        assert c["versus"] == "diff-mix" and c["versus_strength"] == 0.9
+        assert c["diff"] == pytest.approx(expected["diff"]) and c["ci"] == pytest.approx(expected["ci"])
+    assert "contrasts" not in by[("diff-mix", 0.9)]
+    family = [e["paired"] for e in summary if e.get("paired")] + [c for e in summary for c in e.get("contrasts", [])]
+    assert len(family) == 6 and all(p["comparisons"] == 6 for p in family)
+    assert [p["p_holm"] for p in family] == pytest.approx(holm([p["p"] for p in family]))
+    table = markdown_table(summary, config)
+    assert "adjusted across all 6 comparisons" in table and "| arm | strength | versus | Δ [95 % CI] | p | p Holm |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| diff-ii | 0.3 | diff-mix s=0.9 |"))
+    assert f"{100 * paired_t(ii[0.3], mix)['diff']:+.1f} [" in row
+    # one strength only; and the arm names are checked when the config is read
+    one = summarize(data, experiment_from_dict(dict(raw, contrasts=[{"arm": "diff-ii", "strength": 0.3,
+                                                                     "versus": "diff-mix", "versus_strength": 0.9}])))
+    assert [e["strength"] for e in one if e.get("contrasts")] == [0.3]
+    for bad, match in (({"arm": "diff-ii", "versus": "dm", "versus_strength": 0.9}, "no arm named 'dm'"),
+                       ({"arm": "diff-ii", "versus": "diff-mix", "versus_strength": 0.7}, "versus_strength must be"),
+                       ({"arm": "diff-ii", "versus": "baseline", "versus_strength": 0.7}, "versus_strength must be"),
+                       ({"arm": "diff-ii", "strength": 0.9, "versus": "baseline"}, "has strengths")):
+        with pytest.raises(ValueError, match=match):
+            experiment_from_dict(dict(raw, contrasts=[bad]))
 
 
 def test_shipped_results_are_recomputed_from_their_json(tmp_path):
