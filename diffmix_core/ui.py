@@ -1131,11 +1131,15 @@ def on_save_calibration(bundle_path: str, token: str, request: gr.Request = None
 def on_calibrate_bundle(path: str, request: gr.Request = None):
     """A bundle's sampler settings (its profile's) for the calibration, and whether this visitor may save."""
     try:
-        config = translate_config_for(open_bundle_cached(path))
+        bundle = open_bundle_cached(path)
+        config = translate_config_for(bundle)
     except (ValueError, FileNotFoundError):
-        config = TranslateConfig()
-    strategy = config.strategy if config.strategy in INTER else INTER[0]
-    return strategy, config.num_inference_steps, config.guidance_scale, gr.Button(interactive=_save_state(request)[0])
+        bundle, config = None, TranslateConfig()
+    # the inter-class strategies this bundle can run (a joint bundle: no ti-mix), by the engine's own rule
+    offered = [name for name in INTER if bundle is None or not strategy_unavailable(name, bundle)] or list(INTER)
+    strategy = config.strategy if config.strategy in offered else offered[0]
+    return (gr.Dropdown(choices=offered, value=strategy), config.num_inference_steps, config.guidance_scale,
+            gr.Button(interactive=_save_state(request)[0]))
 
 
 def _calibrate_panel(ui: SimpleNamespace, limits: Limits) -> None:

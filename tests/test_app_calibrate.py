@@ -59,6 +59,16 @@ def test_a_request_is_checked_and_counted_before_any_model(world, monkeypatch):
         plan_calibration(bundle, CalibrationRequest("dataset", per_class=1), Limits())
 
 
+def test_the_strategy_list_offers_what_the_bundle_can_run(world):
+    """A joint bundle is not offered ti-mix (it needs a TI-only fine-tune's tokens): the list follows
+    the engine's own rule (translate.strategy_unavailable), as the sweep's strategy list does."""
+    from diffmix_core.ui import on_calibrate_bundle
+
+    dropdown = on_calibrate_bundle(world["bundle"])[0]
+    offered = [c[0] if isinstance(c, tuple) else c for c in dropdown.choices]
+    assert offered == ["diff-mix", "real-mix"] and dropdown.value == "diff-mix"
+
+
 def test_progress_says_estimating_until_a_rate_exists_then_an_eta():
     from diffmix_core.app.calibration import ProgressClock
 
