@@ -324,7 +324,8 @@ def test_cli_diff_ii_refusals(tmp_path, out_root, capsys):
 
 def test_cli_synthesize_diff_ii_plans_pairs_and_resumes(tmp_path, out_root):
     """`diffmix synthesize --strategy diff-ii`: M x |train| same-class pairs, each record naming both
-    sources; a rerun makes nothing and inverts nothing (the cache)."""
+    sources, at s = 0.3 when --strength is not given (as translate); a rerun makes nothing and inverts
+    nothing (the cache)."""
     import shutil
 
     from diffmix_core.cli import main
@@ -336,7 +337,7 @@ def test_cli_synthesize_diff_ii_plans_pairs_and_resumes(tmp_path, out_root):
         for p in sorted(Path(DEMO_BIRDS, cls).glob("*.png"))[:n]:
             shutil.copy(p, data / cls / p.name)
     argv = ["synthesize", "--bundle", DEMO_BUNDLE, "--data", str(data), "--val-fraction", "0", "--test-fraction", "0",
-            "--strategy", "diff-ii", "--multiplier", "1.5", "--strength", "0.3", "--steps", "3", "--inversion-steps",
+            "--strategy", "diff-ii", "--multiplier", "1.5", "--steps", "3", "--inversion-steps",
             "3", "--out", str(tmp_path / "syn"), "--quiet"]
     assert main(argv) == 0
     recs = read_jsonl(tmp_path / "syn" / "records.jsonl")
@@ -346,6 +347,7 @@ def test_cli_synthesize_diff_ii_plans_pairs_and_resumes(tmp_path, out_root):
         assert Path(r["partner_path"]).parent.name == r["source_class"]
         assert (r["partner_id"] == r["source_id"]) == (r["source_class"] == "duck")
         assert r["soft_label"] == {r["source_class"]: 1.0} and r["inversion_steps"] == 3
+        assert r["strength"] == 0.3   # diff-ii's default s, not synthesize's 0.5
     cached = sorted((out_root / "inversions").rglob("*.safetensors"))
     assert len(cached) == 4   # every train image once
     mtimes = [p.stat().st_mtime_ns for p in cached]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..config import (CalibrateConfig, DiffIIConfig, ScoreConfig, SynthesizeConfig, Thresholds, TranslateConfig,
                       check_seed, get_strategy)
@@ -110,6 +111,10 @@ def run_synthesize(args: argparse.Namespace) -> None:
     train, split_file = train_split(args.data, args.split_file, split_config_from_args(args), strict=args.strict,
                                     max_pixels=args.max_pixels, show_progress=not args.quiet)
     sconfig, tconfig, thresholds = (config_from_args(cls, args, base=profile) for cls in configs)
+    if get_strategy(tconfig.strategy).start == "inversion" and "strength" not in given_values(SynthesizeConfig, args):
+        from ..diffii import DIFFII_S   # diff-ii's s is another quantity (as translate): the authors' 0.3
+
+        sconfig = dataclasses.replace(sconfig, strength=DIFFII_S)
     r = run_synthesis(train, args.out, sconfig, tconfig, pipeline_config(args), split_file=split_file,
                       bundle=bundle, superclass=args.superclass, shard=parse_shard(args.shard) if args.shard else None,
                       merge_only=args.merge, export=args.export, thresholds=thresholds,
