@@ -394,6 +394,10 @@ def holm(pvalues: typing.Sequence[float]) -> list[float]:
     return [float(v) for v in adjusted]
 
 
+def _at(s: float | None) -> str:
+    return "" if s is None else f" s={s:g}"
+
+
 def _strength(s: float | None) -> str:
     return "-" if s is None else f"{s:g}"
 
@@ -480,8 +484,9 @@ def markdown_table(summary: list[dict], config: ExperimentConfig, environment: d
 
 def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> Path:
     """Top row: test accuracy against strength (one panel per setting), a line per synthetic arm
-    with its seed std as a band, a dashed level per arm without synthetic data. Bottom row: each
-    arm's paired difference to the baseline with its 95 % interval (zero: no difference).
+    with its seed std as error bars, a dashed level per arm without synthetic data. Bottom row: each
+    arm's paired difference to the baseline (circles) and each contrast between two arms (squares),
+    with its 95 % interval (zero: no difference).
     Matplotlib Agg PNG."""
     import matplotlib
 
@@ -489,8 +494,8 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
     import matplotlib.pyplot as plt
 
     n = len(config.settings)
-    rows_per = max(1, max((sum(1 for e in summary if e["setting"] == st.name and e.get("paired"))
-                           for st in config.settings), default=1))
+    rows_per = max(1, max((sum(bool(e.get("paired")) + len(e.get("contrasts", [])) for e in summary
+                               if e["setting"] == st.name) for st in config.settings), default=1))
     fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 4 + 0.28 * rows_per + 1.2), squeeze=False,
                              gridspec_kw={"height_ratios": [4, 0.28 * rows_per + 1.2]})
     for ax, setting in zip(axes[0], config.settings):
@@ -507,25 +512,30 @@ def plot_accuracy(summary: list[dict], config: ExperimentConfig, path: Path) -> 
             y = np.array([100 * st["mean"] for _, st in pts])
             sd = np.array([100 * (st["std"] or 0.0) for _, st in pts])
             color = f"C{config.arms.index(arm)}"
-            ax.plot(x, y, marker="o", label=arm.name, color=color)
-            ax.fill_between(x, y - sd, y + sd, alpha=0.15, color=color)
-        ax.set(title=setting.name, xlabel="translation strength s", ylabel="test accuracy (%, mean ± std)")
+            ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=arm.name, color=color)
+        xlabel = "translation strength s" + (" (diff-ii: share of steps with a context suffix)" if any(
+            a.strategy == "diff-ii" for a in config.arms) else "")
+        ax.set(title=setting.name, ylabel="test accuracy (%, mean ± std)")
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     base = baseline_arm(config)
+    names = [a.name for a in config.arms]
     for ax, setting in zip(axes[1], config.settings):
-        entries = [e for e in summary if e["setting"] == setting.name and e.get("paired")]
-        for i, e in enumerate(entries):
-            p = e["paired"]
+        rows = [(e, e["paired"], f"{e['arm']}{_at(e['strength'])}") for e in summary
+                if e["setting"] == setting.name and e.get("paired")]
+        rows += [(e, c, f"{e['arm']}{_at(e['strength'])} − {c['versus']}{_at(c['versus_strength'])}")
+                 for e in summary if e["setting"] == setting.name for c in e.get("contrasts", [])]
+        for i, (e, p, _) in enumerate(rows):
             d, lo, hi = (100 * v for v in (p["diff"], *(p["ci"] or (p["diff"], p["diff"]))))
-            color = f"C{[a.name for a in config.arms].index(e['arm'])}"
-            ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=3,
+            color = f"C{names.index(e['arm'])}"
+            ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="s" if "versus" in p else "o", color=color, capsize=3,
                         mfc=color if p["significant"] else "white")
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(range(len(entries)), [e["arm"] + ("" if e["strength"] is None else f" s={e['strength']:g}")
-                                             for e in entries], fontsize=8)
+        ax.set_yticks(range(len(rows)), [label for *_, label in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"Δ vs {base} (points, 95 % t-interval; filled: Holm p < 0.05)")
+        ax.set_xlabel(f"Δ vs {base} (●) or between two arms (■), points, 95 % t-interval;\n"
+                      "filled: Holm-adjusted p < 0.05", fontsize=8)
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     with atomic_path(path) as tmp:
