@@ -287,6 +287,9 @@ def add_experiment_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="override the config's torch thread count (recorded in the report)")
     p.add_argument("--report-only", action="store_true", help="recompute the table, statistics and plot from the "
                    "config's existing results JSON (<report_dir>/<name>.json); trains nothing")
+    p.add_argument("--pool", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="with --report-only: one report over this config's results and these (runs of the same "
+                        "design on other seeds, e.g. another thread count), written as <report_dir>/<name>_pooled.*")
     shared(p, dry_run="print every run (setting, data, bundle, arm, strength, seed, hyper-parameters, synthetic "
            "budget) without loading a model or the data")
     shared(p, "device", "quiet")

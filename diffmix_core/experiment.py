@@ -19,7 +19,8 @@ Statistics: the seed is the unit of replication. Each arm is compared with the
 baseline through the per-seed paired differences (t-interval, two-sided p),
 and the p-values of every comparison in the report are Holm-adjusted
 (:func:`summarize`). ``--report-only`` (:func:`recompute_report`) rebuilds
-everything from the results JSON; ``--dry-run`` (:func:`describe_runs`) lists
+everything from the results JSON, ``--pool`` (:func:`pool_reports`) makes one report of runs of
+one design on disjoint seeds; ``--dry-run`` (:func:`describe_runs`) lists
 the runs without loading anything.
 """
 from __future__ import annotations
@@ -584,22 +585,100 @@ def write_report(config: ExperimentConfig, rows: list[dict], *, raw_config: dict
     return files
 
 
-def recompute_report(path: str | os.PathLike) -> dict:
-    """Rebuild the table, the summary and the plot from a results JSON alone (its config and
-    per-seed rows; no model, no data): ``diffmix experiment --config X --report-only``. Writes
-    the .md/.json/.png beside it. Returns {"rows", "summary", "files"}."""
+def _read_results(path: str | os.PathLike) -> dict:
+    """A results JSON as written by :func:`write_report` (needs its 'config' and 'rows')."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {path} does not exist: run the experiment first")
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-        raw, rows = result["config"], result["rows"]
+        result["config"], result["rows"]   # noqa: B018: both must be there
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not an experiment results file (needs 'config' and 'rows'): {err}") from None
+    return result
+
+
+def recompute_report(path: str | os.PathLike) -> dict:
+    """Rebuild the table, the summary and the plot from a results JSON alone (its config and
+    per-seed rows; no model, no data): ``diffmix experiment --config X --report-only``. Writes
+    the .md/.json/.png beside it. Returns {"rows", "summary", "files"}."""
+    path = Path(path)
+    result = _read_results(path)
+    raw, rows = result["config"], result["rows"]
     config = experiment_from_dict(raw)
     sizes = {e["setting"]: e["paired"].get("images") for e in result.get("summary") or [] if e.get("paired")}
     files = write_report(config, rows, raw_config=raw, environment=result.get("environment"),
                          test_ids=result.get("test_ids"), stem=path.with_suffix(""), test_sizes=sizes)
+    return {"rows": rows, "summary": json.loads(files["json"].read_text(encoding="utf-8"))["summary"],
+            "files": files}
+
+
+# what may differ between the results files of one design that are pooled
+POOL_FREE = ("name", "out", "report_dir", "seeds", "threads", "arms", "contrasts", "quick")
+
+
+def pool_reports(paths: typing.Sequence[str | os.PathLike], stem: str | os.PathLike) -> dict:
+    """One report over several results files of ONE design run on disjoint seeds (e.g. a second run
+    with other seeds and another thread count): ``--report-only --pool OTHER.json``.
+
+    Everything but the seeds, thread count, work folder, name and arm list must be equal (data,
+    splits, classifier, synthesis), and every setting tested on the same images. The pooled
+    design keeps the arms and strengths every file has (and the first file's contrasts among them);
+    its rows are all those files' rows of these cells; a seed in two files is an error. The
+    environment lists each file's. Writes ``stem``.md/.json/.png; returns {"rows", "summary", "files"}.
+    """
+    if len(paths) < 2:
+        raise ValueError("pooling needs at least two results files")
+    results = [_read_results(p) for p in paths]
+    first = results[0]["config"]
+    for path, result in zip(paths[1:], results[1:]):
+        diff = sorted(k for k in set(first) | set(result["config"])
+                      if k not in POOL_FREE and first.get(k) != result["config"].get(k))
+        if diff:
+            raise ValueError(f"{path} is another design than {paths[0]} (differs in {', '.join(diff)}); only "
+                             "runs of one design on other seeds can be pooled")
+        for setting, ids in (result.get("test_ids") or {}).items():
+            theirs = (results[0].get("test_ids") or {}).get(setting)
+            if theirs is not None and theirs != ids:
+                raise ValueError(f"{path}: setting {setting!r} was tested on other images than in {paths[0]}")
+    configs = [experiment_from_dict(r["config"]) for r in results]
+    cells = [{(a.name, s) for a in c.arms for s in (a.strengths or (None,))} for c in configs]
+    shared = set.intersection(*cells)
+    arms = []
+    for arm in configs[0].arms:
+        keep = [i for i, s in enumerate(arm.strengths or (None,)) if (arm.name, s) in shared]
+        if keep:
+            pub = arm.published
+            arms.append(dict(dataclasses.asdict(arm), strengths=[arm.strengths[i] for i in keep if arm.strengths],
+                             published=[pub[i] for i in keep] if arm.strengths and len(pub) > 1 else list(pub)))
+    names = {a["name"]: a for a in arms}
+    contrasts = [dataclasses.asdict(c) for c in configs[0].contrasts if c.arm in names and c.versus in names
+                 and (c.versus_strength is None or c.versus_strength in names[c.versus]["strengths"])
+                 and (c.strength is None or c.strength in names[c.arm]["strengths"])]
+    rows, seen = [], {}
+    for path, result in zip(paths, results):
+        for row in result["rows"]:
+            if (row["arm"], row["strength"]) not in shared:
+                continue
+            key = (row["setting"], row["arm"], row["strength"], row["seed"])
+            if key in seen:
+                raise ValueError(f"seed {row['seed']} of {row['arm']} ({row['setting']}) is in both {seen[key]} "
+                                 f"and {path}: pool runs on disjoint seeds")
+            seen[key] = path
+            rows.append(row)
+    stem = Path(stem)
+    seeds = sorted({r["seed"] for r in rows})
+    raw = dict(first, name=stem.name, seeds=seeds, arms=arms, contrasts=contrasts)
+    envs = [r.get("environment") or {} for r in results]
+    by_file = [{"file": str(p), "seeds": sorted({row["seed"] for row in r["rows"]}), "environment": e}
+               for p, r, e in zip(paths, results, envs)]
+    environment = {"torch_threads": " / ".join(f"{e.get('torch_threads', '?')} (seeds {min(f['seeds'])}-"
+                                               f"{max(f['seeds'])})" for e, f in zip(envs, by_file)),
+                   "torch": " / ".join(sorted({str(e.get("torch", "?")) for e in envs})),
+                   "cpu": " / ".join(sorted({str(e.get("cpu", "?")) for e in envs})), "pooled": by_file}
+    test_ids = dict(results[0].get("test_ids") or {})
+    files = write_report(experiment_from_dict(raw), rows, raw_config=raw, environment=environment,
+                         test_ids=test_ids, stem=stem)
     return {"rows": rows, "summary": json.loads(files["json"].read_text(encoding="utf-8"))["summary"],
             "files": files}
 

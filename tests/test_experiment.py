@@ -176,17 +176,77 @@ def test_contrasts_compare_two_arms_in_the_same_holm_family():
             experiment_from_dict(dict(raw, contrasts=[bad]))
 
 
-def test_shipped_results_are_recomputed_from_their_json(tmp_path):
-    """docs/experiment_demo.* are what --report-only makes of the shipped JSON (its rows and config alone)."""
+@pytest.mark.parametrize("stem", ["experiment_demo", "experiment_demo_rerun"])
+def test_shipped_results_are_recomputed_from_their_json(tmp_path, stem):
+    """docs/<stem>.* are what --report-only makes of the shipped JSON (its rows and config alone), and
+    the JSON holds what recomputing needs: every run's per-image results, the thread count it ran with."""
     import shutil
 
-    shutil.copy(ROOT / "docs" / "experiment_demo.json", tmp_path / "experiment_demo.json")
-    result = recompute_report(tmp_path / "experiment_demo.json")
-    shipped = json.loads((ROOT / "docs" / "experiment_demo.json").read_text())
+    shutil.copy(ROOT / "docs" / f"{stem}.json", tmp_path / f"{stem}.json")
+    result = recompute_report(tmp_path / f"{stem}.json")
+    shipped = json.loads((ROOT / "docs" / f"{stem}.json").read_text())
     assert result["summary"] == shipped["summary"]
-    assert (tmp_path / "experiment_demo.md").read_text() == (ROOT / "docs" / "experiment_demo.md").read_text()
-    e = next(e for e in result["summary"] if e["setting"] == "10-shot" and e["arm"] == "diff-mix" and e["strength"] == 0.9)
-    assert e["paired"]["p"] == pytest.approx(0.054, abs=5e-4) and e["paired"]["comparisons"] == 22
+    assert (tmp_path / f"{stem}.md").read_text() == (ROOT / "docs" / f"{stem}.md").read_text()
+    config = load_experiment(ROOT / "configs" / f"{stem}.yaml")
+    assert shipped["environment"]["torch_threads"] == config.threads
+    assert sorted({r["seed"] for r in shipped["rows"]}) == list(config.seeds)
+    assert len(shipped["rows"]) == len(plan_runs(config))
+    for setting, ids in shipped["test_ids"].items():
+        assert len(ids) == 1000 and all(len(r["test_correct"]) == 1000 for r in shipped["rows"]
+                                        if r["setting"] == setting)
+    for row in shipped["rows"]:   # the accuracy of a run is the mean of its per-image results
+        assert row["test_accuracy"] == pytest.approx(row["test_correct"].count("1") / 1000, abs=1e-6)
+
+
+def test_pool_two_runs_of_one_design_on_other_seeds(tmp_path, capsys):
+    """`--report-only --pool OTHER.json`: one report over the seeds of both runs, for the arms both
+    have; the statistics are those of the union of seeds; another design or a shared seed is refused."""
+    from diffmix_core.experiment import pool_reports, write_report
+
+    def rows(arm, strategy, strength, accs, seeds):
+        return [{"setting": "a", "arm": arm, "strategy": strategy, "strength": strength, "seed": s,
+                 "test_accuracy": a, "mean_class_accuracy": a, "test_correct": "1" * round(10 * a) + "0" * (10 - round(10 * a))}
+                for s, a in zip(seeds, accs)]
+    design = {"data": "d", "bundle": "b", "settings": [{"name": "a"}], "report_dir": str(tmp_path),
+              "arms": [{"name": "baseline"}, {"name": "diff-mix", "strategy": "diff-mix", "strengths": [0.9]},
+                       {"name": "diff-ii", "strategy": "diff-ii", "strengths": [0.3, 0.5]}],
+              "contrasts": [{"arm": "diff-ii", "versus": "diff-mix", "versus_strength": 0.9}]}
+    one = dict(design, name="one", seeds=[0, 1, 2], threads=2)
+    two = dict(design, name="two", seeds=[5, 6], threads=1,
+               arms=[*design["arms"][:2], {"name": "diff-ii", "strategy": "diff-ii", "strengths": [0.3]}])
+    base, mix, ii = [0.5, 0.4, 0.5, 0.6, 0.5], [0.7, 0.6, 0.6, 0.8, 0.6], [0.6, 0.5, 0.6, 0.6, 0.7]
+    ids = {"a": [f"img{i}" for i in range(10)]}
+    for raw, sl, seeds in ((one, slice(0, 3), [0, 1, 2]), (two, slice(3, 5), [5, 6])):
+        data = (rows("baseline", None, None, base[sl], seeds) + rows("diff-mix", "diff-mix", 0.9, mix[sl], seeds)
+                + rows("diff-ii", "diff-ii", 0.3, ii[sl], seeds))
+        if raw is one:
+            data += rows("diff-ii", "diff-ii", 0.5, [0.5] * 3, seeds)
+        write_report(experiment_from_dict(raw), data, raw_config=raw, test_ids=ids,
+                     environment={"torch_threads": raw["threads"], "torch": "t", "cpu": "c"})
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text(json.dumps(one))
+    assert main(["experiment", "--config", str(cfg), "--report-only", "--pool", str(tmp_path / "two.json")]) == 0
+    pooled = json.loads((tmp_path / "one_pooled.json").read_text())
+    assert pooled["config"]["seeds"] == [0, 1, 2, 5, 6] and "2 (seeds 0-2) / 1 (seeds 5-6)" in (tmp_path / "one_pooled.md").read_text()
+    by = {(e["arm"], e["strength"]): e for e in pooled["summary"]}
+    assert set(by) == {("baseline", None), ("diff-mix", 0.9), ("diff-ii", 0.3)}   # diff-ii 0.5: in one file only
+    assert by[("diff-mix", 0.9)]["paired"]["ci"] == pytest.approx(paired_t(mix, base)["ci"])
+    assert by[("diff-ii", 0.3)]["contrasts"][0]["diff"] == pytest.approx(paired_t(ii, mix)["diff"])
+    assert by[("diff-mix", 0.9)]["paired"]["comparisons"] == 3
+    assert recompute_report(tmp_path / "one_pooled.json")["summary"] == pooled["summary"]   # a results file itself
+    with pytest.raises(ValueError, match="in both"):
+        pool_reports([tmp_path / "one.json", tmp_path / "one.json"], tmp_path / "x")
+    other = json.loads((tmp_path / "two.json").read_text())
+    other["config"]["train"] = {"epochs": 3}
+    (tmp_path / "three.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another design .*differs in train"):
+        pool_reports([tmp_path / "one.json", tmp_path / "three.json"], tmp_path / "x")
+    with pytest.raises(SystemExit):
+        main(["experiment", "--config", str(cfg), "--pool", str(tmp_path / "two.json")])
+    assert "--pool goes with --report-only" in capsys.readouterr().err
+
+
+def test_report_only_needs_a_results_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the experiment first"):
         recompute_report(tmp_path / "none.json")
     (tmp_path / "bad.json").write_text("{}")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import ClassifyConfig, FinetuneConfig, ReferenceConfig, SplitConfig, with_recipe
-from .options import config_from_args, given_values, split_config_from_args
+from .options import config_from_args, fail, given_values, split_config_from_args
 
 
 def run_finetune(args: argparse.Namespace) -> None:
@@ -55,7 +55,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_experiment_command(args: argparse.Namespace) -> None:
-    from ..experiment import describe_runs, load_experiment, recompute_report, run_experiment
+    from ..experiment import describe_runs, load_experiment, pool_reports, recompute_report, run_experiment
 
     config = load_experiment(args.config, quick=args.quick, data=args.data, bundle=args.bundle,
                              ti_bundle=args.ti_bundle, base=args.base, out=args.out, report_dir=args.report_dir,
@@ -63,8 +63,12 @@ def run_experiment_command(args: argparse.Namespace) -> None:
     if args.dry_run:
         print("\n".join(describe_runs(config)))
         return
+    if args.pool and not args.report_only:
+        fail("--pool goes with --report-only (it trains nothing)")
     if args.report_only:
-        result = recompute_report(Path(config.report_dir or config.out) / f"{config.name}.json")
+        own = Path(config.report_dir or config.out) / f"{config.name}.json"
+        result = (pool_reports([own, *args.pool], own.with_name(f"{config.name}_pooled")) if args.pool
+                  else recompute_report(own))
     else:
         result = run_experiment(config, device=args.device, show_progress=not args.quiet)
     print(result["files"]["markdown"].read_text(encoding="utf-8"))
