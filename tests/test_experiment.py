@@ -246,6 +246,22 @@ def test_pool_two_runs_of_one_design_on_other_seeds(tmp_path, capsys):
     assert "--pool goes with --report-only" in capsys.readouterr().err
 
 
+def test_shipped_pooled_report_is_the_two_shipped_runs_pooled(tmp_path):
+    """docs/experiment_demo_pooled.* is what `--report-only --pool docs/experiment_demo_rerun.json` makes
+    of the two shipped runs (10 seeds, the arms both have), and it recomputes to itself."""
+    from diffmix_core.experiment import pool_reports
+
+    result = pool_reports([ROOT / "docs" / "experiment_demo.json", ROOT / "docs" / "experiment_demo_rerun.json"],
+                          tmp_path / "experiment_demo_pooled")
+    shipped = json.loads((ROOT / "docs" / "experiment_demo_pooled.json").read_text())
+    assert result["summary"] == shipped["summary"] and shipped["config"]["seeds"] == list(range(10))
+    assert (tmp_path / "experiment_demo_pooled.md").read_text() == \
+        (ROOT / "docs" / "experiment_demo_pooled.md").read_text()
+    assert {(e["arm"], e["strength"]) for e in shipped["summary"]} == {("baseline", None), ("diff-mix", 0.9),
+                                                                         ("diff-ii", 0.3)}
+    assert [f["environment"]["torch_threads"] for f in shipped["environment"]["pooled"]] == [2, 1]
+
+
 def test_report_only_needs_a_results_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the experiment first"):
         recompute_report(tmp_path / "none.json")
