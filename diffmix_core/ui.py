@@ -480,7 +480,7 @@ def _strategy_dropdown(bundle, preferred: str | None) -> gr.Dropdown:
     """The strategies this bundle can run, the profile's chosen (else diff-mix); the others named with why."""
     offered, info = strategy_choices(bundle)
     value = preferred if preferred in offered else "diff-mix" if "diff-mix" in offered else offered[0]
-    return gr.Dropdown(choices=offered, value=[value], info=info)
+    return gr.Dropdown(choices=offered, value=[value], info=info, multiselect=True)
 
 
 @_errors

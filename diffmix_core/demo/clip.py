@@ -199,7 +199,7 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, config: DemoClip
         done = step + 1
         if done % 20 == 0 or done == config.steps:
             row = {"step": done, "loss": round(float(loss.detach()), 4), "lr": _lr(step, config),
-                   "logit_scale": round(float(model.logit_scale.exp()), 2), "seconds": round(time.time() - t0, 1)}
+                   "logit_scale": round(float(model.logit_scale.detach().exp()), 2), "seconds": round(time.time() - t0, 1)}
             with open(work / LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=row["loss"])
