@@ -1135,16 +1135,23 @@ def test_visitors_see_no_server_paths(world, tmp_path, monkeypatch):
     client = Client(world["url"], verbose=False)
     panel = client.predict(world["bundle"], api_name="/bundle_info")[0]
     assert "base model" in panel and clean(panel), panel
-    out = sweep(client, world, strengths="0.5, 1.0")   # an example source
+    # an example source, every strategy that carries a path of its own (diff-ii names its partner)
+    out = client.predict(world["bundle"], None, world["example"], "owl", "duck", "0.5, 1.0", "0", 2, 5.0,
+                         "diff-mix, diff-ii", False, "", None, 3, api_name="/sweep")
     client.predict(",".join(r[0] for r in out[3]["data"]), "add", api_name="/select")
     msg, folder, _ = client.predict(api_name="/export")
     assert clean(msg) and clean(folder) and folder.startswith("exports/")
     exported = world["root"] / "out" / folder
     rows = [json.loads(line) for line in (exported / "imagefolder" / "metadata.jsonl").open()]
+    assert {r["strategy"] for r in rows} == {"diff-mix", "diff-ii"}, rows
     for rec in rows + [read_png_record(p) for p in exported.rglob("*.png")]:
         for key in ("bundle", "base_model", "source_path"):
             assert rec.get(key) and clean(rec[key]) and not Path(rec[key]).is_absolute(), (key, rec.get(key))
-    assert rows[0]["bundle"] == "birds" and rows[0]["source_path"] == "examples/owl/0.png"
+        for key, value in rec.items():   # the class, not the known keys: no field names a server path
+            assert clean(json.dumps(value)) and not (isinstance(value, str) and Path(value).is_absolute()), \
+                (key, value)
+    assert {r["source_path"] for r in rows} == {"examples/owl/0.png"} and rows[0]["bundle"] == "birds"
+    assert {r["partner_path"] for r in rows if r["strategy"] == "diff-ii"} == {"examples/owl/1.png"}
     # an image error quotes no upload-cache path
     fake = tmp_path / "not-an-image.jpg"
     fake.write_text("hello")

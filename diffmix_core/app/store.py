@@ -165,19 +165,22 @@ UPLOADS = "sources"   # uploads' folder in a session; records name them "sources
 
 def public_record(record: dict) -> dict:
     """``record`` as a visitor may see it (a PNG's record chunk, an export): the bundle by its
-    folder's name, the base model by its Hub id or folder name, an example source relative to its
-    bundle; the server's absolute paths stay in the session's records.jsonl and the logs."""
+    folder's name, every other absolute path (the base model, the source, diff-ii's partner, any
+    ``*_path`` field) relative to the bundle when inside it, else by its file name; the server's
+    absolute paths stay in the session's records.jsonl and the logs."""
     out = dict(record)
     bundle = Path(record["bundle"]) if record.get("bundle") else None
     if bundle is not None:
         out["bundle"] = bundle.name
-    if record.get("base_model") and Path(str(record["base_model"])).is_absolute():
-        out["base_model"] = Path(str(record["base_model"])).name
-    where = record.get("source_path")
-    if where and Path(where).is_absolute():
-        inside = bundle is not None and Path(where).is_relative_to(bundle)
-        out["source_path"] = Path(where).relative_to(bundle).as_posix() if inside else Path(where).name
+    for key, where in record.items():
+        if key == "bundle" or not isinstance(where, str) or not where or not Path(where).is_absolute():
+            continue
+        if key == "base_model" or key.endswith("_path"):
+            inside = bundle is not None and Path(where).is_relative_to(bundle)
+            out[key] = Path(where).relative_to(bundle).as_posix() if inside else Path(where).name
     return out
+
+
 _PRUNED = {"sessions": 0.0, "exports": 0.0}   # last prune time per root (at most one pass a minute)
 
 
