@@ -128,6 +128,16 @@ def save_profile(bundle, strength: float, thresholds: Thresholds | dict, setting
                          "writable folder") from None
 
 
+def _loopback(client_host: str | None, headers: Mapping[str, str] | None) -> bool:
+    """A request from this machine's loopback address with no proxy or forwarding header."""
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    try:
+        local = client_host is not None and ipaddress.ip_address(client_host).is_loopback
+    except ValueError:
+        local = client_host == "localhost"
+    return local and not any(h in PROXY_HEADERS or h.startswith(PROXY_PREFIXES) for h in headers)
+
+
 def saving_allowed(client_host: str | None, headers: Mapping[str, str] | None = None) -> tuple[bool, str]:
     """(may this visitor save a profile, why) — see the module docstring."""
     flag = os.environ.get(SAVE_ENV, "").strip().lower()
@@ -137,15 +147,20 @@ def saving_allowed(client_host: str | None, headers: Mapping[str, str] | None = 
         return False, f"saving profiles is turned off on this server ({SAVE_ENV}=0)"
     if os.environ.get("SPACE_ID"):
         return False, f"saving profiles is off on a shared Space (its operator can set {SAVE_ENV}=1)"
-    headers = {k.lower(): v for k, v in (headers or {}).items()}
-    try:
-        local = client_host is not None and ipaddress.ip_address(client_host).is_loopback
-    except ValueError:
-        local = client_host == "localhost"
-    if local and not any(h in PROXY_HEADERS or h.startswith(PROXY_PREFIXES) for h in headers):
+    if _loopback(client_host, headers):
         return True, "local user"
     return False, (f"saving profiles is only for a local user of this app; the operator of a shared server can "
                    f"set {SAVE_ENV}=1")
+
+
+def local_visitor(client_host: str | None, headers: Mapping[str, str] | None = None) -> bool:
+    """Is this the local user of the app (shown server paths, e.g. in a tile's command)? Not on a
+    Space, nor on a server whose operator turned saving off (as ``diffmix app --share`` does), and
+    only from the loopback address with no proxy header. ``DIFFMIX_ALLOW_PROFILE_SAVE=1`` lets
+    visitors save; it does not make them local."""
+    if os.environ.get("SPACE_ID") or os.environ.get(SAVE_ENV, "").strip().lower() in ("0", "false", "no"):
+        return False
+    return _loopback(client_host, headers)
 
 
 def setting_sources(bundle, root: str | os.PathLike | None = None) -> dict[str, str]:

@@ -38,7 +38,7 @@ from .app.cache import (app_bundles, clip_scorer, generate, open_bundle_cached, 
 from .app.calibration import (DATASET, EXAMPLES, INTER, MAX_TEXT, SPLITS, CalibrationRequest, ProgressClock,
                               app_dataset, calibration_markdown, last_calibration, plan_calibration, run_calibration)
 from .app.store import (UPLOADS, Limits, Store, check_upload, export_curated, open_store, prune_upload_cache,
-                         sessions_root, update_curated)
+                         public_record, sessions_root, update_curated)
 from .app.sweep import (FAST_PREVIEW, SweepRequest, class_guesses, clean_thresholds, parse_strategies, passing, pick_partner,
                          plan_sweep, run_sweep)
 from .app.views import (TABLE_COLUMNS, bundle_markdown, caption, clip_line, command_for, md_code, md_text, table,
@@ -48,7 +48,7 @@ from .calibrate import save_to_profile, translate_config_for
 from .config import STRATEGIES, THRESHOLD_TESTS, DiffIIConfig, Thresholds, TranslateConfig
 from .data import load_image
 from .jobs import ALL_OTHER, parse_seeds
-from .profiles import load_profile, output_root, save_profile, saving_allowed
+from .profiles import load_profile, local_visitor, output_root, save_profile, saving_allowed
 from .records import safe_name, save_png
 from .scoring import plot_sweep, recommendation_bar
 from .translate import Source, strategy_unavailable
@@ -275,8 +275,10 @@ def sweep_views(store: Store, figure=None) -> tuple:
     return path, path, box, rows, figure, csv, status
 
 
-def inspect_views(store: Store, record: dict | None, sweep: list[dict] = ()) -> tuple:
-    """(image, description, PNG download, command) of one result."""
+def inspect_views(store: Store, record: dict | None, sweep: list[dict] = (), local: bool = True) -> tuple:
+    """(image, description, PNG download, command) of one result. The command names the server's
+    files for the local user (it runs as it is); a remote visitor gets the public record's names
+    (the bundle's folder name, sources relative to it) and ``--out OUT``: no server path."""
     if record is None:
         return None, "", None, ""
     path = store.image_path(record)
@@ -294,7 +296,9 @@ def inspect_views(store: Store, record: dict | None, sweep: list[dict] = ()) -> 
             f"{caption(record).splitlines()[1]} · soft label "
             + ", ".join(f"{md_text(k)} {v:.2f}" for k, v in record["soft_label"].items())
             + f" · id `{record['id']}` · {'curated' if record['id'] in store.state()['curated'] else 'not curated'}")
-    return str(zoom), text, path, command_for(record, sweep)
+    command = (command_for(record, sweep) if local else
+               command_for(public_record(record), [public_record(r) for r in sweep], "OUT"))
+    return str(zoom), text, path, command
 
 
 # --------------------------------------------------------------------------- source
@@ -429,10 +433,15 @@ def on_partner_view(bundle_path: str, upload: str | None, example: str | None, s
 
 
 # --------------------------------------------------------------------------- handlers
-def _save_state(request: gr.Request | None) -> tuple[bool, str]:
+def _visitor(request: gr.Request | None) -> tuple[str | None, dict]:
+    """(client host, headers) of a request."""
     client = getattr(getattr(request, "client", None), "host", None) if request is not None else None
     headers = dict(request.headers) if request is not None and getattr(request, "headers", None) else {}
-    return saving_allowed(client, headers)
+    return client, headers
+
+
+def _save_state(request: gr.Request | None) -> tuple[bool, str]:
+    return saving_allowed(*_visitor(request))
 
 
 @_errors
@@ -607,7 +616,7 @@ def on_select(token: str, ids: str, mode: str):
 
 
 @_errors
-def on_grid_click(token: str, mode: str, evt: gr.SelectData):
+def on_grid_click(token: str, mode: str, evt: gr.SelectData, request: gr.Request = None):
     """A click on a tile shows it below and, in curate mode, toggles it in the curated batch."""
     store = open_store(token)
     _, layout, recs = sweep_grid(store)
@@ -619,7 +628,8 @@ def on_grid_click(token: str, mode: str, evt: gr.SelectData):
         update_curated(store, [rid], "toggle", Limits.from_env())
     path, _, _ = sweep_grid(store)
     record = next(r for r in recs if r["id"] == rid)
-    return (store.token, path, *inspect_views(store, record, recs), *curated_views(store))
+    return (store.token, path, *inspect_views(store, record, recs, local_visitor(*_visitor(request))),
+            *curated_views(store))
 
 
 @_errors

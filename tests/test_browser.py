@@ -6,6 +6,7 @@ export. The records on disk are the judge. Screenshots go to a temp dir only
 (docs/screenshot.py makes the README's)."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -222,6 +223,52 @@ def test_pick_sweep_curate_save_sweep_export(page, app, tmp_path):
     # a page reload finds the same session: the curated batch is still there
     page.reload()
     expect(page.get_by_text("Curated batch: 3 image(s)")).to_be_visible(timeout=30_000)
+
+
+def test_a_remote_visitor_sees_no_server_path_in_a_tile_or_an_export(app, tmp_path, monkeypatch):
+    """A visitor behind a proxy (X-Forwarded-For: not the local user) sweeps diff-mix and diff-ii side
+    by side, clicks the diff-ii tile and exports it: the tile's command and the exported records name
+    the bundle by its folder name and both sources (diff-ii's partner too) relative to it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from diffmix_core.records import read_jsonl
+
+    url, root = app
+    monkeypatch.setenv("DIFFMIX_SESSIONS", str(tmp_path / "sessions"))
+    server = [str(ROOT), str(root), "/tmp", str(Path.home())]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                       extra_http_headers={"X-Forwarded-For": "203.0.113.7"}).new_page()
+            page.goto(url)
+            expect(page.get_by_text("10 classes")).to_be_visible(timeout=240_000)
+            page.sessions = tmp_path / "sessions"
+            owl = _example(page, "owl")
+            _choose(page, "Target class", "parrot")
+            box = page.get_by_label("Strategies")
+            box.click()
+            page.get_by_role("option", name="diff-ii", exact=True).click()
+            page.keyboard.press("Escape")
+            records = _sweep(page, 1, strengths="0.5", seeds="0")
+            assert [r["strategy"] for r in records] == ["diff-mix", "diff-ii"]
+            assert records[1]["partner_path"] and Path(records[1]["partner_path"]).is_absolute()   # the server's
+            _click_tile(page, records, 0, 2)   # s 0.5; columns: source, diff-mix, diff-ii
+            expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible(timeout=30_000)
+            command = page.locator("#tile-command").inner_text(timeout=30_000)
+            assert "--strategy diff-ii" in command and "--partner examples/owl/" in command, command
+            assert f"--image {owl.relative_to(DEMO_BUNDLE).as_posix()}" in command and "--out OUT" in command
+            assert not any(s in command for s in server), command
+            page.get_by_role("button", name="Export batch").click()
+            expect(page.get_by_text("exported 1 image(s)")).to_be_visible(timeout=30_000)
+            folder = page.get_by_label("Export folder").input_value()
+        finally:
+            browser.close()
+    (row,) = read_jsonl(root / "out" / folder / "imagefolder" / "metadata.jsonl")
+    assert row["strategy"] == "diff-ii" and row["bundle"] == "bundle"
+    assert row["source_path"] == owl.relative_to(DEMO_BUNDLE).as_posix()
+    assert row["partner_path"] == Path(records[1]["partner_path"]).relative_to(DEMO_BUNDLE).as_posix()
+    assert not any(s in json.dumps(row) for s in server), row
 
 
 def test_a_typo_keeps_the_previous_results(page):

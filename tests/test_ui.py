@@ -404,6 +404,25 @@ def test_who_may_save_a_profile(monkeypatch):
     assert not saving_allowed("127.0.0.1")[0]
 
 
+def test_who_sees_server_paths(monkeypatch):
+    """Only the local user (a tile's runnable command names the server's files); saving turned on
+    for everyone does not make a remote visitor local, and a Space or a share link has none."""
+    from diffmix_core.profiles import SAVE_ENV, local_visitor
+
+    monkeypatch.delenv(SAVE_ENV, raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert local_visitor("127.0.0.1") and local_visitor("::1") and local_visitor("localhost")
+    assert not local_visitor("127.0.0.1", {"x-forwarded-for": "8.8.8.8"}) and not local_visitor("10.1.2.3")
+    assert not local_visitor(None)
+    monkeypatch.setenv(SAVE_ENV, "1")
+    assert local_visitor("127.0.0.1") and not local_visitor("10.1.2.3")
+    monkeypatch.setenv(SAVE_ENV, "0")   # diffmix app --share
+    assert not local_visitor("127.0.0.1")
+    monkeypatch.delenv(SAVE_ENV)
+    monkeypatch.setenv("SPACE_ID", "someone/diffmix")
+    assert not local_visitor("127.0.0.1")
+
+
 def test_a_visitor_who_may_not_save_gets_a_message_and_nothing_is_written(app_url, world, monkeypatch):
     from gradio_client import Client
 
