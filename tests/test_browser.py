@@ -40,6 +40,12 @@ def _git_status() -> str:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="needs the Python playwright package")
+    from playwright.sync_api import expect
+
+    # Every wait is on a server round-trip. CI machines run these 2-3x slower than a quiet 2-core
+    # box (an upload after a sweep took over Playwright's 5 s default there), so no expectation
+    # (here) or action (_new_page) uses the defaults: a real hang still fails, a slow machine does not.
+    expect.set_options(timeout=60_000)
     root = tmp_path_factory.mktemp("browser")
     # DIFFMIX_BUNDLES unset: the app's own default, the shipped demo world first;
     # DIFFMIX_ALLOW_PROFILE_SAVE unset: the browser is a local user, saving is on.
@@ -64,7 +70,7 @@ def page(app, tmp_path, monkeypatch):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg = _new_page(browser)
             pg.goto(url)
             expect(pg.get_by_text("10 classes")).to_be_visible(timeout=240_000)   # a busy CPU: slow first load
             pg.sessions = tmp_path / "sessions"
@@ -74,6 +80,13 @@ def page(app, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- helpers
+def _new_page(browser, **context):
+    """A page at the tests' window size whose actions wait up to 2 min (a slow CI machine)."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}, **context).new_page()
+    page.set_default_timeout(120_000)
+    return page
+
+
 def _example(page, cls: str, n: int = 0) -> Path:
     """Click the n-th example of ``cls`` (the gallery lists the bundle's examples in label order)."""
     from playwright.sync_api import expect
@@ -116,6 +129,18 @@ def _sweep(page, n: int, strengths: str = "0.5, 0.9", seeds: str = "0", progress
     return [records[i] for i in store.state()["last_sweep"]]
 
 
+def _settled(page, img) -> dict:
+    """The box of picture ``img`` once it has loaded and stopped moving. Each sweep and each click
+    replaces the grid picture (the curated frame): on a slow machine a click or a measurement
+    made at once meets a picture still being swapped in (zero size, or the old one)."""
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle())
+    box, before = img.bounding_box(), None
+    while box != before:
+        page.wait_for_timeout(200)
+        before, box = box, img.bounding_box()
+    return box
+
+
 def _click_tile(page, records: list[dict], row: int, col: int) -> None:
     """Click the tile at (row, col) of the grid picture, converting picture pixels to screen pixels
     the way Gradio converts them back (object-fit: contain)."""
@@ -123,7 +148,7 @@ def _click_tile(page, records: list[dict], row: int, col: int) -> None:
 
     img = page.locator("#grid img")
     img.scroll_into_view_if_needed()
-    box = img.bounding_box()
+    box = _settled(page, img)
     page.mouse.click(*screen_point(layout(records, records[0]["resolution"]), row, col,
                                    (box["x"], box["y"], box["width"], box["height"])))
 
@@ -140,7 +165,7 @@ def test_saving_a_profile_never_relabels_the_source(page, app, tmp_path):
     _choose(page, "Target class", "penguin")
     page.get_by_label("Chosen strength").fill("0.7")
     page.get_by_role("button", name="Save strength + thresholds as my profile").click()
-    expect(page.get_by_text("saved to")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("saved to")).to_be_visible()
     expect(page.get_by_label("Source class")).to_have_value("peacock")
     expect(page.get_by_label("Target class")).to_have_value("penguin")
     expect(page.get_by_label("Example chosen")).to_have_value(str(peacock))
@@ -158,7 +183,7 @@ def test_an_upload_never_sticks_after_an_example_is_clicked(page, tmp_path):
     photo = tmp_path / "my-photo.png"
     Image.new("RGB", (80, 60), (200, 120, 40)).save(photo)
     page.locator("#upload input[type=file]").set_input_files(str(photo))
-    expect(page.locator("#source-card")).to_contain_text("upload my-photo.png", timeout=30_000)
+    expect(page.locator("#source-card")).to_contain_text("upload my-photo.png")
     owl = _example(page, "owl")
     expect(page.locator("#source-card")).to_contain_text(f"example owl/{owl.name}")
     records = _sweep(page, 1, strengths="0.5")
@@ -191,27 +216,27 @@ def test_pick_sweep_curate_save_sweep_export(page, app, tmp_path):
     assert [(r["strength"], r["seed"]) for r in first] == [(s, k) for s in (0.3, 0.5, 0.7, 0.9) for k in (0, 1)]
     expect(page.locator("#plot img").first).to_be_visible()
     _click_tile(page, first, 2, 1)   # s 0.7, seed 0 (column 0 is the source)
-    expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible()
     _click_tile(page, first, 3, 2)   # s 0.9, seed 1
-    expect(page.get_by_text("Curated batch: 2 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Curated batch: 2 image(s)")).to_be_visible()
     expect(page.locator("#tile-info")).to_contain_text("strength 0.9")
     expect(page.locator("#tile-command")).to_contain_text("diffmix translate --bundle")   # copy as command
     _click_tile(page, first, 0, 0)   # the source column: nothing happens
     _click_tile(page, first, 2, 1)   # again: un-curated
-    expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible()
     _click_tile(page, first, 2, 1)
-    expect(page.get_by_text("Curated batch: 2 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Curated batch: 2 image(s)")).to_be_visible()
     page.get_by_label("Chosen strength").fill("0.7")
     page.get_by_role("button", name="Save strength + thresholds as my profile").click()
-    expect(page.get_by_text("saved to")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("saved to")).to_be_visible()
     second = _sweep(page, 2, strengths="0.7", seeds="5")
     assert [(r["source_class"], r["target_class"], r["source_path"], r["seed"]) for r in second] == \
         [("owl", "parrot", str(owl), 5)]
     _click_tile(page, second, 0, 1)
-    expect(page.get_by_text("Curated batch: 3 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Curated batch: 3 image(s)")).to_be_visible()
     page.screenshot(path=str(tmp_path / "loop.png"), full_page=True)
     page.get_by_role("button", name="Export batch").click()
-    expect(page.get_by_text("exported 3 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("exported 3 image(s)")).to_be_visible()
     folder = page.get_by_label("Export folder").input_value()   # shown relative to the output root
     assert Path(folder).parent == Path("exports")
     rows = read_jsonl(root / "out" / folder / "imagefolder" / "metadata.jsonl")
@@ -222,7 +247,7 @@ def test_pick_sweep_curate_save_sweep_export(page, app, tmp_path):
         {("owl", "parrot", owl.relative_to(DEMO_BUNDLE).as_posix())}
     # a page reload finds the same session: the curated batch is still there
     page.reload()
-    expect(page.get_by_text("Curated batch: 3 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Curated batch: 3 image(s)")).to_be_visible()
 
 
 def test_a_remote_visitor_sees_no_server_path_in_a_tile_or_an_export(app, tmp_path, monkeypatch):
@@ -239,8 +264,7 @@ def test_a_remote_visitor_sees_no_server_path_in_a_tile_or_an_export(app, tmp_pa
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_context(viewport={"width": 1400, "height": 1000},
-                                       extra_http_headers={"X-Forwarded-For": "203.0.113.7"}).new_page()
+            page = _new_page(browser, extra_http_headers={"X-Forwarded-For": "203.0.113.7"})
             page.goto(url)
             expect(page.get_by_text("10 classes")).to_be_visible(timeout=240_000)
             page.sessions = tmp_path / "sessions"
@@ -254,13 +278,13 @@ def test_a_remote_visitor_sees_no_server_path_in_a_tile_or_an_export(app, tmp_pa
             assert [r["strategy"] for r in records] == ["diff-mix", "diff-ii"]
             assert records[1]["partner_path"] and Path(records[1]["partner_path"]).is_absolute()   # the server's
             _click_tile(page, records, 0, 2)   # s 0.5; columns: source, diff-mix, diff-ii
-            expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible(timeout=30_000)
-            command = page.locator("#tile-command").inner_text(timeout=30_000)
+            expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible()
+            command = page.locator("#tile-command").inner_text()
             assert "--strategy diff-ii" in command and "--partner examples/owl/" in command, command
             assert f"--image {owl.relative_to(DEMO_BUNDLE).as_posix()}" in command and "--out OUT" in command
             assert not any(s in command for s in server), command
             page.get_by_role("button", name="Export batch").click()
-            expect(page.get_by_text("exported 1 image(s)")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("exported 1 image(s)")).to_be_visible()
             folder = page.get_by_label("Export folder").input_value()
         finally:
             browser.close()
@@ -279,7 +303,7 @@ def test_a_typo_keeps_the_previous_results(page):
     grid_src = page.locator("#grid img").get_attribute("src")
     page.get_by_label("Strengths").fill("0.5, 1.7")
     page.get_by_role("button", name="Run sweep").click()
-    expect(page.get_by_text("strengths must be between 0 and 1").first).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("strengths must be between 0 and 1").first).to_be_visible()
     assert page.locator("#grid img").get_attribute("src") == grid_src
     expect(page.locator("#status")).to_contain_text("sweep 1 ran")
 
@@ -302,11 +326,11 @@ def test_upload_asks_for_its_class_and_a_reload_restores_the_whole_page(page, ap
     photo = tmp_path / "my_goose.png"
     Image.new("RGB", (80, 60), (220, 220, 210)).save(photo)
     page.locator("#upload input[type=file]").set_input_files(str(photo))
-    expect(page.locator("#source-card")).to_contain_text("Choose the class of my_goose.png", timeout=30_000)
+    expect(page.locator("#source-card")).to_contain_text("Choose the class of my_goose.png")
     expect(page.locator("#source-card")).to_contain_text("reference classifier's guesses")
     expect(page.get_by_label("Source class")).to_have_value("")
     page.get_by_role("button", name="Run sweep").click()
-    expect(page.get_by_text("choose the class of the uploaded image").first).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("choose the class of the uploaded image").first).to_be_visible()
     _choose(page, "Source class", "goose")
     _choose(page, "Target class", "all other classes")
     page.get_by_label("Strengths").fill("0.5")
@@ -322,14 +346,14 @@ def test_upload_asks_for_its_class_and_a_reload_restores_the_whole_page(page, ap
     # the grid: bands of targets, every tile at least 120 px wide as shown
     grid = layout(records, records[0]["resolution"])
     img = page.locator("#grid img")
-    box = img.bounding_box()
+    box = _settled(page, img)
     natural_w, natural_h = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
     assert natural_w <= MAX_WIDTH and len(grid.bands) > 1
     assert grid.tile / max(natural_w / box["width"], natural_h / box["height"]) >= 120
     # the plot: no label over the left title; the legend states the distance's range
     plot = page.locator("#plot img").first
     expect(plot).to_be_visible()
-    image = plot.bounding_box()
+    image = _settled(page, plot)
     for label in page.locator("#plot").get_by_text("Faithfulness / diversity vs strength").all():
         if label.is_visible():   # a label may stay in the page, but not over the plot
             box = label.bounding_box()
@@ -338,10 +362,10 @@ def test_upload_asks_for_its_class_and_a_reload_restores_the_whole_page(page, ap
     expect(page.get_by_text("at most 2").first).to_be_visible()
     # copy as command: --out under the output root
     _click_tile(page, records, 0, 1)
-    expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible()
     expect(page.locator("#tile-command")).to_contain_text(f"--out {root / 'out'}/")
     page.get_by_role("button", name="Export batch").click()
-    expect(page.get_by_text("exported 1 image(s)")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("exported 1 image(s)")).to_be_visible()
     export_dir = page.get_by_label("Export folder").input_value()
     # a reload: one consistent page
     page.reload()
@@ -352,7 +376,7 @@ def test_upload_asks_for_its_class_and_a_reload_restores_the_whole_page(page, ap
     expect(page.get_by_label("Seeds")).to_have_value("0")
     expect(page.locator("#source-card")).to_contain_text("upload my_goose.png as class goose")
     expect(page.get_by_label("Export folder")).to_have_value(export_dir)
-    with page.expect_download(timeout=30_000) as download:
+    with page.expect_download() as download:
         page.get_by_text("Download export (zip)").click()
     assert download.value.suggested_filename == Path(export_dir).name + ".zip"
     # and the restored form runs: the same upload, class and settings make the same images
@@ -380,4 +404,4 @@ def test_calibrate_then_save_names_the_calibration_in_the_bundle_panel(page):
     page.get_by_role("button", name="Save as the dataset's profile").click()
     # the save message, then the bundle panel (refreshed after the save) say where the strength came from
     expect(page.get_by_text(re.compile(r"strength 0\.9 from a calibration on .* = 10 images"))).to_have_count(
-        2, timeout=30_000)
+        2)
