@@ -138,12 +138,18 @@ def _loopback(client_host: str | None, headers: Mapping[str, str] | None) -> boo
     return local and not any(h in PROXY_HEADERS or h.startswith(PROXY_PREFIXES) for h in headers)
 
 
+def _save_switch() -> bool | None:
+    """The operator's ``DIFFMIX_ALLOW_PROFILE_SAVE``: True (1/true/yes), False (0/false/no), else None."""
+    flag = os.environ.get(SAVE_ENV, "").strip().lower()
+    return True if flag in ("1", "true", "yes") else False if flag in ("0", "false", "no") else None
+
+
 def saving_allowed(client_host: str | None, headers: Mapping[str, str] | None = None) -> tuple[bool, str]:
     """(may this visitor save a profile, why) — see the module docstring."""
-    flag = os.environ.get(SAVE_ENV, "").strip().lower()
-    if flag in ("1", "true", "yes"):
+    switch = _save_switch()
+    if switch:
         return True, f"{SAVE_ENV}=1"
-    if flag in ("0", "false", "no"):
+    if switch is False:
         return False, f"saving profiles is turned off on this server ({SAVE_ENV}=0)"
     if os.environ.get("SPACE_ID"):
         return False, f"saving profiles is off on a shared Space (its operator can set {SAVE_ENV}=1)"
@@ -158,7 +164,7 @@ def local_visitor(client_host: str | None, headers: Mapping[str, str] | None = N
     Space, nor on a server whose operator turned saving off (as ``diffmix app --share`` does), and
     only from the loopback address with no proxy header. ``DIFFMIX_ALLOW_PROFILE_SAVE=1`` lets
     visitors save; it does not make them local."""
-    if os.environ.get("SPACE_ID") or os.environ.get(SAVE_ENV, "").strip().lower() in ("0", "false", "no"):
+    if os.environ.get("SPACE_ID") or _save_switch() is False:
         return False
     return _loopback(client_host, headers)
 

@@ -6,6 +6,7 @@ export. The records on disk are the judge. Screenshots go to a temp dir only
 (docs/screenshot.py makes the README's)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -44,7 +45,7 @@ def app(tmp_path_factory):
 
     # Every wait is on a server round-trip. CI machines run these 2-3x slower than a quiet 2-core
     # box (an upload after a sweep took over Playwright's 5 s default there), so no expectation
-    # (here) or action (_new_page) uses the defaults: a real hang still fails, a slow machine does not.
+    # (here) or action (_browser_page) uses the defaults: a real hang still fails, a slow machine does not.
     expect.set_options(timeout=60_000)
     root = tmp_path_factory.mktemp("browser")
     # DIFFMIX_BUNDLES unset: the app's own default, the shipped demo world first;
@@ -63,28 +64,30 @@ def app(tmp_path_factory):
 @pytest.fixture
 def page(app, tmp_path, monkeypatch):
     """A fresh browser page on the app, with its own sessions folder (the session on disk is read back)."""
-    from playwright.sync_api import expect, sync_playwright
-
     url, _ = app
     monkeypatch.setenv("DIFFMIX_SESSIONS", str(tmp_path / "sessions"))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            pg = _new_page(browser)
-            pg.goto(url)
-            expect(pg.get_by_text("10 classes")).to_be_visible(timeout=240_000)   # a busy CPU: slow first load
-            pg.sessions = tmp_path / "sessions"
-            yield pg
-        finally:
-            browser.close()
+    with _browser_page(url, tmp_path / "sessions") as pg:
+        yield pg
 
 
 # --------------------------------------------------------------------------- helpers
-def _new_page(browser, **context):
-    """A page at the tests' window size whose actions wait up to 2 min (a slow CI machine)."""
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}, **context).new_page()
-    page.set_default_timeout(120_000)
-    return page
+@contextlib.contextmanager
+def _browser_page(url: str, sessions: Path, **context):
+    """A page of a fresh chromium on the app at the tests' window size, loaded, whose actions
+    wait up to 2 min (a slow CI machine); ``context``: the browser context's options (headers)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}, **context).new_page()
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            expect(page.get_by_text("10 classes")).to_be_visible(timeout=240_000)   # a busy CPU: slow first load
+            page.sessions = sessions
+            yield page
+        finally:
+            browser.close()
 
 
 def _example(page, cls: str, n: int = 0) -> Path:
@@ -254,40 +257,32 @@ def test_a_remote_visitor_sees_no_server_path_in_a_tile_or_an_export(app, tmp_pa
     """A visitor behind a proxy (X-Forwarded-For: not the local user) sweeps diff-mix and diff-ii side
     by side, clicks the diff-ii tile and exports it: the tile's command and the exported records name
     the bundle by its folder name and both sources (diff-ii's partner too) relative to it."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from diffmix_core.records import read_jsonl
 
     url, root = app
     monkeypatch.setenv("DIFFMIX_SESSIONS", str(tmp_path / "sessions"))
     server = [str(ROOT), str(root), "/tmp", str(Path.home())]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            page = _new_page(browser, extra_http_headers={"X-Forwarded-For": "203.0.113.7"})
-            page.goto(url)
-            expect(page.get_by_text("10 classes")).to_be_visible(timeout=240_000)
-            page.sessions = tmp_path / "sessions"
-            owl = _example(page, "owl")
-            _choose(page, "Target class", "parrot")
-            box = page.get_by_label("Strategies")
-            box.click()
-            page.get_by_role("option", name="diff-ii", exact=True).click()
-            page.keyboard.press("Escape")
-            records = _sweep(page, 1, strengths="0.5", seeds="0")
-            assert [r["strategy"] for r in records] == ["diff-mix", "diff-ii"]
-            assert records[1]["partner_path"] and Path(records[1]["partner_path"]).is_absolute()   # the server's
-            _click_tile(page, records, 0, 2)   # s 0.5; columns: source, diff-mix, diff-ii
-            expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible()
-            command = page.locator("#tile-command").inner_text()
-            assert "--strategy diff-ii" in command and "--partner examples/owl/" in command, command
-            assert f"--image {owl.relative_to(DEMO_BUNDLE).as_posix()}" in command and "--out OUT" in command
-            assert not any(s in command for s in server), command
-            page.get_by_role("button", name="Export batch").click()
-            expect(page.get_by_text("exported 1 image(s)")).to_be_visible()
-            folder = page.get_by_label("Export folder").input_value()
-        finally:
-            browser.close()
+    with _browser_page(url, tmp_path / "sessions", extra_http_headers={"X-Forwarded-For": "203.0.113.7"}) as page:
+        owl = _example(page, "owl")
+        _choose(page, "Target class", "parrot")
+        box = page.get_by_label("Strategies")
+        box.click()
+        page.get_by_role("option", name="diff-ii", exact=True).click()
+        page.keyboard.press("Escape")
+        records = _sweep(page, 1, strengths="0.5", seeds="0")
+        assert [r["strategy"] for r in records] == ["diff-mix", "diff-ii"]
+        assert records[1]["partner_path"] and Path(records[1]["partner_path"]).is_absolute()   # the server's
+        _click_tile(page, records, 0, 2)   # s 0.5; columns: source, diff-mix, diff-ii
+        expect(page.get_by_text("Curated batch: 1 image(s)")).to_be_visible()
+        command = page.locator("#tile-command").inner_text()
+        assert "--strategy diff-ii" in command and "--partner examples/owl/" in command, command
+        assert f"--image {owl.relative_to(DEMO_BUNDLE).as_posix()}" in command and "--out OUT" in command
+        assert not any(s in command for s in server), command
+        page.get_by_role("button", name="Export batch").click()
+        expect(page.get_by_text("exported 1 image(s)")).to_be_visible()
+        folder = page.get_by_label("Export folder").input_value()
     (row,) = read_jsonl(root / "out" / folder / "imagefolder" / "metadata.jsonl")
     assert row["strategy"] == "diff-ii" and row["bundle"] == "bundle"
     assert row["source_path"] == owl.relative_to(DEMO_BUNDLE).as_posix()
